@@ -1,0 +1,71 @@
+"""The admin listener: /metrics for Prometheus, /connections and /backends as JSON, /healthz.
+
+HTTP the balancer speaks itself, so h11 (not the relay's parser) drives it; it is not a hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import h11
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+Route = Callable[[], tuple[int, str, bytes]]
+
+
+class AdminServer:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        connections: Callable[[], dict[str, Any]],
+        backends: Callable[[], list[dict[str, Any]]],
+    ) -> None:
+        self.routes: dict[str, Route] = {
+            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
+            "/connections": lambda: _json(connections()),
+            "/backends": lambda: _json(backends()),
+            "/healthz": lambda: (200, "text/plain; charset=utf-8", b"ok\n"),
+        }
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await asyncio.wait_for(reader.read(65536), timeout=30)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    target = event.target.decode("ascii", "replace").split("?", 1)[0]
+                    route = self.routes.get(target)
+                    if event.method not in (b"GET", b"HEAD"):
+                        status, kind, body = 405, "text/plain", b"only GET\n"
+                    elif route is None:
+                        status, kind, body = 404, "text/plain", b"not found\n"
+                    else:
+                        status, kind, body = route()
+                    headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
+                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+                    if event.method != b"HEAD":
+                        writer.write(conn.send(h11.Data(data=body)))
+                    writer.write(conn.send(h11.EndOfMessage()))
+                    await writer.drain()
+                elif isinstance(event, h11.ConnectionClosed) or conn.our_state is h11.MUST_CLOSE:
+                    break
+                elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    conn.start_next_cycle()
+        except (h11.RemoteProtocolError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+def _json(value: object) -> tuple[int, str, bytes]:
+    return 200, "application/json", json.dumps(value, indent=1).encode() + b"\n"

@@ -1,0 +1,56 @@
+"""What the farm is made of: configured backends and their live state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One server of the farm, as configured."""
+
+    name: str
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class BackendState:
+    """A backend's live counters. Only `BackendPool` changes `active`; policies only read.
+
+    `down_until` is the passive-failure mark (nginx's `max_fails=1 fail_timeout`): a backend that
+    refused or timed out a connect is skipped until then, unless every backend is marked.
+    """
+
+    __slots__ = (
+        "active",
+        "backend",
+        "connect_failures_total",
+        "connections_total",
+        "down_until",
+        "ready",
+    )
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.active = 0
+        self.ready = True
+        self.down_until = 0.0
+        self.connections_total = 0
+        self.connect_failures_total = 0
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def weight(self) -> int:
+        return self.backend.weight
+
+    def __repr__(self) -> str:
+        return f"BackendState({self.name!r}, active={self.active}, ready={self.ready})"

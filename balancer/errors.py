@@ -1,0 +1,76 @@
+"""Typed errors of the core, each knowing whose fault it is and the HTTP status it maps to.
+
+The core raises these; the edge (proxy.py) translates them to a response once, like h11's
+`error_status_hint`. `reason` is the short token that lands in the connection record.
+"""
+
+from __future__ import annotations
+
+
+class BalancerError(Exception):
+    status_hint: int = 500
+    reason: str = "internal_error"
+    fault: str = "balancer"
+
+
+class ClientError(BalancerError):
+    """The client sent something we will not forward. One log line, never a traceback."""
+
+    status_hint = 400
+    reason = "bad_request"
+    fault = "client"
+
+
+class BadRequest(ClientError):
+    pass
+
+
+class HeaderTooLarge(ClientError):
+    status_hint = 431
+    reason = "header_too_large"
+
+
+class URITooLong(ClientError):
+    status_hint = 414
+    reason = "uri_too_long"
+
+
+class MethodNotAllowed(ClientError):
+    status_hint = 405
+    reason = "method_not_allowed"
+
+
+class VersionNotSupported(ClientError):
+    status_hint = 505
+    reason = "http_version_not_supported"
+
+
+class HeaderTimeout(ClientError):
+    status_hint = 408
+    reason = "header_timeout"
+
+
+class BackendError(BalancerError):
+    """The farm failed the request: the client gets a 5xx, or an abort once bytes have flowed."""
+
+    status_hint = 502
+    reason = "bad_gateway"
+    fault = "backend"
+
+
+class BackendUnreachable(BackendError):
+    reason = "backend_connect_failed"
+
+
+class NoBackendAvailable(BackendError):
+    status_hint = 503
+    reason = "no_backend"
+
+
+class BackendTimeout(BackendError):
+    status_hint = 504
+    reason = "backend_timeout"
+
+
+class BadBackendResponse(BackendError):
+    reason = "bad_backend_response"

@@ -1,0 +1,463 @@
+"""HTTP/1.x at the byte level: the only module that slices HTTP.
+
+- `RequestReader`: client bytes in, bytes for the backend out. Request heads are parsed by
+  httptools (llhttp, strict) and re-serialised from the parsed fields with forwarding headers
+  added and hop-by-hop headers handled; bodies are streamed, re-chunked when chunked.
+- `ResponseFramer`: backend bytes in, the same bytes out (the backend connection is dedicated to
+  one client connection, so response bodies need no rewriting). It tracks message boundaries so
+  the proxy knows when a response has started and ended, and can add `Connection: close` while
+  draining.
+- `error_response(status)`: the small responses the balancer speaks itself, written with h11.
+
+Pure: no sockets, no asyncio, no clock.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from http import HTTPStatus
+
+import h11
+import httptools
+
+from balancer.errors import (
+    BadBackendResponse,
+    BadRequest,
+    ClientError,
+    HeaderTooLarge,
+    MethodNotAllowed,
+    URITooLong,
+    VersionNotSupported,
+)
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) plus the forwarding headers we set ourselves.
+_DROPPED = frozenset(
+    b"connection keep-alive proxy-connection te trailer transfer-encoding upgrade "
+    b"x-forwarded-proto x-forwarded-port".split()
+)
+MAX_HEADERS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    max_header_bytes: int = 16384
+    max_uri_bytes: int = 8192
+    max_headers: int = MAX_HEADERS
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """What the proxy needs to know of a request it forwarded."""
+
+    method: bytes
+    keep_alive: bool
+    upgrade: bool
+
+
+class RequestReader:
+    """Parses a client's request stream and produces the stream to send to the backend.
+
+    `feed(data)` returns the bytes to forward (possibly empty) and appends a `RequestHead` to
+    `heads` for each head completed; it raises a `ClientError` subclass for anything it will not
+    forward. After an `Upgrade` request the parser stops: the unparsed rest waits in
+    `upgrade_rest` until the proxy knows whether the backend switched protocols.
+    """
+
+    def __init__(self, client_ip: str, proto: str, port: int, limits: HeadLimits) -> None:
+        self._forwarded = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Port: %d\r\n" % (
+            proto.encode(),
+            port,
+        )
+        self._client_ip = client_ip.encode()
+        self._limits = limits
+        self._parser = httptools.HttpRequestParser(self)
+        self._out: list[bytes] = []
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._pending_head_bytes = 0
+        self._chunked = False
+        self.in_head = False
+        self.in_body = False
+        self.heads: list[RequestHead] = []
+        self.messages_completed = 0
+        self.upgrade_rest: bytes | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        if self.in_head:
+            # Upper bound for a head still incomplete: what arrived since it began.
+            self._pending_head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgrade_rest = data[upgrade.args[0] :]
+        except ClientError:
+            raise
+        except httptools.HttpParserError as error:
+            raise BadRequest(str(error)) from None
+        if self.in_head and self._pending_head_bytes > self._limits.max_header_bytes:
+            raise HeaderTooLarge("request head still incomplete past the limit")
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def resume_after_declined_upgrade(self) -> bytes:
+        """The backend answered an Upgrade request without 101: parse what followed as HTTP."""
+        rest, self.upgrade_rest = self.upgrade_rest or b"", None
+        self._parser = httptools.HttpRequestParser(self)
+        return self.feed(rest) if rest else b""
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self._pending_head_bytes = 0
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._limits.max_uri_bytes:
+            raise URITooLong(f"request target over {self._limits.max_uri_bytes} bytes")
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a chunked trailer: dropped (we re-chunk and end the body ourselves)
+        self._headers.append((name, value))
+        if len(self._headers) > self._limits.max_headers:
+            raise HeaderTooLarge(f"more than {self._limits.max_headers} header fields")
+        self._count(len(name) + len(value) + 4)
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self._limits.max_header_bytes:
+            raise HeaderTooLarge(f"request head over {self._limits.max_header_bytes} bytes")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise VersionNotSupported(f"HTTP/{version}")
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise MethodNotAllowed("CONNECT is not proxied")
+        upgrade = parser.should_upgrade()
+        keep_alive = parser.should_keep_alive()
+        head, self._chunked = self._rewrite(method, version, upgrade, keep_alive)
+        self._out.append(head)
+        self.in_head = False
+        self.in_body = True
+        self.heads.append(RequestHead(method, keep_alive, upgrade))
+
+    def on_body(self, body: bytes) -> None:
+        if self._chunked:
+            self._out.append(b"%x\r\n%b\r\n" % (len(body), body))
+        else:
+            self._out.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._chunked:
+            self._out.append(b"0\r\n\r\n")
+            self._chunked = False
+        self.in_body = False
+        self.messages_completed += 1
+
+    def _rewrite(
+        self, method: bytes, version: str, upgrade: bool, keep_alive: bool
+    ) -> tuple[bytes, bool]:
+        """Re-serialise the head from parsed fields; returns (head bytes, body is chunked)."""
+        named_by_connection: set[bytes] = set()
+        chunked = False
+        hosts = 0
+        upgrade_value = b""
+        forwarded_for = b""
+        lines = [b"%b %b HTTP/%b\r\n" % (method, self._url, version.encode())]
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == b"connection":
+                named_by_connection.update(t.strip().lower() for t in value.split(b","))
+            elif lower == b"transfer-encoding":
+                chunked = True  # llhttp has checked chunked is the final coding
+            elif lower == b"upgrade":
+                upgrade_value = value
+            elif lower == b"x-forwarded-for":
+                forwarded_for = (
+                    value + b", " if not forwarded_for else forwarded_for + value + b", "
+                )
+                continue
+            elif lower == b"host":
+                hosts += 1
+            if lower in _DROPPED:
+                continue
+            lines.append(b"%b: %b\r\n" % (name, value))
+        if version == "1.1" and hosts != 1:
+            raise BadRequest("HTTP/1.1 request needs exactly one Host header")
+        if named_by_connection - {b"close", b"keep-alive", b"upgrade"}:
+            lines = [
+                line
+                for line in lines
+                if line.split(b":", 1)[0].lower() not in named_by_connection or line is lines[0]
+            ]
+        lines.append(b"X-Forwarded-For: %b%b\r\n" % (forwarded_for, self._client_ip))
+        lines.append(self._forwarded)
+        if chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        if upgrade:
+            lines.append(b"Connection: upgrade\r\nUpgrade: %b\r\n" % upgrade_value)
+        elif version == "1.1" and not keep_alive:
+            lines.append(b"Connection: close\r\n")
+        elif version == "1.0" and keep_alive:
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines), chunked
+
+
+# Response framing -----------------------------------------------------------------------
+
+_FRAMING_HEADERS = re.compile(
+    rb"\r\n(content-length|transfer-encoding|connection)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE
+)
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})")
+MAX_RESPONSE_HEAD_BYTES = 65536
+
+# Framer states.
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _TUNNEL = range(8)
+
+
+class ResponseFramer:
+    """Follows response boundaries in the backend's byte stream, passing the bytes through.
+
+    Call `expect(is_head)` for each request forwarded, in order, so a HEAD response is known to
+    have no body. `feed(data)` returns the bytes to send to the client: `data` itself unless a head
+    is split across reads (held back until whole) or `force_close` rewrites a head. It raises
+    `BadBackendResponse` for framing that cannot be relayed safely.
+
+    Counters and flags the proxy reads: `started` (final response heads seen), `completed`
+    (responses ended), `close_after` (the last completed response ends the connection),
+    `upgraded` (a 101 arrived: everything after is a tunnel).
+    """
+
+    def __init__(self) -> None:
+        self._state = _HEAD
+        self._held = b""
+        self._remaining = 0
+        self._expect_head: list[bool] = []
+        self._message_keep_alive = True
+        self.force_close = False
+        self.started = 0
+        self.completed = 0
+        self.close_after = False
+        self.upgraded = False
+
+    def expect(self, is_head: bool) -> None:
+        self._expect_head.append(is_head)
+
+    @property
+    def awaiting(self) -> int:
+        """Requests forwarded whose response has not completed."""
+        return len(self._expect_head)
+
+    @property
+    def in_message(self) -> bool:
+        """A response has started (head or interim bytes seen) and not ended."""
+        return self._state not in (_HEAD, _TUNNEL) or bool(self._held)
+
+    def feed(self, data: bytes) -> bytes:
+        state = self._state
+        if state in (_TUNNEL, _UNTIL_CLOSE):
+            return data
+        if state == _LENGTH and len(data) < self._remaining:
+            self._remaining -= len(data)
+            return data
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        out: list[bytes] | None = None
+        pos = 0
+        size = len(data)
+        while pos < size:
+            state = self._state
+            if state == _HEAD:
+                end = data.find(b"\r\n\r\n", pos)
+                if end < 0:
+                    if size - pos > MAX_RESPONSE_HEAD_BYTES:
+                        raise BadBackendResponse("response head too large")
+                    self._held = data[pos:]
+                    return _joined(out, data, 0, pos)
+                end += 4
+                head = data[pos:end]
+                if self._on_head(head) and self.force_close:
+                    if out is None:
+                        out = [data[:pos]]
+                    out.append(_with_close(head))
+                elif out is not None:
+                    out.append(head)
+                pos = end
+            elif state == _LENGTH:
+                take = min(self._remaining, size - pos)
+                self._remaining -= take
+                if out is not None:
+                    out.append(data[pos : pos + take])
+                pos += take
+                if self._remaining == 0:
+                    self._message_done()
+            elif state in (_UNTIL_CLOSE, _TUNNEL):
+                if out is not None:
+                    out.append(data[pos:])
+                pos = size
+            elif state == _CHUNK_DATA:
+                take = min(self._remaining, size - pos)
+                self._remaining -= take
+                if out is not None:
+                    out.append(data[pos : pos + take])
+                pos += take
+                if self._remaining == 0:
+                    self._state = _CHUNK_CRLF
+            else:  # a line: chunk size, chunk's CRLF, or trailer
+                end = data.find(b"\r\n", pos)
+                if end < 0:
+                    if size - pos > 4096:
+                        raise BadBackendResponse("chunk framing line too long")
+                    self._held = data[pos:]
+                    return _joined(out, data, 0, pos)
+                line = data[pos:end]
+                if out is not None:
+                    out.append(data[pos : end + 2])
+                pos = end + 2
+                self._on_line(line)
+        return _joined(out, data, 0, size)
+
+    def _on_head(self, head: bytes) -> bool:
+        """Set up framing for the body after `head`; True for a final (non-1xx) response."""
+        match = _STATUS_LINE.match(head)
+        if match is None:
+            raise BadBackendResponse("malformed status line")
+        minor, status = match.group(1), int(match.group(2))
+        if 100 <= status < 200:
+            if status == 101:
+                self.upgraded = True
+                self._state = _TUNNEL
+                self._expect_head.clear()
+                self.started += 1
+            return False  # interim (100 Continue, 103): the final response follows
+        self.started += 1
+        is_head = self._expect_head[0] if self._expect_head else False
+        lengths: set[bytes] = set()
+        chunked = False
+        connection = b""
+        for name, value in _FRAMING_HEADERS.findall(head):
+            name = name.lower()
+            if name == b"content-length":
+                lengths.update(v.strip() for v in value.split(b","))
+            elif name == b"transfer-encoding":
+                codings = [c.strip().lower() for c in value.split(b",")]
+                if codings[-1] != b"chunked":
+                    raise BadBackendResponse("transfer-encoding without final chunked")
+                chunked = True
+            else:
+                connection += b"," + value.lower()
+        if chunked and lengths:
+            raise BadBackendResponse("both Content-Length and Transfer-Encoding")
+        if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
+            raise BadBackendResponse("conflicting or invalid Content-Length")
+        tokens = {t.strip() for t in connection.split(b",")}
+        self._message_keep_alive = (
+            b"close" not in tokens if minor == b"1" else b"keep-alive" in tokens
+        )
+        if is_head or status in (204, 304):
+            self._message_done()
+        elif chunked:
+            self._state = _CHUNK_SIZE
+        elif lengths:
+            self._remaining = int(next(iter(lengths)))
+            if self._remaining == 0:
+                self._message_done()
+            else:
+                self._state = _LENGTH
+        else:
+            self._state = _UNTIL_CLOSE
+            self._message_keep_alive = False
+        return True
+
+    def _on_line(self, line: bytes) -> None:
+        state = self._state
+        if state == _CHUNK_SIZE:
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise BadBackendResponse("invalid chunk size") from None
+            if size < 0 or not size_text.isalnum():
+                raise BadBackendResponse("invalid chunk size")
+            if size == 0:
+                self._state = _TRAILER
+            else:
+                self._remaining = size
+                self._state = _CHUNK_DATA
+        elif state == _CHUNK_CRLF:
+            if line:
+                raise BadBackendResponse("chunk data longer than its size")
+            self._state = _CHUNK_SIZE
+        elif not line:  # the empty line that ends the trailer section
+            self._message_done()
+
+    def _message_done(self) -> None:
+        self.completed += 1
+        if self._expect_head:
+            self._expect_head.pop(0)
+        self.close_after = not self._message_keep_alive or self.force_close
+        self._state = _HEAD
+
+    def eof(self) -> bool:
+        """The backend closed. True when that ends the stream cleanly (at a message boundary, or
+        the end of a close-delimited body); False means a response was cut short."""
+        if self._state == _UNTIL_CLOSE:
+            self._message_done()
+            self.close_after = True
+            return True
+        return self._state in (_HEAD, _TUNNEL) and not self._held
+
+
+def _joined(out: list[bytes] | None, data: bytes, start: int, end: int) -> bytes:
+    if out is None:
+        return data if start == 0 and end == len(data) else data[start:end]
+    return b"".join(out)
+
+
+_CONNECTION_LINE = re.compile(rb"\r\n(?:connection|keep-alive)[ \t]*:[^\r\n]*", re.IGNORECASE)
+
+
+def _with_close(head: bytes) -> bytes:
+    """The same response head, ending the connection: used while draining for shutdown."""
+    return _CONNECTION_LINE.sub(b"", head[:-2]) + b"Connection: close\r\n\r\n"
+
+
+# Responses the balancer writes itself -------------------------------------------------------
+
+
+@cache
+def error_response(status: int, retry_after: int | None = None) -> bytes:
+    """A complete small `text/plain` response with `Connection: close`, rendered once by h11."""
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}\n".encode()
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    if retry_after is not None:
+        headers.append(("Retry-After", str(retry_after)))
+    # h11 speaks only after it has seen a request; give it a stand-in one.
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: balancer\r\n\r\n")
+    conn.next_event()
+    head = conn.send(h11.Response(status_code=status, headers=headers, reason=phrase))
+    data = conn.send(h11.Data(data=body))
+    assert head is not None and data is not None
+    return head + data

@@ -1,0 +1,820 @@
+"""The client and backend protocols: the only code that touches connection transports.
+
+Theory of operation
+-------------------
+Each accepted client connection gets one `ClientConnection`. It owns the whole life of that
+connection: the TLS session (TLS listeners), the HTTP request reader, the backend lease and the
+one dedicated backend connection, one deadline timer, and the `ConnectionRecord`.
+
+    accept ──► [handshaking] ──► waiting for a head ──► first head: acquire a backend, connect
+           (TLS listeners)         (header deadline)     (tcp mode: at accept)
+    relay: client → backend  request heads re-serialised by http1.RequestReader, bodies streamed
+           backend → client  bytes as they come; http1.ResponseFramer only follows boundaries
+    end:   either side's FIN/RST/close_notify, a deadline, an error, or shutdown ──► `_finish`
+
+Invariants:
+- `_finish` runs exactly once, from the client transport's `connection_lost`; it releases the
+  lease, closes the backend leg if still open, stamps `closed_at` and publishes the record.
+- An error response is written only at a response boundary (nothing of a response to the
+  current request has reached the client); otherwise the client connection is aborted with an
+  RST, so a truncated response never looks whole.
+- Flow control: a full client write buffer pauses backend reads and vice versa; while the backend
+  is connecting, or an Upgrade waits for its answer, client reads are paused. Memory per
+  connection is bounded by the transports' high-water marks.
+- One timer per connection. Activity only moves `_deadline` forward (a float store); the timer
+  re-arms itself when it fires early, so the hot path never reschedules timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from balancer import tcpinfo
+from balancer.config import Limits, ListenerConfig, Timeouts
+from balancer.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnreachable,
+    BalancerError,
+    ClientError,
+    HeaderTimeout,
+    NoBackendAvailable,
+)
+from balancer.http1 import HeadLimits, RequestReader, ResponseFramer, error_response
+from balancer.pool import BackendPool, Lease
+from balancer.record import BALANCER, PEER, ConnectionRecord, LegTeardown
+from balancer.tls import TLSHandshakeFailed, TLSSession
+
+_LINGER_RST = struct.pack("ii", 1, 0)
+RETRY_AFTER_SECONDS = 1
+
+# Deadline kinds → (the cause recorded when it passes).
+TLS_HANDSHAKE = "tls_handshake_timeout"
+HEADER = "header_timeout"
+IDLE = "idle_timeout"
+RESPONSE = "backend_timeout"
+TUNNEL_IDLE = "tunnel_idle_timeout"
+
+
+@dataclass
+class ListenerContext:
+    """What every connection of one listener shares. Built by server.py."""
+
+    listener: ListenerConfig
+    pool: BackendPool
+    timeouts: Timeouts
+    limits: Limits
+    ssl_context: ssl.SSLContext | None
+    publish: Callable[[ConnectionRecord], None]
+    connections: set[ClientConnection]
+    next_id: Callable[[], int]
+    worker_pid: int
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    accepted_total: int = 0
+    rejected_total: int = 0
+    draining: bool = False
+    head_limits: HeadLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.head_limits = HeadLimits(
+            max_header_bytes=self.limits.max_header_bytes,
+            max_uri_bytes=self.limits.max_uri_bytes,
+        )
+
+
+class BackendConnection(asyncio.Protocol):
+    """The backend leg: hands every event to its client connection."""
+
+    __slots__ = ("client", "transport")
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.client.on_backend_data(data)
+
+    def eof_received(self) -> bool:
+        self.client.on_backend_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.on_backend_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.client.block_reading("backend_full")
+
+    def resume_writing(self) -> None:
+        self.client.unblock_reading("backend_full")
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection and everything that hangs off it (see the module docstring)."""
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.record: ConnectionRecord | None = None
+        self.tls: TLSSession | None = None
+        self.reader: RequestReader | None = None
+        self.framer: ResponseFramer | None = None
+        self.lease: Lease | None = None
+        self.backend: BackendConnection | None = None
+        self._sock: Any = None
+        self._connect_task: asyncio.Task[None] | None = None
+        self._pending: list[bytes] = []  # for the backend, while connecting
+        self._blocks: set[str] = set()
+        self._backend_blocked = False
+        self._tunnel = False
+        self._client_eof = False
+        self._backend_eof = False
+        self._closing = False
+        self._finished = False
+        self._deadline = 0.0
+        self._deadline_kind = ""
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending_error: BalancerError | None = None
+
+    # ---- client leg ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ctx = self.ctx
+        now = ctx.clock()
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        ctx.accepted_total += 1
+        record = self.record = ConnectionRecord(
+            ctx.next_id(), ctx.listener.name, now, ctx.wall_clock()
+        )
+        record.worker_pid = ctx.worker_pid
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        if peer:
+            record.client_ip, record.client_port = peer[0], peer[1]
+        if local:
+            record.local_port = local[1]
+        self._sock = transport.get_extra_info("socket")
+        info = tcpinfo.read(self._sock)
+        if info is not None:
+            record.tcp_handshake_rtt_seconds = info.rtt_seconds
+        ctx.connections.add(self)
+        if len(ctx.connections) > ctx.limits.max_connections:
+            ctx.rejected_total += 1
+            record.close_cause = "max_connections"
+            self._abort_client()
+            return
+        timeouts = ctx.timeouts
+        if ctx.ssl_context is not None:
+            self.tls = TLSSession(ctx.ssl_context)
+            self._set_deadline(TLS_HANDSHAKE, now + timeouts.tls_handshake_seconds)
+        elif ctx.listener.mode == "http":
+            self._set_deadline(HEADER, now + timeouts.client_header_seconds)
+        if ctx.listener.mode == "tcp":
+            self._tunnel = True
+            if self.tls is None:
+                self._start_connect()
+
+    def data_received(self, data: bytes) -> None:
+        record = self.record
+        assert record is not None
+        record.client_bytes_in += len(data)
+        tls = self.tls
+        if tls is not None:
+            handshaking = not tls.established
+            if handshaking and record.tls_started_at is None:
+                record.tls_started_at = self.ctx.clock()
+            try:
+                data = tls.receive(data)
+            except TLSHandshakeFailed as failure:
+                self._handshake_failed(failure.reason)
+                return
+            except ssl.SSLError:
+                record.close_cause = "tls_error"
+                self._abort_client()
+                return
+            out = tls.take_output()
+            if out:
+                self._write_raw(out)
+            if handshaking:
+                if not tls.established:
+                    return
+                self._handshake_done()
+            if tls.close_notify_received and not record.client_leg.close_notify_received:
+                record.client_leg.close_notify_received = True
+                if data:
+                    self._on_client_data(data)
+                self._on_client_eof()
+                return
+            if not data:
+                return
+        self._on_client_data(data)
+
+    def _handshake_failed(self, reason: str) -> None:
+        """Send the alert OpenSSL chose, record why, close. No backend was touched."""
+        tls, record = self.tls, self.record
+        assert tls is not None and record is not None
+        record.tls_failure = reason
+        record.close_cause = "tls_failed"
+        alert = tls.take_output()
+        if alert:
+            self._write_raw(alert)
+        self._close_client("tls_failed")
+
+    def _handshake_done(self) -> None:
+        tls, record, ctx = self.tls, self.record, self.ctx
+        assert tls is not None and record is not None
+        now = ctx.clock()
+        record.tls_finished_at = now
+        facts = tls.facts()
+        record.tls_version = facts.version
+        record.tls_cipher = facts.cipher
+        record.tls_resumed = facts.resumed
+        record.tls_sni = facts.sni
+        record.tls_alpn = facts.alpn
+        record.client_leg.close_notify_received = False
+        if ctx.listener.mode == "tcp":
+            self._start_connect()
+            self._set_deadline(TUNNEL_IDLE, now + ctx.timeouts.tunnel_idle_seconds)
+        else:
+            self._set_deadline(HEADER, now + ctx.timeouts.client_header_seconds)
+
+    def _on_client_data(self, data: bytes) -> None:
+        if self._tunnel:
+            self._deadline = self.ctx.clock() + self.ctx.timeouts.tunnel_idle_seconds
+            self._send_backend(data)
+            return
+        reader = self.reader
+        if reader is None:
+            record = self.record
+            assert record is not None
+            proto = "https" if self.tls is not None else "http"
+            reader = self.reader = RequestReader(
+                record.client_ip, proto, record.local_port, self.ctx.head_limits
+            )
+            self.framer = ResponseFramer()
+            self.framer.force_close = self.ctx.draining
+        try:
+            out = reader.feed(data)
+        except ClientError as error:
+            self._fail(error)
+            return
+        if reader.heads:
+            self._on_heads()
+        if out:
+            self._send_backend(out)
+        if reader.upgrade_rest is not None:
+            self.block_reading("upgrade")
+        self._arm_client_deadline()
+
+    def _on_heads(self) -> None:
+        reader, framer, record = self.reader, self.framer, self.record
+        assert reader is not None and framer is not None and record is not None
+        if record.first_request_at is None:
+            record.first_request_at = self.ctx.clock()
+        for head in reader.heads:
+            record.requests += 1
+            framer.expect(head.method == b"HEAD")
+            if not head.keep_alive:
+                framer.force_close = True
+        reader.heads.clear()
+        if self.lease is None and self._connect_task is None:
+            self._start_connect()
+
+    def _arm_client_deadline(self) -> None:
+        """Pick the deadline that fits what the connection is waiting for now."""
+        reader, framer = self.reader, self.framer
+        assert reader is not None and framer is not None
+        now = self.ctx.clock()
+        timeouts = self.ctx.timeouts
+        if reader.in_head:
+            if self._deadline_kind != HEADER:  # a total deadline, set when the head began
+                self._set_deadline(HEADER, now + timeouts.client_header_seconds)
+        elif framer.awaiting and not reader.in_body:
+            self._set_deadline(RESPONSE, now + timeouts.backend_response_seconds)
+        else:
+            self._set_deadline(IDLE, now + timeouts.keepalive_idle_seconds)
+
+    def eof_received(self) -> bool:
+        record = self.record
+        assert record is not None
+        if self.tls is not None and self.tls.established:
+            # A FIN with no close_notify before it: the client truncated the TLS stream.
+            record.client_leg.close_notify_received = self.tls.close_notify_received
+        if self.tls is not None and not self.tls.established:
+            if record.tls_started_at is not None:
+                record.tls_failure = "eof"
+                record.close_cause = "tls_failed"
+            else:
+                record.close_cause = "client_closed"
+            self._note_peer_fin(record.client_leg)
+            self._close_client(record.close_cause)
+            return True
+        self._on_client_eof()
+        return True
+
+    def _on_client_eof(self) -> None:
+        """The client will send no more (FIN, or TLS close_notify)."""
+        record = self.record
+        assert record is not None
+        if self._client_eof:
+            return
+        self._client_eof = True
+        self._note_peer_fin(record.client_leg)
+        if self._tunnel:
+            if self.backend is not None and self.backend.transport is not None:
+                if self._backend_eof:
+                    self._close_client("client_closed")
+                else:
+                    self.backend.transport.write_eof()
+            elif self._connect_task is None:
+                self._close_client("client_closed")
+            return
+        framer, reader = self.framer, self.reader
+        if reader is not None and reader.in_body:
+            self._close_client("client_closed")  # the request can never be completed
+        elif framer is not None and (framer.awaiting or framer.in_message):
+            return  # half-close: the response still comes, then we close
+        else:
+            self._close_client("client_closed")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        record = self.record
+        reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
+        if record is not None and reset and not record.client_leg.rst_sent:
+            self._note_peer_reset(record.client_leg)
+            record.close_cause = record.close_cause or "client_reset"
+        self._finish()
+
+    def pause_writing(self) -> None:
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            self._backend_blocked = True
+            backend.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        backend = self.backend
+        if backend is not None and backend.transport is not None and self._backend_blocked:
+            self._backend_blocked = False
+            backend.transport.resume_reading()
+
+    def block_reading(self, why: str) -> None:
+        if not self._blocks and self.transport is not None and not self._closing:
+            self.transport.pause_reading()
+        self._blocks.add(why)
+
+    def unblock_reading(self, why: str) -> None:
+        if why in self._blocks:
+            self._blocks.discard(why)
+            if not self._blocks and self.transport is not None and not self._closing:
+                self.transport.resume_reading()
+
+    # ---- backend leg -----------------------------------------------------------------------
+
+    def _start_connect(self) -> None:
+        self.block_reading("connecting")
+        self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        """Connect to a backend the policy picks; on refusal or timeout try the next one."""
+        ctx = self.ctx
+        record = self.record
+        assert record is not None
+        loop = asyncio.get_running_loop()
+        tried: list[Any] = []
+        error: BalancerError = NoBackendAvailable("no backend is ready")
+        for _ in range(ctx.limits.max_connect_attempts):
+            lease = ctx.pool.acquire(ctx.clock(), tried)
+            if lease is None:
+                break
+            backend = lease.state.backend
+            tried.append(lease.state)
+            record.backend = backend.name
+            record.backend_address = backend.address
+            record.connect_attempts += 1
+            record.connect_started_at = ctx.clock()
+            protocol = BackendConnection(self)
+            try:
+                async with asyncio.timeout(ctx.timeouts.connect_seconds):
+                    await loop.create_connection(_factory(protocol), backend.host, backend.port)
+            except (OSError, TimeoutError) as failure:
+                record.connect_failures += 1
+                ctx.pool.connect_failed(lease, ctx.clock())
+                error = BackendUnreachable(f"{backend.address}: {failure!r}")
+                continue
+            except BaseException:
+                lease.release()
+                if protocol.transport is not None:
+                    protocol.transport.abort()
+                raise
+            self._connect_task = None
+            if self._finished:
+                lease.release()
+                assert protocol.transport is not None
+                protocol.transport.abort()
+                return
+            self._on_backend_connected(lease, protocol)
+            return
+        self._connect_task = None
+        if not self._finished:
+            self._fail(error)
+
+    def _on_backend_connected(self, lease: Lease, protocol: BackendConnection) -> None:
+        ctx = self.ctx
+        record = self.record
+        assert record is not None and protocol.transport is not None
+        record.connected_at = ctx.clock()
+        ctx.pool.connect_succeeded(lease)
+        self.lease = lease
+        self.backend = protocol
+        transport = protocol.transport
+        local = transport.get_extra_info("sockname")
+        if local:
+            record.backend_local_port = local[1]
+        info = tcpinfo.read(transport.get_extra_info("socket"))
+        if info is not None:
+            record.backend_rtt_seconds = info.rtt_seconds
+        pending, self._pending = self._pending, []
+        for chunk in pending:
+            record.backend_bytes_out += len(chunk)
+            transport.write(chunk)
+        if self._client_eof and self._tunnel:
+            transport.write_eof()
+        if self._closing:
+            return
+        if self._tunnel:
+            self._set_deadline(TUNNEL_IDLE, ctx.clock() + ctx.timeouts.tunnel_idle_seconds)
+        else:
+            self._arm_client_deadline()
+        self.unblock_reading("connecting")
+
+    def _send_backend(self, data: bytes) -> None:
+        backend = self.backend
+        if backend is None or backend.transport is None:
+            self._pending.append(data)
+            return
+        assert self.record is not None
+        self.record.backend_bytes_out += len(data)
+        backend.transport.write(data)
+
+    def on_backend_data(self, data: bytes) -> None:
+        record = self.record
+        assert record is not None
+        record.backend_bytes_in += len(data)
+        if self._closing:
+            return
+        if self._tunnel:
+            self._deadline = self.ctx.clock() + self.ctx.timeouts.tunnel_idle_seconds
+            self._write_client(data)
+            return
+        framer = self.framer
+        assert framer is not None
+        completed = framer.completed
+        try:
+            out = framer.feed(data)
+        except BackendError as error:
+            self._fail(error)
+            return
+        if out:
+            self._write_client(out)
+        if framer.upgraded:
+            self._switch_to_tunnel()
+            return
+        if framer.completed != completed:
+            self._on_responses_completed()
+        elif framer.awaiting:
+            self._deadline = self.ctx.clock() + self.ctx.timeouts.backend_response_seconds
+
+    def _on_responses_completed(self) -> None:
+        framer, reader = self.framer, self.reader
+        assert framer is not None and reader is not None
+        if framer.close_after and not framer.awaiting:
+            self._close_client("http_close")
+            return
+        if framer.awaiting:
+            return
+        if self._pending_error is not None:
+            self._fail(self._pending_error)
+        elif reader.upgrade_rest is not None:  # the backend declined the Upgrade
+            try:
+                out = reader.resume_after_declined_upgrade()
+            except ClientError as error:
+                self._fail(error)
+                return
+            if reader.heads:
+                self._on_heads()
+            if out:
+                self._send_backend(out)
+            self.unblock_reading("upgrade")
+        elif self._client_eof:
+            self._close_client("client_closed")
+        elif self.ctx.draining:
+            self._close_client("shutdown")
+        else:
+            self._arm_client_deadline()
+
+    def _switch_to_tunnel(self) -> None:
+        """101 Switching Protocols: from here on both directions are plain byte relays."""
+        reader = self.reader
+        assert reader is not None
+        self._tunnel = True
+        rest, reader.upgrade_rest = reader.upgrade_rest or b"", None
+        if rest:
+            self._send_backend(rest)
+        self._set_deadline(TUNNEL_IDLE, self.ctx.clock() + self.ctx.timeouts.tunnel_idle_seconds)
+        self.unblock_reading("upgrade")
+
+    def on_backend_eof(self) -> None:
+        record = self.record
+        assert record is not None
+        self._backend_eof = True
+        self._note_peer_fin(record.backend_leg)
+        if self._closing:
+            return
+        if self._tunnel:
+            if self._client_eof:
+                self._close_client("backend_closed")
+            else:
+                self._write_eof_client()
+            return
+        framer = self.framer
+        assert framer is not None
+        if framer.eof():
+            if framer.awaiting and not self._client_eof:
+                # It closed with requests unanswered: they were never processed.
+                self._fail(BackendUnreachable("backend closed with requests unanswered"))
+            else:
+                self._close_client("backend_closed")
+        else:
+            self._fail(BackendError("backend closed mid-response"))
+
+    def on_backend_lost(self, protocol: BackendConnection, exc: Exception | None) -> None:
+        if protocol is not self.backend:
+            return
+        record = self.record
+        assert record is not None
+        leg = record.backend_leg
+        if leg.closed_at is None:
+            leg.closed_at = self.ctx.clock()
+        if exc is not None and not leg.rst_sent and isinstance(exc, ConnectionError):
+            self._note_peer_reset(leg)
+            if not self._closing:
+                if self._tunnel or (self.framer is not None and not self.framer.in_message
+                                    and not self.framer.awaiting):  # fmt: skip
+                    self._close_client("backend_reset")
+                else:
+                    self._fail(BackendError("backend reset the connection"))
+        elif not self._backend_eof and not self._closing:
+            self.on_backend_eof()
+
+    # ---- writing, closing ------------------------------------------------------------------
+
+    def _write_raw(self, data: bytes) -> None:
+        assert self.transport is not None and self.record is not None
+        self.record.client_bytes_out += len(data)
+        self.transport.write(data)
+
+    def _write_client(self, data: bytes) -> None:
+        tls = self.tls
+        self._write_raw(tls.send(data) if tls is not None else data)
+
+    def _write_eof_client(self) -> None:
+        assert self.transport is not None and self.record is not None
+        if self.tls is not None:
+            notify = self.tls.close()
+            if notify:
+                self.record.client_leg.close_notify_sent = True
+                self._write_raw(notify)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def _fail(self, error: BalancerError) -> None:
+        """Answer an error: a real response at a response boundary, else abort the connection."""
+        record = self.record
+        framer = self.framer
+        assert record is not None
+        if self._closing:
+            return
+        record.close_cause = error.reason
+        reader = self.reader
+        if (
+            error.fault == "client"
+            and framer is not None
+            and reader is not None
+            and not reader.in_body  # an error inside this request's body cannot wait for it
+            and (framer.awaiting or framer.in_message)
+        ):
+            # Responses to earlier pipelined requests are still coming: answer after them.
+            self._pending_error = error
+            self.block_reading("error_pending")
+            return
+        if framer is None and self.ctx.listener.mode == "tcp":
+            self._close_client(error.reason)  # nothing HTTP to say on a TCP listener
+        elif framer is not None and framer.in_message:
+            self._abort_client()
+        else:
+            status = error.status_hint
+            retry_after = RETRY_AFTER_SECONDS if status == 503 else None
+            record.error_status = status
+            self._write_client(error_response(status, retry_after))
+            self._close_client(error.reason)
+
+    def _note_peer_fin(self, leg: LegTeardown) -> None:
+        if leg.peer_fin_at is None:
+            leg.peer_fin_at = self.ctx.clock()
+        if leg.initiator is None:
+            leg.initiator = PEER
+        if leg.first_fin is None:
+            leg.first_fin = PEER
+
+    def _note_peer_reset(self, leg: LegTeardown) -> None:
+        leg.rst_received = True
+        if leg.initiator is None:
+            leg.initiator = PEER
+
+    def _note_own_close(self, leg: LegTeardown, sock: Any) -> None:
+        """Before our shutdown: who started the close, and whose FIN came first on the wire."""
+        if leg.initiator is None:
+            leg.initiator = BALANCER
+        if leg.first_fin is None:
+            info = tcpinfo.read(sock)
+            if info is not None and info.state == tcpinfo.CLOSE_WAIT:
+                leg.first_fin = PEER  # the peer's FIN was in already, unread by us
+            else:
+                leg.first_fin = BALANCER
+        leg.closed_at = self.ctx.clock()
+
+    def _close_client(self, cause: str) -> None:
+        """Close the client leg cleanly: TLS close_notify if established, then FIN."""
+        if self._closing or self.transport is None:
+            return
+        record = self.record
+        assert record is not None
+        self._closing = True
+        if record.close_cause is None:
+            record.close_cause = cause
+        self._note_own_close(record.client_leg, self._sock)
+        if self.tls is not None and self.tls.established:
+            notify = self.tls.close()
+            if notify:
+                record.client_leg.close_notify_sent = True
+                self._write_raw(notify)
+        self.transport.close()
+        self._close_backend()
+
+    def _abort_client(self) -> None:
+        """Reset the client leg (SO_LINGER 0 → RST) so a cut response is visibly cut."""
+        if self.transport is None:
+            return
+        record = self.record
+        assert record is not None
+        already_closing = self._closing
+        self._closing = True
+        leg = record.client_leg
+        if not already_closing:
+            self._note_own_close(leg, self._sock)
+        leg.rst_sent = True
+        _reset(self._sock)
+        self.transport.abort()
+        self._close_backend()
+
+    def _close_backend(self) -> None:
+        backend = self.backend
+        if backend is None or backend.transport is None or backend.transport.is_closing():
+            return
+        record = self.record
+        assert record is not None
+        self._note_own_close(record.backend_leg, backend.transport.get_extra_info("socket"))
+        backend.transport.close()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._closing = True
+        ctx = self.ctx
+        record = self.record
+        assert record is not None
+        now = ctx.clock()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+        self._close_backend()
+        if self.lease is not None:
+            self.lease.release()
+        if record.client_leg.closed_at is None:
+            record.client_leg.closed_at = now
+        if record.close_cause is None:
+            record.close_cause = "client_closed"
+        record.closed_at = now
+        ctx.connections.discard(self)
+        ctx.publish(record)
+
+    # ---- deadlines -------------------------------------------------------------------------
+
+    def _set_deadline(self, kind: str, at: float) -> None:
+        self._deadline_kind = kind
+        self._deadline = at
+        timer = self._timer
+        if timer is None or timer.when() > at:
+            if timer is not None:
+                timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + (at - self.ctx.clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._finished:
+            return
+        now = self.ctx.clock()
+        if now < self._deadline:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + (self._deadline - now), self._on_timer)
+            return
+        self._deadline_passed(self._deadline_kind)
+
+    def _deadline_passed(self, kind: str) -> None:
+        record = self.record
+        assert record is not None
+        if kind == TLS_HANDSHAKE:
+            if record.tls_started_at is None:
+                record.tls_started_at = self.ctx.clock()  # nothing arrived at all
+            record.tls_failure = "timeout"
+            record.close_cause = "tls_failed"
+            self._close_client("tls_failed")
+        elif kind == HEADER:
+            reader = self.reader
+            if reader is not None and reader.in_head:
+                self._fail(HeaderTimeout("request head not complete in time"))
+            else:  # connected but silent: nothing to answer, just close (nginx does the same)
+                self._close_client(HEADER)
+        elif kind == RESPONSE:
+            self._fail(BackendTimeout("no response in time"))
+        elif self._connect_task is not None:  # IDLE, TUNNEL_IDLE: connect has its own timeout
+            self._set_deadline(kind, self.ctx.clock() + self.ctx.timeouts.connect_seconds)
+        else:
+            self._close_client(kind)
+
+    # ---- shutdown, admin -------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Shutdown has begun: close now if idle, else after the response in flight."""
+        if self._closing:
+            return
+        framer, reader = self.framer, self.reader
+        if framer is not None:
+            framer.force_close = True
+        busy = (
+            self._tunnel
+            or self._connect_task is not None
+            or (framer is not None and (framer.awaiting or framer.in_message))
+            or (reader is not None and (reader.in_head or reader.in_body))
+        )
+        if not busy and (self.tls is None or self.tls.established):
+            self._close_client("shutdown")
+
+    def force_close(self) -> None:
+        """The shutdown grace is over."""
+        if self.record is not None and self.record.close_cause is None:
+            self.record.close_cause = "shutdown"
+        if self.framer is not None and self.framer.in_message:
+            self._abort_client()
+        else:
+            self._close_client("shutdown")
+
+    @property
+    def state(self) -> str:
+        if self._closing:
+            return "closing"
+        if self.tls is not None and not self.tls.established:
+            return "handshaking"
+        if self._tunnel or (
+            self.framer is not None and (self.framer.awaiting or self.framer.in_message)
+        ):
+            return "active"
+        if self.reader is not None and (self.reader.in_head or self.reader.in_body):
+            return "active"
+        return "idle"
+
+
+def _factory(protocol: BackendConnection) -> Callable[[], BackendConnection]:
+    return lambda: protocol
+
+
+def _reset(sock: Any) -> None:
+    """Make the next close send RST instead of FIN."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)

@@ -1,0 +1,244 @@
+"""One record per client connection: what happened on the wire, filled in by proxy.py.
+
+Pure data. Timestamps are `*_at` values of the monotonic clock the proxy was given (seconds);
+durations are derived `*_seconds` properties, None when either end is unknown. Each field is a
+claim a packet capture of the same traffic could check; README.md says how each is measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Who sent something first on a leg.
+PEER = "peer"
+BALANCER = "balancer"
+
+
+class LegTeardown:
+    """How one leg (client or backend) ended.
+
+    initiator: who started the close (PEER, or BALANCER); `close_cause` says why the balancer did.
+    first_fin: whose FIN came first, read from the TCP state at our own shutdown (CLOSE_WAIT means
+      the peer's FIN had arrived); can differ from `initiator` (we decide to close, but the peer's
+      FIN was already in flight).
+    rst_received / rst_sent: an RST ended the leg (a reset error from the peer; an abort by us).
+    close_notify_received / close_notify_sent: TLS alerts, client leg on a TLS listener only.
+    peer_fin_at / closed_at: when the peer's FIN (or close_notify) was seen; when we closed.
+    """
+
+    __slots__ = (
+        "close_notify_received",
+        "close_notify_sent",
+        "closed_at",
+        "first_fin",
+        "initiator",
+        "peer_fin_at",
+        "rst_received",
+        "rst_sent",
+    )
+
+    def __init__(self) -> None:
+        self.initiator: str | None = None
+        self.first_fin: str | None = None
+        self.rst_received = False
+        self.rst_sent = False
+        self.close_notify_received: bool | None = None
+        self.close_notify_sent: bool | None = None
+        self.peer_fin_at: float | None = None
+        self.closed_at: float | None = None
+
+    @property
+    def kind(self) -> str:
+        """The Prometheus `kind` of the close: rst, close_notify or fin."""
+        if self.rst_received or self.rst_sent:
+            return "rst"
+        if self.close_notify_received or self.close_notify_sent:
+            return "close_notify"
+        return "fin"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "initiator": self.initiator,
+            "first_fin": self.first_fin,
+            "kind": self.kind,
+            "rst_received": self.rst_received,
+            "rst_sent": self.rst_sent,
+            "close_notify_received": self.close_notify_received,
+            "close_notify_sent": self.close_notify_sent,
+        }
+
+
+class ConnectionRecord:
+    """Everything the balancer knows about one client connection, from accept to close."""
+
+    __slots__ = (
+        "accepted_at",
+        "accepted_unix",
+        "backend",
+        "backend_address",
+        "backend_bytes_in",
+        "backend_bytes_out",
+        "backend_leg",
+        "backend_local_port",
+        "backend_rtt_seconds",
+        "client_bytes_in",
+        "client_bytes_out",
+        "client_ip",
+        "client_leg",
+        "client_port",
+        "close_cause",
+        "closed_at",
+        "connect_attempts",
+        "connect_failures",
+        "connect_started_at",
+        "connected_at",
+        "error_status",
+        "first_request_at",
+        "id",
+        "listener",
+        "local_port",
+        "requests",
+        "tcp_handshake_rtt_seconds",
+        "tls_alpn",
+        "tls_cipher",
+        "tls_failure",
+        "tls_finished_at",
+        "tls_resumed",
+        "tls_sni",
+        "tls_started_at",
+        "tls_version",
+        "worker_pid",
+    )
+
+    def __init__(self, id: int, listener: str, accepted_at: float, accepted_unix: float) -> None:
+        self.id = id
+        self.worker_pid = 0
+        self.listener = listener
+        self.accepted_at = accepted_at
+        self.accepted_unix = accepted_unix
+        self.client_ip = ""
+        self.client_port = 0
+        self.local_port = 0
+        # TCP, client leg: SYN-ACK → ACK round trip (tcpi_rtt right after accept).
+        self.tcp_handshake_rtt_seconds: float | None = None
+        # TLS: started = the ClientHello's first bytes arrived; finished = handshake complete.
+        self.tls_started_at: float | None = None
+        self.tls_finished_at: float | None = None
+        self.tls_version: str | None = None
+        self.tls_cipher: str | None = None
+        self.tls_sni: str | None = None
+        self.tls_alpn: str | None = None
+        self.tls_resumed: bool | None = None
+        self.tls_failure: str | None = None
+        # HTTP.
+        self.first_request_at: float | None = None
+        self.requests = 0
+        self.error_status: int | None = None
+        # Backend leg.
+        self.backend: str | None = None
+        self.backend_address: str | None = None
+        self.backend_local_port: int | None = None
+        self.backend_rtt_seconds: float | None = None
+        self.connect_started_at: float | None = None
+        self.connected_at: float | None = None
+        self.connect_attempts = 0
+        self.connect_failures = 0
+        # Bytes as counted at the sockets (TLS records included on a TLS client leg).
+        self.client_bytes_in = 0
+        self.client_bytes_out = 0
+        self.backend_bytes_in = 0
+        self.backend_bytes_out = 0
+        # Teardown.
+        self.close_cause: str | None = None
+        self.closed_at: float | None = None
+        self.client_leg = LegTeardown()
+        self.backend_leg = LegTeardown()
+
+    @staticmethod
+    def _span(start: float | None, end: float | None) -> float | None:
+        return None if start is None or end is None else end - start
+
+    @property
+    def tls_handshake_seconds(self) -> float | None:
+        return self._span(self.tls_started_at, self.tls_finished_at)
+
+    @property
+    def connect_seconds(self) -> float | None:
+        """The last connect attempt's SYN → established, as the balancer saw it."""
+        return self._span(self.connect_started_at, self.connected_at)
+
+    @property
+    def first_request_seconds(self) -> float | None:
+        """Accept → first request head complete (includes the TLS handshake)."""
+        return self._span(self.accepted_at, self.first_request_at)
+
+    @property
+    def lifetime_seconds(self) -> float | None:
+        return self._span(self.accepted_at, self.closed_at)
+
+    @property
+    def client_teardown_seconds(self) -> float | None:
+        """The client leg's first FIN (either side's) → fully closed."""
+        return _teardown_seconds(self.client_leg)
+
+    @property
+    def backend_teardown_seconds(self) -> float | None:
+        return _teardown_seconds(self.backend_leg)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON access-log line and the admin API's view: wall-clock start, durations."""
+        return {
+            "id": self.id,
+            "worker_pid": self.worker_pid,
+            "listener": self.listener,
+            "start": self.accepted_unix,
+            "client": {"ip": self.client_ip, "port": self.client_port},
+            "local_port": self.local_port,
+            "tcp_handshake_rtt_seconds": self.tcp_handshake_rtt_seconds,
+            "tls": None
+            if self.tls_started_at is None
+            else {
+                "handshake_seconds": self.tls_handshake_seconds,
+                "version": self.tls_version,
+                "cipher": self.tls_cipher,
+                "sni": self.tls_sni,
+                "alpn": self.tls_alpn,
+                "resumed": self.tls_resumed,
+                "failure": self.tls_failure,
+            },
+            "backend": None
+            if self.backend is None
+            else {
+                "name": self.backend,
+                "address": self.backend_address,
+                "local_port": self.backend_local_port,
+                "connect_seconds": self.connect_seconds,
+                "rtt_seconds": self.backend_rtt_seconds,
+            },
+            "connect_attempts": self.connect_attempts,
+            "connect_failures": self.connect_failures,
+            "requests": self.requests,
+            "first_request_seconds": self.first_request_seconds,
+            "error_status": self.error_status,
+            "bytes": {
+                "client_in": self.client_bytes_in,
+                "client_out": self.client_bytes_out,
+                "backend_in": self.backend_bytes_in,
+                "backend_out": self.backend_bytes_out,
+            },
+            "close_cause": self.close_cause,
+            "client_leg": self.client_leg.to_dict()
+            | {"teardown_seconds": self.client_teardown_seconds},
+            "backend_leg": None
+            if self.backend is None
+            else self.backend_leg.to_dict() | {"teardown_seconds": self.backend_teardown_seconds},
+            "lifetime_seconds": self.lifetime_seconds,
+        }
+
+
+def _teardown_seconds(leg: LegTeardown) -> float | None:
+    if leg.closed_at is None:
+        return None
+    if leg.peer_fin_at is None:
+        return 0.0
+    return max(0.0, leg.closed_at - leg.peer_fin_at)

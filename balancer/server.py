@@ -1,0 +1,208 @@
+"""`Balancer`: builds everything from a Config, binds the listeners, drains on shutdown.
+
+Everything that can fail on bad configuration (TLS files, policy) is built in `__init__`, so a
+bad config fails before anything is bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import os
+import signal
+import ssl
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry
+
+from balancer.admin import AdminServer
+from balancer.backends import Backend
+from balancer.config import Config
+from balancer.observe import Observer, StateCollector
+from balancer.policies import POLICIES
+from balancer.pool import BackendPool
+from balancer.proxy import ClientConnection, ListenerContext
+from balancer.record import ConnectionRecord
+from balancer.tls import server_context
+
+log = logging.getLogger("balancer")
+
+ACCESS_LOG_FLUSH_SECONDS = 1.0
+
+
+class Balancer:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        access_log: IO[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.access_log = access_log
+        backends = [
+            Backend(b.name, b.address.host, b.address.port, b.weight) for b in config.backends
+        ]
+        self.pool = BackendPool(
+            backends, POLICIES[config.policy](), config.timeouts.backend_down_seconds
+        )
+        self.observer = Observer(self.registry, access_log)
+        self._drained = asyncio.Event()
+        ids = itertools.count(1)
+        ssl_context: ssl.SSLContext | None = None
+        if config.tls is not None and any(x.tls for x in config.listeners):
+            alpn = (
+                ["http/1.1"] if any(x.tls and x.mode == "http" for x in config.listeners) else None
+            )
+            ssl_context = server_context(config.tls, alpn)
+        self.contexts = [
+            ListenerContext(
+                listener=listener,
+                pool=self.pool,
+                timeouts=config.timeouts,
+                limits=config.limits,
+                ssl_context=ssl_context if listener.tls else None,
+                publish=self._publish,
+                connections=set(),
+                next_id=ids.__next__,
+                worker_pid=os.getpid(),
+                clock=clock,
+            )
+            for listener in config.listeners
+        ]
+        self.registry.register(StateCollector(self._listener_totals, lambda: self.pool.states))
+        self.servers: list[asyncio.AbstractServer] = []
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    def _publish(self, record: ConnectionRecord) -> None:
+        self.observer.publish(record)
+        if self.draining and not any(ctx.connections for ctx in self.contexts):
+            self._drained.set()
+
+    def _listener_totals(self) -> list[tuple[str, int, int, int]]:
+        return [
+            (c.listener.name, c.accepted_total, c.rejected_total, len(c.connections))
+            for c in self.contexts
+        ]
+
+    @property
+    def draining(self) -> bool:
+        return any(ctx.draining for ctx in self.contexts)
+
+    async def start(self) -> None:
+        """Bind every listener (and the admin endpoint); port 0 picks one, logged here."""
+        loop = asyncio.get_running_loop()
+        for ctx in self.contexts:
+            bind = ctx.listener.bind
+            server = await loop.create_server(
+                functools.partial(ClientConnection, ctx),
+                bind.host,
+                bind.port,
+                reuse_address=True,
+                backlog=4096,
+            )
+            self.servers.append(server)
+            self.addresses[ctx.listener.name] = _bound(server)
+        if self.config.admin is not None:
+            admin = AdminServer(self.registry, self.connections_view, self.backends_view)
+            server = await asyncio.start_server(
+                admin.handle, self.config.admin.host, self.config.admin.port, reuse_address=True
+            )
+            self.servers.append(server)
+            self.addresses["admin"] = _bound(server)
+        for name, (host, port) in self.addresses.items():
+            log.info("listening: %s on %s:%d", name, host, port)
+        if self.access_log is not None:
+            self._flusher = loop.create_task(self._flush_access_log())
+
+    async def _flush_access_log(self) -> None:
+        assert self.access_log is not None
+        while True:
+            await asyncio.sleep(ACCESS_LOG_FLUSH_SECONDS)
+            self.access_log.flush()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting; finish requests in flight (`Connection: close` on their responses);
+        close idle connections at once; after `grace` seconds close whatever is left."""
+        grace = self.config.timeouts.shutdown_grace_seconds if grace is None else grace
+        for server in self.servers:
+            server.close()
+        for ctx in self.contexts:
+            ctx.draining = True
+            for conn in list(ctx.connections):
+                conn.drain()
+        if any(ctx.connections for ctx in self.contexts):
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout=grace)
+            except TimeoutError:
+                left = sum(len(ctx.connections) for ctx in self.contexts)
+                log.warning("shutdown grace over: closing %d connections", left)
+                for ctx in self.contexts:
+                    for conn in list(ctx.connections):
+                        conn.force_close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drained.wait(), timeout=1.0)
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self.access_log is not None:
+            self.access_log.flush()
+
+    async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT, then shut down gracefully."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("shutting down: draining connections")
+        await self.shutdown()
+        log.info("stopped")
+
+    def connections_view(self) -> dict[str, Any]:
+        now = time.monotonic()
+        open_now = [
+            {
+                "id": conn.record.id,
+                "listener": conn.record.listener,
+                "state": conn.state,
+                "client": f"{conn.record.client_ip}:{conn.record.client_port}",
+                "backend": conn.record.backend,
+                "age_seconds": now - conn.record.accepted_at,
+                "requests": conn.record.requests,
+            }
+            for ctx in self.contexts
+            for conn in ctx.connections
+            if conn.record is not None
+        ]
+        return {
+            "open": open_now,
+            "recent_closed": [record.to_dict() for record in self.observer.recent],
+        }
+
+    def backends_view(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": s.name,
+                "address": s.backend.address,
+                "weight": s.weight,
+                "active": s.active,
+                "connections_total": s.connections_total,
+                "connect_failures_total": s.connect_failures_total,
+            }
+            for s in self.pool.states
+        ]
+
+
+def _bound(server: asyncio.AbstractServer) -> tuple[str, int]:
+    sockets = getattr(server, "sockets", None) or []
+    host, port = sockets[0].getsockname()[:2]
+    return host, port

@@ -1,0 +1,179 @@
+"""TLS for the client leg: the server context, and a session driven over memory BIOs.
+
+Driving `ssl.SSLObject` ourselves (rather than `create_server(ssl=...)` or `start_tls`) lets the
+proxy see what an operator would otherwise open Wireshark for: when the ClientHello arrived, when
+the handshake finished or why it failed (with the alert OpenSSL sent), and whether the client's
+close_notify came before its FIN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from dataclasses import dataclass
+
+from balancer.config import TLSConfig
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_VERSION_NAMES = {"TLSv1.2": "1.2", "TLSv1.3": "1.3"}
+
+# OpenSSL reason codes → the bounded set of failure reasons used as metric labels.
+_FAILURE_REASONS = {
+    "UNSUPPORTED_PROTOCOL": "protocol_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "NO_SUITABLE_SIGNATURE_ALGORITHM": "no_shared_cipher",
+    "NO_SHARED_GROUPS": "no_shared_cipher",
+    "HTTP_REQUEST": "not_tls",
+    "HTTPS_PROXY_REQUEST": "not_tls",
+    "WRONG_VERSION_NUMBER": "not_tls",
+    "UNKNOWN_PROTOCOL": "not_tls",
+    "PACKET_LENGTH_TOO_LONG": "not_tls",
+    "RECORD_LAYER_FAILURE": "not_tls",
+}
+
+
+class TLSSetupError(Exception):
+    """The certificate or key cannot be used; the message says what to run."""
+
+
+class TLSHandshakeFailed(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def failure_reason(error: ssl.SSLError) -> str:
+    """A bounded label for a failed handshake: protocol_version, not_tls, alert_<name>, ..."""
+    code = error.reason or ""
+    if code in _FAILURE_REASONS:
+        return _FAILURE_REASONS[code]
+    if "_ALERT_" in code:  # the client sent us an alert, e.g. TLSV1_ALERT_UNKNOWN_CA
+        return "alert_" + code.split("_ALERT_", 1)[1].lower()
+    return "other"
+
+
+def server_context(config: TLSConfig, alpn: list[str] | None = None) -> ssl.SSLContext:
+    """A server context: TLS 1.2+ (configurable), AEAD ECDHE suites, no compression or
+    renegotiation. Raises TLSSetupError naming the file and the fix."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = _VERSIONS[config.min_version]
+    if config.max_version:
+        context.maximum_version = _VERSIONS[config.max_version]
+    try:
+        context.set_ciphers(config.ciphers)
+    except ssl.SSLError:
+        raise TLSSetupError(
+            f"tls.ciphers = {config.ciphers!r}: OpenSSL accepts none of these"
+        ) from None
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    if not config.session_tickets:
+        context.options |= ssl.OP_NO_TICKET
+    try:
+        context.load_cert_chain(config.cert, config.key)
+    except FileNotFoundError as error:
+        raise TLSSetupError(
+            f"tls: cannot read {error.filename or config.cert}: no such file. "
+            "Run `balancer certs` to make a local CA and server certificate in certs/, "
+            "or set tls.cert and tls.key (--cert/--key) to yours."
+        ) from None
+    except (ssl.SSLError, OSError) as error:
+        raise TLSSetupError(
+            f"tls: cert {config.cert!r} and key {config.key!r} do not load as a matching PEM "
+            f"pair ({error}). Run `balancer certs` for a fresh pair, or fix the paths."
+        ) from None
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    context.sni_callback = _remember_sni
+    return context
+
+
+def _remember_sni(obj: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> None:
+    obj.balancer_sni = name  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFacts:
+    version: str
+    cipher: str
+    resumed: bool
+    sni: str | None
+    alpn: str | None
+
+
+class TLSSession:
+    """A server-side TLS session over memory BIOs: ciphertext in, plaintext out, and back.
+
+    After every `receive()` the caller sends `take_output()` to the peer (handshake flights,
+    alerts, tickets). `receive()` raises TLSHandshakeFailed while handshaking (the alert to send is
+    in `take_output()`), ssl.SSLError afterwards.
+    """
+
+    __slots__ = ("_in", "_obj", "_out", "close_notify_received", "close_notify_sent", "established")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._obj = context.wrap_bio(self._in, self._out, server_side=True)
+        self.established = False
+        self.close_notify_received = False
+        self.close_notify_sent = False
+
+    def receive(self, data: bytes) -> bytes:
+        """Feed ciphertext; return the plaintext it completes (b"" if none yet)."""
+        self._in.write(data)
+        obj = self._obj
+        if not self.established:
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                return b""
+            except ssl.SSLError as error:
+                raise TLSHandshakeFailed(failure_reason(error), str(error)) from None
+            self.established = True
+        chunks = []
+        while True:
+            try:
+                chunk = obj.read(262144)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                chunk = b""
+            if not chunk:
+                self.close_notify_received = True
+                break
+            chunks.append(chunk)
+        if not chunks:
+            return b""
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def send(self, plaintext: bytes) -> bytes:
+        """Encrypt; return the records to write to the peer."""
+        self._obj.write(plaintext)
+        return self._out.read()
+
+    def take_output(self) -> bytes:
+        return self._out.read() if self._out.pending else b""
+
+    def close(self) -> bytes:
+        """Our close_notify, as records to write (b"" if the handshake never finished)."""
+        if not self.established or self.close_notify_sent:
+            return b""
+        self.close_notify_sent = True
+        # unwrap() also wants the peer's close_notify and raises without it; ours is written.
+        with contextlib.suppress(ssl.SSLError):
+            self._obj.unwrap()
+        return self._out.read()
+
+    def facts(self) -> SessionFacts:
+        obj = self._obj
+        version = obj.version() or ""
+        cipher = obj.cipher()
+        return SessionFacts(
+            version=_VERSION_NAMES.get(version, version),
+            cipher=cipher[0] if cipher else "",
+            resumed=obj.session_reused,
+            sni=getattr(obj, "balancer_sni", None),
+            alpn=obj.selected_alpn_protocol(),
+        )
