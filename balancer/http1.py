@@ -60,8 +60,9 @@ class RequestReader:
     """Parses a client's request stream and produces the stream to send to the backend.
 
     `feed(data)` returns the bytes to forward (possibly empty) and appends a `RequestHead` to
-    `heads` for each head completed; it raises a `ClientError` subclass for anything it will not
-    forward. After an `Upgrade` request the parser stops: the unparsed rest waits in
+    `heads` for each head completed. Input it will not forward stops the parser and sets `error`
+    (a `ClientError`); what was parsed before it is still returned, so pipelined requests ahead
+    of a bad one are served. After an `Upgrade` request the parser stops: the unparsed rest waits in
     `upgrade_rest` until the proxy knows whether the backend switched protocols.
     """
 
@@ -78,27 +79,35 @@ class RequestReader:
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._pending_head_bytes = 0
+        self._fed_consumed = 0  # bytes of the current read used by complete heads and bodies
         self._chunked = False
         self.in_head = False
         self.in_body = False
         self.heads: list[RequestHead] = []
         self.messages_completed = 0
         self.upgrade_rest: bytes | None = None
+        self.error: ClientError | None = None
 
     def feed(self, data: bytes) -> bytes:
-        if self.in_head:
-            # Upper bound for a head still incomplete: what arrived since it began.
-            self._pending_head_bytes += len(data)
+        if self.error is not None:
+            return b""
+        self._fed_consumed = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.upgrade_rest = data[upgrade.args[0] :]
-        except ClientError:
-            raise
         except httptools.HttpParserError as error:
-            raise BadRequest(str(error)) from None
-        if self.in_head and self._pending_head_bytes > self._limits.max_header_bytes:
-            raise HeaderTooLarge("request head still incomplete past the limit")
+            # httptools wraps what our callbacks raise; unwrap our own typed errors.
+            cause = error.__cause__ or error.__context__
+            self.error = cause if isinstance(cause, ClientError) else BadRequest(str(error))
+        except ClientError as error:
+            self.error = error
+        if self.in_head:
+            # An incomplete head is at most what arrived since it began: this read less what
+            # earlier messages in it used (a slight over-estimate), plus later reads.
+            self._pending_head_bytes += len(data)
+            if self._pending_head_bytes > self._limits.max_header_bytes:
+                self.error = self.error or HeaderTooLarge("request head incomplete past the limit")
         out = self._out
         if not out:
             return b""
@@ -115,7 +124,7 @@ class RequestReader:
 
     def on_message_begin(self) -> None:
         self.in_head = True
-        self._pending_head_bytes = 0
+        self._pending_head_bytes = -self._fed_consumed
         self._url = b""
         self._headers = []
         self._head_bytes = 0
@@ -150,12 +159,14 @@ class RequestReader:
         upgrade = parser.should_upgrade()
         keep_alive = parser.should_keep_alive()
         head, self._chunked = self._rewrite(method, version, upgrade, keep_alive)
+        self._fed_consumed += self._head_bytes + len(method) + 14  # request line, final CRLF
         self._out.append(head)
         self.in_head = False
         self.in_body = True
         self.heads.append(RequestHead(method, keep_alive, upgrade))
 
     def on_body(self, body: bytes) -> None:
+        self._fed_consumed += len(body)
         if self._chunked:
             self._out.append(b"%x\r\n%b\r\n" % (len(body), body))
         else:

@@ -44,7 +44,6 @@ from balancer.errors import (
     BackendTimeout,
     BackendUnreachable,
     BalancerError,
-    ClientError,
     HeaderTimeout,
     NoBackendAvailable,
 )
@@ -174,6 +173,9 @@ class ClientConnection(asyncio.Protocol):
             record.close_cause = "max_connections"
             self._abort_client()
             return
+        if ctx.draining:  # accepted in the moment between shutdown and the listener closing
+            self._close_client("shutdown")
+            return
         timeouts = ctx.timeouts
         if ctx.ssl_context is not None:
             self.tls = TLSSession(ctx.ssl_context)
@@ -264,15 +266,14 @@ class ClientConnection(asyncio.Protocol):
             )
             self.framer = ResponseFramer()
             self.framer.force_close = self.ctx.draining
-        try:
-            out = reader.feed(data)
-        except ClientError as error:
-            self._fail(error)
-            return
+        out = reader.feed(data)
         if reader.heads:
             self._on_heads()
         if out:
             self._send_backend(out)
+        if reader.error is not None:
+            self._fail(reader.error)
+            return
         if reader.upgrade_rest is not None:
             self.block_reading("upgrade")
         self._arm_client_deadline()
@@ -506,15 +507,14 @@ class ClientConnection(asyncio.Protocol):
         if self._pending_error is not None:
             self._fail(self._pending_error)
         elif reader.upgrade_rest is not None:  # the backend declined the Upgrade
-            try:
-                out = reader.resume_after_declined_upgrade()
-            except ClientError as error:
-                self._fail(error)
-                return
+            out = reader.resume_after_declined_upgrade()
             if reader.heads:
                 self._on_heads()
             if out:
                 self._send_backend(out)
+            if reader.error is not None:
+                self._fail(reader.error)
+                return
             self.unblock_reading("upgrade")
         elif self._client_eof:
             self._close_client("client_closed")

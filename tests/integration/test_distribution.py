@@ -1,0 +1,89 @@
+"""Which backend gets each client connection, over real sockets."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from tests.helpers import Backend, Client, get, make_config, port_of
+
+
+async def test_round_robin_spreads_30_connections_10_each(farm, balancer_factory) -> None:
+    balancer, _ = await balancer_factory(make_config([b.address for b in farm]))
+    port = port_of(balancer)
+    seen = Counter()
+    for _ in range(30):
+        response = await get(port)
+        assert response.status == 200
+        seen[response.backend] += 1
+    assert seen == {"web1": 10, "web2": 10, "web3": 10}
+
+
+async def test_weights_are_respected(balancer_factory) -> None:
+    heavy, light = await Backend("heavy").start(), await Backend("light").start()
+    try:
+        from balancer.config import parse_config
+
+        config = parse_config(
+            {
+                "listeners": [{"bind": "127.0.0.1:0"}],
+                "backends": [
+                    {"name": "heavy", "address": heavy.address, "weight": 3},
+                    {"name": "light", "address": light.address, "weight": 1},
+                ],
+            },
+            "test",
+        )
+        balancer, _ = await balancer_factory(config)
+        seen = Counter([(await get(port_of(balancer))).backend for _ in range(8)])
+        assert seen == {"heavy": 6, "light": 2}
+    finally:
+        heavy.close()
+        light.close()
+
+
+async def test_least_connections_steers_new_connections_away_from_a_held_one(
+    farm, balancer_factory
+) -> None:
+    balancer, _ = await balancer_factory(
+        make_config([b.address for b in farm], policy="least_connections")
+    )
+    port = port_of(balancer)
+    held = await Client.connect(port)
+    held_backend = (await held.request()).backend
+    try:
+        others = [(await get(port)).backend for _ in range(6)]
+        assert held_backend not in others
+        assert Counter(others) == {name: 3 for name in {"web1", "web2", "web3"} - {held_backend}}
+    finally:
+        await held.close()
+
+
+async def test_keep_alive_connection_stays_on_one_backend(farm, balancer_factory) -> None:
+    balancer, recorder = await balancer_factory(make_config([b.address for b in farm]))
+    client = await Client.connect(port_of(balancer))
+    backends = {(await client.request("GET", f"/r{i}")).backend for i in range(100)}
+    await client.close()
+    assert len(backends) == 1
+    served = next(b for b in farm if b.name in backends)
+    assert served.connections == 1  # one dedicated backend connection for all 100
+    assert len(served.seen) == 100
+    (record,) = await recorder.wait_for(1)
+    assert record.requests == 100
+
+
+async def test_pipelined_requests_are_answered_in_order(farm, balancer_factory) -> None:
+    balancer, _ = await balancer_factory(make_config([farm[0].address]))
+    client = await Client.connect(port_of(balancer))
+    client.send_raw(
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    import h11
+
+    for path in ("/a", "/b", "/c"):
+        client.h11.send(h11.Request(method="GET", target=path, headers=[("Host", "x")]))
+        client.h11.send(h11.EndOfMessage())
+        response = await client.read_response()
+        assert response.body == f"web1 GET {path}\n".encode()
+    await client.close()

@@ -1,0 +1,204 @@
+"""What the client sees when it or the farm misbehaves: real 4xx/5xx answers, never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from tests.helpers import (
+    Client,
+    dead_port,
+    get,
+    make_config,
+    parse_status,
+    port_of,
+    raw_exchange,
+)
+
+
+async def test_dead_backend_is_skipped(farm, balancer_factory) -> None:
+    dead = f"127.0.0.1:{dead_port()}"
+    balancer, recorder = await balancer_factory(make_config([dead, farm[0].address]))
+    statuses = [(await get(port_of(balancer))).status for _ in range(6)]
+    assert statuses == [200] * 6
+    records = await recorder.wait_for(6)
+    assert sum(r.connect_failures for r in records) == 1  # then marked down, not retried
+    assert balancer.pool.states[0].connect_failures_total == 1
+
+
+async def test_all_backends_dead_gives_502(balancer_factory) -> None:
+    config = make_config([f"127.0.0.1:{dead_port()}", f"127.0.0.1:{dead_port()}"])
+    balancer, recorder = await balancer_factory(config)
+    raw = await raw_exchange(port_of(balancer), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert parse_status(raw) == 502
+    assert b"Connection: close" in raw
+    (record,) = await recorder.wait_for(1)
+    assert record.connect_attempts == 2
+    assert record.close_cause == "backend_connect_failed"
+    assert record.error_status == 502
+    assert all(s.active == 0 for s in balancer.pool.states)
+
+
+async def test_no_ready_backend_gives_503_with_retry_after(farm, balancer_factory) -> None:
+    balancer, _ = await balancer_factory(make_config([farm[0].address]))
+    balancer.pool.states[0].ready = False
+    raw = await raw_exchange(port_of(balancer), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert parse_status(raw) == 503
+    assert b"Retry-After: 1" in raw
+    assert farm[0].connections == 0
+
+
+async def test_silent_backend_gives_504(farm, balancer_factory) -> None:
+    config = make_config([farm[0].address], timeouts={"backend_response_seconds": 0.2})
+    balancer, recorder = await balancer_factory(config)
+    raw = await raw_exchange(port_of(balancer), b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert parse_status(raw) == 504
+    (record,) = await recorder.wait_for(1)
+    assert record.close_cause == "backend_timeout"
+    assert record.backend_leg.initiator == "balancer"
+
+
+async def test_backend_dying_mid_body_aborts_the_client(farm, balancer_factory) -> None:
+    balancer, recorder = await balancer_factory(make_config([farm[0].address]))
+    client = await Client.connect(port_of(balancer))
+    client.send_raw(b"GET /die/100000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        data = await client.read_until_closed()
+        truncated = True
+        assert b"Content-Length: 100000" in data
+        assert len(data.split(b"\r\n\r\n", 1)[1]) < 100000
+    except ConnectionResetError:
+        truncated = True  # the RST arrived before we read anything: also a visible truncation
+    assert truncated
+    (record,) = await recorder.wait_for(1)
+    assert record.client_leg.rst_sent
+    assert record.close_cause == "bad_gateway"
+
+
+async def test_backend_reset_mid_body_aborts_the_client(farm, balancer_factory) -> None:
+    balancer, recorder = await balancer_factory(make_config([farm[0].address]))
+    client = await Client.connect(port_of(balancer))
+    client.send_raw(b"GET /reset HTTP/1.1\r\nHost: x\r\n\r\n")
+    with contextlib.suppress(ConnectionResetError):
+        await client.read_until_closed()
+    (record,) = await recorder.wait_for(1)
+    assert record.backend_leg.rst_received
+    assert record.client_leg.rst_sent
+
+
+async def test_backend_connection_close_closes_the_client(farm, balancer_factory) -> None:
+    balancer, recorder = await balancer_factory(make_config([farm[0].address]))
+    raw = await raw_exchange(port_of(balancer), b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert parse_status(raw) == 200 and raw.endswith(b"ok")
+    (record,) = await recorder.wait_for(1)
+    assert record.close_cause in ("http_close", "backend_closed")
+
+
+async def test_malformed_requests_get_their_4xx_and_never_reach_a_backend(
+    farm, balancer_factory
+) -> None:
+    config = make_config([farm[0].address], limits={"max_uri_bytes": 100, "max_header_bytes": 2000})
+    balancer, recorder = await balancer_factory(config)
+    port = port_of(balancer)
+    cases = [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
+        (b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 3000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 3000, 431),  # incomplete head
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", 405),
+    ]
+    for request, status in cases:
+        raw = await raw_exchange(port, request)
+        assert parse_status(raw) == status, request[:40]
+        assert b"Connection: close" in raw
+    assert farm[0].connections == 0
+    records = await recorder.wait_for(len(cases))
+    assert [r.error_status for r in records] == [s for _, s in cases]
+    assert all(r.backend is None for r in records)
+
+
+async def test_incomplete_head_gets_408_at_the_header_deadline(farm, balancer_factory) -> None:
+    config = make_config([farm[0].address], timeouts={"client_header_seconds": 0.2})
+    balancer, recorder = await balancer_factory(config)
+    raw = await raw_exchange(port_of(balancer), b"GET / HTTP/1.1\r\nHost: x\r\n")
+    assert parse_status(raw) == 408
+    (record,) = await recorder.wait_for(1)
+    assert record.close_cause == "header_timeout"
+    assert record.client_leg.initiator == "balancer"
+
+
+async def test_trickled_head_is_cut_at_a_total_deadline(farm, balancer_factory) -> None:
+    """Slowloris: each byte resets no timer; the head must be whole within the deadline."""
+    config = make_config([farm[0].address], timeouts={"client_header_seconds": 0.3})
+    balancer, _ = await balancer_factory(config)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(balancer))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    closed = asyncio.ensure_future(reader.read(-1))
+    for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"z" * 100:
+        if closed.done():
+            break
+        writer.write(bytes([byte]))
+        await asyncio.wait({closed}, timeout=0.02)
+    raw = await asyncio.wait_for(closed, 5)
+    assert parse_status(raw) == 408
+    assert loop.time() - started < 1.5
+    writer.close()
+
+
+async def test_idle_keep_alive_connection_is_closed_by_the_balancer(farm, balancer_factory):
+    config = make_config([farm[0].address], timeouts={"keepalive_idle_seconds": 0.2})
+    balancer, recorder = await balancer_factory(config)
+    client = await Client.connect(port_of(balancer))
+    assert (await client.request()).status == 200
+    assert await client.read_until_closed() == b""
+    await client.close()
+    (record,) = await recorder.wait_for(1)
+    assert record.close_cause == "idle_timeout"
+    assert record.client_leg.initiator == "balancer"
+    assert record.client_leg.first_fin == "balancer"
+
+
+async def test_pipelined_bad_request_is_answered_after_the_good_one(farm, balancer_factory):
+    balancer, _ = await balancer_factory(make_config([farm[0].address]))
+    raw = await raw_exchange(
+        port_of(balancer),
+        b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nBad Header\r\n\r\n",
+    )
+    first, second = raw.split(b"HTTP/1.1 ", 2)[1:]
+    assert first.startswith(b"200") and b"web1 GET /first" in first
+    assert second.startswith(b"400")
+
+
+async def test_connections_over_the_limit_are_refused_cleanly(farm, balancer_factory) -> None:
+    config = make_config([farm[0].address], limits={"max_connections": 2})
+    balancer, _recorder = await balancer_factory(config)
+    port = port_of(balancer)
+    held = [await Client.connect(port) for _ in range(2)]
+    for client in held:
+        assert (await client.request()).status == 200
+    extra = await Client.connect(port)
+    with contextlib.suppress(ConnectionResetError):
+        assert await extra.read_until_closed() == b""
+    assert balancer.contexts[0].rejected_total == 1
+    for client in held:
+        await client.close()
+    await extra.close()
+    assert (await get(port)).status == 200
+
+
+async def test_backend_that_accepts_then_closes_gives_502(balancer_factory) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    try:
+        address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        balancer, _ = await balancer_factory(make_config([address]))
+        raw = await raw_exchange(port_of(balancer), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert parse_status(raw) == 502
+    finally:
+        server.close()
