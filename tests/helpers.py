@@ -7,6 +7,7 @@ assert what the balancer forwarded. Paths choose behaviours:
   /chunked/N     N bytes in chunks of 10000 (Transfer-Encoding: chunked)
   /close         answers with `Connection: close` and closes
   /slow          never answers
+  /delay/MS      answers after MS milliseconds
   /die/N         promises N bytes, sends 100, then closes
   /reset         promises 100000 bytes, sends 100, then resets (RST)
   /ws            101 Switching Protocols, then echoes bytes
@@ -127,6 +128,12 @@ class BackendProtocol(asyncio.Protocol):
         if path == "/ws":
             return
         if path == "/slow":
+            return
+        if path.startswith("/delay/"):  # answer after N milliseconds
+            delay = int(path.split("/")[2]) / 1000
+            body = f"{name} delayed\n".encode()
+            reply = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+            asyncio.get_running_loop().call_later(delay, self.transport.write, reply)
             return
         if request.method == "POST":
             body = b"".join(self.body_parts)

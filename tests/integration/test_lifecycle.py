@@ -1,0 +1,144 @@
+"""Shutdown, metrics, admin API and the access log, observed from outside."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from balancer.server import Balancer
+from tests.helpers import Client, admin_json, get, make_config, port_of, scrape
+
+
+async def test_graceful_shutdown_finishes_in_flight_and_closes_idle(farm, balancer_factory):
+    balancer, recorder = await balancer_factory(make_config([farm[0].address]))
+    port = port_of(balancer)
+    idle = await Client.connect(port)
+    assert (await idle.request()).status == 200
+    busy = await Client.connect(port)
+    busy.send_raw(b"GET /delay/300 HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):  # the request has reached the backend
+        while len(farm[0].seen) < 2:
+            await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    shutdown = asyncio.ensure_future(balancer.shutdown(grace=5.0))
+    assert await idle.read_until_closed() == b""  # idle keep-alive: closed at once
+    response = await busy.read_response()
+    assert response.status == 200 and response.body == b"web1 delayed\n"
+    assert response.headers["connection"] == "close"
+    assert await busy.read_until_closed() == b""
+    await asyncio.wait_for(shutdown, 5)
+    assert loop.time() - started < 2.0
+    records = await recorder.wait_for(2)
+    assert {r.close_cause for r in records} == {"shutdown", "http_close"}
+    try:
+        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+        raise AssertionError("the listener still accepts after shutdown")
+    except ConnectionRefusedError:
+        pass
+    for client in (idle, busy):
+        await client.close()
+
+
+async def test_shutdown_grace_bounds_a_request_that_never_ends(farm, balancer_factory) -> None:
+    balancer, recorder = await balancer_factory(make_config([farm[0].address]))
+    client = await Client.connect(port_of(balancer))
+    client.send_raw(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        while not farm[0].seen:
+            await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await balancer.shutdown(grace=0.2)
+    assert loop.time() - started < 1.5
+    (record,) = await recorder.wait_for(1)
+    assert record.close_cause == "shutdown"
+    await client.close()
+
+
+async def test_metrics_are_scraped_and_parse(farm, balancer_factory, certs) -> None:
+    balancer, recorder = await balancer_factory(make_config([b.address for b in farm]))
+    for _ in range(3):
+        assert (await get(port_of(balancer))).status == 200
+    await recorder.wait_for(3)
+    families = {f.name: f for f in text_string_to_metric_families(await scrape(balancer))}
+
+    def value(family: str, sample: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in families[family].samples
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    assert value("balancer_connections_accepted", "balancer_connections_accepted_total") == 3
+    assert value("balancer_connections_active", "balancer_connections_active") == 0
+    assert value("balancer_requests", "balancer_requests_total") == 3
+    for backend in ("b0", "b1", "b2"):
+        assert (
+            value(
+                "balancer_backend_connections",
+                "balancer_backend_connections_total",
+                backend=backend,
+            )
+            == 1
+        )
+        assert value(
+            "balancer_backend_connect_seconds", "balancer_backend_connect_seconds_count",
+            backend=backend,
+        ) == 1  # fmt: skip
+    assert (
+        value("balancer_tcp_handshake_rtt_seconds", "balancer_tcp_handshake_rtt_seconds_count") == 3
+    )
+    assert (
+        value(
+            "balancer_closes", "balancer_closes_total", leg="client", initiator="peer", kind="fin"
+        )
+        == 3
+    )
+    assert value("balancer_bytes", "balancer_bytes_total", leg="client", direction="in") > 0
+
+
+async def test_admin_api_lists_open_and_recent_connections(farm, balancer_factory) -> None:
+    balancer, recorder = await balancer_factory(make_config([farm[0].address]))
+    held = await Client.connect(port_of(balancer))
+    assert (await held.request()).status == 200
+    view = await admin_json(balancer, "/connections")
+    (open_conn,) = view["open"]
+    assert open_conn["state"] == "idle" and open_conn["backend"] == "b0"
+    assert open_conn["requests"] == 1
+    await held.close()
+    await recorder.wait_for(1)
+    view = await admin_json(balancer, "/connections")
+    assert view["open"] == []
+    assert view["recent_closed"][0]["backend"]["name"] == "b0"
+    (backend,) = await admin_json(balancer, "/backends")
+    assert backend["name"] == "b0" and backend["active"] == 0
+    assert backend["connections_total"] == 1
+
+
+async def test_access_log_has_one_json_line_per_connection(farm) -> None:
+    log = io.StringIO()
+    balancer = Balancer(make_config([farm[0].address]), access_log=log)
+    await balancer.start()
+    try:
+        for _ in range(2):
+            assert (await get(port_of(balancer, "http"))).status == 200
+        async with asyncio.timeout(5):
+            while balancer.observer.closed_total < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    assert len(lines) == 2
+    first = lines[0]
+    assert first["listener"] == "http"
+    assert first["client"]["ip"] == "127.0.0.1"
+    assert first["backend"]["name"] == "b0"
+    assert first["requests"] == 1
+    assert first["close_cause"] == "client_closed"
+    assert first["client_leg"]["initiator"] == "peer"
+    assert first["bytes"]["client_in"] > 0 and first["bytes"]["backend_in"] > 0
+    assert first["id"] != lines[1]["id"]

@@ -1,0 +1,157 @@
+"""The TLS listener: versions, ciphers, failures, resumption and close_notify, per record."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import warnings
+
+import pytest
+
+from tests.helpers import Client, client_context, make_config, port_of, raw_exchange
+
+
+def _tls_get(
+    port: int,
+    context: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+    close_notify: bool = True,
+) -> tuple[bytes, ssl.SSLSession | None, str | None, tuple[str, str, int] | None]:
+    """A blocking TLS client (run in a thread): one request, then close as told."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        tls = context.wrap_socket(raw, server_hostname="localhost", session=session)
+    except ssl.SSLError:
+        raw.close()
+        raise
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    data = b""
+    while b"\n" not in data.split(b"\r\n\r\n", 1)[-1]:
+        data += tls.recv(65536)
+    facts = tls.session, tls.version(), tls.cipher()
+    if close_notify:
+        tls.unwrap().close()  # close_notify, then FIN
+    else:
+        tls.close()  # Python sends no close_notify on close(): FIN alone, a truncation
+    return data, *facts
+
+
+@pytest.fixture
+async def tls_balancer(farm, balancer_factory, certs):
+    async def start(**tls):
+        config = make_config(
+            [farm[0].address], https=True, certs=certs, tls=tls,
+            timeouts={"tls_handshake_seconds": 0.3},
+        )  # fmt: skip
+        balancer, recorder = await balancer_factory(config)
+        return port_of(balancer), recorder
+
+    return start
+
+
+async def test_tls12_pinned_client_negotiates_an_ecdhe_aead_suite(tls_balancer, certs) -> None:
+    port, recorder = await tls_balancer()
+    context = client_context(certs.ca, ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2)
+    data, _, version, cipher = await asyncio.to_thread(_tls_get, port, context)
+    assert data.startswith(b"HTTP/1.1 200")
+    assert version == "TLSv1.2"
+    assert cipher is not None and cipher[0].startswith("ECDHE-") and "GCM" in cipher[0]
+    (record,) = await recorder.wait_for(1)
+    assert record.tls_version == "1.2"
+    assert record.tls_cipher == cipher[0]
+    assert record.tls_resumed is False
+    assert record.tls_sni == "localhost"
+    assert 0 < record.tls_handshake_seconds < 1
+    assert record.tls_failure is None
+
+
+async def test_tls13_is_offered_unless_pinned_off(tls_balancer, certs) -> None:
+    port, _ = await tls_balancer()
+    _, _, version, _ = await asyncio.to_thread(_tls_get, port, client_context(certs.ca))
+    assert version == "TLSv1.3"
+    port, _ = await tls_balancer(max_version="1.2")
+    _, _, version, _ = await asyncio.to_thread(_tls_get, port, client_context(certs.ca))
+    assert version == "TLSv1.2"
+
+
+def _tls11_only_client() -> ssl.SSLContext:
+    """A client that offers TLS 1.1 and nothing newer (Python deprecates even asking)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1_1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    return context
+
+
+async def test_tls11_client_is_refused_with_protocol_version(tls_balancer, farm, certs) -> None:
+    port, recorder = await tls_balancer()
+    context = _tls11_only_client()
+    with pytest.raises(ssl.SSLError, match="(?i)protocol version|unsupported protocol"):
+        await asyncio.to_thread(_tls_get, port, context)
+    (record,) = await recorder.wait_for(1)
+    assert record.tls_failure == "protocol_version"
+    assert record.close_cause == "tls_failed"
+    assert record.backend is None and farm[0].connections == 0
+
+
+async def test_plain_http_on_the_tls_port_is_not_tls(tls_balancer, farm) -> None:
+    port, recorder = await tls_balancer()
+    await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2)
+    (record,) = await recorder.wait_for(1)
+    assert record.tls_failure == "not_tls"
+    assert farm[0].connections == 0
+
+
+async def test_handshake_that_never_completes_times_out(tls_balancer, farm) -> None:
+    port, recorder = await tls_balancer()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"\x16\x03\x01\x00\xff\x01")  # the start of a ClientHello, then silence
+    assert await asyncio.wait_for(reader.read(), 3) == b""
+    writer.close()
+    (record,) = await recorder.wait_for(1)
+    assert record.tls_failure == "timeout"
+    assert record.close_cause == "tls_failed"
+    assert farm[0].connections == 0
+
+
+async def test_second_connection_resumes_the_tls12_session(tls_balancer, certs) -> None:
+    port, recorder = await tls_balancer()
+    context = client_context(certs.ca, ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2)
+    _, session, _, _ = await asyncio.to_thread(_tls_get, port, context)
+    await asyncio.to_thread(_tls_get, port, context, session)
+    first, second = await recorder.wait_for(2)
+    assert first.tls_resumed is False
+    assert second.tls_resumed is True
+
+
+async def test_close_notify_from_the_client_is_recorded(tls_balancer, certs) -> None:
+    port, recorder = await tls_balancer()
+    context = client_context(certs.ca, ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2)
+    await asyncio.to_thread(_tls_get, port, context, None, True)
+    await asyncio.to_thread(_tls_get, port, context, None, False)
+    clean, truncated = await recorder.wait_for(2)
+    assert clean.client_leg.close_notify_received is True
+    assert clean.client_leg.initiator == "peer"
+    assert clean.client_leg.kind == "close_notify"
+    assert truncated.client_leg.close_notify_received is False
+    assert truncated.client_leg.first_fin == "peer"
+
+
+async def test_balancer_sends_close_notify_when_it_closes(farm, balancer_factory, certs):
+    config = make_config(
+        [farm[0].address], https=True, certs=certs, timeouts={"keepalive_idle_seconds": 0.2}
+    )
+    balancer, recorder = await balancer_factory(config)
+    client = await Client.connect(port_of(balancer), client_context(certs.ca))
+    assert (await client.request()).status == 200
+    assert await client.read_until_closed() == b""  # a clean TLS EOF: close_notify arrived
+    await client.close()
+    (record,) = await recorder.wait_for(1)
+    assert record.close_cause == "idle_timeout"
+    assert record.client_leg.close_notify_sent is True
+    assert record.client_leg.initiator == "balancer"
