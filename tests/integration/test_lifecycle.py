@@ -85,10 +85,14 @@ async def test_metrics_are_scraped_and_parse(farm, balancer_factory, certs) -> N
             )
             == 1
         )
-        assert value(
-            "balancer_backend_connect_seconds", "balancer_backend_connect_seconds_count",
-            backend=backend,
-        ) == 1  # fmt: skip
+        assert (
+            value(
+                "balancer_backend_connect_seconds",
+                "balancer_backend_connect_seconds_count",
+                backend=backend,
+            )
+            == 1
+        )
     assert (
         value("balancer_tcp_handshake_rtt_seconds", "balancer_tcp_handshake_rtt_seconds_count") == 3
     )

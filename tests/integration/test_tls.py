@@ -91,7 +91,7 @@ def _tls11_only_client() -> ssl.SSLContext:
 async def test_tls11_client_is_refused_with_protocol_version(tls_balancer, farm, certs) -> None:
     port, recorder = await tls_balancer()
     context = _tls11_only_client()
-    with pytest.raises(ssl.SSLError, match="(?i)protocol version|unsupported protocol"):
+    with pytest.raises(ssl.SSLError, match=r"(?i)protocol version|unsupported protocol"):
         await asyncio.to_thread(_tls_get, port, context)
     (record,) = await recorder.wait_for(1)
     assert record.tls_failure == "protocol_version"
