@@ -41,9 +41,12 @@ def _tls_get(
 async def tls_balancer(farm, balancer_factory, certs):
     async def start(**tls):
         config = make_config(
-            [farm[0].address], https=True, certs=certs, tls=tls,
+            [farm[0].address],
+            https=True,
+            certs=certs,
+            tls=tls,
             timeouts={"tls_handshake_seconds": 0.3},
-        )  # fmt: skip
+        )
         balancer, recorder = await balancer_factory(config)
         return port_of(balancer), recorder
 

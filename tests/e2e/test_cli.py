@@ -1,0 +1,232 @@
+"""The `balancer` command as a user runs it, with curl, ab and openssl as the clients."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from balancer.certs import make_certs
+from tests.e2e.conftest import BalancerProcess, need, run
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("e2e-certs")
+    make_certs(directory)
+    return directory
+
+
+def balancer(farm_ports, certs_dir: Path, tmp_path: Path, *extra: str) -> BalancerProcess:
+    args = [
+        "--http",
+        "127.0.0.1:0",
+        "--https",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--cert",
+        str(certs_dir / "server.crt"),
+        "--key",
+        str(certs_dir / "server.key"),
+        "--access-log",
+        str(tmp_path / "access.log"),
+    ]
+    for port in farm_ports:
+        args += ["--backend", f"127.0.0.1:{port}"]
+    return BalancerProcess([*args, *extra], {"http", "https", "admin"}, tmp_path)
+
+
+def access_log(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+
+
+def ab_counts(output: str) -> tuple[int, int]:
+    complete = int(output.split("Complete requests:")[1].split()[0])
+    failed = int(output.split("Failed requests:")[1].split()[0])
+    return complete, failed
+
+
+def test_ab_over_http_and_tls12_completes_and_spreads_round_robin(
+    farm_ports, certs_dir, tmp_path
+) -> None:
+    ab = need("ab")
+    with balancer(farm_ports, certs_dir, tmp_path) as running:
+        http = run(ab, "-n", "3", "-c", "1", running.url("http"))
+        assert ab_counts(http.stdout) == (3, 0), http.stdout + http.stderr
+        https = run(ab, "-n", "3", "-c", "1", "-f", "TLS1.2", running.url("https"))
+        assert ab_counts(https.stdout) == (3, 0), https.stdout + https.stderr
+        assert "TLSv1.2" in https.stdout
+        spread = run(ab, "-n", "10", "-c", "2", running.url("http"))
+        assert ab_counts(spread.stdout) == (10, 0)
+    records = access_log(tmp_path)
+    assert len(records) == 16
+    tls = [r for r in records if r["listener"] == "https"]
+    assert [r["tls"]["version"] for r in tls] == ["1.2"] * 3
+    last_ten = Counter(r["backend"]["name"] for r in records[-10:])
+    assert sorted(last_ten.values()) == [5, 5]
+
+
+def test_least_connections_from_the_command_line(farm_ports, certs_dir, tmp_path) -> None:
+    ab = need("ab")
+    with balancer(farm_ports, certs_dir, tmp_path, "--policy", "least_connections") as running:
+        result = run(ab, "-n", "20", "-c", "4", running.url("http"))
+        assert ab_counts(result.stdout) == (20, 0)
+    counts = Counter(r["backend"]["name"] for r in access_log(tmp_path))
+    assert len(counts) == 2 and min(counts.values()) >= 5
+
+
+def test_curl_pinned_to_tls12_verifies_and_reaches_a_backend(
+    farm_ports, certs_dir, tmp_path
+) -> None:
+    curl = need("curl")
+    with balancer(farm_ports, certs_dir, tmp_path) as running:
+        result = run(
+            curl,
+            "-si",
+            "--tlsv1.2",
+            "--tls-max",
+            "1.2",
+            "--cacert",
+            str(certs_dir / "ca.crt"),
+            running.url("https"),
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("HTTP/1.1 200")
+        assert "X-Backend: web" in result.stdout
+        keep_alive = run(
+            curl,
+            "-s",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{num_connects}\n",
+            running.url("http", "/a"),
+            running.url("http", "/b"),
+        )
+        assert keep_alive.stdout.split() == ["1", "0"]  # the second request reused the connection
+
+
+def test_openssl_s_client_sees_tls12_ecdhe_aead_and_tls11_is_refused(
+    farm_ports, certs_dir, tmp_path
+) -> None:
+    openssl = need("openssl")
+    with balancer(farm_ports, certs_dir, tmp_path) as running:
+        target = f"127.0.0.1:{running.ports['https']}"
+        ok = subprocess.run(
+            [
+                openssl,
+                "s_client",
+                "-connect",
+                target,
+                "-tls1_2",
+                "-servername",
+                "localhost",
+                "-CAfile",
+                str(certs_dir / "ca.crt"),
+            ],
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert "Protocol  : TLSv1.2" in ok.stdout, ok.stdout
+        cipher = ok.stdout.split("Cipher    : ")[1].split()[0]
+        assert cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA20" in cipher)
+        assert "Verify return code: 0 (ok)" in ok.stdout
+        old = subprocess.run(
+            [openssl, "s_client", "-connect", target, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"],
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert old.returncode != 0
+        assert "alert protocol version" in old.stderr  # the balancer's alert 70 reached it
+        plain = run("curl", "-s", "-m", "5", f"http://127.0.0.1:{running.ports['https']}/")
+        assert plain.returncode != 0  # plain HTTP on the TLS port: closed, no answer
+    failures = [r["tls"]["failure"] for r in access_log(tmp_path) if r["tls"]]
+    assert "protocol_version" in failures
+    assert "not_tls" in failures
+
+
+def check(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "balancer", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+    )
+
+
+def test_check_names_the_bad_key_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[listeners]]\nbind = "127.0.0.1:80"\n\n[[backends]]\naddress = "nowhere"\n')
+    result = check("-c", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}: backends[0].address = 'nowhere': expected an address" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_points_at_balancer_certs_when_the_cert_is_missing(tmp_path: Path) -> None:
+    result = check("--https", "127.0.0.1:8443", "--backend", "127.0.0.1:9001", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "balancer certs" in result.stderr
+
+
+def test_check_accepts_the_shipped_config(certs_dir: Path, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    result = check(
+        "-c",
+        str(root / "config" / "balancer.toml"),
+        "--cert",
+        str(certs_dir / "server.crt"),
+        "--key",
+        str(certs_dir / "server.key"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("config OK")
+
+
+def test_run_refuses_a_bad_config_before_binding(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "balancer", "run", "--http", "127.0.0.1:1", "--policy", "x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "listening" not in result.stderr
+
+
+def test_certs_verb_writes_a_ca_and_a_private_key_with_mode_0600(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "balancer",
+            "certs",
+            "--dir",
+            str(tmp_path),
+            "--host",
+            "lb.test",
+            "--key-type",
+            "rsa",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "server.key").stat().st_mode & 0o777 == 0o600
+    text = run("openssl", "x509", "-in", str(tmp_path / "server.crt"), "-noout", "-text").stdout
+    assert "DNS:lb.test" in text and "IP Address:127.0.0.1" in text and "rsaEncryption" in text

@@ -1,0 +1,146 @@
+"""Configuration: every bad key is named with its value and what was expected."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from balancer.config import (
+    Address,
+    ConfigError,
+    Overrides,
+    apply_overrides,
+    parse_address,
+    parse_config,
+)
+from balancer.demo import demo_config
+
+ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = {"listeners": [{"bind": "127.0.0.1:8080"}], "backends": [{"address": "127.0.0.1:9001"}]}
+
+
+def problems(table: dict) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(table, "bad.toml")
+    return caught.value.problems
+
+
+def test_minimal_config_gets_production_defaults() -> None:
+    config = parse_config(MINIMAL, "ok.toml")
+    assert config.listeners[0].bind == Address("127.0.0.1", 8080)
+    assert config.listeners[0].protocol == "http" and config.listeners[0].mode == "http"
+    assert config.backends[0].name == "127.0.0.1:9001"
+    assert config.policy == "round_robin"
+    assert config.tls is None
+    assert config.timeouts.client_header_seconds == 10
+    assert config.timeouts.tls_handshake_seconds == 10
+    assert config.event_loop == "uvloop" and config.workers == 1
+
+
+def test_https_listener_gets_tls_defaults() -> None:
+    table = {**MINIMAL, "listeners": [{"bind": "0.0.0.0:443", "protocol": "https"}]}
+    tls = parse_config(table, "ok.toml").tls
+    assert tls is not None
+    assert (tls.cert, tls.key) == ("certs/server.crt", "certs/server.key")
+    assert tls.min_version == "1.2" and tls.max_version is None
+    assert tls.ciphers == "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "expected"),
+    [
+        ({"bogus": 1}, "bogus", "known keys"),
+        ({"policy": "random"}, "policy", "'round_robin' or 'least_connections'"),
+        ({"listeners": [{"bind": "nowhere"}]}, "listeners[0].bind", "an address"),
+        ({"listeners": [{"bind": "1.2.3.4:99999"}]}, "listeners[0].bind", "an address"),
+        (
+            {"listeners": [{"bind": "127.0.0.1:80", "protocol": "ftp"}]},
+            "listeners[0].protocol",
+            "'http' or 'https'",
+        ),
+        ({"listeners": [{"bind": "127.0.0.1:80", "mode": "udp"}]}, "listeners[0].mode", "tcp"),
+        ({"listeners": [{"bind": "127.0.0.1:80", "hue": 1}]}, "listeners[0].hue", "known"),
+        ({"backends": [{"address": "127.0.0.1:0"}]}, "backends[0].address", "1 to 65535"),
+        ({"backends": [{"address": "127.0.0.1:1", "weight": 0}]}, "backends[0].weight", "positive"),
+        ({"backends": [{"address": "127.0.0.1:1", "weight": "2"}]}, "backends[0].weight", "whole"),
+        ({"backends": []}, "backends", "at least one"),
+        ({"listeners": []}, "listeners", "at least one"),
+        ({"timeouts": {"connect_seconds": -1}}, "timeouts.connect_seconds", "positive number"),
+        ({"timeouts": {"connect": 5}}, "timeouts.connect", "known keys"),
+        ({"limits": {"max_connections": 1.5}}, "limits.max_connections", "whole number"),
+        ({"tls": {"min_version": "1.0"}}, "tls.min_version", "'1.2' or '1.3'"),
+        ({"tls": {"min_version": "1.3", "max_version": "1.2"}}, "tls.max_version", ">="),
+        ({"tls": {"session_tickets": "yes"}}, "tls.session_tickets", "true or false"),
+        ({"workers": 4}, "workers", "not supported yet"),
+        ({"event_loop": "trio"}, "event_loop", "'uvloop' or 'asyncio'"),
+        ({"admin": "localhost"}, "admin", "an address"),
+        (
+            {
+                "backends": [
+                    {"name": "x", "address": "127.0.0.1:1"},
+                    {"name": "x", "address": "127.0.0.1:2"},
+                ]
+            },
+            "backends.name",
+            "differ",
+        ),
+    ],
+)
+def test_each_bad_key_is_named_with_what_was_expected(change, key, expected) -> None:
+    found = problems({**MINIMAL, **change})
+    assert any(p.startswith(f"bad.toml: {key} = ") and expected in p for p in found), found
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    found = problems({**MINIMAL, "policy": "x", "workers": 0, "admin": 5})
+    assert len(found) == 3
+
+
+def test_addresses() -> None:
+    assert parse_address("[::1]:443") == Address("::1", 443)
+    assert parse_address("localhost:80") == Address("localhost", 80)
+    assert str(Address("::1", 443)) == "[::1]:443"
+    for bad in ("example.com:80", "127.0.0.1", ":80", "[::1]", 80):
+        with pytest.raises((ValueError, TypeError)):
+            parse_address(bad)
+
+
+def test_flags_override_the_file() -> None:
+    table = {
+        "listeners": [{"name": "web", "bind": "0.0.0.0:80", "mode": "tcp"}],
+        "backends": [{"address": "10.0.0.1:80"}],
+        "policy": "round_robin",
+    }
+    merged = apply_overrides(
+        table,
+        Overrides(
+            http="127.0.0.1:0",
+            https="127.0.0.1:8443",
+            backends=("127.0.0.1:9001", "127.0.0.1:9002"),
+            policy="least_connections",
+            cert="c.pem",
+        ),
+    )
+    config = parse_config(merged, "f.toml")
+    assert [(x.name, str(x.bind), x.protocol, x.mode) for x in config.listeners] == [
+        ("http", "127.0.0.1:0", "http", "tcp"),  # keeps the file's mode for that protocol
+        ("https", "127.0.0.1:8443", "https", "http"),
+    ]
+    assert [str(b.address) for b in config.backends] == ["127.0.0.1:9001", "127.0.0.1:9002"]
+    assert config.policy == "least_connections"
+    assert config.tls is not None and config.tls.cert == "c.pem"
+    assert table["policy"] == "round_robin"  # the file's table is not modified
+
+
+def test_shipped_config_files_are_valid() -> None:
+    for name in ("balancer.toml", "demo.toml"):
+        table = tomllib.loads((ROOT / "config" / name).read_text())
+        parse_config(table, name)
+
+
+def test_demo_toml_is_what_balancer_demo_runs() -> None:
+    table = tomllib.loads((ROOT / "config" / "demo.toml").read_text())
+    assert parse_config(table, "demo") == replace(demo_config(), source="demo")

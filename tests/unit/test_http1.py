@@ -1,0 +1,244 @@
+"""The HTTP seam: request heads re-serialised, response boundaries followed, no sockets."""
+
+from __future__ import annotations
+
+import h11
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balancer.errors import (
+    BadBackendResponse,
+    BadRequest,
+    HeaderTooLarge,
+    MethodNotAllowed,
+    URITooLong,
+    VersionNotSupported,
+)
+from balancer.http1 import HeadLimits, RequestReader, ResponseFramer, error_response
+
+
+def reader(**limits: int) -> RequestReader:
+    return RequestReader("192.0.2.7", "https", 443, HeadLimits(**limits))
+
+
+def head_lines(data: bytes) -> list[bytes]:
+    return data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+
+
+def test_head_is_rewritten_with_forwarding_headers_and_without_hop_by_hop() -> None:
+    r = reader()
+    out = r.feed(
+        b"GET /p?q=1 HTTP/1.1\r\nHost: example\r\nX-Forwarded-For: 10.0.0.1\r\n"
+        b"X-Forwarded-Proto: http\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\n"
+        b"Keep-Alive: timeout=5\r\nTE: trailers\r\nAccept: */*\r\n\r\n"
+    )
+    assert head_lines(out) == [
+        b"GET /p?q=1 HTTP/1.1",
+        b"Host: example",
+        b"Accept: */*",
+        b"X-Forwarded-For: 10.0.0.1, 192.0.2.7",
+        b"X-Forwarded-Proto: https",
+        b"X-Forwarded-Port: 443",
+    ]
+    assert r.heads[0].method == b"GET" and r.heads[0].keep_alive
+
+
+def test_connection_intent_is_kept() -> None:
+    out = reader().feed(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"Connection: close" in head_lines(out)
+    r = reader()
+    out = r.feed(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert head_lines(out)[0] == b"GET / HTTP/1.0"
+    assert b"Connection: keep-alive" in head_lines(out)
+    r = reader()
+    out = r.feed(b"GET / HTTP/1.0\r\n\r\n")
+    assert not r.heads[0].keep_alive
+    assert not any(line.startswith(b"Connection") for line in head_lines(out))
+
+
+def test_chunked_body_is_rechunked_and_trailers_dropped() -> None:
+    r = reader()
+    out = r.feed(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding: chunked" in head
+    assert body == b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    assert r.messages_completed == 1
+
+
+def test_content_length_body_streams_through_in_pieces() -> None:
+    r = reader()
+    out = r.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
+    assert out.endswith(b"\r\n\r\nabc") and r.in_body
+    assert r.feed(b"def") == b"def"
+    assert not r.in_body and r.messages_completed == 1
+
+
+def test_pipelined_requests_all_come_out_and_an_error_keeps_what_came_before() -> None:
+    r = reader()
+    out = r.feed(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\nBAD\r\n\r\n")
+    assert out.count(b"HTTP/1.1\r\n") == 2
+    assert [h.method for h in r.heads] == [b"GET", b"GET"]
+    assert isinstance(r.error, BadRequest)
+    assert r.feed(b"GET / HTTP/1.1\r\n\r\n") == b""  # a dead parser stays dead
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"GET /" + b"u" * 100 + b" HTTP/1.1\r\nHost: x\r\n\r\n", URITooLong),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"v" * 1200 + b"\r\n\r\n", HeaderTooLarge),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"v" * 1200, HeaderTooLarge),
+        (b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 101 + b"\r\n", HeaderTooLarge),
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", VersionNotSupported),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", MethodNotAllowed),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", BadRequest),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            BadRequest,
+        ),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", BadRequest),
+        (b"GET / HTTP/1.1\nHost: a\n\n", BadRequest),
+    ],
+)
+def test_requests_that_are_not_forwarded(data: bytes, error: type) -> None:
+    r = reader(max_uri_bytes=64, max_header_bytes=1000)
+    assert r.feed(data) == b""
+    assert type(r.error) is error
+
+
+def test_limit_counts_a_trickled_head() -> None:
+    r = reader(max_header_bytes=100)
+    r.feed(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    for _ in range(20):
+        r.feed(b"X-Slow: 12345\r\n"[:8])
+    assert isinstance(r.error, HeaderTooLarge)
+
+
+def test_body_before_a_pipelined_partial_head_does_not_count_against_the_limit() -> None:
+    r = reader(max_header_bytes=200)
+    body = b"b" * 5000
+    r.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + body + b"GET / HT")
+    assert r.error is None and r.in_head
+
+
+def test_upgrade_stops_parsing_until_the_backend_answers() -> None:
+    r = reader()
+    out = r.feed(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\nraw")
+    assert b"Connection: upgrade\r\nUpgrade: ws" in out
+    assert r.upgrade_rest == b"raw" and r.heads[0].upgrade
+    declined = reader()
+    declined.feed(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    declined.heads.clear()
+    again = declined.resume_after_declined_upgrade()
+    assert again.startswith(b"GET /next HTTP/1.1\r\n") and len(declined.heads) == 1
+
+
+# Response framing ------------------------------------------------------------------------
+
+RESPONSES = [
+    (False, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    (False, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+    (
+        False,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+        b"1;x=y\r\nz\r\n0\r\nT: 1\r\n\r\n",
+    ),
+    (True, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"),  # HEAD: no body
+    (False, b"HTTP/1.1 204 No Content\r\n\r\n"),
+    (False, b"HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n"),
+    (False, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    (False, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+]
+
+
+def feed_all(framer: ResponseFramer, pieces: list[bytes]) -> bytes:
+    return b"".join(framer.feed(piece) for piece in pieces)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_framer_finds_the_same_boundaries_however_the_bytes_are_split(cuts: list[int]) -> None:
+    stream = b"".join(data for _, data in RESPONSES)
+    framer = ResponseFramer()
+    for is_head, _ in RESPONSES:
+        framer.expect(is_head)
+    points = sorted({min(c, len(stream)) for c in cuts})
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    assert feed_all(framer, pieces) == stream
+    assert framer.completed == len(RESPONSES)
+    assert framer.awaiting == 0 and not framer.in_message and not framer.close_after
+
+
+def test_framer_tracks_keep_alive_and_close_delimited_bodies() -> None:
+    framer = ResponseFramer()
+    framer.expect(False)
+    framer.feed(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx")
+    assert framer.completed == 1 and framer.close_after
+    old = ResponseFramer()
+    old.expect(False)
+    old.feed(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
+    assert old.in_message and old.completed == 0
+    assert old.eof() is True and old.completed == 1 and old.close_after
+
+
+def test_framer_eof_mid_body_is_a_truncation() -> None:
+    framer = ResponseFramer()
+    framer.expect(False)
+    framer.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    assert framer.eof() is False
+
+
+def test_framer_101_turns_into_a_tunnel() -> None:
+    framer = ResponseFramer()
+    framer.expect(False)
+    out = framer.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ws\r\n\r\n\x81\x00")
+    assert framer.upgraded and out.endswith(b"\x81\x00")
+    assert framer.feed(b"anything") == b"anything"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"ICY 200 OK\r\n\r\n",
+    ],
+)
+def test_framer_refuses_ambiguous_responses(head: bytes) -> None:
+    framer = ResponseFramer()
+    framer.expect(False)
+    with pytest.raises(BadBackendResponse):
+        framer.feed(head)
+
+
+def test_framer_adds_connection_close_while_draining() -> None:
+    framer = ResponseFramer()
+    framer.force_close = True
+    framer.expect(False)
+    out = framer.feed(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok")
+    assert out == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    assert framer.close_after
+
+
+def test_error_responses_are_complete_http_with_connection_close() -> None:
+    for status in (400, 408, 414, 431, 502, 503, 504, 505):
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        client.receive_data(error_response(status))
+        response = client.next_event()
+        assert isinstance(response, h11.Response) and response.status_code == status
+        headers = dict(response.headers)
+        assert headers[b"connection"] == b"close"
+        assert isinstance(client.next_event(), h11.Data)
+        assert isinstance(client.next_event(), h11.EndOfMessage)
+    assert b"Retry-After: 1" in error_response(503, 1)

@@ -1,0 +1,132 @@
+"""Records → metrics and log lines, with a fresh registry and hand-made records."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from prometheus_client import CollectorRegistry
+
+from balancer.observe import Observer
+from balancer.record import BALANCER, PEER, ConnectionRecord
+
+
+def tls_record() -> ConnectionRecord:
+    record = ConnectionRecord(7, "https", accepted_at=100.0, accepted_unix=1.7e9)
+    record.client_ip, record.client_port = "198.51.100.4", 50000
+    record.tcp_handshake_rtt_seconds = 0.00005
+    record.tls_started_at, record.tls_finished_at = 100.001, 100.004
+    record.tls_version, record.tls_cipher, record.tls_resumed = (
+        "1.2",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        True,
+    )
+    record.backend, record.backend_address = "web1", "10.0.0.1:80"
+    record.connect_started_at, record.connected_at = 100.005, 100.0052
+    record.requests = 3
+    record.client_bytes_in, record.client_bytes_out = 900, 5000
+    record.backend_bytes_in, record.backend_bytes_out = 4000, 800
+    record.client_leg.initiator = PEER
+    record.client_leg.first_fin = PEER
+    record.client_leg.close_notify_received = True
+    record.client_leg.peer_fin_at, record.client_leg.closed_at = 101.0, 101.0001
+    record.backend_leg.initiator = BALANCER
+    record.backend_leg.first_fin = BALANCER
+    record.close_cause = "client_closed"
+    record.closed_at = 101.0002
+    return record
+
+
+def test_publish_turns_a_record_into_metrics() -> None:
+    registry = CollectorRegistry()
+    Observer(registry).publish(tls_record())
+
+    def get(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert (
+        get(
+            "balancer_tls_handshake_seconds_count",
+            listener="https",
+            version="1.2",
+            cipher="ECDHE-ECDSA-AES128-GCM-SHA256",
+        )
+        == 1
+    )
+    assert (
+        get(
+            "balancer_tls_handshake_seconds_bucket",
+            listener="https",
+            version="1.2",
+            cipher="ECDHE-ECDSA-AES128-GCM-SHA256",
+            le="0.005",
+        )
+        == 1
+    )
+    assert get("balancer_tls_resumptions_total", listener="https", version="1.2") == 1
+    assert get("balancer_tcp_handshake_rtt_seconds_bucket", listener="https", le="0.0001") == 1
+    assert get("balancer_backend_connect_seconds_count", backend="web1") == 1
+    assert get("balancer_requests_total", listener="https", backend="web1") == 3
+    assert (
+        get(
+            "balancer_closes_total",
+            listener="https",
+            leg="client",
+            initiator="peer",
+            kind="close_notify",
+        )
+        == 1
+    )
+    assert (
+        get(
+            "balancer_closes_total",
+            listener="https",
+            leg="backend",
+            initiator="balancer",
+            kind="fin",
+        )
+        == 1
+    )
+    assert get("balancer_bytes_total", listener="https", leg="client", direction="out") == 5000
+    assert get("balancer_connections_closed_total", listener="https", cause="client_closed") == 1
+    assert get("balancer_teardown_seconds_count", leg="client") == 1
+
+
+def test_failed_handshake_counts_a_failure_and_no_duration() -> None:
+    registry = CollectorRegistry()
+    record = ConnectionRecord(1, "https", 0.0, 0.0)
+    record.tls_started_at, record.tls_failure = 0.001, "protocol_version"
+    record.close_cause, record.closed_at = "tls_failed", 0.002
+    Observer(registry).publish(record)
+    assert (
+        registry.get_sample_value(
+            "balancer_tls_handshake_failures_total",
+            {"listener": "https", "reason": "protocol_version"},
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value("balancer_backend_connect_seconds_count", {"backend": "web1"})
+        is None
+    )
+
+
+def test_access_log_line_is_one_json_object_with_the_facts() -> None:
+    log = io.StringIO()
+    Observer(CollectorRegistry(), access_log=log).publish(tls_record())
+    (line,) = log.getvalue().splitlines()
+    entry = json.loads(line)
+    assert entry["id"] == 7 and entry["listener"] == "https"
+    assert entry["client"] == {"ip": "198.51.100.4", "port": 50000}
+    assert entry["tls"]["version"] == "1.2" and entry["tls"]["resumed"] is True
+    assert abs(entry["tls"]["handshake_seconds"] - 0.003) < 1e-9
+    assert abs(entry["backend"]["connect_seconds"] - 0.0002) < 1e-9
+    assert entry["client_leg"]["kind"] == "close_notify"
+    assert entry["backend_leg"]["initiator"] == "balancer"
+    assert abs(entry["lifetime_seconds"] - 1.0002) < 1e-9
+
+
+def test_no_log_work_without_an_access_log() -> None:
+    observer = Observer(CollectorRegistry())
+    observer.publish(tls_record())
+    assert observer.closed_total == 1 and observer.access_log is None

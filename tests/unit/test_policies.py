@@ -1,0 +1,118 @@
+"""Balancing policies and the pool: exact sequences, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from balancer.backends import Backend, BackendState
+from balancer.policies import POLICIES, LeastConnections, RoundRobin
+from balancer.pool import BackendPool
+
+
+def states(*spec: tuple[str, int]) -> list[BackendState]:
+    return [
+        BackendState(Backend(name, "127.0.0.1", 8000 + i, weight))
+        for i, (name, weight) in enumerate(spec)
+    ]
+
+
+def picks(policy, candidates, count: int) -> str:
+    return "".join(policy.pick(candidates).name for _ in range(count))
+
+
+def test_round_robin_equal_weights_take_turns() -> None:
+    assert picks(RoundRobin(), states(("a", 1), ("b", 1), ("c", 1)), 7) == "abcabca"
+
+
+def test_round_robin_is_smooth_with_weights() -> None:
+    # nginx's smooth weighted round robin: 5,1,1 interleaves instead of bursting.
+    assert picks(RoundRobin(), states(("a", 5), ("b", 1), ("c", 1)), 7) == "aabacaa"
+    assert picks(RoundRobin(), states(("a", 3), ("b", 1)), 8) == "aabaaaba"
+
+
+def test_round_robin_skips_backends_that_leave_the_candidates() -> None:
+    policy = RoundRobin()
+    a, b, c = states(("a", 1), ("b", 1), ("c", 1))
+    assert picks(policy, [a, b, c], 2) == "ab"
+    assert {policy.pick([a, c]).name for _ in range(4)} == {"a", "c"}
+
+
+def test_policies_return_none_without_candidates() -> None:
+    for make in POLICIES.values():
+        assert make().pick([]) is None
+
+
+def test_least_connections_picks_the_least_loaded() -> None:
+    a, b, c = states(("a", 1), ("b", 1), ("c", 1))
+    a.active, b.active, c.active = 3, 1, 2
+    assert LeastConnections().pick([a, b, c]) is b
+
+
+def test_least_connections_ties_are_taken_in_turn() -> None:
+    policy = LeastConnections()
+    assert picks(policy, states(("a", 1), ("b", 1), ("c", 1)), 6) == "abcabc"
+
+
+def test_least_connections_divides_by_weight() -> None:
+    a, b = states(("a", 3), ("b", 1))
+    a.active, b.active = 2, 1  # 2/3 < 1/1
+    assert LeastConnections().pick([a, b]) is a
+    a.active = 3  # 3/3 == 1/1: a tie, taken in turn
+    policy = LeastConnections()
+    assert [policy.pick([a, b]).name for _ in range(2)] == ["a", "b"]
+
+
+def test_least_connections_through_the_pool_counts_and_spreads() -> None:
+    pool = BackendPool([s.backend for s in states(("a", 1), ("b", 1))], LeastConnections(), 10)
+    first = pool.acquire(now=0)
+    second = pool.acquire(now=0)
+    assert {first.state.name, second.state.name} == {"a", "b"}
+    first.release()
+    third = pool.acquire(now=0)
+    assert third.state is first.state  # the freed one has fewest
+
+
+def test_lease_release_is_idempotent() -> None:
+    pool = BackendPool([Backend("a", "127.0.0.1", 1)], RoundRobin(), 10)
+    lease = pool.acquire(now=0)
+    assert pool.states[0].active == 1
+    lease.release()
+    lease.release()
+    assert pool.states[0].active == 0
+    assert pool.states[0].connections_total == 1
+
+
+def test_pool_excludes_tried_backends_and_marks_failures_down() -> None:
+    pool = BackendPool(
+        [Backend("a", "127.0.0.1", 1), Backend("b", "127.0.0.1", 2)], RoundRobin(), 10
+    )
+    lease = pool.acquire(now=100)
+    assert lease.state.name == "a"
+    pool.connect_failed(lease, now=100)
+    assert pool.states[0].active == 0 and pool.states[0].connect_failures_total == 1
+    retry = pool.acquire(now=100, exclude=[lease.state])
+    assert retry.state.name == "b"
+    # While a is down, new connections skip it ...
+    assert {pool.acquire(now=105).state.name for _ in range(3)} == {"b"}
+    # ... until the down time is over.
+    assert {pool.acquire(now=111).state.name for _ in range(2)} == {"a", "b"}
+
+
+def test_pool_tries_marked_backends_when_all_are_marked() -> None:
+    pool = BackendPool([Backend("a", "127.0.0.1", 1)], RoundRobin(), 10)
+    pool.connect_failed(pool.acquire(now=0), now=0)
+    assert pool.acquire(now=1).state.name == "a"
+
+
+def test_pool_returns_none_when_nothing_is_ready() -> None:
+    pool = BackendPool([Backend("a", "127.0.0.1", 1)], RoundRobin(), 10)
+    pool.states[0].ready = False
+    assert pool.acquire(now=0) is None
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_only_picks_candidates(name: str) -> None:
+    candidates = states(("a", 2), ("b", 1), ("c", 3))
+    policy = POLICIES[name]()
+    for _ in range(50):
+        assert policy.pick(candidates) in candidates

@@ -1,0 +1,31 @@
+"""Imports point one way: pure modules never import I/O (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "balancer"
+PURE = ("config", "errors", "backends", "policies", "pool", "record", "http1")
+IO_MODULES = {"asyncio", "socket", "ssl", "os", "time", "uvloop", "selectors", "subprocess"}
+BALANCER_IO = {"proxy", "server", "cli", "tls", "certs", "tcpinfo", "observe", "admin", "farm"}
+
+
+def imported(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_pure_modules_import_no_io() -> None:
+    for module in PURE:
+        names = imported(module)
+        top = {name.split(".")[0] for name in names}
+        assert not top & IO_MODULES, (module, top & IO_MODULES)
+        ours = {name.split(".")[1] for name in names if name.startswith("balancer.")}
+        assert not ours & BALANCER_IO, (module, ours & BALANCER_IO)
