@@ -1,0 +1,606 @@
+"""Benchmark the balancer side by side with HAProxy and nginx, and the farm hit directly.
+
+    python bench/run.py              # quick mode (~5 minutes)
+    python bench/run.py --full       # longer runs, more rounds, RSA-2048 as well as ECDSA
+    python bench/run.py --only S1    # one scenario
+
+Method (the machines are 2-core and noisy): the proxy under test runs pinned to CPU 0, the
+farm and the load generator to CPU 1 (taskset), so each proxy has exactly one core. Each
+proxy's CPU time is read from /proc before and after every run, giving requests per
+proxy-core-second beside raw requests per second. Rounds are interleaved (A B C, A B C, ...);
+medians and min..max are reported, and a sample more than 15% from its median is flagged.
+Ratios are against HAProxy and against the farm hit directly, measured in the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from balancer.certs import make_certs  # noqa: E402
+
+PROXY_CPU, LOAD_CPU = "0", "1"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pinned(cpu: str, command: list[str]) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return ["taskset", "-c", cpu, *command]
+    return command
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (nginx master + worker, taskset's child)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / TICKS
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+@dataclass
+class Target:
+    """Something to benchmark: a proxy (or the farm itself) with an HTTP and a TLS port."""
+
+    name: str
+    http_port: int
+    https_port: int | None
+    process: subprocess.Popen[bytes] | None = None
+
+    def pids(self) -> list[int]:
+        return process_tree(self.process.pid) if self.process else []
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+@dataclass
+class Sample:
+    target: str
+    scenario: str
+    requests: int
+    seconds: float
+    cpu_seconds: float
+    p99_ms: float | None = None
+    errors: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def per_core(self) -> float | None:
+        return self.requests / self.cpu_seconds if self.cpu_seconds > 0 else None
+
+
+class Bench:
+    def __init__(self, workdir: Path, full: bool, log: Callable[[str], None]) -> None:
+        self.workdir = workdir
+        self.full = full
+        self.log = log
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.farm_kind = ""
+        self.farm_ports: list[int] = []
+        self.logs: dict[int, tuple[list[str], Path]] = {}
+
+    # -- the farm --------------------------------------------------------------------------
+
+    def start_farm(self) -> None:
+        self.farm_ports = [free_port(), free_port()]
+        if shutil.which("nginx"):
+            self.farm_kind = "nginx (2 server blocks, 1 worker, CPU 1)"
+            servers = "\n".join(
+                f"""server {{ listen 127.0.0.1:{port} backlog=4096;
+                    location / {{ add_header X-Backend web{i + 1};
+                                  return 200 "hello from web{i + 1}\\n"; }} }}"""
+                for i, port in enumerate(self.farm_ports)
+            )
+            self._nginx("farm", servers, LOAD_CPU)
+        else:
+            self.farm_kind = "embedded Python backends (nginx not installed)"
+            code = (
+                "import asyncio, uvloop; from balancer.farm import start_farm\n"
+                "async def main():\n"
+                f"    await start_farm(['web1','web2'], ports={self.farm_ports})\n"
+                "    await asyncio.Event().wait()\n"
+                "uvloop.run(main())\n"
+            )
+            self._spawn(pinned(LOAD_CPU, [sys.executable, "-c", code]))
+        for port in self.farm_ports:
+            wait_port(port)
+        self.log(f"farm: {self.farm_kind} on ports {self.farm_ports}")
+
+    def _spawn(self, command: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"process-{len(self.processes)}.log").open("wb")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.processes.append(process)
+        self.logs[process.pid] = (command, Path(log.name))
+        return process
+
+    def wait_ready(self, port: int, process: subprocess.Popen[bytes] | None) -> None:
+        try:
+            wait_port(port)
+        except RuntimeError:
+            if process is not None:
+                command, path = self.logs[process.pid]
+                raise RuntimeError(
+                    f"{command[:6]} did not listen on {port}:\n"
+                    f"{path.read_text(errors='replace')[-2000:]}"
+                ) from None
+            raise
+
+    def _nginx(
+        self, name: str, servers: str, cpu: str, extra_http: str = ""
+    ) -> subprocess.Popen[bytes]:
+        prefix = self.workdir / f"nginx-{name}"
+        prefix.mkdir(exist_ok=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(
+            f"""worker_processes 1; daemon off; pid {prefix}/nginx.pid; error_log stderr crit;
+            worker_rlimit_nofile 20000;
+            events {{ worker_connections 16000; }}
+            http {{ access_log off; client_body_temp_path {prefix}; proxy_temp_path {prefix};
+                   fastcgi_temp_path {prefix}; uwsgi_temp_path {prefix}; scgi_temp_path {prefix};
+                   {extra_http}
+                   {servers} }}
+            """
+        )
+        return self._spawn(pinned(cpu, ["nginx", "-p", str(prefix), "-c", str(conf)]))
+
+    # -- the proxies -----------------------------------------------------------------------
+
+    def certificates(self, key_type: str) -> dict[str, Path]:
+        directory = self.workdir / f"certs-{key_type}"
+        if not directory.exists():
+            paths = make_certs(directory, key_type=key_type)
+            combined = directory / "combined.pem"
+            combined.write_bytes(paths.cert.read_bytes() + paths.key.read_bytes())
+        return {
+            "cert": directory / "server.crt",
+            "key": directory / "server.key",
+            "combined": directory / "combined.pem",
+            "ca": directory / "ca.crt",
+        }
+
+    def start_targets(self, key_type: str) -> list[Target]:
+        certs = self.certificates(key_type)
+        targets = [Target("direct", self.farm_ports[0], None)]
+        http, https, admin = free_port(), free_port(), free_port()
+        log_path = self.workdir / f"access-{key_type}.log"
+        backends = [arg for port in self.farm_ports for arg in ("--backend", f"127.0.0.1:{port}")]
+        balancer = self._spawn(
+            pinned(
+                PROXY_CPU,
+                [
+                    sys.executable,
+                    "-m",
+                    "balancer",
+                    "run",
+                    "--http",
+                    f"127.0.0.1:{http}",
+                    "--https",
+                    f"127.0.0.1:{https}",
+                    "--admin",
+                    f"127.0.0.1:{admin}",
+                    "--access-log",
+                    str(log_path),
+                    "--cert",
+                    str(certs["cert"]),
+                    "--key",
+                    str(certs["key"]),
+                    *backends,
+                ],
+            )  # fmt: skip
+        )
+        targets.append(Target("balancer", http, https, balancer))
+        if shutil.which("haproxy"):
+            hp, hps = free_port(), free_port()
+            conf = self.workdir / f"haproxy-{key_type}.cfg"
+            servers = "\n".join(
+                f"  server web{i + 1} 127.0.0.1:{port}" for i, port in enumerate(self.farm_ports)
+            )
+            conf.write_text(
+                f"""global
+  nbthread 1
+  maxconn 8000
+  ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+  mode http
+  option http-keep-alive
+  option forwardfor
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:{hp}
+  bind 127.0.0.1:{hps} ssl crt {certs["combined"]}
+  default_backend farm
+backend farm
+  balance roundrobin
+{servers}
+"""
+            )
+            process = self._spawn(pinned(PROXY_CPU, ["haproxy", "-db", "-f", str(conf)]))
+            targets.append(Target("haproxy", hp, hps, process))
+        if shutil.which("nginx"):
+            np_, nps = free_port(), free_port()
+            upstream = "\n".join(f"server 127.0.0.1:{port};" for port in self.farm_ports)
+            process = self._nginx(
+                f"proxy-{key_type}",
+                f"""server {{ listen 127.0.0.1:{np_} backlog=4096;
+                    listen 127.0.0.1:{nps} ssl backlog=4096;
+                    ssl_certificate {certs["cert"]}; ssl_certificate_key {certs["key"]};
+                    ssl_protocols TLSv1.2 TLSv1.3;
+                    location / {{ proxy_pass http://farm; proxy_http_version 1.1;
+                                  proxy_set_header Connection "";
+                                  proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}""",
+                PROXY_CPU,
+                extra_http=f"upstream farm {{ {upstream} keepalive 64; }}",
+            )
+            targets.append(Target("nginx", np_, nps, process))
+        for target in targets:
+            self.wait_ready(target.http_port, target.process)
+            if target.https_port:
+                self.wait_ready(target.https_port, target.process)
+        return targets
+
+    # -- load ------------------------------------------------------------------------------
+
+    def measure(self, target: Target, scenario: str, command: list[str],
+                parse: Callable[[str], tuple[int, float, float | None, int]]) -> Sample:  # fmt: skip
+        pids = target.pids()
+        cpu_before = cpu_seconds(pids)
+        result = subprocess.run(pinned(LOAD_CPU, command), capture_output=True, text=True,
+                                timeout=600)  # fmt: skip
+        cpu = cpu_seconds(pids) - cpu_before
+        requests, seconds, p99, errors = parse(result.stdout)
+        return Sample(target.name, scenario, requests, seconds, cpu, p99, errors)
+
+    def wrk(self, target: Target, scenario: str, tls: bool) -> Sample | None:
+        port = target.https_port if tls else target.http_port
+        if port is None or not shutil.which("wrk"):
+            return None
+        scheme = "https" if tls else "http"
+        duration = "10s" if self.full else "5s"
+        return self.measure(
+            target, scenario,
+            ["wrk", "-t1", "-c64", f"-d{duration}", "--latency", f"{scheme}://127.0.0.1:{port}/"],
+            parse_wrk,
+        )  # fmt: skip
+
+    def ab(self, target: Target, scenario: str, tls: bool, requests: int) -> Sample | None:
+        port = target.https_port if tls else target.http_port
+        if port is None or not shutil.which("ab"):
+            return None
+        scheme = "https" if tls else "http"
+        extra = ["-f", "TLS1.2"] if tls else []
+        return self.measure(
+            target, scenario,
+            ["ab", "-q", "-n", str(requests), "-c", "32", *extra, f"{scheme}://127.0.0.1:{port}/"],
+            parse_ab,
+        )  # fmt: skip
+
+    def idle_memory(self, target: Target, count: int) -> Sample | None:
+        if target.process is None:
+            return None
+        pids = target.pids()
+        before = rss_kib(pids)
+        held = asyncio.run(hold_connections(target.http_port, count))
+        after = rss_kib(pids)
+        per = (after - before) * 1024 / max(held, 1)
+        return Sample(target.name, "S5", held, 0.0, 0.0, extra={"bytes_per_conn": per,
+                                                                 "rss_before_kib": before})  # fmt: skip
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def hold_connections(port: int, count: int) -> int:
+    """Open `count` keep-alive connections, one request each, hold them idle; return how many."""
+    writers = []
+    ok = 0
+    for _ in range(count):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            break
+        writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+        writers.append((reader, writer))
+    for reader, _ in writers:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            if length:
+                await reader.readexactly(int(length.group(1)))
+            ok += 1
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+    await asyncio.sleep(1.0)  # let the proxy settle before RSS is read
+    for _, writer in writers:
+        writer.close()
+    return ok
+
+
+def parse_wrk(output: str) -> tuple[int, float, float | None, int]:
+    match = re.search(r"(\d+) requests in ([\d.]+)(\w+)", output)
+    if not match:
+        return 0, 0.0, None, 1
+    requests, value, unit = int(match.group(1)), float(match.group(2)), match.group(3)
+    seconds = value * {"s": 1, "ms": 0.001, "m": 60}.get(unit, 1)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", output)
+    p99_ms = None
+    if p99:
+        p99_ms = float(p99.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)]
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return requests, seconds, p99_ms, errors + (int(non2xx.group(1)) if non2xx else 0)
+
+
+def parse_ab(output: str) -> tuple[int, float, float | None, int]:
+    complete = re.search(r"Complete requests:\s+(\d+)", output)
+    taken = re.search(r"Time taken for tests:\s+([\d.]+)", output)
+    failed = re.search(r"Failed requests:\s+(\d+)", output)
+    p99 = re.search(r"\n\s+99%\s+(\d+)", output)
+    if not complete or not taken:
+        return 0, 0.0, None, 1
+    return (int(complete.group(1)), float(taken.group(1)),
+            float(p99.group(1)) if p99 else None, int(failed.group(1)) if failed else 0)  # fmt: skip
+
+
+SCENARIOS = {
+    "S1": "HTTP keep-alive: wrk -t1 -c64 --latency",
+    "S2": "HTTP, a new connection per request: ab -c 32",
+    "S3": "HTTPS, a full TLS 1.2 handshake per request: ab -c 32 -f TLS1.2",
+    "S4": "HTTPS keep-alive: wrk -t1 -c64 --latency",
+    "S5": "memory: RSS growth per idle keep-alive connection",
+}
+
+
+def summarise(samples: list[Sample]) -> list[dict[str, object]]:
+    rows = []
+    keys = sorted({(s.scenario, s.target) for s in samples})
+    for scenario, target in keys:
+        group = [s for s in samples if s.scenario == scenario and s.target == target]
+        if scenario.startswith("S5"):
+            values = [s.extra["bytes_per_conn"] for s in group]
+            rows.append({"scenario": scenario, "target": target, "bytes_per_conn": statistics.median(values),
+                         "held": group[0].requests})  # fmt: skip
+            continue
+        rps = [s.rps for s in group]
+        per_core = [s.per_core for s in group if s.per_core]
+        p99 = [s.p99_ms for s in group if s.p99_ms is not None]
+        median = statistics.median(rps)
+        rows.append({
+            "scenario": scenario, "target": target, "rounds": len(group),
+            "rps_median": median, "rps_min": min(rps), "rps_max": max(rps),
+            "noisy": sum(1 for r in rps if median and abs(r - median) / median > 0.15),
+            "per_core_median": statistics.median(per_core) if per_core else None,
+            "cpu_us_per_request": 1e6 / statistics.median(per_core) if per_core else None,
+            "p99_ms_median": statistics.median(p99) if p99 else None,
+            "errors": sum(s.errors for s in group),
+        })  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    def find(scenario: str, target: str) -> dict[str, object] | None:
+        return next((r for r in rows if r["scenario"] == scenario and r["target"] == target), None)
+
+    lines = ["| scenario | target | req/s median (min..max) | per proxy-core req/s | CPU µs/req "
+             "| p99 ms | vs HAProxy (per core) | vs direct (raw) | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in rows:
+        scenario, target = str(row["scenario"]), str(row["target"])
+        if scenario.startswith("S5"):
+            ref = find(scenario, "haproxy")
+            ratio = (f"{row['bytes_per_conn'] / ref['bytes_per_conn']:.2f}×"  # type: ignore[operator]
+                     if ref and ref["bytes_per_conn"] else "–")  # fmt: skip
+            lines.append(f"| {scenario} | {target} | {row['bytes_per_conn'] / 1024:.1f} KiB/conn "
+                         f"({row['held']} held) | | | | {ratio} | | |")  # fmt: skip
+            continue
+        haproxy, direct = find(scenario, "haproxy"), find(scenario, "direct")
+        per_core = row["per_core_median"]
+        vs_haproxy = (f"{per_core / haproxy['per_core_median']:.2f}×"  # type: ignore[operator]
+                      if per_core and haproxy and haproxy["per_core_median"] else "–")  # fmt: skip
+        vs_direct = (f"{row['rps_median'] / direct['rps_median']:.2f}×"  # type: ignore[operator]
+                     if direct and direct["rps_median"] else "–")  # fmt: skip
+        noisy = f" ({row['noisy']} noisy)" if row["noisy"] else ""
+        lines.append(
+            f"| {scenario} | {target} | {row['rps_median']:.0f} ({row['rps_min']:.0f}.."
+            f"{row['rps_max']:.0f}){noisy} | {per_core or 0:.0f} | "
+            f"{row['cpu_us_per_request'] or 0:.0f} | "
+            f"{row['p99_ms_median'] if row['p99_ms_median'] is not None else '–'} | "
+            f"{vs_haproxy} | {vs_direct} | {row['errors']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--full", action="store_true", help="longer runs, 5 rounds, RSA too")
+    parser.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="scenario(s)")
+    parser.add_argument("--rounds", type=int, help="rounds per scenario (quick 3, full 5)")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    rounds = args.rounds or (5 if args.full else 3)
+    scenarios = args.only or sorted(SCENARIOS)
+    key_types = ["ecdsa", "rsa"] if args.full else ["ecdsa"]
+    missing = [
+        tool for tool in ("wrk", "ab", "haproxy", "nginx", "taskset") if not shutil.which(tool)
+    ]
+    print(f"tools missing (their rows are skipped): {missing or 'none'}", flush=True)
+    samples: list[Sample] = []
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="balancer-bench-") as tmp:
+        bench = Bench(Path(tmp), args.full, lambda line: print(line, flush=True))
+        try:
+            bench.start_farm()
+            for key_type in key_types:
+                targets = bench.start_targets(key_type)
+                print(f"targets ({key_type}): {[t.name for t in targets]}", flush=True)
+                for round_number in range(rounds):
+                    for target in targets:  # interleaved: A B C, A B C
+                        for scenario in scenarios:
+                            name = (
+                                f"{scenario}-{key_type}" if scenario in ("S3", "S4") else scenario
+                            )
+                            if key_type != key_types[0] and scenario not in ("S3", "S4"):
+                                continue
+                            sample = run_scenario(bench, target, scenario, args.full)
+                            if sample is not None:
+                                sample.scenario = name
+                                samples.append(sample)
+                                print(f"  round {round_number + 1} {name:9} {target.name:9} "
+                                      f"{sample.rps:9.0f} req/s  cpu {sample.cpu_seconds:6.2f}s"
+                                      f"  errors {sample.errors}", flush=True)  # fmt: skip
+                if "S5" in scenarios:
+                    for target in targets:
+                        sample = bench.idle_memory(target, 5000 if args.full else 2000)
+                        if sample is not None:
+                            samples.append(sample)
+                for target in targets:
+                    target.stop()
+        finally:
+            bench.close()
+    rows = summarise(samples)
+    machine = (f"{platform.node()}: {os.cpu_count()} CPUs ({cpu_model()}), Linux "
+               f"{platform.release()}, Python {platform.python_version()}")  # fmt: skip
+    versions = tool_versions()
+    report = (
+        f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} — "
+        f"{'full' if args.full else 'quick'} mode, {rounds} rounds\n\n"
+        f"Machine: {machine}. Farm: {bench.farm_kind}. {versions}.\n"
+        f"Method: bench/run.py (proxy on CPU 0, farm and load on CPU 1; CPU from /proc).\n\n"
+        + table(rows)
+        + "\n"
+    )
+    print("\n" + report)
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
+    (results / f"{stamp}.json").write_text(json.dumps(
+        {"machine": machine, "farm": bench.farm_kind, "rows": rows,
+         "samples": [s.__dict__ | {"rps": s.rps} for s in samples]}, indent=1))  # fmt: skip
+    if not args.no_record:
+        with (ROOT / "bench" / "RESULTS.md").open("a") as out:
+            out.write("\n" + report)
+    return 0
+
+
+def run_scenario(bench: Bench, target: Target, scenario: str, full: bool) -> Sample | None:
+    if scenario == "S1":
+        return bench.wrk(target, "S1", tls=False)
+    if scenario == "S2":
+        return bench.ab(target, "S2", tls=False, requests=20000 if full else 10000)
+    if scenario == "S3":
+        return bench.ab(target, "S3", tls=True, requests=3000 if full else 1500)
+    if scenario == "S4":
+        return bench.wrk(target, "S4", tls=True)
+    return None  # S5 runs once per target after the rounds
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def tool_versions() -> str:
+    found = []
+    for tool, flag in (("haproxy", "-v"), ("nginx", "-v"), ("wrk", "--version")):
+        if shutil.which(tool):
+            out = subprocess.run([tool, flag], capture_output=True, text=True)
+            text = (out.stdout + out.stderr).strip().splitlines()
+            found.append(text[0] if text else tool)
+    return "; ".join(found) or "no peers installed"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
