@@ -265,7 +265,7 @@ class Bench:
                     str(certs["key"]),
                     *backends,
                 ],
-            )  # fmt: skip
+            )
         )
         targets.append(Target("balancer", http, https, balancer))
         if shutil.which("haproxy"):
@@ -308,7 +308,8 @@ backend farm
                     ssl_protocols TLSv1.2 TLSv1.3;
                     location / {{ proxy_pass http://farm; proxy_http_version 1.1;
                                   proxy_set_header Connection "";
-                                  proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}""",
+                                  proxy_set_header X-Forwarded-For
+                                                   $proxy_add_x_forwarded_for; }} }}""",
                 PROXY_CPU,
                 extra_http=f"upstream farm {{ {upstream} keepalive 64; }}",
             )
@@ -321,12 +322,18 @@ backend farm
 
     # -- load ------------------------------------------------------------------------------
 
-    def measure(self, target: Target, scenario: str, command: list[str],
-                parse: Callable[[str], tuple[int, float, float | None, int]]) -> Sample:  # fmt: skip
+    def measure(
+        self,
+        target: Target,
+        scenario: str,
+        command: list[str],
+        parse: Callable[[str], tuple[int, float, float | None, int]],
+    ) -> Sample:
         pids = target.pids()
         cpu_before = cpu_seconds(pids)
-        result = subprocess.run(pinned(LOAD_CPU, command), capture_output=True, text=True,
-                                timeout=600)  # fmt: skip
+        result = subprocess.run(
+            pinned(LOAD_CPU, command), capture_output=True, text=True, timeout=600
+        )
         cpu = cpu_seconds(pids) - cpu_before
         requests, seconds, p99, errors = parse(result.stdout)
         return Sample(target.name, scenario, requests, seconds, cpu, p99, errors)
@@ -338,10 +345,11 @@ backend farm
         scheme = "https" if tls else "http"
         duration = "10s" if self.full else "5s"
         return self.measure(
-            target, scenario,
+            target,
+            scenario,
             ["wrk", "-t1", "-c64", f"-d{duration}", "--latency", f"{scheme}://127.0.0.1:{port}/"],
             parse_wrk,
-        )  # fmt: skip
+        )
 
     def ab(self, target: Target, scenario: str, tls: bool, requests: int) -> Sample | None:
         port = target.https_port if tls else target.http_port
@@ -350,10 +358,11 @@ backend farm
         scheme = "https" if tls else "http"
         extra = ["-f", "TLS1.2"] if tls else []
         return self.measure(
-            target, scenario,
+            target,
+            scenario,
             ["ab", "-q", "-n", str(requests), "-c", "32", *extra, f"{scheme}://127.0.0.1:{port}/"],
             parse_ab,
-        )  # fmt: skip
+        )
 
     def idle_memory(self, target: Target, count: int) -> Sample | None:
         if target.process is None:
@@ -363,8 +372,14 @@ backend farm
         held = asyncio.run(hold_connections(target.http_port, count))
         after = rss_kib(pids)
         per = (after - before) * 1024 / max(held, 1)
-        return Sample(target.name, "S5", held, 0.0, 0.0, extra={"bytes_per_conn": per,
-                                                                 "rss_before_kib": before})  # fmt: skip
+        return Sample(
+            target.name,
+            "S5",
+            held,
+            0.0,
+            0.0,
+            extra={"bytes_per_conn": per, "rss_before_kib": before},
+        )
 
     def close(self) -> None:
         for process in reversed(self.processes):
@@ -425,8 +440,12 @@ def parse_ab(output: str) -> tuple[int, float, float | None, int]:
     p99 = re.search(r"\n\s+99%\s+(\d+)", output)
     if not complete or not taken:
         return 0, 0.0, None, 1
-    return (int(complete.group(1)), float(taken.group(1)),
-            float(p99.group(1)) if p99 else None, int(failed.group(1)) if failed else 0)  # fmt: skip
+    return (
+        int(complete.group(1)),
+        float(taken.group(1)),
+        float(p99.group(1)) if p99 else None,
+        int(failed.group(1)) if failed else 0,
+    )
 
 
 SCENARIOS = {
@@ -445,22 +464,34 @@ def summarise(samples: list[Sample]) -> list[dict[str, object]]:
         group = [s for s in samples if s.scenario == scenario and s.target == target]
         if scenario.startswith("S5"):
             values = [s.extra["bytes_per_conn"] for s in group]
-            rows.append({"scenario": scenario, "target": target, "bytes_per_conn": statistics.median(values),
-                         "held": group[0].requests})  # fmt: skip
+            rows.append(
+                {
+                    "scenario": scenario,
+                    "target": target,
+                    "bytes_per_conn": statistics.median(values),
+                    "held": group[0].requests,
+                }
+            )
             continue
         rps = [s.rps for s in group]
         per_core = [s.per_core for s in group if s.per_core]
         p99 = [s.p99_ms for s in group if s.p99_ms is not None]
         median = statistics.median(rps)
-        rows.append({
-            "scenario": scenario, "target": target, "rounds": len(group),
-            "rps_median": median, "rps_min": min(rps), "rps_max": max(rps),
-            "noisy": sum(1 for r in rps if median and abs(r - median) / median > 0.15),
-            "per_core_median": statistics.median(per_core) if per_core else None,
-            "cpu_us_per_request": 1e6 / statistics.median(per_core) if per_core else None,
-            "p99_ms_median": statistics.median(p99) if p99 else None,
-            "errors": sum(s.errors for s in group),
-        })  # fmt: skip
+        rows.append(
+            {
+                "scenario": scenario,
+                "target": target,
+                "rounds": len(group),
+                "rps_median": median,
+                "rps_min": min(rps),
+                "rps_max": max(rps),
+                "noisy": sum(1 for r in rps if median and abs(r - median) / median > 0.15),
+                "per_core_median": statistics.median(per_core) if per_core else None,
+                "cpu_us_per_request": 1e6 / statistics.median(per_core) if per_core else None,
+                "p99_ms_median": statistics.median(p99) if p99 else None,
+                "errors": sum(s.errors for s in group),
+            }
+        )
     return rows
 
 
@@ -468,24 +499,37 @@ def table(rows: list[dict[str, object]]) -> str:
     def find(scenario: str, target: str) -> dict[str, object] | None:
         return next((r for r in rows if r["scenario"] == scenario and r["target"] == target), None)
 
-    lines = ["| scenario | target | req/s median (min..max) | per proxy-core req/s | CPU µs/req "
-             "| p99 ms | vs HAProxy (per core) | vs direct (raw) | errors |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| scenario | target | req/s median (min..max) | per proxy-core req/s | CPU µs/req "
+        "| p99 ms | vs HAProxy (per core) | vs direct (raw) | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         scenario, target = str(row["scenario"]), str(row["target"])
         if scenario.startswith("S5"):
             ref = find(scenario, "haproxy")
-            ratio = (f"{row['bytes_per_conn'] / ref['bytes_per_conn']:.2f}×"  # type: ignore[operator]
-                     if ref and ref["bytes_per_conn"] else "–")  # fmt: skip
-            lines.append(f"| {scenario} | {target} | {row['bytes_per_conn'] / 1024:.1f} KiB/conn "
-                         f"({row['held']} held) | | | | {ratio} | | |")  # fmt: skip
+            ratio = (
+                f"{row['bytes_per_conn'] / ref['bytes_per_conn']:.2f}×"  # type: ignore[operator]
+                if ref and ref["bytes_per_conn"]
+                else "–"
+            )
+            lines.append(
+                f"| {scenario} | {target} | {row['bytes_per_conn'] / 1024:.1f} KiB/conn "
+                f"({row['held']} held) | | | | {ratio} | | |"
+            )
             continue
         haproxy, direct = find(scenario, "haproxy"), find(scenario, "direct")
         per_core = row["per_core_median"]
-        vs_haproxy = (f"{per_core / haproxy['per_core_median']:.2f}×"  # type: ignore[operator]
-                      if per_core and haproxy and haproxy["per_core_median"] else "–")  # fmt: skip
-        vs_direct = (f"{row['rps_median'] / direct['rps_median']:.2f}×"  # type: ignore[operator]
-                     if direct and direct["rps_median"] else "–")  # fmt: skip
+        vs_haproxy = (
+            f"{per_core / haproxy['per_core_median']:.2f}×"  # type: ignore[operator]
+            if per_core and haproxy and haproxy["per_core_median"]
+            else "–"
+        )
+        vs_direct = (
+            f"{row['rps_median'] / direct['rps_median']:.2f}×"  # type: ignore[operator]
+            if direct and direct["rps_median"]
+            else "–"
+        )
         noisy = f" ({row['noisy']} noisy)" if row["noisy"] else ""
         lines.append(
             f"| {scenario} | {target} | {row['rps_median']:.0f} ({row['rps_min']:.0f}.."
@@ -506,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds per scenario (quick 3, full 5)")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     rounds = args.rounds or (5 if args.full else 3)
     scenarios = args.only or sorted(SCENARIOS)
@@ -536,9 +580,12 @@ def main(argv: list[str] | None = None) -> int:
                             if sample is not None:
                                 sample.scenario = name
                                 samples.append(sample)
-                                print(f"  round {round_number + 1} {name:9} {target.name:9} "
-                                      f"{sample.rps:9.0f} req/s  cpu {sample.cpu_seconds:6.2f}s"
-                                      f"  errors {sample.errors}", flush=True)  # fmt: skip
+                                print(
+                                    f"  round {round_number + 1} {name:9} {target.name:9} "
+                                    f"{sample.rps:9.0f} req/s  cpu {sample.cpu_seconds:6.2f}s"
+                                    f"  errors {sample.errors}",
+                                    flush=True,
+                                )
                 if "S5" in scenarios:
                     for target in targets:
                         sample = bench.idle_memory(target, 5000 if args.full else 2000)
@@ -549,8 +596,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.close()
     rows = summarise(samples)
-    machine = (f"{platform.node()}: {os.cpu_count()} CPUs ({cpu_model()}), Linux "
-               f"{platform.release()}, Python {platform.python_version()}")  # fmt: skip
+    machine = (
+        f"{platform.node()}: {os.cpu_count()} CPUs ({cpu_model()}), Linux "
+        f"{platform.release()}, Python {platform.python_version()}"
+    )
     versions = tool_versions()
     report = (
         f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} — "
@@ -564,9 +613,17 @@ def main(argv: list[str] | None = None) -> int:
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
-    (results / f"{stamp}.json").write_text(json.dumps(
-        {"machine": machine, "farm": bench.farm_kind, "rows": rows,
-         "samples": [s.__dict__ | {"rps": s.rps} for s in samples]}, indent=1))  # fmt: skip
+    (results / f"{stamp}.json").write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "farm": bench.farm_kind,
+                "rows": rows,
+                "samples": [s.__dict__ | {"rps": s.rps} for s in samples],
+            },
+            indent=1,
+        )
+    )
     if not args.no_record:
         with (ROOT / "bench" / "RESULTS.md").open("a") as out:
             out.write("\n" + report)
