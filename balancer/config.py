@@ -72,6 +72,7 @@ class Timeouts:
     shutdown_grace_seconds: float = 10.0
     backend_down_seconds: float = 10.0
     tunnel_idle_seconds: float = 3600.0
+    linger_seconds: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

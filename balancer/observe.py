@@ -83,7 +83,7 @@ class Observer:
         )  # fmt: skip
         self.teardown = Histogram(
             "balancer_teardown_seconds",
-            "A leg's first FIN from the peer to the balancer's close of that leg.",
+            "A leg's first FIN to its second (either side first); legs ended by RST excluded.",
             ["leg"], buckets=HANDSHAKE_BUCKETS, registry=r,
         )  # fmt: skip
         self.bytes = Counter(
@@ -141,7 +141,7 @@ class Observer:
             legs.append(("backend", record.backend_leg, record.backend_teardown_seconds))
         for leg_name, leg, teardown in legs:
             c(self.closes, listener, leg_name, leg.initiator or "unknown", leg.kind).inc()
-            if teardown is not None and leg.peer_fin_at is not None:
+            if teardown is not None:
                 c(self.teardown, leg_name).observe(teardown)
         c(self.bytes, listener, "client", "in").inc(record.client_bytes_in)
         c(self.bytes, listener, "client", "out").inc(record.client_bytes_out)

@@ -61,6 +61,7 @@ HEADER = "header_timeout"
 IDLE = "idle_timeout"
 RESPONSE = "backend_timeout"
 TUNNEL_IDLE = "tunnel_idle_timeout"
+LINGER = "linger"
 
 
 @dataclass
@@ -139,8 +140,10 @@ class ClientConnection(asyncio.Protocol):
         self._tunnel = False
         self._client_eof = False
         self._backend_eof = False
-        self._closing = False
-        self._finished = False
+        self._closing = False  # the balancer is ending the connection: no more relaying
+        self._client_lost = False
+        self._backend_lost = False
+        self._finished = False  # the record is published
         self._deadline = 0.0
         self._deadline_kind = ""
         self._timer: asyncio.TimerHandle | None = None
@@ -191,6 +194,9 @@ class ClientConnection(asyncio.Protocol):
         record = self.record
         assert record is not None
         record.client_bytes_in += len(data)
+        if self._closing:
+            self._discard_while_closing(data)
+            return
         tls = self.tls
         if tls is not None:
             handshaking = not tls.established
@@ -221,6 +227,20 @@ class ClientConnection(asyncio.Protocol):
             if not data:
                 return
         self._on_client_data(data)
+
+    def _discard_while_closing(self, data: bytes) -> None:
+        """After our FIN the client may still send (its close_notify, a request in flight);
+        read and drop it, noting a close_notify."""
+        tls = self.tls
+        if tls is None or not tls.established or tls.close_notify_received:
+            return
+        try:
+            tls.receive(data)
+        except ssl.SSLError:
+            return
+        if tls.close_notify_received:
+            assert self.record is not None
+            self.record.client_leg.close_notify_received = True
 
     def _handshake_failed(self, reason: str) -> None:
         """Send the alert OpenSSL chose, record why, close. No backend was touched."""
@@ -309,6 +329,11 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         record = self.record
         assert record is not None
+        if self._closing:  # the FIN we lingered for
+            self._note_peer_fin(record.client_leg, self.transport)
+            if self.transport is not None:
+                self.transport.close()
+            return True
         if self.tls is not None and self.tls.established:
             # A FIN with no close_notify before it: the client truncated the TLS stream.
             record.client_leg.close_notify_received = self.tls.close_notify_received
@@ -318,7 +343,7 @@ class ClientConnection(asyncio.Protocol):
                 record.close_cause = "tls_failed"
             else:
                 record.close_cause = "client_closed"
-            self._note_peer_fin(record.client_leg)
+            self._note_peer_fin(record.client_leg, self.transport)
             self._close_client(record.close_cause)
             return True
         self._on_client_eof()
@@ -331,13 +356,15 @@ class ClientConnection(asyncio.Protocol):
         if self._client_eof:
             return
         self._client_eof = True
-        self._note_peer_fin(record.client_leg)
+        self._note_peer_fin(record.client_leg, self.transport)
         if self._tunnel:
-            if self.backend is not None and self.backend.transport is not None:
+            backend = self.backend
+            if backend is not None and backend.transport is not None:
                 if self._backend_eof:
                     self._close_client("client_closed")
-                else:
-                    self.backend.transport.write_eof()
+                else:  # pass the half-close on
+                    sock = backend.transport.get_extra_info("socket")
+                    self._shutdown_leg(record.backend_leg, backend.transport, sock)
             elif self._connect_task is None:
                 self._close_client("client_closed")
             return
@@ -348,14 +375,6 @@ class ClientConnection(asyncio.Protocol):
             return  # half-close: the response still comes, then we close
         else:
             self._close_client("client_closed")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        record = self.record
-        reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
-        if record is not None and reset and not record.client_leg.rst_sent:
-            self._note_peer_reset(record.client_leg)
-            record.close_cause = record.close_cause or "client_reset"
-        self._finish()
 
     def pause_writing(self) -> None:
         backend = self.backend
@@ -419,7 +438,7 @@ class ClientConnection(asyncio.Protocol):
                     protocol.transport.abort()
                 raise
             self._connect_task = None
-            if self._finished:
+            if self._closing:  # the client went away while we connected
                 lease.release()
                 assert protocol.transport is not None
                 protocol.transport.abort()
@@ -427,7 +446,7 @@ class ClientConnection(asyncio.Protocol):
             self._on_backend_connected(lease, protocol)
             return
         self._connect_task = None
-        if not self._finished:
+        if not self._closing:
             self._fail(error)
 
     def _on_backend_connected(self, lease: Lease, protocol: BackendConnection) -> None:
@@ -538,8 +557,11 @@ class ClientConnection(asyncio.Protocol):
         record = self.record
         assert record is not None
         self._backend_eof = True
-        self._note_peer_fin(record.backend_leg)
+        transport = self.backend.transport if self.backend is not None else None
+        self._note_peer_fin(record.backend_leg, transport)
         if self._closing:
+            if transport is not None:
+                transport.close()  # the FIN we lingered for
             return
         if self._tunnel:
             if self._client_eof:
@@ -564,18 +586,20 @@ class ClientConnection(asyncio.Protocol):
         record = self.record
         assert record is not None
         leg = record.backend_leg
-        if leg.closed_at is None:
-            leg.closed_at = self.ctx.clock()
+        self._backend_lost = True
+        leg.closed_at = self.ctx.clock()
         if exc is not None and not leg.rst_sent and isinstance(exc, ConnectionError):
             self._note_peer_reset(leg)
             if not self._closing:
-                if self._tunnel or (self.framer is not None and not self.framer.in_message
-                                    and not self.framer.awaiting):  # fmt: skip
+                framer = self.framer
+                if self._tunnel or (framer is not None and not framer.in_message
+                                    and not framer.awaiting):  # fmt: skip
                     self._close_client("backend_reset")
                 else:
                     self._fail(BackendError("backend reset the connection"))
         elif not self._backend_eof and not self._closing:
             self.on_backend_eof()
+        self._maybe_finish()
 
     # ---- writing, closing ------------------------------------------------------------------
 
@@ -587,16 +611,6 @@ class ClientConnection(asyncio.Protocol):
     def _write_client(self, data: bytes) -> None:
         tls = self.tls
         self._write_raw(tls.send(data) if tls is not None else data)
-
-    def _write_eof_client(self) -> None:
-        assert self.transport is not None and self.record is not None
-        if self.tls is not None:
-            notify = self.tls.close()
-            if notify:
-                self.record.client_leg.close_notify_sent = True
-                self._write_raw(notify)
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
 
     def _fail(self, error: BalancerError) -> None:
         """Answer an error: a real response at a response boundary, else abort the connection."""
@@ -629,33 +643,76 @@ class ClientConnection(asyncio.Protocol):
             self._write_client(error_response(status, retry_after))
             self._close_client(error.reason)
 
-    def _note_peer_fin(self, leg: LegTeardown) -> None:
+    # ---- teardown ---------------------------------------------------------------------------
+    #
+    # Each leg ends by "FIN and linger" (nginx's lingering close): the balancer sends its FIN
+    # (after close_notify on TLS) with write_eof(), keeps reading until the peer's FIN, then
+    # closes. Closing the socket outright would make the kernel answer the peer's own
+    # close_notify or late bytes with an RST the record could not explain, and would hide when
+    # the peer's FIN came. The linger is bounded by timeouts.linger_seconds.
+
+    def _note_peer_fin(self, leg: LegTeardown, transport: Any) -> None:
+        """The peer's FIN (or close_notify) has been read on this leg."""
         if leg.peer_fin_at is None:
             leg.peer_fin_at = self.ctx.clock()
         if leg.initiator is None:
             leg.initiator = PEER
         if leg.first_fin is None:
-            leg.first_fin = PEER
+            # Ours was decided but waited behind unsent bytes: it is out if they are.
+            ours_out = leg.fin_sent and transport is not None and not _buffered(transport)
+            leg.first_fin = BALANCER if ours_out else PEER
 
     def _note_peer_reset(self, leg: LegTeardown) -> None:
         leg.rst_received = True
         if leg.initiator is None:
             leg.initiator = PEER
 
-    def _note_own_close(self, leg: LegTeardown, sock: Any) -> None:
-        """Before our shutdown: who started the close, and whose FIN came first on the wire."""
+    def _shutdown_leg(self, leg: LegTeardown, transport: Any, sock: Any) -> bool:
+        """Send our FIN on one leg. Closes at once if the peer's FIN is in already; otherwise
+        half-closes and returns True: the leg lingers until the peer's FIN."""
         if leg.initiator is None:
             leg.initiator = BALANCER
+        if leg.fin_sent:
+            if leg.peer_fin_at is not None:
+                transport.close()
+            return leg.peer_fin_at is None
+        leg.fin_sent = True
+        now = self.ctx.clock()
+        pending = _buffered(transport)
         if leg.first_fin is None:
             info = tcpinfo.read(sock)
             if info is not None and info.state == tcpinfo.CLOSE_WAIT:
-                leg.first_fin = PEER  # the peer's FIN was in already, unread by us
-            else:
+                leg.first_fin = PEER  # its FIN had arrived, not yet read by us
+            elif not pending:
                 leg.first_fin = BALANCER
-        leg.closed_at = self.ctx.clock()
+            # else ours waits behind unsent bytes: judged when the peer's FIN is read
+        if not pending:
+            leg.fin_sent_at = now
+        if leg.peer_fin_at is not None or not transport.can_write_eof():
+            transport.close()
+            return False
+        transport.write_eof()
+        return True
+
+    def _write_eof_client(self) -> None:
+        """Half-close the client leg (a tunnel whose backend finished sending)."""
+        record = self.record
+        assert record is not None and self.transport is not None
+        self._send_close_notify()
+        self._shutdown_leg(record.client_leg, self.transport, self._sock)
+
+    def _send_close_notify(self) -> None:
+        tls, record = self.tls, self.record
+        assert record is not None
+        if tls is not None and tls.established and not tls.close_notify_sent:
+            notify = tls.close()
+            if notify:
+                record.client_leg.close_notify_sent = True
+                self._write_raw(notify)
 
     def _close_client(self, cause: str) -> None:
-        """Close the client leg cleanly: TLS close_notify if established, then FIN."""
+        """End the connection: close_notify (TLS), FIN, linger for the client's FIN; the
+        backend leg likewise."""
         if self._closing or self.transport is None:
             return
         record = self.record
@@ -663,61 +720,98 @@ class ClientConnection(asyncio.Protocol):
         self._closing = True
         if record.close_cause is None:
             record.close_cause = cause
-        self._note_own_close(record.client_leg, self._sock)
-        if self.tls is not None and self.tls.established:
-            notify = self.tls.close()
-            if notify:
-                record.client_leg.close_notify_sent = True
-                self._write_raw(notify)
-        self.transport.close()
+        self._send_close_notify()
+        lingering = self._shutdown_leg(record.client_leg, self.transport, self._sock)
+        if lingering:
+            self._blocks.clear()  # read on, to see the client's FIN (and close_notify)
+            self.transport.resume_reading()
         self._close_backend()
+        self._arm_linger()
 
     def _abort_client(self) -> None:
         """Reset the client leg (SO_LINGER 0 → RST) so a cut response is visibly cut."""
-        if self.transport is None:
+        if self.transport is None or self._client_lost:
             return
         record = self.record
         assert record is not None
-        already_closing = self._closing
         self._closing = True
         leg = record.client_leg
-        if not already_closing:
-            self._note_own_close(leg, self._sock)
+        if leg.initiator is None:
+            leg.initiator = BALANCER
         leg.rst_sent = True
         _reset(self._sock)
         self.transport.abort()
         self._close_backend()
+        self._arm_linger()
 
     def _close_backend(self) -> None:
         backend = self.backend
-        if backend is None or backend.transport is None or backend.transport.is_closing():
+        if backend is None or backend.transport is None or self._backend_lost:
             return
         record = self.record
         assert record is not None
-        self._note_own_close(record.backend_leg, backend.transport.get_extra_info("socket"))
-        backend.transport.close()
+        transport = backend.transport
+        if self._backend_blocked:
+            self._backend_blocked = False
+            transport.resume_reading()  # read on, to see the backend's FIN
+        self._shutdown_leg(record.backend_leg, transport, transport.get_extra_info("socket"))
 
-    def _finish(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self._closing = True
-        ctx = self.ctx
+    def _arm_linger(self) -> None:
+        if not self._finished:
+            self._set_deadline(LINGER, self.ctx.clock() + self.ctx.timeouts.linger_seconds)
+
+    def _linger_over(self) -> None:
+        """The peers did not answer our FIN in time: close what is left (RST if bytes are
+        still unsent, since they never will be)."""
         record = self.record
         assert record is not None
-        now = ctx.clock()
-        if self._timer is not None:
-            self._timer.cancel()
+        for leg, transport, lost in (
+            (record.client_leg, self.transport, self._client_lost),
+            (record.backend_leg, self.backend.transport if self.backend else None,
+             self._backend_lost),
+        ):  # fmt: skip
+            if transport is None or lost:
+                continue
+            if _buffered(transport):
+                leg.rst_sent = True
+                _reset(transport.get_extra_info("socket"))
+                transport.abort()
+            else:
+                transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        record = self.record
+        assert record is not None
+        self._client_lost = True
+        record.client_leg.closed_at = self.ctx.clock()
+        reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
+        if reset and not record.client_leg.rst_sent:
+            self._note_peer_reset(record.client_leg)
+            record.close_cause = record.close_cause or "client_reset"
+        self._closing = True
         if self._connect_task is not None:
             self._connect_task.cancel()
         self._close_backend()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        """Publish once both legs are closed: the record is complete only then."""
+        if self._finished or not self._client_lost:
+            return
+        if self.backend is not None and not self._backend_lost:
+            self._arm_linger()  # bounded wait for the backend leg
+            return
+        self._finished = True
+        ctx = self.ctx
+        record = self.record
+        assert record is not None
+        if self._timer is not None:
+            self._timer.cancel()
         if self.lease is not None:
             self.lease.release()
-        if record.client_leg.closed_at is None:
-            record.client_leg.closed_at = now
         if record.close_cause is None:
             record.close_cause = "client_closed"
-        record.closed_at = now
+        record.closed_at = ctx.clock()
         ctx.connections.discard(self)
         ctx.publish(record)
 
@@ -747,7 +841,11 @@ class ClientConnection(asyncio.Protocol):
     def _deadline_passed(self, kind: str) -> None:
         record = self.record
         assert record is not None
-        if kind == TLS_HANDSHAKE:
+        if kind == LINGER:
+            self._linger_over()
+        elif self._closing:
+            return
+        elif kind == TLS_HANDSHAKE:
             if record.tls_started_at is None:
                 record.tls_started_at = self.ctx.clock()  # nothing arrived at all
             record.tls_failure = "timeout"
@@ -785,13 +883,14 @@ class ClientConnection(asyncio.Protocol):
             self._close_client("shutdown")
 
     def force_close(self) -> None:
-        """The shutdown grace is over."""
+        """The shutdown grace is over: whatever is left ends now, lingering legs included."""
         if self.record is not None and self.record.close_cause is None:
             self.record.close_cause = "shutdown"
-        if self.framer is not None and self.framer.in_message:
+        if self.framer is not None and self.framer.in_message and not self._closing:
             self._abort_client()
         else:
             self._close_client("shutdown")
+        self._linger_over()
 
     @property
     def state(self) -> str:
@@ -806,6 +905,10 @@ class ClientConnection(asyncio.Protocol):
         if self.reader is not None and (self.reader.in_head or self.reader.in_body):
             return "active"
         return "idle"
+
+
+def _buffered(transport: Any) -> bool:
+    return bool(transport.get_write_buffer_size())
 
 
 def _factory(protocol: BackendConnection) -> Callable[[], BackendConnection]:

@@ -23,13 +23,17 @@ class LegTeardown:
       FIN was already in flight).
     rst_received / rst_sent: an RST ended the leg (a reset error from the peer; an abort by us).
     close_notify_received / close_notify_sent: TLS alerts, client leg on a TLS listener only.
-    peer_fin_at / closed_at: when the peer's FIN (or close_notify) was seen; when we closed.
+    fin_sent / fin_sent_at: the balancer sent its FIN (write_eof); when it left (unknown when
+      it waited behind unsent bytes).
+    peer_fin_at / closed_at: when the peer's FIN was read; when the leg was fully closed.
     """
 
     __slots__ = (
         "close_notify_received",
         "close_notify_sent",
         "closed_at",
+        "fin_sent",
+        "fin_sent_at",
         "first_fin",
         "initiator",
         "peer_fin_at",
@@ -44,6 +48,8 @@ class LegTeardown:
         self.rst_sent = False
         self.close_notify_received: bool | None = None
         self.close_notify_sent: bool | None = None
+        self.fin_sent = False
+        self.fin_sent_at: float | None = None
         self.peer_fin_at: float | None = None
         self.closed_at: float | None = None
 
@@ -178,7 +184,7 @@ class ConnectionRecord:
 
     @property
     def client_teardown_seconds(self) -> float | None:
-        """The client leg's first FIN (either side's) → fully closed."""
+        """The client leg's first FIN (either side's) → the other side's FIN."""
         return _teardown_seconds(self.client_leg)
 
     @property
@@ -237,8 +243,7 @@ class ConnectionRecord:
 
 
 def _teardown_seconds(leg: LegTeardown) -> float | None:
-    if leg.closed_at is None:
+    """First FIN → second FIN on the leg; None unless both were seen (an RST ended it, say)."""
+    if leg.peer_fin_at is None or leg.fin_sent_at is None:
         return None
-    if leg.peer_fin_at is None:
-        return 0.0
-    return max(0.0, leg.closed_at - leg.peer_fin_at)
+    return abs(leg.peer_fin_at - leg.fin_sent_at)

@@ -26,10 +26,12 @@ async def test_graceful_shutdown_finishes_in_flight_and_closes_idle(farm, balanc
     started = loop.time()
     shutdown = asyncio.ensure_future(balancer.shutdown(grace=5.0))
     assert await idle.read_until_closed() == b""  # idle keep-alive: closed at once
+    await idle.close()  # as real clients do on EOF; the balancer lingers for this FIN
     response = await busy.read_response()
     assert response.status == 200 and response.body == b"web1 delayed\n"
     assert response.headers["connection"] == "close"
     assert await busy.read_until_closed() == b""
+    await busy.close()
     await asyncio.wait_for(shutdown, 5)
     assert loop.time() - started < 2.0
     records = await recorder.wait_for(2)
@@ -39,8 +41,6 @@ async def test_graceful_shutdown_finishes_in_flight_and_closes_idle(farm, balanc
         raise AssertionError("the listener still accepts after shutdown")
     except ConnectionRefusedError:
         pass
-    for client in (idle, busy):
-        await client.close()
 
 
 async def test_shutdown_grace_bounds_a_request_that_never_ends(farm, balancer_factory) -> None:

@@ -30,6 +30,7 @@ def tls_record() -> ConnectionRecord:
     record.client_leg.first_fin = PEER
     record.client_leg.close_notify_received = True
     record.client_leg.peer_fin_at, record.client_leg.closed_at = 101.0, 101.0001
+    record.client_leg.fin_sent_at = 101.00005
     record.backend_leg.initiator = BALANCER
     record.backend_leg.first_fin = BALANCER
     record.close_cause = "client_closed"
