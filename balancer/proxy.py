@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import struct
@@ -330,7 +331,7 @@ class ClientConnection(asyncio.Protocol):
         record = self.record
         assert record is not None
         if self._closing:  # the FIN we lingered for
-            self._note_peer_fin(record.client_leg, self.transport)
+            self._note_peer_fin(record.client_leg, self._sock)
             if self.transport is not None:
                 self.transport.close()
             return True
@@ -343,7 +344,7 @@ class ClientConnection(asyncio.Protocol):
                 record.close_cause = "tls_failed"
             else:
                 record.close_cause = "client_closed"
-            self._note_peer_fin(record.client_leg, self.transport)
+            self._note_peer_fin(record.client_leg, self._sock)
             self._close_client(record.close_cause)
             return True
         self._on_client_eof()
@@ -356,7 +357,7 @@ class ClientConnection(asyncio.Protocol):
         if self._client_eof:
             return
         self._client_eof = True
-        self._note_peer_fin(record.client_leg, self.transport)
+        self._note_peer_fin(record.client_leg, self._sock)
         if self._tunnel:
             backend = self.backend
             if backend is not None and backend.transport is not None:
@@ -558,7 +559,8 @@ class ClientConnection(asyncio.Protocol):
         assert record is not None
         self._backend_eof = True
         transport = self.backend.transport if self.backend is not None else None
-        self._note_peer_fin(record.backend_leg, transport)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        self._note_peer_fin(record.backend_leg, sock)
         if self._closing:
             if transport is not None:
                 transport.close()  # the FIN we lingered for
@@ -587,7 +589,7 @@ class ClientConnection(asyncio.Protocol):
         assert record is not None
         leg = record.backend_leg
         self._backend_lost = True
-        leg.closed_at = self.ctx.clock()
+        _closed(leg, self.ctx.clock())
         if exc is not None and not leg.rst_sent and isinstance(exc, ConnectionError):
             self._note_peer_reset(leg)
             if not self._closing:
@@ -651,16 +653,21 @@ class ClientConnection(asyncio.Protocol):
     # close_notify or late bytes with an RST the record could not explain, and would hide when
     # the peer's FIN came. The linger is bounded by timeouts.linger_seconds.
 
-    def _note_peer_fin(self, leg: LegTeardown, transport: Any) -> None:
-        """The peer's FIN (or close_notify) has been read on this leg."""
+    def _note_peer_fin(self, leg: LegTeardown, sock: Any) -> None:
+        """The peer's FIN has been read on this leg."""
         if leg.peer_fin_at is None:
             leg.peer_fin_at = self.ctx.clock()
         if leg.initiator is None:
             leg.initiator = PEER
         if leg.first_fin is None:
-            # Ours was decided but waited behind unsent bytes: it is out if they are.
-            ours_out = leg.fin_sent and transport is not None and not _buffered(transport)
-            leg.first_fin = BALANCER if ours_out else PEER
+            leg.first_fin = PEER
+            if leg.fin_sent:
+                # Ours waited behind unsent bytes. CLOSE_WAIT or LAST_ACK: theirs came before
+                # ours left; otherwise ours had left (Linux shows CLOSE either way once ours
+                # is acknowledged: then we take ours, sent as the bytes drained, as first).
+                info = tcpinfo.read(sock)
+                if info is None or info.state not in tcpinfo.PEER_WAS_FIRST:
+                    leg.first_fin = BALANCER
 
     def _note_peer_reset(self, leg: LegTeardown) -> None:
         leg.rst_received = True
@@ -677,21 +684,21 @@ class ClientConnection(asyncio.Protocol):
                 transport.close()
             return leg.peer_fin_at is None
         leg.fin_sent = True
-        now = self.ctx.clock()
-        pending = _buffered(transport)
-        if leg.first_fin is None:
+        if leg.peer_fin_at is None and not _buffered(transport) and transport.can_write_eof():
+            # Nothing left to send: read the state and send our FIN back to back, so whose
+            # FIN came first is exact (write_eof() would send it a loop iteration later).
             info = tcpinfo.read(sock)
-            if info is not None and info.state == tcpinfo.CLOSE_WAIT:
-                leg.first_fin = PEER  # its FIN had arrived, not yet read by us
-            elif not pending:
-                leg.first_fin = BALANCER
-            # else ours waits behind unsent bytes: judged when the peer's FIN is read
-        if not pending:
-            leg.fin_sent_at = now
+            if leg.first_fin is None and info is not None:
+                leg.first_fin = PEER if info.state == tcpinfo.CLOSE_WAIT else BALANCER
+            leg.fin_sent_at = self.ctx.clock()
+            if not _shutdown_now(sock):
+                transport.write_eof()
+            return True
         if leg.peer_fin_at is not None or not transport.can_write_eof():
+            leg.fin_sent_at = self.ctx.clock()
             transport.close()
             return False
-        transport.write_eof()
+        transport.write_eof()  # our FIN follows the unsent bytes; judged at the peer's FIN
         return True
 
     def _write_eof_client(self) -> None:
@@ -783,7 +790,7 @@ class ClientConnection(asyncio.Protocol):
         record = self.record
         assert record is not None
         self._client_lost = True
-        record.client_leg.closed_at = self.ctx.clock()
+        _closed(record.client_leg, self.ctx.clock())
         reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
         if reset and not record.client_leg.rst_sent:
             self._note_peer_reset(record.client_leg)
@@ -905,6 +912,28 @@ class ClientConnection(asyncio.Protocol):
         if self.reader is not None and (self.reader.in_head or self.reader.in_body):
             return "active"
         return "idle"
+
+
+def _closed(leg: LegTeardown, now: float) -> None:
+    leg.closed_at = now
+    if leg.first_fin is None and leg.fin_sent:
+        leg.first_fin = BALANCER  # ours went; theirs never came (linger over, or an RST)
+
+
+def _shutdown_now(sock: Any) -> bool:
+    """shutdown(SHUT_WR) at once. uvloop's socket object refuses shutdown(), but shutdown acts
+    on the socket, not the descriptor, so a duplicate descriptor serves."""
+    try:
+        duplicate = socket.socket(fileno=os.dup(sock.fileno()))
+    except (OSError, AttributeError):
+        return False
+    try:
+        duplicate.shutdown(socket.SHUT_WR)
+        return True
+    except OSError:
+        return False
+    finally:
+        duplicate.close()
 
 
 def _buffered(transport: Any) -> bool:

@@ -2,7 +2,8 @@
 
 Read once after accept, tcpi_rtt is the SYN-ACK → ACK round trip of the three-way handshake (the
 passive side's first RTT sample). Read just before our own shutdown, tcpi_state says whether the
-peer's FIN had already arrived (CLOSE_WAIT).
+peer's FIN had already arrived (CLOSE_WAIT). Linux shows a socket whose FIN exchange is done
+as CLOSE whichever side went first (TIME_WAIT lives in a separate mini-socket).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ TCP_INFO = getattr(socket, "TCP_INFO", 11)
 
 ESTABLISHED = 1
 CLOSE_WAIT = 8
+LAST_ACK = 9
+# Read when the peer's FIN has just been read after our write_eof(): theirs came first.
+PEER_WAS_FIRST = frozenset({CLOSE_WAIT, LAST_ACK})
 STATES = {
     1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
     6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
