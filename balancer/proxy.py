@@ -149,6 +149,7 @@ class ClientConnection(asyncio.Protocol):
         self._deadline_kind = ""
         self._timer: asyncio.TimerHandle | None = None
         self._pending_error: BalancerError | None = None
+        self._stamp_watch: int | None = None  # a dup'd fd watched for the ClientHello
 
     # ---- client leg ------------------------------------------------------------------------
 
@@ -184,12 +185,59 @@ class ClientConnection(asyncio.Protocol):
         if ctx.ssl_context is not None:
             self.tls = TLSSession(ctx.ssl_context)
             self._set_deadline(TLS_HANDSHAKE, now + timeouts.tls_handshake_seconds)
+            self._stamp_client_hello()
         elif ctx.listener.mode == "http":
             self._set_deadline(HEADER, now + timeouts.client_header_seconds)
         if ctx.listener.mode == "tcp":
             self._tunnel = True
             if self.tls is None:
                 self._start_connect()
+        if self._blocks:
+            # uvloop starts reading after connection_made returns, whatever it was told
+            # there; say it again before the loop polls.
+            asyncio.get_running_loop().call_soon(self._reassert_pause)
+
+    def _reassert_pause(self) -> None:
+        if self._blocks and self.transport is not None and not self._closing:
+            self.transport.pause_reading()
+
+    def _stamp_client_hello(self) -> None:
+        """Record when the ClientHello's first bytes reached the kernel, not when we read them.
+
+        If they are queued already, peek now; otherwise watch a duplicate descriptor while the
+        transport's reading is paused, so the transport reads only after the peek.
+        """
+        if self._stamp_from_kernel(self._sock.fileno()):
+            return
+        try:
+            watched = os.dup(self._sock.fileno())
+            asyncio.get_running_loop().add_reader(watched, self._on_first_bytes, watched)
+        except (OSError, RuntimeError, AttributeError):
+            return  # data_received's clock reading stands in
+        self._stamp_watch = watched
+        self.block_reading("stamp")
+
+    def _on_first_bytes(self, watched: int) -> None:
+        self._stamp_from_kernel(watched)
+        self._stop_stamp_watch()
+
+    def _stop_stamp_watch(self) -> None:
+        watched, self._stamp_watch = self._stamp_watch, None
+        if watched is not None:
+            asyncio.get_running_loop().remove_reader(watched)
+            os.close(watched)
+            self.unblock_reading("stamp")
+
+    def _stamp_from_kernel(self, fd: int) -> bool:
+        assert self.record is not None
+        if self.record.tls_started_at is not None:
+            return True  # the transport read first; a later packet's stamp would be wrong
+        arrival = tcpinfo.first_byte_arrival(fd)
+        if arrival is None:
+            return False
+        ctx = self.ctx
+        self.record.tls_started_at = ctx.clock() - (ctx.wall_clock() - arrival)
+        return True
 
     def data_received(self, data: bytes) -> None:
         record = self.record
@@ -202,7 +250,8 @@ class ClientConnection(asyncio.Protocol):
         if tls is not None:
             handshaking = not tls.established
             if handshaking and record.tls_started_at is None:
-                record.tls_started_at = self.ctx.clock()
+                record.tls_started_at = self.ctx.clock()  # no kernel stamp: our reading
+                self._stop_stamp_watch()
             try:
                 data = tls.receive(data)
             except TLSHandshakeFailed as failure:
@@ -213,6 +262,8 @@ class ClientConnection(asyncio.Protocol):
                 self._abort_client()
                 return
             out = tls.take_output()
+            if handshaking and tls.established:
+                record.tls_finished_at = self.ctx.clock()  # as our final flight leaves
             if out:
                 self._write_raw(out)
             if handshaking:
@@ -223,7 +274,7 @@ class ClientConnection(asyncio.Protocol):
                 record.client_leg.close_notify_received = True
                 if data:
                     self._on_client_data(data)
-                self._on_client_eof()
+                self._on_client_eof(fin=False)
                 return
             if not data:
                 return
@@ -258,7 +309,6 @@ class ClientConnection(asyncio.Protocol):
         tls, record, ctx = self.tls, self.record, self.ctx
         assert tls is not None and record is not None
         now = ctx.clock()
-        record.tls_finished_at = now
         facts = tls.facts()
         record.tls_version = facts.version
         record.tls_cipher = facts.cipher
@@ -266,6 +316,7 @@ class ClientConnection(asyncio.Protocol):
         record.tls_sni = facts.sni
         record.tls_alpn = facts.alpn
         record.client_leg.close_notify_received = False
+        record.client_leg.close_notify_sent = False
         if ctx.listener.mode == "tcp":
             self._start_connect()
             self._set_deadline(TUNNEL_IDLE, now + ctx.timeouts.tunnel_idle_seconds)
@@ -332,7 +383,13 @@ class ClientConnection(asyncio.Protocol):
         assert record is not None
         if self._closing:  # the FIN we lingered for
             self._note_peer_fin(record.client_leg, self._sock)
-            if self.transport is not None:
+            info = tcpinfo.read(self._sock)
+            if info is not None and info.unacked and self.transport is not None:
+                # Our last bytes are in flight to a peer that may have closed its socket: wait
+                # a few round trips, so an RST they draw is seen, not hidden by our close.
+                wait = max(0.001, 4 * info.rtt_seconds)
+                asyncio.get_running_loop().call_later(wait, self.transport.close)
+            elif self.transport is not None:
                 self.transport.close()
             return True
         if self.tls is not None and self.tls.established:
@@ -347,17 +404,21 @@ class ClientConnection(asyncio.Protocol):
             self._note_peer_fin(record.client_leg, self._sock)
             self._close_client(record.close_cause)
             return True
-        self._on_client_eof()
+        self._on_client_eof(fin=True)
         return True
 
-    def _on_client_eof(self) -> None:
-        """The client will send no more (FIN, or TLS close_notify)."""
+    def _on_client_eof(self, fin: bool) -> None:
+        """The client will send no more: its FIN, or its TLS close_notify (not a FIN: whose
+        FIN came first is still the kernel's to say)."""
         record = self.record
         assert record is not None
+        if fin:
+            self._note_peer_fin(record.client_leg, self._sock)
+        elif record.client_leg.initiator is None:
+            record.client_leg.initiator = PEER
         if self._client_eof:
             return
         self._client_eof = True
-        self._note_peer_fin(record.client_leg, self._sock)
         if self._tunnel:
             backend = self.backend
             if backend is not None and backend.transport is not None:
@@ -683,17 +744,22 @@ class ClientConnection(asyncio.Protocol):
             if leg.peer_fin_at is not None:
                 transport.close()
             return leg.peer_fin_at is None
-        leg.fin_sent = True
         if leg.peer_fin_at is None and not _buffered(transport) and transport.can_write_eof():
             # Nothing left to send: read the state and send our FIN back to back, so whose
             # FIN came first is exact (write_eof() would send it a loop iteration later).
             info = tcpinfo.read(sock)
+            if info is not None and info.state == tcpinfo.CLOSE:
+                # Reset under us (our last bytes reached a closed socket): no FIN can leave
+                # and no order can be claimed; reading on collects the reset for the record.
+                return True
+            leg.fin_sent = True
             if leg.first_fin is None and info is not None:
                 leg.first_fin = PEER if info.state == tcpinfo.CLOSE_WAIT else BALANCER
             leg.fin_sent_at = self.ctx.clock()
             if not _shutdown_now(sock):
                 transport.write_eof()
             return True
+        leg.fin_sent = True
         if leg.peer_fin_at is not None or not transport.can_write_eof():
             leg.fin_sent_at = self.ctx.clock()
             transport.close()
@@ -709,8 +775,16 @@ class ClientConnection(asyncio.Protocol):
         self._shutdown_leg(record.client_leg, self.transport, self._sock)
 
     def _send_close_notify(self) -> None:
+        """Our close_notify (also in reply to the client's, which bidirectional shutdowns such
+        as OpenSSL's wait for), unless the client's FIN is in: it may have closed its socket
+        (curl does, right after its close_notify), and a reply would only draw an RST."""
         tls, record = self.tls, self.record
         assert record is not None
+        if record.client_leg.peer_fin_at is not None:
+            return
+        info = tcpinfo.read(self._sock)
+        if info is not None and info.state == tcpinfo.CLOSE_WAIT:
+            return
         if tls is not None and tls.established and not tls.close_notify_sent:
             notify = tls.close()
             if notify:
@@ -727,6 +801,7 @@ class ClientConnection(asyncio.Protocol):
         self._closing = True
         if record.close_cause is None:
             record.close_cause = cause
+        self._stop_stamp_watch()
         self._send_close_notify()
         lingering = self._shutdown_leg(record.client_leg, self.transport, self._sock)
         if lingering:
@@ -791,6 +866,7 @@ class ClientConnection(asyncio.Protocol):
         assert record is not None
         self._client_lost = True
         _closed(record.client_leg, self.ctx.clock())
+        self._stop_stamp_watch()
         reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
         if reset and not record.client_leg.rst_sent:
             self._note_peer_reset(record.client_leg)

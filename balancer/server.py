@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
 
+from balancer import tcpinfo
 from balancer.admin import AdminServer
 from balancer.backends import Backend
 from balancer.config import Config
@@ -109,6 +110,9 @@ class Balancer:
                 reuse_address=True,
                 backlog=4096,
             )
+            if ctx.ssl_context is not None:  # ClientHello arrival from the kernel's stamps
+                for sock in getattr(server, "sockets", None) or []:
+                    tcpinfo.enable_receive_timestamps(sock)
             self.servers.append(server)
             self.addresses[ctx.listener.name] = _bound(server)
         if self.config.admin is not None:

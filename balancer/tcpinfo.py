@@ -1,24 +1,31 @@
-"""Linux `TCP_INFO`: what the kernel knows of a connection (RTT, state, retransmissions).
+"""What the kernel knows of a connection: `TCP_INFO` (RTT, state, retransmissions) and packet
+receive timestamps.
 
 Read once after accept, tcpi_rtt is the SYN-ACK → ACK round trip of the three-way handshake (the
 passive side's first RTT sample). Read just before our own shutdown, tcpi_state says whether the
 peer's FIN had already arrived (CLOSE_WAIT). Linux shows a socket whose FIN exchange is done
 as CLOSE whichever side went first (TIME_WAIT lives in a separate mini-socket).
+
+A user-space clock read in a callback lags the wire by the loop's latency (milliseconds under
+load); `first_byte_arrival` peeks the kernel's receive timestamp (SO_TIMESTAMPNS) instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 # struct tcp_info (linux/tcp.h): 8 single bytes, then 32-bit fields; we read up to total_retrans.
-_LAYOUT = struct.Struct("=B7x60xI28xI")  # state; rtt at offset 68; total_retrans at 100
+_LAYOUT = struct.Struct("=B7x16xI40xI28xI")  # state; unacked at 24; rtt at 68; total_retrans 100
 _SIZE = 104
 TCP_INFO = getattr(socket, "TCP_INFO", 11)
 
 ESTABLISHED = 1
+CLOSE = 7
 CLOSE_WAIT = 8
 LAST_ACK = 9
 # Read when the peer's FIN has just been read after our write_eof(): theirs came first.
@@ -36,6 +43,7 @@ class HasSockopt(Protocol):
 @dataclass(frozen=True, slots=True)
 class TCPInfo:
     state: int
+    unacked: int  # segments sent and not yet acknowledged
     rtt_seconds: float
     total_retrans: int
 
@@ -54,5 +62,37 @@ def read(sock: HasSockopt | None) -> TCPInfo | None:
         return None
     if len(raw) < _SIZE:
         return None
-    state, rtt_us, retrans = _LAYOUT.unpack_from(raw)
-    return TCPInfo(state, rtt_us / 1e6, retrans)
+    state, unacked, rtt_us, retrans = _LAYOUT.unpack_from(raw)
+    return TCPInfo(state, unacked, rtt_us / 1e6, retrans)
+
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_STAMP = struct.Struct("qq")
+
+
+def enable_receive_timestamps(sock: Any) -> None:
+    """Ask the kernel to stamp arriving packets (sockets accepted from `sock` inherit it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+
+def first_byte_arrival(fd: int) -> float | None:
+    """The kernel's receive time (Unix seconds) of the first unread byte on `fd`, peeked so
+    the byte stays for whoever reads it; None if nothing is queued or no stamp is kept."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    try:
+        _, ancillary, _, _ = sock.recvmsg(
+            1, socket.CMSG_SPACE(_STAMP.size), socket.MSG_PEEK | socket.MSG_DONTWAIT
+        )
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _STAMP.size:
+            seconds, nanoseconds = _STAMP.unpack_from(payload)
+            return float(seconds + nanoseconds / 1e9)
+    return None
