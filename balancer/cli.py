@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import resource
 import sys
 import tomllib
 from collections.abc import Callable, Coroutine, Sequence
@@ -132,8 +134,33 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+FD_RESERVE = 64  # listeners, admin, log files, a margin
+
+
+def budget_file_descriptors(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE toward the hard limit so each connection's two
+    descriptors (client, backend) fit; warn when they cannot. Returns the limit in force."""
+    needed = 2 * max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft < needed:
+        log.warning(
+            "file descriptors: limit %d < %d needed for limits.max_connections = %d (two each, "
+            "plus %d); lower limits.max_connections or raise `ulimit -n`",
+            soft, needed, max_connections, FD_RESERVE,
+        )  # fmt: skip
+    else:
+        log.info("file descriptors: limit %d (limits.max_connections = %d)", soft, max_connections)
+    return soft
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = load(args)
+    budget_file_descriptors(config.limits.max_connections)
     access_log = _open_access_log(config.access_log)
     balancer = Balancer(config, access_log=access_log)
     try:

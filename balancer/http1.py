@@ -251,6 +251,7 @@ class ResponseFramer:
 
     Counters and flags the proxy reads: `started` (final response heads seen), `completed`
     (responses ended), `close_after` (the last completed response ends the connection),
+    `backend_closes` (it ends it because the backend said so: the backend will close),
     `upgraded` (a 101 arrived: everything after is a tunnel).
     """
 
@@ -264,6 +265,7 @@ class ResponseFramer:
         self.started = 0
         self.completed = 0
         self.close_after = False
+        self.backend_closes = False
         self.upgraded = False
 
     def expect(self, is_head: bool) -> None:
@@ -422,7 +424,8 @@ class ResponseFramer:
         self.completed += 1
         if self._expect_head:
             self._expect_head.pop(0)
-        self.close_after = not self._message_keep_alive or self.force_close
+        self.backend_closes = not self._message_keep_alive
+        self.close_after = self.backend_closes or self.force_close
         self._state = _HEAD
 
     def eof(self) -> bool:

@@ -144,6 +144,7 @@ class ClientConnection(asyncio.Protocol):
         self._closing = False  # the balancer is ending the connection: no more relaying
         self._client_lost = False
         self._backend_lost = False
+        self._backend_closes = False  # the backend said it closes: wait for its FIN
         self._finished = False  # the record is published
         self._deadline = 0.0
         self._deadline_kind = ""
@@ -581,7 +582,9 @@ class ClientConnection(asyncio.Protocol):
         framer, reader = self.framer, self.reader
         assert framer is not None and reader is not None
         if framer.close_after and not framer.awaiting:
-            self._close_client("http_close")
+            # A backend that said it closes is left to send its FIN first (and keep the
+            # TIME_WAIT); the linger bounds the wait.
+            self._close_client("http_close", backend_closes=framer.backend_closes)
             return
         if framer.awaiting:
             return
@@ -744,10 +747,12 @@ class ClientConnection(asyncio.Protocol):
             if leg.peer_fin_at is not None:
                 transport.close()
             return leg.peer_fin_at is None
+        info = tcpinfo.read(sock)
+        if info is not None:
+            leg.retransmits = info.total_retrans
         if leg.peer_fin_at is None and not _buffered(transport) and transport.can_write_eof():
             # Nothing left to send: read the state and send our FIN back to back, so whose
             # FIN came first is exact (write_eof() would send it a loop iteration later).
-            info = tcpinfo.read(sock)
             if info is not None and info.state == tcpinfo.CLOSE:
                 # Reset under us (our last bytes reached a closed socket): no FIN can leave
                 # and no order can be claimed; reading on collects the reset for the record.
@@ -791,9 +796,9 @@ class ClientConnection(asyncio.Protocol):
                 record.client_leg.close_notify_sent = True
                 self._write_raw(notify)
 
-    def _close_client(self, cause: str) -> None:
+    def _close_client(self, cause: str, backend_closes: bool = False) -> None:
         """End the connection: close_notify (TLS), FIN, linger for the client's FIN; the
-        backend leg likewise."""
+        backend leg likewise, unless the backend is about to close it itself."""
         if self._closing or self.transport is None:
             return
         record = self.record
@@ -807,7 +812,9 @@ class ClientConnection(asyncio.Protocol):
         if lingering:
             self._blocks.clear()  # read on, to see the client's FIN (and close_notify)
             self.transport.resume_reading()
-        self._close_backend()
+        self._backend_closes = backend_closes
+        if not backend_closes:
+            self._close_backend()
         self._arm_linger()
 
     def _abort_client(self) -> None:
@@ -874,7 +881,8 @@ class ClientConnection(asyncio.Protocol):
         self._closing = True
         if self._connect_task is not None:
             self._connect_task.cancel()
-        self._close_backend()
+        if not self._backend_closes:
+            self._close_backend()
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:

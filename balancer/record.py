@@ -26,6 +26,8 @@ class LegTeardown:
     fin_sent / fin_sent_at: the balancer sent its FIN (write_eof); when it left (unknown when
       it waited behind unsent bytes).
     peer_fin_at / closed_at: when the peer's FIN was read; when the leg was fully closed.
+    retransmits: segments the kernel retransmitted on this leg (tcpi_total_retrans at our
+      shutdown of it).
     """
 
     __slots__ = (
@@ -37,6 +39,7 @@ class LegTeardown:
         "first_fin",
         "initiator",
         "peer_fin_at",
+        "retransmits",
         "rst_received",
         "rst_sent",
     )
@@ -52,6 +55,7 @@ class LegTeardown:
         self.fin_sent_at: float | None = None
         self.peer_fin_at: float | None = None
         self.closed_at: float | None = None
+        self.retransmits: int | None = None
 
     @property
     def kind(self) -> str:
@@ -71,6 +75,7 @@ class LegTeardown:
             "rst_sent": self.rst_sent,
             "close_notify_received": self.close_notify_received,
             "close_notify_sent": self.close_notify_sent,
+            "retransmits": self.retransmits,
         }
 
 

@@ -92,6 +92,8 @@ async def test_backend_connection_close_closes_the_client(farm, balancer_factory
     assert parse_status(raw) == 200 and raw.endswith(b"ok")
     (record,) = await recorder.wait_for(1)
     assert record.close_cause in ("http_close", "backend_closed")
+    # The backend said it closes: the balancer lets it, rather than racing it with a FIN.
+    assert (record.backend_leg.initiator, record.backend_leg.first_fin) == ("peer", "peer")
 
 
 async def test_malformed_requests_get_their_4xx_and_never_reach_a_backend(
