@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from http import HTTPStatus
+from typing import NamedTuple
 
 import h11
 import httptools
@@ -47,9 +48,8 @@ class HeadLimits:
     max_headers: int = MAX_HEADERS
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """What the proxy needs to know of a request it forwarded."""
+class RequestHead(NamedTuple):
+    """What the proxy needs to know of a request it forwarded (a tuple: made per request)."""
 
     method: bytes
     keep_alive: bool
@@ -361,34 +361,37 @@ class ResponseFramer:
             return False  # interim (100 Continue, 103): the final response follows
         self.started += 1
         is_head = self._expect_head[0] if self._expect_head else False
-        lengths: set[bytes] = set()
+        length: bytes | None = None
         chunked = False
-        connection = b""
+        keep_alive = minor == b"1"  # the default of the version; Connection may change it
         for name, value in _FRAMING_HEADERS.findall(head):
             name = name.lower()
             if name == b"content-length":
-                lengths.update(v.strip() for v in value.split(b","))
+                for part in value.split(b","):  # "5, 5" is one length; "5, 6" is two
+                    part = part.strip()
+                    if not part.isdigit() or (length is not None and part != length):
+                        raise BadBackendResponse("conflicting or invalid Content-Length")
+                    length = part
             elif name == b"transfer-encoding":
-                codings = [c.strip().lower() for c in value.split(b",")]
-                if codings[-1] != b"chunked":
+                if value.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
                     raise BadBackendResponse("transfer-encoding without final chunked")
                 chunked = True
             else:
-                connection += b"," + value.lower()
-        if chunked and lengths:
+                for token in value.lower().split(b","):
+                    token = token.strip()
+                    if token == b"close":
+                        keep_alive = False
+                    elif token == b"keep-alive" and minor == b"0":
+                        keep_alive = True
+        if chunked and length is not None:
             raise BadBackendResponse("both Content-Length and Transfer-Encoding")
-        if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
-            raise BadBackendResponse("conflicting or invalid Content-Length")
-        tokens = {t.strip() for t in connection.split(b",")}
-        self._message_keep_alive = (
-            b"close" not in tokens if minor == b"1" else b"keep-alive" in tokens
-        )
+        self._message_keep_alive = keep_alive
         if is_head or status in (204, 304):
             self._message_done()
         elif chunked:
             self._state = _CHUNK_SIZE
-        elif lengths:
-            self._remaining = int(next(iter(lengths)))
+        elif length is not None:
+            self._remaining = int(length)
             if self._remaining == 0:
                 self._message_done()
             else:
