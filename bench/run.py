@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     report = (
         f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} — "
         f"{'full' if args.full else 'quick'} mode, {rounds} rounds\n\n"
-        f"Machine: {machine}. Farm: {bench.farm_kind}. {versions}.\n"
+        f"Commit: {commit()}. Machine: {machine}. Farm: {bench.farm_kind}. {versions}.\n"
         f"Method: bench/run.py (proxy on CPU 0, farm and load on CPU 1; CPU from /proc).\n\n"
         + table(rows)
         + "\n"
@@ -640,6 +640,13 @@ def run_scenario(bench: Bench, target: Target, scenario: str, full: bool) -> Sam
     if scenario == "S4":
         return bench.wrk(target, "S4", tls=True)
     return None  # S5 runs once per target after the rounds
+
+
+def commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    return head + (" (with uncommitted changes)" if git("status", "--porcelain", "balancer") else "")
 
 
 def cpu_model() -> str:
