@@ -645,8 +645,10 @@ def run_scenario(bench: Bench, target: Target, scenario: str, full: bool) -> Sam
 def commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout
+
     head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    return head + (" (with uncommitted changes)" if git("status", "--porcelain", "balancer") else "")
+    dirty = git("status", "--porcelain", "balancer")
+    return head + (" (with uncommitted changes)" if dirty else "")
 
 
 def cpu_model() -> str:
