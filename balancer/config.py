@@ -81,6 +81,7 @@ class Limits:
     max_header_bytes: int = 16384
     max_uri_bytes: int = 8192
     max_connect_attempts: int = 3
+    max_body_bytes: int | None = None  # none: bodies of any size stream through
 
 
 @dataclass(frozen=True, slots=True)

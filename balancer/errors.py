@@ -30,6 +30,11 @@ class HeaderTooLarge(ClientError):
     reason = "header_too_large"
 
 
+class BodyTooLarge(ClientError):
+    status_hint = 413
+    reason = "body_too_large"
+
+
 class URITooLong(ClientError):
     status_hint = 414
     reason = "uri_too_long"

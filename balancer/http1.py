@@ -26,6 +26,7 @@ import httptools
 from balancer.errors import (
     BadBackendResponse,
     BadRequest,
+    BodyTooLarge,
     ClientError,
     HeaderTooLarge,
     MethodNotAllowed,
@@ -46,6 +47,7 @@ class HeadLimits:
     max_header_bytes: int = 16384
     max_uri_bytes: int = 8192
     max_headers: int = MAX_HEADERS
+    max_body_bytes: int | None = None
 
 
 class RequestHead(NamedTuple):
@@ -81,6 +83,7 @@ class RequestReader:
         self._pending_head_bytes = 0
         self._fed_consumed = 0  # bytes of the current read used by complete heads and bodies
         self._chunked = False
+        self._body_bytes = 0
         self.in_head = False
         self.in_body = False
         self.heads: list[RequestHead] = []
@@ -167,6 +170,11 @@ class RequestReader:
 
     def on_body(self, body: bytes) -> None:
         self._fed_consumed += len(body)
+        limit = self._limits.max_body_bytes
+        if limit is not None:
+            self._body_bytes += len(body)
+            if self._body_bytes > limit:  # chunked: found while streaming
+                raise BodyTooLarge(f"request body over {limit} bytes")
         if self._chunked:
             self._out.append(b"%x\r\n%b\r\n" % (len(body), body))
         else:
@@ -188,6 +196,7 @@ class RequestReader:
         hosts = 0
         upgrade_value = b""
         forwarded_for = b""
+        length: bytes | None = None
         lines = [b"%b %b HTTP/%b\r\n" % (method, self._url, version.encode())]
         for name, value in self._headers:
             lower = name.lower()
@@ -204,11 +213,19 @@ class RequestReader:
                 continue
             elif lower == b"host":
                 hosts += 1
+            elif lower == b"content-length":
+                length = value  # llhttp has checked it is one valid number
             if lower in _DROPPED:
                 continue
             lines.append(b"%b: %b\r\n" % (name, value))
         if version == "1.1" and hosts != 1:
             raise BadRequest("HTTP/1.1 request needs exactly one Host header")
+        limit = self._limits.max_body_bytes
+        if limit is not None and length is not None and int(length) > limit:
+            raise BodyTooLarge(
+                f"Content-Length {int(length)} over {limit} bytes"
+            )  # before any byte
+        self._body_bytes = 0
         if named_by_connection - {b"close", b"keep-alive", b"upgrade"}:
             lines = [
                 line

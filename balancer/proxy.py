@@ -89,6 +89,7 @@ class ListenerContext:
         self.head_limits = HeadLimits(
             max_header_bytes=self.limits.max_header_bytes,
             max_uri_bytes=self.limits.max_uri_bytes,
+            max_body_bytes=self.limits.max_body_bytes,
         )
 
 
@@ -877,6 +878,11 @@ class ClientConnection(asyncio.Protocol):
         reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
         if reset and not record.client_leg.rst_sent:
             self._note_peer_reset(record.client_leg)
+            if self.tls is not None and not self.tls.established and record.tls_failure is None:
+                record.tls_failure = "reset"  # the client gave up mid-handshake
+                record.close_cause = record.close_cause or "tls_failed"
+                if record.tls_started_at is None:
+                    record.tls_started_at = self.ctx.clock()
             record.close_cause = record.close_cause or "client_reset"
         self._closing = True
         if self._connect_task is not None:

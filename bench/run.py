@@ -549,7 +549,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="scenario(s)")
     parser.add_argument("--rounds", type=int, help="rounds per scenario (quick 3, full 5)")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument(
+        "--install", action="store_true", help="apt-get install the missing peers and tools first"
+    )
     args = parser.parse_args(argv)
+    if args.install:
+        install_tools()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     rounds = args.rounds or (5 if args.full else 3)
@@ -649,6 +654,26 @@ def commit() -> str:
     head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
     dirty = git("status", "--porcelain", "balancer")
     return head + (" (with uncommitted changes)" if dirty else "")
+
+
+DEBIAN_PACKAGES = {
+    "wrk": "wrk",
+    "ab": "apache2-utils",
+    "haproxy": "haproxy",
+    "nginx": "nginx-light",
+    "taskset": "util-linux",
+}
+
+
+def install_tools() -> None:
+    """apt-get install whatever of wrk, ab, HAProxy, nginx and taskset is missing."""
+    missing = [pkg for tool, pkg in DEBIAN_PACKAGES.items() if not shutil.which(tool)]
+    if not missing:
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
 
 
 def cpu_model() -> str:

@@ -204,3 +204,54 @@ async def test_backend_that_accepts_then_closes_gives_502(balancer_factory) -> N
         assert parse_status(raw) == 502
     finally:
         server.close()
+
+
+async def test_body_over_the_limit_gets_413_and_never_reaches_a_backend(farm, balancer_factory):
+    config = make_config([farm[0].address], limits={"max_body_bytes": 1000})
+    balancer, recorder = await balancer_factory(config)
+    port = port_of(balancer)
+    raw = await raw_exchange(
+        port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n" + b"b" * 1001
+    )
+    assert parse_status(raw) == 413
+    assert farm[0].connections == 0
+    chunk = b"%x\r\n%b\r\n" % (600, b"c" * 600)
+    raw = await raw_exchange(
+        port, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 2
+    )
+    assert parse_status(raw) == 413  # found while streaming, before any response byte
+    ok = await raw_exchange(
+        port,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+        + b"d" * 1000,
+    )
+    assert parse_status(ok) == 200
+    records = await recorder.wait_for(3)
+    assert [r.error_status for r in records] == [413, 413, None]
+
+
+async def test_ambiguous_backend_response_framing_gives_502(balancer_factory) -> None:
+    """A response with Content-Length and Transfer-Encoding could desynchronise the client:
+    it is refused, not relayed."""
+
+    async def smuggler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()  # until the balancer's FIN
+        writer.close()
+
+    server = await asyncio.start_server(smuggler, "127.0.0.1", 0)
+    try:
+        address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        balancer, recorder = await balancer_factory(make_config([address]))
+        raw = await raw_exchange(port_of(balancer), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert parse_status(raw) == 502
+        assert raw.count(b"HTTP/1.1") == 1
+        (record,) = await recorder.wait_for(1)
+        assert record.close_cause == "bad_backend_response"
+    finally:
+        server.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
 import warnings
 
 import pytest
@@ -158,3 +159,29 @@ async def test_balancer_sends_close_notify_when_it_closes(farm, balancer_factory
     assert record.close_cause == "idle_timeout"
     assert record.client_leg.close_notify_sent is True
     assert record.client_leg.initiator == "balancer"
+
+
+async def test_client_without_a_shared_suite_is_refused(tls_balancer, farm) -> None:
+    port, recorder = await tls_balancer(max_version="1.2")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("AES128-GCM-SHA256")  # RSA key exchange: no forward secrecy, not offered
+    with pytest.raises(ssl.SSLError):
+        await asyncio.to_thread(_tls_get, port, context)
+    (record,) = await recorder.wait_for(1)
+    assert record.tls_failure == "no_shared_cipher"
+    assert farm[0].connections == 0
+
+
+async def test_client_reset_mid_handshake_is_a_reset(tls_balancer, farm) -> None:
+    port, recorder = await tls_balancer()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"\x16\x03\x01\x00\xff\x01\x00")  # the start of a ClientHello
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST
+    (record,) = await recorder.wait_for(1)
+    assert record.tls_failure == "reset"
+    assert record.client_leg.rst_received
+    assert farm[0].connections == 0

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import h11
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balancer.errors import (
     BadBackendResponse,
     BadRequest,
+    BodyTooLarge,
+    ClientError,
     HeaderTooLarge,
     MethodNotAllowed,
     URITooLong,
@@ -163,6 +165,11 @@ def feed_all(framer: ResponseFramer, pieces: list[bytes]) -> bytes:
     return b"".join(framer.feed(piece) for piece in pieces)
 
 
+# Correctness properties, not timings: no per-example deadline on a loaded CI machine.
+PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY
 @given(st.lists(st.integers(min_value=0, max_value=400), max_size=12))
 def test_framer_finds_the_same_boundaries_however_the_bytes_are_split(cuts: list[int]) -> None:
     stream = b"".join(data for _, data in RESPONSES)
@@ -242,3 +249,114 @@ def test_error_responses_are_complete_http_with_connection_close() -> None:
         assert isinstance(client.next_event(), h11.Data)
         assert isinstance(client.next_event(), h11.EndOfMessage)
     assert b"Retry-After: 1" in error_response(503, 1)
+
+
+def test_body_limit_by_content_length_refuses_before_forwarding() -> None:
+    r = reader(max_body_bytes=10)
+    out = r.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+    assert out == b"" and type(r.error) is BodyTooLarge
+
+
+def test_body_limit_on_a_chunked_body_is_found_while_streaming() -> None:
+    r = reader(max_body_bytes=10)
+    out = r.feed(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n"
+    )
+    assert out.endswith(b"8\r\n12345678\r\n") and r.error is None
+    r.feed(b"8\r\n12345678\r\n")
+    assert type(r.error) is BodyTooLarge
+
+
+# Fuzzing (issue 5): arbitrary input never escapes as an exception, and what is accepted means
+# the same when parsed again.
+
+_TOKENS = st.sampled_from(
+    [
+        b"GET",
+        b"POST",
+        b"HEAD",
+        b" ",
+        b"/",
+        b"HTTP/1.1",
+        b"HTTP/1.0",
+        b"\r\n",
+        b"\n",
+        b":",
+        b"Host",
+        b"Content-Length",
+        b"Transfer-Encoding",
+        b"chunked",
+        b"Connection",
+        b"close",
+        b"keep-alive",
+        b"0",
+        b"5",
+        b"hello",
+        b"\t",
+        b"X-A",
+        b"upgrade",
+        b"Upgrade",
+        b"\x00",
+    ]
+)
+
+
+@PROPERTY
+@given(st.lists(_TOKENS, max_size=40).map(b"".join) | st.binary(max_size=300))
+def test_reader_never_raises_on_arbitrary_bytes(data: bytes) -> None:
+    r = reader()
+    r.feed(data)
+    assert r.error is None or isinstance(r.error, ClientError)
+
+
+@PROPERTY
+@given(
+    method=st.sampled_from([b"GET", b"POST", b"DELETE"]),
+    path=st.from_regex(rb"\A/[a-z0-9/._~%-]{0,30}\Z"),
+    headers=st.lists(
+        st.tuples(st.from_regex(rb"\AX-[A-Za-z0-9-]{1,10}\Z"), st.from_regex(rb"\A[ -~]{0,20}\Z")),
+        max_size=5,
+    ),
+    body=st.binary(max_size=50),
+    chunked=st.booleans(),
+)
+def test_accepted_requests_reserialise_to_the_same_meaning(method, path, headers, body, chunked):
+    lines = [b"%b %b HTTP/1.1" % (method, path), b"Host: h"]
+    lines += [b"%b: %b" % (name, value.strip()) for name, value in headers]
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+        framed = (b"%x\r\n%b\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    else:
+        lines.append(b"Content-Length: %d" % len(body))
+        framed = body
+    first = reader()
+    out = first.feed(b"\r\n".join(lines) + b"\r\n\r\n" + framed)
+    assert first.error is None and first.messages_completed == 1
+    again = RequestReader("192.0.2.7", "https", 443, HeadLimits())
+    again.feed(out)
+    assert again.error is None and again.messages_completed == 1
+    assert again.heads[0].method == method
+    seen = _parse_all(out)
+    assert seen["path"] == path and seen["body"] == body
+    for name, value in headers:
+        if name.lower() not in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port"):
+            assert (name, value.strip()) in seen["headers"]
+
+
+def _parse_all(data: bytes) -> dict:
+    import httptools
+
+    seen: dict = {"headers": [], "body": b"", "path": b""}
+
+    class Sink:
+        def on_url(self, url: bytes) -> None:
+            seen["path"] += url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            seen["headers"].append((name, value))
+
+        def on_body(self, body: bytes) -> None:
+            seen["body"] += body
+
+    httptools.HttpRequestParser(Sink()).feed_data(data)
+    return seen
