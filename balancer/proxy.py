@@ -10,11 +10,15 @@ one dedicated backend connection, one deadline timer, and the `ConnectionRecord`
            (TLS listeners)         (header deadline)     (tcp mode: at accept)
     relay: client → backend  request heads re-serialised by http1.RequestReader, bodies streamed
            backend → client  bytes as they come; http1.ResponseFramer only follows boundaries
-    end:   either side's FIN/RST/close_notify, a deadline, an error, or shutdown ──► `_finish`
+    end:   either side's FIN/RST/close_notify, a deadline, an error, or shutdown ──► each leg
+           closes by FIN and linger (see "teardown") ──► both closed: `_maybe_finish`
 
 Invariants:
-- `_finish` runs exactly once, from the client transport's `connection_lost`; it releases the
-  lease, closes the backend leg if still open, stamps `closed_at` and publishes the record.
+- `_maybe_finish` publishes exactly once, when the client leg and the backend leg (if any)
+  are both closed, so the record holds each leg's whole teardown; it releases the lease.
+  Every wait on the way is bounded (linger_seconds, the shutdown grace).
+- What the record says of the wire is read from the kernel where user space would guess:
+  the ClientHello's receive timestamp, TCP_INFO at accept and at each shutdown.
 - An error response is written only at a response boundary (nothing of a response to the
   current request has reached the client); otherwise the client connection is aborted with an
   RST, so a truncated response never looks whole.
@@ -532,8 +536,9 @@ class ClientConnection(asyncio.Protocol):
         for chunk in pending:
             record.backend_bytes_out += len(chunk)
             transport.write(chunk)
-        if self._client_eof and self._tunnel:
-            transport.write_eof()
+        if self._client_eof and self._tunnel:  # the client half-closed while we connected
+            sock = transport.get_extra_info("socket")
+            self._shutdown_leg(record.backend_leg, transport, sock)
         if self._closing:
             return
         if self._tunnel:
