@@ -591,13 +591,17 @@ def main(argv: list[str] | None = None) -> int:
                                     f"  errors {sample.errors}",
                                     flush=True,
                                 )
-                if "S5" in scenarios:
-                    for target in targets:
+                for target in targets:
+                    target.stop()
+                if "S5" in scenarios and key_type == key_types[0]:
+                    # Fresh processes: after the load scenarios every proxy sits at its memory
+                    # high-water mark, and idle connections would cost nothing to measure.
+                    fresh = bench.start_targets(key_type)
+                    for target in fresh:
                         sample = bench.idle_memory(target, 5000 if args.full else 2000)
                         if sample is not None:
                             samples.append(sample)
-                for target in targets:
-                    target.stop()
+                        target.stop()
         finally:
             bench.close()
     rows = summarise(samples)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -234,3 +235,37 @@ def test_certs_verb_writes_a_ca_and_a_private_key_with_mode_0600(tmp_path: Path)
     assert (tmp_path / "server.key").stat().st_mode & 0o777 == 0o600
     text = run("openssl", "x509", "-in", str(tmp_path / "server.crt"), "-noout", "-text").stdout
     assert "DNS:lb.test" in text and "IP Address:127.0.0.1" in text and "rsaEncryption" in text
+
+
+def test_sigterm_under_load_loses_no_accepted_request(farm_ports, certs_dir, tmp_path) -> None:
+    """Graceful shutdown while ab runs: every connection the balancer accepted is answered in
+    full; new ones are refused once the listener closes; the process exits in the grace."""
+    ab = need("ab")
+    process = balancer(farm_ports, certs_dir, tmp_path)
+    with process as running:
+        load = subprocess.Popen(
+            [ab, "-n", "200000", "-c", "8", "-r", running.url("http")],  # -r: go on after errors
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # bounded wait for load to be flowing
+            metrics = run("curl", "-s", f"http://127.0.0.1:{running.ports['admin']}/metrics").stdout
+            prefix = 'balancer_connections_accepted_total{listener="http"}'
+            accepted = [x for x in metrics.splitlines() if x.startswith(prefix)]
+            if accepted and float(accepted[0].split()[-1]) > 500:
+                break
+            time.sleep(0.05)
+        started = time.monotonic()
+    # Leaving the block sent SIGTERM and waited for exit code 0 with no traceback.
+    assert time.monotonic() - started < 10
+    load.wait(60)
+    assert load.stdout is not None
+    load.stdout.close()
+    records = access_log(tmp_path, served_only=False)
+    assert len(records) > 500
+    served = [r for r in records if r["requests"]]
+    assert all(r["error_status"] is None for r in served)
+    assert not any(r["client_leg"]["rst_sent"] for r in records)
+    assert all(r["bytes"]["client_out"] > 0 for r in served)  # each got its response
