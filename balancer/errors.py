@@ -50,6 +50,13 @@ class VersionNotSupported(ClientError):
     reason = "http_version_not_supported"
 
 
+class CodingNotImplemented(ClientError):
+    """A transfer coding other than chunked: relaying it re-chunked would change the body."""
+
+    status_hint = 501
+    reason = "transfer_coding_not_implemented"
+
+
 class HeaderTimeout(ClientError):
     status_hint = 408
     reason = "header_timeout"

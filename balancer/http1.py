@@ -28,6 +28,7 @@ from balancer.errors import (
     BadRequest,
     BodyTooLarge,
     ClientError,
+    CodingNotImplemented,
     HeaderTooLarge,
     MethodNotAllowed,
     URITooLong,
@@ -203,7 +204,12 @@ class RequestReader:
             if lower == b"connection":
                 named_by_connection.update(t.strip().lower() for t in value.split(b","))
             elif lower == b"transfer-encoding":
-                chunked = True  # llhttp has checked chunked is the final coding
+                if version == "1.0":
+                    raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+                if value.strip().lower() != b"chunked":
+                    # We re-chunk the body ourselves; any other coding would be lost or wrong.
+                    raise CodingNotImplemented(f"Transfer-Encoding: {value!r}")
+                chunked = True
             elif lower == b"upgrade":
                 upgrade_value = value
             elif lower == b"x-forwarded-for":

@@ -12,6 +12,7 @@ from balancer.errors import (
     BadRequest,
     BodyTooLarge,
     ClientError,
+    CodingNotImplemented,
     HeaderTooLarge,
     MethodNotAllowed,
     URITooLong,
@@ -360,3 +361,24 @@ def _parse_all(data: bytes) -> dict:
 
     httptools.HttpRequestParser(Sink()).feed_data(data)
     return seen
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", BadRequest),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", CodingNotImplemented),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            CodingNotImplemented,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            CodingNotImplemented,
+        ),
+    ],
+)
+def test_transfer_codings_other_than_chunked_are_refused_before_forwarding(data, error) -> None:
+    r = reader()
+    assert r.feed(data) == b""  # nothing reaches the backend
+    assert type(r.error) is error
