@@ -106,6 +106,9 @@ def test_pipelined_requests_all_come_out_and_an_error_keeps_what_came_before() -
         ),
         (b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", BadRequest),
         (b"GET / HTTP/1.1\nHost: a\n\n", BadRequest),
+        (b"GET / HTTP/1.1\r\nHost: a\rX: y\r\n\r\n", BadRequest),  # bare CR
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", BadRequest),  # NUL
+        (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", BadRequest),  # space before the colon
     ],
 )
 def test_requests_that_are_not_forwarded(data: bytes, error: type) -> None:
