@@ -760,8 +760,10 @@ class ClientConnection(asyncio.Protocol):
             # Nothing left to send: read the state and send our FIN back to back, so whose
             # FIN came first is exact (write_eof() would send it a loop iteration later).
             if info is not None and info.state == tcpinfo.CLOSE:
-                # Reset under us (our last bytes reached a closed socket): no FIN can leave
-                # and no order can be claimed; reading on collects the reset for the record.
+                # CLOSE before we sent a FIN: the peer reset the connection (our last bytes
+                # reached a socket it had closed). No FIN can leave; the reset is the fact,
+                # even if a FIN it sent before is still queued for us to read.
+                self._note_peer_reset(leg)
                 return True
             leg.fin_sent = True
             if leg.first_fin is None and info is not None:
