@@ -59,7 +59,3 @@ class BackendPool:
 
     def connect_succeeded(self, lease: Lease) -> None:
         lease.state.down_until = 0.0
-
-    @property
-    def active(self) -> int:
-        return sum(s.active for s in self.states)

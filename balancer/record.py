@@ -18,13 +18,14 @@ class LegTeardown:
     """How one leg (client or backend) ended.
 
     initiator: who started the close (PEER, or BALANCER); `close_cause` says why the balancer did.
-    first_fin: whose FIN came first, read from the TCP state at our own shutdown (CLOSE_WAIT means
-      the peer's FIN had arrived); can differ from `initiator` (we decide to close, but the peer's
-      FIN was already in flight).
+    first_fin: whose FIN came first, from the kernel: TCP_INFO read as we send our FIN
+      (CLOSE_WAIT: theirs was in), or when their FIN is read if ours waited behind unsent bytes;
+      None when a reset ended the leg first. Can differ from `initiator` (we decide to close,
+      but the peer's FIN was already in flight).
     rst_received / rst_sent: an RST ended the leg (a reset error from the peer; an abort by us).
     close_notify_received / close_notify_sent: TLS alerts, client leg on a TLS listener only.
-    fin_sent / fin_sent_at: the balancer sent its FIN (write_eof); when it left (unknown when
-      it waited behind unsent bytes).
+    fin_sent / fin_sent_at: the balancer sent its FIN (shutdown); when it left (unknown when it
+      waited behind unsent bytes).
     peer_fin_at / closed_at: when the peer's FIN was read; when the leg was fully closed.
     retransmits: segments the kernel retransmitted on this leg (tcpi_total_retrans at our
       shutdown of it).

@@ -24,16 +24,11 @@ _LAYOUT = struct.Struct("=B7x16xI40xI28xI")  # state; unacked at 24; rtt at 68; 
 _SIZE = 104
 TCP_INFO = getattr(socket, "TCP_INFO", 11)
 
-ESTABLISHED = 1
 CLOSE = 7
 CLOSE_WAIT = 8
 LAST_ACK = 9
 # Read when the peer's FIN has just been read after our write_eof(): theirs came first.
 PEER_WAS_FIRST = frozenset({CLOSE_WAIT, LAST_ACK})
-STATES = {
-    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
-    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
-}  # fmt: skip
 
 
 class HasSockopt(Protocol):
@@ -46,10 +41,6 @@ class TCPInfo:
     unacked: int  # segments sent and not yet acknowledged
     rtt_seconds: float
     total_retrans: int
-
-    @property
-    def state_name(self) -> str:
-        return STATES.get(self.state, str(self.state))
 
 
 def read(sock: HasSockopt | None) -> TCPInfo | None:

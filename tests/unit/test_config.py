@@ -70,6 +70,8 @@ def test_https_listener_gets_tls_defaults() -> None:
         ({"listeners": []}, "listeners", "at least one"),
         ({"timeouts": {"connect_seconds": -1}}, "timeouts.connect_seconds", "positive number"),
         ({"timeouts": {"connect": 5}}, "timeouts.connect", "known keys"),
+        ({"timeouts": {"linger_seconds": 0}}, "timeouts.linger_seconds", "positive number"),
+        ({"limits": {"max_body_bytes": -1}}, "limits.max_body_bytes", "whole number"),
         ({"limits": {"max_connections": 1.5}}, "limits.max_connections", "whole number"),
         ({"tls": {"min_version": "1.0"}}, "tls.min_version", "'1.2' or '1.3'"),
         ({"tls": {"min_version": "1.3", "max_version": "1.2"}}, "tls.max_version", ">="),
