@@ -41,6 +41,10 @@ _DROPPED = frozenset(
     b"x-forwarded-proto x-forwarded-port".split()
 )
 MAX_HEADERS = 100
+# A chunk-size line is a hex size and optional extensions; real ones are a few bytes. llhttp
+# streams them without a bound (5,000 leading zeros parse), so the reader bounds them itself.
+MAX_CHUNK_LINE_BYTES = 4096
+_CRLF = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,12 @@ class RequestReader:
         self._fed_consumed = 0  # bytes of the current read used by complete heads and bodies
         self._chunked = False
         self._body_bytes = 0
+        # Chunked-body framing between data: a chunk-size line, or the trailer section.
+        self._in_framing = False
+        self._in_trailers = False
+        self._framing_line_bytes = 0
+        self._trailer_bytes = 0
+        self._framing_allowance = 0  # chunk framing this read may hold (see _check_framing)
         self.in_head = False
         self.in_body = False
         self.heads: list[RequestHead] = []
@@ -96,6 +106,8 @@ class RequestReader:
         if self.error is not None:
             return b""
         self._fed_consumed = 0
+        self._framing_allowance = 0
+        in_body_before = self.in_body
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -112,11 +124,51 @@ class RequestReader:
             self._pending_head_bytes += len(data)
             if self._pending_head_bytes > self._limits.max_header_bytes:
                 self.error = self.error or HeaderTooLarge("request head incomplete past the limit")
+        elif (self._chunked or self._framing_allowance) and self.error is None:
+            self._check_framing(data)
+            if self.error is not None:
+                # Found after parsing: forward nothing of this read. What had gone out before
+                # it decides whether the backend holds part of a request (see in_body).
+                self._out = []
+                self.heads.clear()
+                self.in_body = in_body_before
         out = self._out
         if not out:
             return b""
         self._out = []
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _check_framing(self, data: bytes) -> None:
+        """Bound chunk-size lines and trailers in a read that ends inside a chunked body.
+
+        llhttp streams chunk-size lines of any length and reports neither their length nor
+        where they lie in a read, so two bounds are taken here. A line the read ends inside of
+        is measured exactly: the bytes after the last LF (a framing line holds none), or the
+        whole read added to the count so far when it holds no LF. Whole lines are bounded on
+        average: the read's bytes that were neither heads nor chunk data may not exceed
+        MAX_CHUNK_LINE_BYTES per chunk-size line completed in it, plus its CRLFs and trailers
+        (which have their own bound: max_header_bytes, like a head).
+        """
+        unfinished = 0
+        if self._in_framing:
+            newline = data.rfind(b"\n")
+            unfinished = (
+                self._framing_line_bytes + len(data) if newline < 0 else len(data) - newline - 1
+            )
+            self._framing_line_bytes = unfinished
+            if self._in_trailers:
+                if self._trailer_bytes + unfinished > self._limits.max_header_bytes:
+                    limit = self._limits.max_header_bytes
+                    self.error = HeaderTooLarge(f"request trailers over {limit} bytes")
+                    return
+                self._framing_allowance += self._limits.max_header_bytes
+            elif unfinished > MAX_CHUNK_LINE_BYTES:
+                self.error = BadRequest(f"chunk-size line over {MAX_CHUNK_LINE_BYTES} bytes")
+                return
+        if len(data) - self._fed_consumed - unfinished > self._framing_allowance:
+            self.error = BadRequest(
+                f"chunk-size lines over {MAX_CHUNK_LINE_BYTES} bytes on average in one read"
+            )
 
     def resume_after_declined_upgrade(self) -> bytes:
         """The backend answered an Upgrade request without 101: parse what followed as HTTP."""
@@ -141,7 +193,13 @@ class RequestReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_head:
-            return  # a chunked trailer: dropped (we re-chunk and end the body ourselves)
+            # A chunked trailer: dropped (we re-chunk and end the body ourselves), but bounded.
+            self._in_trailers = True
+            self._trailer_bytes += len(name) + len(value) + 4
+            self._framing_allowance += len(name) + len(value) + 4
+            if self._trailer_bytes > self._limits.max_header_bytes:
+                raise HeaderTooLarge(f"request trailers over {self._limits.max_header_bytes} bytes")
+            return
         self._headers.append((name, value))
         if len(self._headers) > self._limits.max_headers:
             raise HeaderTooLarge(f"more than {self._limits.max_headers} header fields")
@@ -165,9 +223,28 @@ class RequestReader:
         head, self._chunked = self._rewrite(method, version, upgrade, keep_alive)
         self._fed_consumed += self._head_bytes + len(method) + 14  # request line, final CRLF
         self._out.append(head)
+        if self._chunked:
+            self._enter_framing()
         self.in_head = False
         self.in_body = True
         self.heads.append(RequestHead(method, keep_alive, upgrade))
+
+    def _enter_framing(self) -> None:
+        self._in_framing = True
+        self._framing_line_bytes = 0
+
+    def on_chunk_header(self) -> None:
+        # The size line is whole. Until a data byte arrives this may be the last chunk, whose
+        # trailer section follows: bound what comes as trailer lines.
+        self._in_trailers = True
+        self._trailer_bytes = 0
+        self._framing_line_bytes = 0
+        self._framing_allowance += MAX_CHUNK_LINE_BYTES + _CRLF
+
+    def on_chunk_complete(self) -> None:
+        self._enter_framing()
+        self._in_trailers = False
+        self._framing_allowance += _CRLF  # after the data, or ending the trailers
 
     def on_body(self, body: bytes) -> None:
         self._fed_consumed += len(body)
@@ -177,6 +254,7 @@ class RequestReader:
             if self._body_bytes > limit:  # chunked: found while streaming
                 raise BodyTooLarge(f"request body over {limit} bytes")
         if self._chunked:
+            self._in_framing = self._in_trailers = False
             self._out.append(b"%x\r\n%b\r\n" % (len(body), body))
         else:
             self._out.append(body)
@@ -185,6 +263,8 @@ class RequestReader:
         if self._chunked:
             self._out.append(b"0\r\n\r\n")
             self._chunked = False
+            self._in_framing = self._in_trailers = False
+            self._framing_allowance += _CRLF
         self.in_body = False
         self.messages_completed += 1
 

@@ -47,6 +47,7 @@ class SeenRequest:
     path: str
     headers: list[tuple[str, str]]
     body_size: int = 0
+    complete: bool = False  # the whole message arrived, by its own framing
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -119,6 +120,7 @@ class BackendProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         assert self.current is not None
         request = self.current
+        request.complete = True
         name = self.backend.name
         head = f"HTTP/1.1 200 OK\r\nX-Backend: {name}\r\n"
         path = request.path

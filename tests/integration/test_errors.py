@@ -122,6 +122,37 @@ async def test_malformed_requests_get_their_4xx_and_never_reach_a_backend(
     assert all(r.backend is None for r in records)
 
 
+async def test_bad_chunk_framing_gets_400_or_431_and_the_body_is_not_passed_off(
+    farm, balancer_factory
+) -> None:
+    config = make_config([farm[0].address], limits={"max_header_bytes": 2000})
+    balancer, recorder = await balancer_factory(config)
+    port = port_of(balancer)
+    head = b"POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    cases = [
+        (head + b"zz\r\nhello\r\n0\r\n\r\n", 400),  # not a hex size
+        (head + b"5 ;x\r\nhello\r\n0\r\n\r\n", 400),  # whitespace in the size line
+        (head + b"0" * 9000 + b"5\r\nhello\r\n0\r\n\r\n", 400),  # whole, oversized line
+        (head + b"5;ext=" + b"e" * 5000, 400),  # oversized line still unfinished
+        (head + b"5\r\nhello\r\n0\r\nX-T: " + b"t" * 3000 + b"\r\n\r\n", 431),  # trailers
+    ]
+    for request, status in cases:
+        raw = await raw_exchange(port, request)
+        assert parse_status(raw) == status, request[:80]
+        assert b"Connection: close" in raw
+    ok = await raw_exchange(
+        port,
+        b"POST /ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+        b"\r\n5;name=value\r\nhello\r\n0\r\nX-T: t\r\n\r\n",
+    )
+    assert parse_status(ok) == 200
+    records = await recorder.wait_for(len(cases) + 1)
+    assert [r.error_status for r in records] == [s for _, s in cases] + [None]
+    # Whatever head of a bad request went out, its message never reached a backend whole.
+    seen = [(r.path, r.body_size, r.complete) for r in farm[0].seen]
+    assert ("/ok", 5, True) in seen and not [s for s in seen if s[0] == "/bad" and s[2]]
+
+
 async def test_incomplete_head_gets_408_at_the_header_deadline(farm, balancer_factory) -> None:
     config = make_config([farm[0].address], timeouts={"client_header_seconds": 0.2})
     balancer, recorder = await balancer_factory(config)

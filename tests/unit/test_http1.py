@@ -18,7 +18,13 @@ from balancer.errors import (
     URITooLong,
     VersionNotSupported,
 )
-from balancer.http1 import HeadLimits, RequestReader, ResponseFramer, error_response
+from balancer.http1 import (
+    MAX_CHUNK_LINE_BYTES,
+    HeadLimits,
+    RequestReader,
+    ResponseFramer,
+    error_response,
+)
 
 
 def reader(**limits: int) -> RequestReader:
@@ -269,6 +275,53 @@ def test_body_limit_on_a_chunked_body_is_found_while_streaming() -> None:
     assert out.endswith(b"8\r\n12345678\r\n") and r.error is None
     r.feed(b"8\r\n12345678\r\n")
     assert type(r.error) is BodyTooLarge
+
+
+_CHUNKED_HEAD = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("split", [None, 1, 700])
+def test_an_unfinished_chunk_size_line_is_refused_past_the_limit_however_it_arrives(split) -> None:
+    r = reader()
+    line = b"5;ext=" + b"e" * MAX_CHUNK_LINE_BYTES
+    forwarded = r.feed(_CHUNKED_HEAD)
+    parts = [line] if split is None else [line[i : i + split] for i in range(0, len(line), split)]
+    for part in parts:
+        forwarded += r.feed(part)
+    assert type(r.error) is BadRequest and "chunk-size line" in str(r.error)
+    assert forwarded.endswith(b"\r\n\r\n")  # the head went out, nothing of the line did
+    assert r.in_body  # so the proxy answers now instead of after a response
+
+
+def test_a_whole_oversized_chunk_size_line_withholds_the_read() -> None:
+    r = reader()
+    out = r.feed(_CHUNKED_HEAD + b"0" * 9000 + b"5\r\nhello\r\n0\r\n\r\n")
+    assert out == b"" and r.heads == [] and not r.in_body
+    assert type(r.error) is BadRequest and "chunk-size lines" in str(r.error)
+
+
+def test_chunk_extensions_under_the_limit_pass_and_are_dropped() -> None:
+    r = reader()
+    body = b"5;name=" + b"v" * 3000 + b"\r\nhello\r\n" + b"1;a=b\r\n!\r\n0\r\n\r\n"
+    out = r.feed(_CHUNKED_HEAD + body)  # whole, then in 1000-byte reads
+    out += r.feed(_CHUNKED_HEAD)
+    out += b"".join(r.feed(body[i : i + 1000]) for i in range(0, len(body), 1000))
+    assert r.error is None and r.messages_completed == 2
+    assert out.count(b"5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n") == 2 and b"name=" not in out
+
+
+@pytest.mark.parametrize("split", [None, 1000])
+def test_trailers_are_bounded_like_a_head(split) -> None:
+    r = reader(max_header_bytes=2000)
+    rest = b"5\r\nhello\r\n0\r\n" + b"X-T: t\r\n" * 300 + b"\r\n"
+    parts = [rest] if split is None else [rest[i : i + split] for i in range(0, len(rest), split)]
+    r.feed(_CHUNKED_HEAD)
+    for part in parts:
+        r.feed(part)
+    assert type(r.error) is HeaderTooLarge and "trailers" in str(r.error)
+    one_long = reader(max_header_bytes=2000)
+    one_long.feed(_CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX-T: " + b"t" * 2500)  # unfinished
+    assert type(one_long.error) is HeaderTooLarge
 
 
 # Fuzzing (issue 5): arbitrary input never escapes as an exception, and what is accepted means
