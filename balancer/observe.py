@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -152,12 +152,20 @@ class Observer:
             self.access_log.write(json.dumps(record.to_dict(), separators=(",", ":")) + "\n")
 
 
+class ListenerTotals(NamedTuple):
+    name: str
+    accepted: int
+    rejected: int
+    open_now: int
+    accept_errors: int  # asyncio loop only: under uvloop, libuv handles them unseen
+
+
 class StateCollector(Collector):
     """Gauges and totals read from live state at scrape time (zero cost per connection)."""
 
     def __init__(
         self,
-        listeners: Callable[[], Iterable[tuple[str, int, int, int]]],
+        listeners: Callable[[], Iterable[ListenerTotals]],
         backends: Callable[[], Iterable[BackendState]],
     ) -> None:
         self._listeners = listeners
@@ -175,11 +183,18 @@ class StateCollector(Collector):
         active = GaugeMetricFamily(
             "balancer_connections_active", "Client connections open now.", labels=["listener"]
         )
-        for name, accepted_total, rejected_total, open_now in self._listeners():
-            accepted.add_metric([name], accepted_total)
-            rejected.add_metric([name], rejected_total)
-            active.add_metric([name], open_now)
-        yield from (accepted, rejected, active)
+        accept_errors = CounterMetricFamily(
+            "balancer_accept_errors",
+            "accept() failures for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, "
+            "ENOMEM); accepting pauses after each. Counted under the asyncio event loop only.",
+            labels=["listener"],
+        )
+        for totals in self._listeners():
+            accepted.add_metric([totals.name], totals.accepted)
+            rejected.add_metric([totals.name], totals.rejected)
+            active.add_metric([totals.name], totals.open_now)
+            accept_errors.add_metric([totals.name], totals.accept_errors)
+        yield from (accepted, rejected, active, accept_errors)
         backend_active = GaugeMetricFamily(
             "balancer_backend_active_connections",
             "Client connections assigned to each backend now (what least_connections sees).",

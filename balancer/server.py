@@ -16,15 +16,16 @@ import signal
 import ssl
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
 from balancer import tcpinfo
+from balancer.accept import SelectorAcceptor, bind_acceptors
 from balancer.admin import AdminServer
 from balancer.backends import Backend
 from balancer.config import Config
-from balancer.observe import Observer, StateCollector
+from balancer.observe import ListenerTotals, Observer, StateCollector
 from balancer.policies import POLICIES
 from balancer.pool import BackendPool
 from balancer.proxy import ClientConnection, ListenerContext
@@ -34,6 +35,13 @@ from balancer.tls import server_context
 log = logging.getLogger("balancer")
 
 ACCESS_LOG_FLUSH_SECONDS = 1.0
+BACKLOG = 4096
+
+
+class Listening(Protocol):
+    """What the balancer needs of a bound listener: `asyncio.Server` or a `SelectorAcceptor`."""
+
+    def close(self) -> None: ...
 
 
 class Balancer:
@@ -79,7 +87,8 @@ class Balancer:
             for listener in config.listeners
         ]
         self.registry.register(StateCollector(self._listener_totals, lambda: self.pool.states))
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[Listening] = []
+        self._acceptors: dict[str, list[SelectorAcceptor]] = {}
         self.addresses: dict[str, tuple[str, int]] = {}
         self._flusher: asyncio.Task[None] | None = None
 
@@ -88,9 +97,15 @@ class Balancer:
         if self.draining and not any(ctx.connections for ctx in self.contexts):
             self._drained.set()
 
-    def _listener_totals(self) -> list[tuple[str, int, int, int]]:
+    def _listener_totals(self) -> list[ListenerTotals]:
         return [
-            (c.listener.name, c.accepted_total, c.rejected_total, len(c.connections))
+            ListenerTotals(
+                c.listener.name,
+                c.accepted_total,
+                c.rejected_total,
+                len(c.connections),
+                sum(a.resource_errors for a in self._acceptors.get(c.listener.name, ())),
+            )
             for c in self.contexts
         ]
 
@@ -100,32 +115,44 @@ class Balancer:
 
     async def start(self) -> None:
         """Bind every listener (and the admin endpoint); port 0 picks one, logged here."""
-        loop = asyncio.get_running_loop()
         for ctx in self.contexts:
-            bind = ctx.listener.bind
-            server = await loop.create_server(
-                functools.partial(ClientConnection, ctx),
-                bind.host,
-                bind.port,
-                reuse_address=True,
-                backlog=4096,
+            bind, name = ctx.listener.bind, ctx.listener.name
+            servers = await self._listen(
+                name, bind.host, bind.port, functools.partial(ClientConnection, ctx)
             )
             if ctx.ssl_context is not None:  # ClientHello arrival from the kernel's stamps
-                for sock in getattr(server, "sockets", None) or []:
-                    tcpinfo.enable_receive_timestamps(sock)
-            self.servers.append(server)
-            self.addresses[ctx.listener.name] = _bound(server)
+                for server in servers:
+                    for sock in getattr(server, "sockets", None) or []:
+                        tcpinfo.enable_receive_timestamps(sock)
         if self.config.admin is not None:
             admin = AdminServer(self.registry, self.connections_view, self.backends_view)
-            server = await asyncio.start_server(
-                admin.handle, self.config.admin.host, self.config.admin.port, reuse_address=True
-            )
-            self.servers.append(server)
-            self.addresses["admin"] = _bound(server)
+
+            def admin_protocol() -> asyncio.BaseProtocol:
+                return asyncio.StreamReaderProtocol(asyncio.StreamReader(), admin.handle)
+
+            bind = self.config.admin
+            await self._listen("admin", bind.host, bind.port, admin_protocol)
         for name, (host, port) in self.addresses.items():
             log.info("listening: %s on %s:%d", name, host, port)
         if self.access_log is not None:
-            self._flusher = loop.create_task(self._flush_access_log())
+            self._flusher = asyncio.create_task(self._flush_access_log())
+
+    async def _listen(
+        self, name: str, host: str, port: int, factory: Callable[[], asyncio.BaseProtocol]
+    ) -> list[Listening]:
+        loop = asyncio.get_running_loop()
+        servers: list[Listening]
+        if isinstance(loop, asyncio.SelectorEventLoop):  # see balancer.accept
+            acceptors = bind_acceptors(loop, host, port, factory, name, BACKLOG)
+            self._acceptors[name] = acceptors
+            servers = list(acceptors)
+        else:
+            servers = [
+                await loop.create_server(factory, host, port, reuse_address=True, backlog=BACKLOG)
+            ]
+        self.servers.extend(servers)
+        self.addresses[name] = _bound(servers[0])
+        return servers
 
     async def _flush_access_log(self) -> None:
         assert self.access_log is not None
@@ -206,7 +233,7 @@ class Balancer:
         ]
 
 
-def _bound(server: asyncio.AbstractServer) -> tuple[str, int]:
+def _bound(server: Listening) -> tuple[str, int]:
     sockets = getattr(server, "sockets", None) or []
     host, port = sockets[0].getsockname()[:2]
     return host, port

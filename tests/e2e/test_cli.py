@@ -11,37 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from balancer.certs import make_certs
-from tests.e2e.conftest import BalancerProcess, need, run
+from tests.e2e.conftest import balancer, need, run
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("e2e-certs")
-    make_certs(directory)
-    return directory
-
-
-def balancer(farm_ports, certs_dir: Path, tmp_path: Path, *extra: str) -> BalancerProcess:
-    args = [
-        "--http",
-        "127.0.0.1:0",
-        "--https",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--cert",
-        str(certs_dir / "server.crt"),
-        "--key",
-        str(certs_dir / "server.key"),
-        "--access-log",
-        str(tmp_path / "access.log"),
-    ]
-    for port in farm_ports:
-        args += ["--backend", f"127.0.0.1:{port}"]
-    return BalancerProcess([*args, *extra], {"http", "https", "admin"}, tmp_path)
 
 
 def access_log(tmp_path: Path, served_only: bool = True) -> list[dict]:

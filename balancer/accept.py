@@ -1,0 +1,135 @@
+"""Accepting under asyncio's own event loop, with a back-off when descriptors run out.
+
+Under uvloop the loop accepts (libuv): when accept() fails with EMFILE, libuv closes a spare
+descriptor, accepts the waiting connections and closes them at once, silently. asyncio's
+selector loop instead retries a failing accept() `backlog` times per wake-up, logging a
+traceback and scheduling a retry each time (CPython gh-151615): thousands of lines a second.
+So under asyncio the balancer accepts itself: on a resource error it stops accepting for
+`ACCEPT_PAUSE_SECONDS` (nginx pauses 500 ms) and logs one line per pause, with the count of
+errors since the last one; connections wait in the kernel backlog meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+log = logging.getLogger("balancer")
+
+ACCEPT_PAUSE_SECONDS = 0.5
+ACCEPT_BATCH = 64  # connections taken per wake-up, so one listener cannot starve the loop
+RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+LOG_EVERY_SECONDS = 10.0
+
+
+class SelectorAcceptor:
+    """A listening socket served by `loop.add_reader`; quacks like the `asyncio.Server` parts
+    the balancer uses (`sockets`, `close`, `is_serving`)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        name: str,
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._factory = protocol_factory
+        self._name = name
+        self._serving = False
+        self._resume: asyncio.TimerHandle | None = None
+        self._last_log: float | None = None
+        self.sockets = [sock]
+        self.resource_errors = 0
+        self._errors_unlogged = 0
+
+    def start(self) -> None:
+        self._sock.setblocking(False)
+        self._serving = True
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _address = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as error:
+                if error.errno not in RESOURCE_ERRORS:
+                    raise
+                self._pause(error)
+                return
+            conn.setblocking(False)
+            self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+
+    def _pause(self, error: OSError) -> None:
+        self.resource_errors += 1
+        self._errors_unlogged += 1
+        now = self._loop.time()
+        if self._last_log is None or now - self._last_log >= LOG_EVERY_SECONDS:
+            log.warning(
+                "listener %s: accept failed: %s; pausing accepts %.1f s at a time "
+                "(failures since the last report: %d)",
+                self._name,
+                error.strerror,
+                ACCEPT_PAUSE_SECONDS,
+                self._errors_unlogged,
+            )
+            self._last_log, self._errors_unlogged = now, 0
+        self._loop.remove_reader(self._sock.fileno())
+        self._resume = self._loop.call_later(ACCEPT_PAUSE_SECONDS, self._unpause)
+
+    def _unpause(self) -> None:
+        self._resume = None
+        if self._serving:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        if not self._serving:
+            return
+        self._serving = False
+        if self._resume is not None:
+            self._resume.cancel()
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+def bind_acceptors(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    name: str,
+    backlog: int,
+) -> list[SelectorAcceptor]:
+    """One listening socket per address `host` resolves to, as `loop.create_server` binds."""
+    infos = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
+    )
+    acceptors: list[SelectorAcceptor] = []
+    for family, kind, proto, _canonical, address in dict.fromkeys(infos):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+        except OSError:
+            sock.close()
+            for acceptor in acceptors:
+                acceptor.close()
+            raise
+        acceptors.append(SelectorAcceptor(loop, sock, protocol_factory, name))
+    for acceptor in acceptors:
+        acceptor.start()
+    return acceptors
