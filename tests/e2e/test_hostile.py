@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import resource
 import selectors
 import socket
+import ssl
+import struct
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import balancer, need, run
+from tests.helpers import dead_port
 
 pytestmark = pytest.mark.e2e
 
@@ -154,3 +160,134 @@ def test_ten_thousand_idle_connections_are_held_while_new_requests_are_served(
                 break
             assert time.monotonic() < deadline, "connections still counted open"
             time.sleep(0.1)
+
+
+def test_sslyze_finds_only_tls12_and_up_aead_ecdhe_no_compression_no_client_renegotiation(
+    farm_ports: list[int], certs_dir: Path, tmp_path: Path
+) -> None:
+    sslyze = need("sslyze")
+    report = tmp_path / "sslyze.json"
+    with balancer(farm_ports, certs_dir, tmp_path) as running:
+        scan = run(
+            sslyze, "--sslv2", "--sslv3", "--tlsv1", "--tlsv1_1", "--tlsv1_2", "--tlsv1_3",
+            "--compression", "--reneg", "--mozilla_config", "disable", "--json_out", str(report),
+            f"127.0.0.1:{running.ports['https']}", timeout=120,
+        )  # fmt: skip
+        assert scan.returncode == 0, scan.stdout + scan.stderr
+    result = json.loads(report.read_text())["server_scan_results"][0]["scan_result"]
+    for old in ("ssl_2_0", "ssl_3_0", "tls_1_0", "tls_1_1"):
+        assert result[f"{old}_cipher_suites"]["status"] == "COMPLETED"
+        assert not result[f"{old}_cipher_suites"]["result"]["is_tls_version_supported"], old
+    tls12 = result["tls_1_2_cipher_suites"]["result"]
+    names = [s["cipher_suite"]["name"] for s in tls12["accepted_cipher_suites"]]
+    assert tls12["is_tls_version_supported"] and names
+    for name in names:
+        assert name.startswith("TLS_ECDHE_"), name
+        assert name.endswith(("_GCM_SHA256", "_GCM_SHA384", "_CHACHA20_POLY1305_SHA256")), name
+    assert result["tls_compression"]["result"]["supports_compression"] is False
+    renegotiation = result["session_renegotiation"]["result"]
+    assert renegotiation["client_renegotiations_success_count"] == 0
+    assert renegotiation["is_vulnerable_to_client_renegotiation_dos"] is False
+
+
+def _exchange(port: int, data: bytes, *, reset: bool = False, timeout: float = 10) -> bytes:
+    """Send `data`, read until the balancer closes (or reset at once when `reset`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        if data:
+            sock.sendall(data)
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return b""
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _client_hello() -> bytes:
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+_CHUNKED = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+HOSTILE_REQUESTS = [
+    (_CHUNKED.replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\n") + b"0\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", 400),  # obs-fold
+    (b"GET / HTTP/1.1\nHost: x\n\n", 400),  # bare LF
+    (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"h" * 20000 + b"\r\n\r\n", 431),
+    (_CHUNKED + b"zz\r\nhello\r\n0\r\n\r\n", 400),
+    (_CHUNKED + b"0" * 9000 + b"5\r\nhello\r\n0\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n", 408),  # incomplete head: cut at the header deadline
+    (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", 405),
+]
+
+
+def test_after_the_hostile_suite_both_listeners_serve_counts_are_zero_and_no_traceback(
+    farm_ports: list[int], certs_dir: Path, tmp_path: Path
+) -> None:
+    curl = need("curl")
+    config = tmp_path / "short.toml"
+    config.write_text("[timeouts]\nclient_header_seconds = 1\ntls_handshake_seconds = 1\n")
+    dead = ["--backend", f"127.0.0.1:{dead_port()}"]  # refused: the next backend serves
+    with balancer(farm_ports, certs_dir, tmp_path, "-c", str(config), *dead) as running:
+        http, https = running.ports["http"], running.ports["https"]
+
+        def hostile_http(case: tuple[bytes, int]) -> None:
+            request, status = case
+            answer = _exchange(http, request)
+            assert answer.startswith(b"HTTP/1.1 %d " % status), (request[:60], answer[:80])
+
+        def hostile_tls(data: bytes, reset: bool) -> None:
+            answer = _exchange(https, data, reset=reset)
+            assert b"HTTP/1.1 200" not in answer
+
+        hello = _client_hello()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(hostile_http, HOSTILE_REQUESTS))
+            tls_cases = [
+                (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", False),  # plain HTTP on the TLS port
+                (os.urandom(2000), False),
+                (hello[: len(hello) // 2], False),  # a ClientHello cut in half: the deadline
+                (hello[: len(hello) // 2], True),  # ... then a reset
+                (b"", False),  # connect and say nothing
+            ]
+            list(pool.map(lambda case: hostile_tls(*case), tls_cases))
+            # Clients that vanish: mid-head, mid-body, and reset mid-response.
+            _exchange(http, b"GET / HTTP/1.1\r\nHo", reset=True)
+            _exchange(
+                http, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab", reset=True
+            )
+            _exchange(http, b"GET /?size=50000000 HTTP/1.1\r\nHost: x\r\n\r\n", reset=True)
+            tls_old = run("openssl", "s_client", "-connect", f"127.0.0.1:{https}", "-tls1_1")
+            assert tls_old.returncode != 0
+        served_http = run(curl, "-sS", "--max-time", "10", running.url("http"))
+        served_https = run(curl, "-sS", "--max-time", "10", "--cacert",
+                           str(certs_dir / "ca.crt"), running.url("https"))  # fmt: skip
+        assert "Served by web" in served_http.stdout, served_http.stderr
+        assert "Served by web" in served_https.stdout, served_https.stderr
+        deadline = time.monotonic() + 20  # the balancer is another process: poll its metrics
+        while True:
+            text = run(curl, "-sS", running.url("admin", "/metrics")).stdout
+            open_now = [_metric(text, "balancer_connections_active", x) for x in ("http", "https")]
+            if open_now == [0, 0]:
+                break
+            assert time.monotonic() < deadline, f"connections still counted open: {open_now}"
+            time.sleep(0.1)
+        failures = sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("balancer_tls_handshake_failures_total{")
+        )
+        assert failures >= len(tls_cases) + 1, text  # each hostile handshake, and TLS 1.1
+    # Leaving the block stopped the balancer by SIGTERM, checked it exited 0 and that its
+    # output holds no traceback.
