@@ -32,6 +32,14 @@ class AdminServer:
         }
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            # The loop is ending (shutdown) with a scrape connection open. Ending normally, as
+            # Python 3.11's stream callback logs a cancelled handler as an error with a traceback.
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
         try:
             while True:

@@ -146,3 +146,23 @@ async def test_access_log_has_one_json_line_per_connection(farm) -> None:
     assert first["client_leg"]["initiator"] == "peer"
     assert first["bytes"]["client_in"] > 0 and first["bytes"]["backend_in"] > 0
     assert first["id"] != lines[1]["id"]
+
+
+async def test_a_scrape_connection_open_when_the_loop_ends_closes_quietly(farm, balancer_factory):
+    balancer, _ = await balancer_factory(make_config([farm[0].address]))
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    reader, writer = await asyncio.open_connection(*balancer.addresses["admin"])
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        await reader.readuntil(b"ok\n")  # the handler is running, waiting for the next request
+    handlers = [t for t in asyncio.all_tasks() if "AdminServer.handle" in repr(t.get_coro())]
+    assert len(handlers) == 1
+    handlers[0].cancel()  # what asyncio.run does to tasks left when the loop ends
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+        await asyncio.wait(handlers)
+    writer.close()
+    loop.set_exception_handler(None)
+    assert not handlers[0].cancelled() and errors == []
