@@ -87,6 +87,10 @@ class ListenerContext:
     accepted_total: int = 0
     rejected_total: int = 0
     draining: bool = False
+    # Set once bound. Kept here because every get_running_loop() costs a getpid() syscall
+    # (Python 3.11), and getsockname() for a port every accepted socket shares is another.
+    loop: asyncio.AbstractEventLoop | None = None
+    local_port: int | None = None
     head_limits: HeadLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +135,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
+        self._loop = ctx.loop or asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.record: ConnectionRecord | None = None
         self.tls: TLSSession | None = None
@@ -169,10 +174,11 @@ class ClientConnection(asyncio.Protocol):
         )
         record.worker_pid = ctx.worker_pid
         peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
         if peer:
             record.client_ip, record.client_port = peer[0], peer[1]
-        if local:
+        if ctx.local_port is not None:
+            record.local_port = ctx.local_port
+        elif local := transport.get_extra_info("sockname"):
             record.local_port = local[1]
         self._sock = transport.get_extra_info("socket")
         info = tcpinfo.read(self._sock)
@@ -201,7 +207,7 @@ class ClientConnection(asyncio.Protocol):
         if self._blocks:
             # uvloop starts reading after connection_made returns, whatever it was told
             # there; say it again before the loop polls.
-            asyncio.get_running_loop().call_soon(self._reassert_pause)
+            self._loop.call_soon(self._reassert_pause)
 
     def _reassert_pause(self) -> None:
         if self._blocks and self.transport is not None and not self._closing:
@@ -217,7 +223,7 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             watched = os.dup(self._sock.fileno())
-            asyncio.get_running_loop().add_reader(watched, self._on_first_bytes, watched)
+            self._loop.add_reader(watched, self._on_first_bytes, watched)
         except (OSError, RuntimeError, AttributeError):
             return  # data_received's clock reading stands in
         self._stamp_watch = watched
@@ -230,7 +236,7 @@ class ClientConnection(asyncio.Protocol):
     def _stop_stamp_watch(self) -> None:
         watched, self._stamp_watch = self._stamp_watch, None
         if watched is not None:
-            asyncio.get_running_loop().remove_reader(watched)
+            self._loop.remove_reader(watched)
             os.close(watched)
             self.unblock_reading("stamp")
 
@@ -394,7 +400,7 @@ class ClientConnection(asyncio.Protocol):
                 # Our last bytes are in flight to a peer that may have closed its socket: wait
                 # a few round trips, so an RST they draw is seen, not hidden by our close.
                 wait = max(0.001, 4 * info.rtt_seconds)
-                asyncio.get_running_loop().call_later(wait, self.transport.close)
+                self._loop.call_later(wait, self.transport.close)
             elif self.transport is not None:
                 self.transport.close()
             return True
@@ -471,14 +477,14 @@ class ClientConnection(asyncio.Protocol):
 
     def _start_connect(self) -> None:
         self.block_reading("connecting")
-        self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+        self._connect_task = self._loop.create_task(self._connect())
 
     async def _connect(self) -> None:
         """Connect to a backend the policy picks; on refusal or timeout try the next one."""
         ctx = self.ctx
         record = self.record
         assert record is not None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         tried: list[Any] = []
         error: BalancerError = NoBackendAvailable("no backend is ready")
         for _ in range(ctx.limits.max_connect_attempts):
@@ -769,7 +775,7 @@ class ClientConnection(asyncio.Protocol):
             if leg.first_fin is None and info is not None:
                 leg.first_fin = PEER if info.state == tcpinfo.CLOSE_WAIT else BALANCER
             leg.fin_sent_at = self.ctx.clock()
-            if not _shutdown_now(sock):
+            if not tcpinfo.shutdown_write(sock):
                 transport.write_eof()
             return True
         leg.fin_sent = True
@@ -928,7 +934,7 @@ class ClientConnection(asyncio.Protocol):
         if timer is None or timer.when() > at:
             if timer is not None:
                 timer.cancel()
-            loop = asyncio.get_running_loop()
+            loop = self._loop
             self._timer = loop.call_at(loop.time() + (at - self.ctx.clock()), self._on_timer)
 
     def _on_timer(self) -> None:
@@ -937,7 +943,7 @@ class ClientConnection(asyncio.Protocol):
             return
         now = self.ctx.clock()
         if now < self._deadline:
-            loop = asyncio.get_running_loop()
+            loop = self._loop
             self._timer = loop.call_at(loop.time() + (self._deadline - now), self._on_timer)
             return
         self._deadline_passed(self._deadline_kind)
@@ -1015,22 +1021,6 @@ def _closed(leg: LegTeardown, now: float) -> None:
     leg.closed_at = now
     if leg.first_fin is None and leg.fin_sent:
         leg.first_fin = BALANCER  # ours went; theirs never came (linger over, or an RST)
-
-
-def _shutdown_now(sock: Any) -> bool:
-    """shutdown(SHUT_WR) at once. uvloop's socket object refuses shutdown(), but shutdown acts
-    on the socket, not the descriptor, so a duplicate descriptor serves."""
-    try:
-        duplicate = socket.socket(fileno=os.dup(sock.fileno()))
-    except (OSError, AttributeError):
-        return False
-    try:
-        duplicate.shutdown(socket.SHUT_WR)
-        return True
-    except OSError:
-        return False
-    finally:
-        duplicate.close()
 
 
 def _buffered(transport: Any) -> bool:

@@ -117,9 +117,16 @@ class Balancer:
         """Bind every listener (and the admin endpoint); port 0 picks one, logged here."""
         for ctx in self.contexts:
             bind, name = ctx.listener.bind, ctx.listener.name
+            ctx.loop = asyncio.get_running_loop()
             servers = await self._listen(
                 name, bind.host, bind.port, functools.partial(ClientConnection, ctx)
             )
+            ports = {
+                sock.getsockname()[1]
+                for server in servers
+                for sock in getattr(server, "sockets", None) or []
+            }
+            ctx.local_port = ports.pop() if len(ports) == 1 else None
             if ctx.ssl_context is not None:  # ClientHello arrival from the kernel's stamps
                 for server in servers:
                     for sock in getattr(server, "sockets", None) or []:

@@ -13,11 +13,9 @@ load); `first_byte_arrival` peeks the kernel's receive timestamp (SO_TIMESTAMPNS
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import struct
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 # struct tcp_info (linux/tcp.h): 8 single bytes, then 32-bit fields; we read up to total_retrans.
 _LAYOUT = struct.Struct("=B7x16xI40xI28xI")  # state; unacked at 24; rtt at 68; total_retrans 100
@@ -31,30 +29,60 @@ LAST_ACK = 9
 PEER_WAS_FIRST = frozenset({CLOSE_WAIT, LAST_ACK})
 
 
-class HasSockopt(Protocol):
-    def getsockopt(self, level: int, option: int, buflen: int) -> bytes: ...
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
 
 
-@dataclass(frozen=True, slots=True)
-class TCPInfo:
+class TCPInfo(NamedTuple):
     state: int
     unacked: int  # segments sent and not yet acknowledged
     rtt_seconds: float
     total_retrans: int
 
 
-def read(sock: HasSockopt | None) -> TCPInfo | None:
+def borrow(sock: HasFileno) -> socket.socket:
+    """A socket object on `sock`'s descriptor, to be `detach()`ed (never closed) after use.
+
+    The transports' own socket objects refuse shutdown() (uvloop) or rebuild a socket object
+    for every getsockopt() whose constructor asks the kernel the family and type (three
+    syscalls). Naming them here costs none; no call made on it depends on them.
+    """
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, sock.fileno())
+
+
+def read(sock: HasFileno | None) -> TCPInfo | None:
     """TCP_INFO of a socket, or None where the platform or socket cannot say."""
     if sock is None:
         return None
     try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _SIZE)
-    except (OSError, AttributeError):
+        borrowed = borrow(sock)
+    except (OSError, ValueError, AttributeError):  # closed: fileno() is -1
         return None
+    try:
+        raw = borrowed.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _SIZE)
+    except OSError:
+        return None
+    finally:
+        borrowed.detach()
     if len(raw) < _SIZE:
         return None
     state, unacked, rtt_us, retrans = _LAYOUT.unpack_from(raw)
     return TCPInfo(state, unacked, rtt_us / 1e6, retrans)
+
+
+def shutdown_write(sock: HasFileno) -> bool:
+    """shutdown(SHUT_WR) now, on a borrowed socket object (see `borrow`); False if it failed."""
+    try:
+        borrowed = borrow(sock)
+    except (OSError, ValueError, AttributeError):
+        return False
+    try:
+        borrowed.shutdown(socket.SHUT_WR)
+        return True
+    except OSError:
+        return False
+    finally:
+        borrowed.detach()
 
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
@@ -71,8 +99,8 @@ def first_byte_arrival(fd: int) -> float | None:
     """The kernel's receive time (Unix seconds) of the first unread byte on `fd`, peeked so
     the byte stays for whoever reads it; None if nothing is queued or no stamp is kept."""
     try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)  # borrowed: see borrow
+    except (OSError, ValueError):
         return None
     try:
         _, ancillary, _, _ = sock.recvmsg(
@@ -81,7 +109,7 @@ def first_byte_arrival(fd: int) -> float | None:
     except OSError:
         return None
     finally:
-        sock.close()
+        sock.detach()
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _STAMP.size:
             seconds, nanoseconds = _STAMP.unpack_from(payload)
