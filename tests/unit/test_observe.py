@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from balancer.observe import Observer
-from balancer.record import BALANCER, PEER, ConnectionRecord
+from balancer.record import BALANCER, PEER, ConnectionRecord, json_line
 
 
 def tls_record() -> ConnectionRecord:
@@ -131,3 +133,52 @@ def test_no_log_work_without_an_access_log() -> None:
     observer = Observer(CollectorRegistry())
     observer.publish(tls_record())
     assert observer.closed_total == 1 and observer.access_log is None
+
+
+_maybe_seconds = st.none() | st.floats(0, 1e6, allow_nan=False)
+_maybe_text = st.none() | st.text(max_size=20)  # quotes, backslashes, control and non-ASCII
+_maybe_flag = st.none() | st.booleans()
+
+
+@st.composite
+def records(draw: st.DrawFn) -> ConnectionRecord:
+    record = ConnectionRecord(
+        draw(st.integers(1, 2**40)), draw(st.text(max_size=10)), 100.0, draw(st.floats(0, 2e9))
+    )
+    record.client_ip, record.client_port = draw(st.text(max_size=40)), draw(st.integers(0, 65535))
+    record.tcp_handshake_rtt_seconds = draw(_maybe_seconds)
+    record.tls_started_at, record.tls_finished_at = draw(_maybe_seconds), draw(_maybe_seconds)
+    record.tls_version, record.tls_cipher = draw(_maybe_text), draw(_maybe_text)
+    record.tls_sni, record.tls_alpn = draw(_maybe_text), draw(_maybe_text)
+    record.tls_resumed, record.tls_failure = draw(_maybe_flag), draw(_maybe_text)
+    record.backend, record.backend_address = draw(_maybe_text), draw(_maybe_text)
+    record.backend_local_port = draw(st.none() | st.integers(0, 65535))
+    record.connect_started_at, record.connected_at = draw(_maybe_seconds), draw(_maybe_seconds)
+    record.backend_rtt_seconds = draw(_maybe_seconds)
+    record.first_request_at, record.closed_at = draw(_maybe_seconds), draw(_maybe_seconds)
+    record.requests, record.error_status = (
+        draw(st.integers(0, 10**6)),
+        draw(st.none() | st.integers(100, 599)),
+    )
+    record.client_bytes_in, record.backend_bytes_out = (
+        draw(st.integers(0, 2**50)),
+        draw(st.integers(0, 2**50)),
+    )
+    record.close_cause = draw(_maybe_text)
+    for leg in (record.client_leg, record.backend_leg):
+        leg.initiator, leg.first_fin = (
+            draw(st.sampled_from([None, PEER, BALANCER])),
+            draw(_maybe_text),
+        )
+        leg.rst_received, leg.rst_sent = draw(st.booleans()), draw(st.booleans())
+        leg.close_notify_received, leg.close_notify_sent = draw(_maybe_flag), draw(_maybe_flag)
+        leg.fin_sent_at, leg.peer_fin_at = draw(_maybe_seconds), draw(_maybe_seconds)
+        leg.retransmits = draw(st.none() | st.integers(0, 1000))
+    return record
+
+
+@given(records())
+def test_the_access_log_line_is_exactly_the_records_dict_as_json(record: ConnectionRecord) -> None:
+    line = json_line(record)
+    assert line.endswith("\n") and "\n" not in line[:-1]
+    assert json.loads(line) == record.to_dict()
