@@ -74,11 +74,7 @@ class RequestReader:
     """
 
     def __init__(self, client_ip: str, proto: str, port: int, limits: HeadLimits) -> None:
-        self._forwarded = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Port: %d\r\n" % (
-            proto.encode(),
-            port,
-        )
-        self._client_ip = client_ip.encode()
+        self.rebind(client_ip, proto, port)
         self._limits = limits
         self._parser = httptools.HttpRequestParser(self)
         self._out: list[bytes] = []
@@ -101,6 +97,15 @@ class RequestReader:
         self.messages_completed = 0
         self.upgrade_rest: bytes | None = None
         self.error: ClientError | None = None
+
+    def rebind(self, client_ip: str, proto: str, port: int) -> None:
+        """Serve another connection's requests. Valid between messages, after a keep-alive
+        one: llhttp is then at the start of a message, exactly as new."""
+        self._forwarded = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Port: %d\r\n" % (
+            proto.encode(),
+            port,
+        )
+        self._client_ip = client_ip.encode()
 
     def feed(self, data: bytes) -> bytes:
         if self.error is not None:

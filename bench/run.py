@@ -39,6 +39,9 @@ sys.path.insert(0, str(ROOT))
 from balancer.certs import make_certs  # noqa: E402
 
 PROXY_CPU, LOAD_CPU = "0", "1"
+# S5 reads RSS this long after the last response, with the connections still open. The
+# balancer gives an idle connection's request parser back after 1 s (proxy.IDLE_SHRINK_SECONDS).
+IDLE_SETTLE_SECONDS = 2.0
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -369,8 +372,7 @@ backend farm
             return None
         pids = target.pids()
         before = rss_kib(pids)
-        held = asyncio.run(hold_connections(target.http_port, count))
-        after = rss_kib(pids)
+        held, after = asyncio.run(hold_connections(target.http_port, count, lambda: rss_kib(pids)))
         per = (after - before) * 1024 / max(held, 1)
         return Sample(
             target.name,
@@ -392,8 +394,9 @@ backend farm
                 process.kill()
 
 
-async def hold_connections(port: int, count: int) -> int:
-    """Open `count` keep-alive connections, one request each, hold them idle; return how many."""
+async def hold_connections(port: int, count: int, measure: Callable[[], int]) -> tuple[int, int]:
+    """Open `count` keep-alive connections, one request each, and hold them idle for
+    IDLE_SETTLE_SECONDS; return how many were answered and `measure()` taken while held."""
     writers = []
     ok = 0
     for _ in range(count):
@@ -412,10 +415,11 @@ async def hold_connections(port: int, count: int) -> int:
             ok += 1
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
             pass
-    await asyncio.sleep(1.0)  # let the proxy settle before RSS is read
+    await asyncio.sleep(IDLE_SETTLE_SECONDS)  # idle, as S5 means: not between two requests
+    measured = measure()
     for _, writer in writers:
         writer.close()
-    return ok
+    return ok, measured
 
 
 def parse_wrk(output: str) -> tuple[int, float, float | None, int]:

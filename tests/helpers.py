@@ -301,11 +301,19 @@ class Client:
 
     @classmethod
     async def connect(
-        cls, port: int, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+        cls,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+        source: str | None = None,  # the client's own address, e.g. another of 127.0.0.0/8
     ) -> Client:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
-                host, port, ssl=ssl_context, server_hostname="localhost" if ssl_context else None
+                host,
+                port,
+                ssl=ssl_context,
+                server_hostname="localhost" if ssl_context else None,
+                local_addr=(source, 0) if source else None,
             ),
             5,
         )

@@ -13,12 +13,13 @@ import ssl
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import balancer, need, run
+from tests.e2e.conftest import Running, balancer, need, run
 from tests.helpers import dead_port
 
 pytestmark = pytest.mark.e2e
@@ -91,6 +92,19 @@ def _metric(text: str, name: str, listener: str = "http") -> float:
     return float(next(line for line in text.splitlines() if line.startswith(prefix)).split()[-1])
 
 
+def _await_open_counts(running: Running, done: Callable[[float, float], bool]) -> str:
+    """Poll /metrics until the http and https open-connection counts satisfy `done` (the
+    balancer is another process: no event to await); the last scrape."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = run("curl", "-sS", running.url("admin", "/metrics")).stdout
+        counts = [_metric(text, "balancer_connections_active", x) for x in ("http", "https")]
+        if done(*counts):
+            return text
+        assert time.monotonic() < deadline, f"open connections (http, https): {counts}"
+        time.sleep(0.1)
+
+
 def _rss_bytes(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1]) * 1024
@@ -137,29 +151,23 @@ def test_ten_thousand_idle_connections_are_held_while_new_requests_are_served(
                 writer.close()
             before = _rss_bytes(pid)
             writers = await _open_idle(port, IDLE)
+            # Connected is not yet accepted: wait until the balancer counts them all open.
+            await asyncio.to_thread(_await_open_counts, running, lambda http, _: http >= IDLE)
             checks = await asyncio.gather(
                 asyncio.to_thread(run, curl, "-sS", "--max-time", "10", running.url("http")),
                 asyncio.to_thread(run, *https_get),
-                asyncio.to_thread(run, curl, "-sS", running.url("admin", "/metrics")),
             )
             held = _rss_bytes(pid)
             for writer in writers:
                 writer.close()
             return before, held, list(checks)
 
-        before, held, (http, https, metrics) = asyncio.run(hold_and_serve())
+        before, held, (http, https) = asyncio.run(hold_and_serve())
         assert "Served by web" in http.stdout, http.stderr
         assert "Served by web" in https.stdout, https.stderr
-        assert _metric(metrics.stdout, "balancer_connections_active") >= IDLE
         per_connection = (held - before) / IDLE
         assert per_connection < 8 * 1024, f"{per_connection:.0f} bytes per idle connection"
-        deadline = time.monotonic() + 20  # the balancer is another process: poll its metrics
-        while True:
-            text = run(curl, "-sS", running.url("admin", "/metrics")).stdout
-            if _metric(text, "balancer_connections_active") == 0:
-                break
-            assert time.monotonic() < deadline, "connections still counted open"
-            time.sleep(0.1)
+        _await_open_counts(running, lambda http, https: http == 0)
 
 
 def test_sslyze_finds_only_tls12_and_up_aead_ecdhe_no_compression_no_client_renegotiation(
@@ -275,14 +283,7 @@ def test_after_the_hostile_suite_both_listeners_serve_counts_are_zero_and_no_tra
                            str(certs_dir / "ca.crt"), running.url("https"))  # fmt: skip
         assert "Served by web" in served_http.stdout, served_http.stderr
         assert "Served by web" in served_https.stdout, served_https.stderr
-        deadline = time.monotonic() + 20  # the balancer is another process: poll its metrics
-        while True:
-            text = run(curl, "-sS", running.url("admin", "/metrics")).stdout
-            open_now = [_metric(text, "balancer_connections_active", x) for x in ("http", "https")]
-            if open_now == [0, 0]:
-                break
-            assert time.monotonic() < deadline, f"connections still counted open: {open_now}"
-            time.sleep(0.1)
+        text = _await_open_counts(running, lambda http, https: http == https == 0)
         failures = sum(
             float(line.split()[-1])
             for line in text.splitlines()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from balancer import proxy
 from tests.helpers import (
     Client,
     dead_port,
@@ -286,3 +287,39 @@ async def test_ambiguous_backend_response_framing_gives_502(balancer_factory) ->
         assert record.close_cause == "bad_backend_response"
     finally:
         server.close()
+
+
+async def test_idle_keep_alive_connections_hold_no_reader_and_readers_serve_any_client(
+    farm, balancer_factory, monkeypatch
+) -> None:
+    monkeypatch.setattr(proxy, "READER_POOL_ABOVE", 0)  # as if many connections were open
+    balancer, recorder = await balancer_factory(make_config([farm[0].address]))
+    ctx = balancer.contexts[0]
+    first = await Client.connect(port_of(balancer))
+    assert (await first.request(path="/first")).status == 200
+    (conn,) = ctx.connections
+    assert conn.reader is None and len(ctx.idle_readers) == 1  # given back when idle
+    pooled = ctx.idle_readers[0]
+    second = await Client.connect(port_of(balancer), source="127.0.0.2")  # another client
+    response = await second.request("POST", "/second", body=b"x" * 1000)
+    assert response.status == 200
+    assert ctx.idle_readers == [pooled]  # taken for /second, given back after it
+    assert (await first.request(path="/third")).status == 200  # the first client serves on
+    await first.close()
+    await second.close()
+    await recorder.wait_for(2)
+    seen = [(r.path, r.body_size, r.complete, r.header("X-Forwarded-For")) for r in farm[0].seen]
+    assert seen == [
+        ("/first", 0, True, "127.0.0.1"),
+        ("/second", 1000, True, "127.0.0.2"),
+        ("/third", 0, True, "127.0.0.1"),
+    ]
+
+
+async def test_with_few_connections_open_an_idle_one_keeps_its_reader(farm, balancer_factory):
+    balancer, _ = await balancer_factory(make_config([farm[0].address]))
+    client = await Client.connect(port_of(balancer))
+    assert (await client.request()).status == 200
+    (conn,) = balancer.contexts[0].connections
+    assert conn.reader is not None and balancer.contexts[0].idle_readers == []
+    await client.close()
