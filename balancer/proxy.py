@@ -44,6 +44,7 @@ from typing import Any, cast
 
 from balancer import tcpinfo
 from balancer.config import Limits, ListenerConfig, Timeouts
+from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.errors import (
     BackendError,
     BackendTimeout,
@@ -89,6 +90,7 @@ class ListenerContext:
     connections: set[ClientConnection]
     next_id: Callable[[], int]
     worker_pid: int
+    deadlines: DeadlineWheel[Wakeable]  # one per event loop, shared by the listeners
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     accepted_total: int = 0
@@ -112,11 +114,19 @@ class ListenerContext:
 class BackendConnection(asyncio.Protocol):
     """The backend leg: hands every event to its client connection."""
 
-    __slots__ = ("client", "transport")
+    __slots__ = ("client", "connect_timed_out", "transport")
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
+        self.connect_timed_out = False
+
+    def on_deadline(self) -> None:
+        """The connect timeout (see ClientConnection._connect): stop the attempt."""
+        task = self.client._connect_task
+        if task is not None:
+            self.connect_timed_out = True
+            task.cancel()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
@@ -166,7 +176,7 @@ class ClientConnection(asyncio.Protocol):
         self._finished = False  # the record is published
         self._deadline = 0.0
         self._deadline_kind = ""
-        self._timer: asyncio.TimerHandle | None = None
+        self._wake: float | None = None  # when ctx.deadlines wakes us (None: it will not)
         self._pending_error: BalancerError | None = None
         self._stamp_watch: int | None = None  # a dup'd fd watched for the ClientHello
 
@@ -536,9 +546,24 @@ class ClientConnection(asyncio.Protocol):
             record.connect_attempts += 1
             record.connect_started_at = ctx.clock()
             protocol = BackendConnection(self)
+            # The timeout is a deadline on the shared wheel, not asyncio.timeout(): that one
+            # costs a loop timer and three get_running_loop() (each a getpid()) per attempt.
+            ctx.deadlines.schedule(
+                protocol, record.connect_started_at + ctx.timeouts.connect_seconds
+            )
             try:
-                async with asyncio.timeout(ctx.timeouts.connect_seconds):
+                try:
                     await loop.create_connection(_factory(protocol), backend.host, backend.port)
+                except asyncio.CancelledError:
+                    if not protocol.connect_timed_out:
+                        raise
+                    assert self._connect_task is not None
+                    self._connect_task.uncancel()
+                    if protocol.transport is not None:  # connected as the deadline passed
+                        protocol.transport.abort()
+                    raise TimeoutError("connect timed out") from None
+                finally:
+                    ctx.deadlines.discard(protocol)
             except (OSError, TimeoutError) as failure:
                 record.connect_failures += 1
                 ctx.pool.connect_failed(lease, ctx.clock())
@@ -953,8 +978,7 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         record = self.record
         assert record is not None
-        if self._timer is not None:
-            self._timer.cancel()
+        ctx.deadlines.discard(self)
         if self.lease is not None:
             self.lease.release()
         if record.close_cause is None:
@@ -968,21 +992,18 @@ class ClientConnection(asyncio.Protocol):
     def _set_deadline(self, kind: str, at: float) -> None:
         self._deadline_kind = kind
         self._deadline = at
-        timer = self._timer
-        if timer is None or timer.when() > at:
-            if timer is not None:
-                timer.cancel()
-            loop = self._loop
-            self._timer = loop.call_at(loop.time() + (at - self.ctx.clock()), self._on_timer)
+        if self._wake is None or self._wake > at:  # a later deadline: checked when woken
+            self._wake = at
+            self.ctx.deadlines.schedule(self, at)
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def on_deadline(self) -> None:
+        """Woken by ctx.deadlines: the deadline passed, or moved later since we asked."""
+        self._wake = None
         if self._finished:
             return
-        now = self.ctx.clock()
-        if now < self._deadline:
-            loop = self._loop
-            self._timer = loop.call_at(loop.time() + (self._deadline - now), self._on_timer)
+        if self.ctx.clock() < self._deadline:
+            self._wake = self._deadline
+            self.ctx.deadlines.schedule(self, self._deadline)
             return
         self._deadline_passed(self._deadline_kind)
 

@@ -25,6 +25,7 @@ from balancer.accept import SelectorAcceptor, bind_acceptors
 from balancer.admin import AdminServer
 from balancer.backends import Backend
 from balancer.config import Config
+from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.observe import ListenerTotals, Observer, StateCollector
 from balancer.policies import POLICIES
 from balancer.pool import BackendPool
@@ -35,6 +36,9 @@ from balancer.tls import server_context
 log = logging.getLogger("balancer")
 
 ACCESS_LOG_FLUSH_SECONDS = 1.0
+# uvloop's timers have millisecond granularity; firing a little late keeps a wheel slot from
+# being looked at before its time (and re-armed, in a spin, until it is due).
+DEADLINE_SLACK_SECONDS = 0.001
 BACKLOG = 4096
 
 
@@ -64,6 +68,10 @@ class Balancer:
         )
         self.observer = Observer(self.registry, access_log)
         self._drained = asyncio.Event()
+        self._clock = clock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self.deadlines: DeadlineWheel[Wakeable] = DeadlineWheel(self._arm_deadlines)
         ids = itertools.count(1)
         ssl_context: ssl.SSLContext | None = None
         if config.tls is not None and any(x.tls for x in config.listeners):
@@ -82,6 +90,7 @@ class Balancer:
                 connections=set(),
                 next_id=ids.__next__,
                 worker_pid=os.getpid(),
+                deadlines=self.deadlines,
                 clock=clock,
             )
             for listener in config.listeners
@@ -91,6 +100,22 @@ class Balancer:
         self._acceptors: dict[str, list[SelectorAcceptor]] = {}
         self.addresses: dict[str, tuple[str, int]] = {}
         self._flusher: asyncio.Task[None] | None = None
+
+    def _arm_deadlines(self, at: float) -> None:
+        """The one loop timer behind every connection's deadline (see balancer.deadlines)."""
+        loop = self._loop or asyncio.get_running_loop()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        delay = at - self._clock() + DEADLINE_SLACK_SECONDS
+        self._deadline_timer = loop.call_at(loop.time() + delay, self._deadlines_due)
+
+    def _deadlines_due(self) -> None:
+        self._deadline_timer = None
+        for owner in self.deadlines.pop_due(self._clock()):
+            owner.on_deadline()
+        at = self.deadlines.next_wake()
+        if at is not None:
+            self._arm_deadlines(at)
 
     def _publish(self, record: ConnectionRecord) -> None:
         self.observer.publish(record)
@@ -117,7 +142,7 @@ class Balancer:
         """Bind every listener (and the admin endpoint); port 0 picks one, logged here."""
         for ctx in self.contexts:
             bind, name = ctx.listener.bind, ctx.listener.name
-            ctx.loop = asyncio.get_running_loop()
+            ctx.loop = self._loop = asyncio.get_running_loop()
             servers = await self._listen(
                 name, bind.host, bind.port, functools.partial(ClientConnection, ctx)
             )
@@ -190,6 +215,8 @@ class Balancer:
                     await asyncio.wait_for(self._drained.wait(), timeout=1.0)
         if self._flusher is not None:
             self._flusher.cancel()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         if self.access_log is not None:
             self.access_log.flush()
 

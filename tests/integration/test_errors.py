@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 from balancer import proxy
 from tests.helpers import (
@@ -25,6 +26,30 @@ async def test_dead_backend_is_skipped(farm, balancer_factory) -> None:
     records = await recorder.wait_for(6)
     assert sum(r.connect_failures for r in records) == 1  # then marked down, not retried
     assert balancer.pool.states[0].connect_failures_total == 1
+
+
+async def test_a_backend_that_never_completes_the_handshake_times_out_to_the_next(
+    farm, balancer_factory
+) -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connect() hangs.
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(0)
+    fillers = [socket.create_connection(black_hole.getsockname())]  # the queue holds one
+    try:
+        address = f"127.0.0.1:{black_hole.getsockname()[1]}"
+        config = make_config([address, farm[0].address], timeouts={"connect_seconds": 0.2})
+        balancer, recorder = await balancer_factory(config)
+        started = asyncio.get_running_loop().time()
+        assert (await get(port_of(balancer))).status == 200
+        assert 0.2 <= asyncio.get_running_loop().time() - started < 2
+        (record,) = await recorder.wait_for(1)
+        assert (record.connect_attempts, record.connect_failures) == (2, 1)
+        assert record.backend == "b1"
+    finally:
+        for filler in fillers:
+            filler.close()
+        black_hole.close()
 
 
 async def test_all_backends_dead_gives_502(balancer_factory) -> None:
