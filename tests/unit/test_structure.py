@@ -6,9 +6,12 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "balancer"
-PURE = ("config", "errors", "backends", "policies", "pool", "record", "http1")
+PURE = ("config", "errors", "backends", "policies", "pool", "record", "http1", "deadlines")
 IO_MODULES = {"asyncio", "socket", "ssl", "os", "time", "uvloop", "selectors", "subprocess"}
-BALANCER_IO = {"proxy", "server", "cli", "tls", "certs", "tcpinfo", "observe", "admin", "farm"}
+BALANCER_IO = {
+    "proxy", "server", "cli", "tls", "certs", "tcpinfo", "observe", "admin", "farm", "accept",
+    "demo",
+}  # fmt: skip
 
 
 def imported(module: str) -> set[str]:
