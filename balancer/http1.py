@@ -45,6 +45,7 @@ MAX_HEADERS = 100
 # streams them without a bound (5,000 leading zeros parse), so the reader bounds them itself.
 MAX_CHUNK_LINE_BYTES = 4096
 _CRLF = 2
+_HEAD_WHITESPACE_SLACK = 256  # per head in a read, for the chunk-line average (see feed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +228,8 @@ class RequestReader:
         keep_alive = parser.should_keep_alive()
         head, self._chunked = self._rewrite(method, version, upgrade, keep_alive)
         self._fed_consumed += self._head_bytes + len(method) + 14  # request line, final CRLF
+        # That count assumes "name: value" lines: whitespace around values is not counted.
+        self._framing_allowance += _HEAD_WHITESPACE_SLACK
         self._out.append(head)
         if self._chunked:
             self._enter_framing()

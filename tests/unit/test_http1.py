@@ -310,6 +310,15 @@ def test_chunk_extensions_under_the_limit_pass_and_are_dropped() -> None:
     assert out.count(b"5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n") == 2 and b"name=" not in out
 
 
+def test_whitespace_in_many_pipelined_heads_is_not_taken_for_chunk_framing() -> None:
+    # The average bound counts a head as "name: value" lines; padded values must not tip it.
+    r = reader()
+    chunked = _CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n\r\n"
+    padded = b"GET / HTTP/1.1\r\nHost:   a   \r\nX-A:     b     \r\n\r\n"
+    r.feed(chunked + padded * 3000 + chunked[:-5])  # one read, ending inside a chunked body
+    assert r.error is None and r.messages_completed == 3001
+
+
 @pytest.mark.parametrize("split", [None, 1000])
 def test_trailers_are_bounded_like_a_head(split) -> None:
     r = reader(max_header_bytes=2000)
