@@ -100,6 +100,7 @@ class Balancer:
         self._acceptors: dict[str, list[SelectorAcceptor]] = {}
         self.addresses: dict[str, tuple[str, int]] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self.draining = False  # shutdown has begun (a flag: _publish reads it per connection)
 
     def _arm_deadlines(self, at: float) -> None:
         """The one loop timer behind every connection's deadline (see balancer.deadlines)."""
@@ -133,10 +134,6 @@ class Balancer:
             )
             for c in self.contexts
         ]
-
-    @property
-    def draining(self) -> bool:
-        return any(ctx.draining for ctx in self.contexts)
 
     async def start(self) -> None:
         """Bind every listener (and the admin endpoint); port 0 picks one, logged here."""
@@ -198,6 +195,7 @@ class Balancer:
         grace = self.config.timeouts.shutdown_grace_seconds if grace is None else grace
         for server in self.servers:
             server.close()
+        self.draining = True
         for ctx in self.contexts:
             ctx.draining = True
             for conn in list(ctx.connections):
