@@ -41,7 +41,7 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a singleton per metric: hashed by identity, cheaply
 class _Family:
     name: str
     help: str
