@@ -45,7 +45,7 @@ MAX_HEADERS = 100
 # streams them without a bound (5,000 leading zeros parse), so the reader bounds them itself.
 MAX_CHUNK_LINE_BYTES = 4096
 _CRLF = 2
-_HEAD_WHITESPACE_SLACK = 256  # per head in a read, for the chunk-line average (see feed)
+_HEAD_WHITESPACE_SLACK = 256  # per head in a read, for the chunk-line average (_check_framing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +145,7 @@ class RequestReader:
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _check_framing(self, data: bytes) -> None:
-        """Bound chunk-size lines and trailers in a read that ends inside a chunked body.
+        """Bound chunk-size lines and trailers in a read that held chunked-body framing.
 
         llhttp streams chunk-size lines of any length and reports neither their length nor
         where they lie in a read, so two bounds are taken here. A line the read ends inside of
