@@ -366,6 +366,20 @@ class ResponseFramer:
     `upgraded` (a 101 arrived: everything after is a tunnel).
     """
 
+    __slots__ = (
+        "_expect_head",
+        "_held",
+        "_message_keep_alive",
+        "_remaining",
+        "_state",
+        "backend_closes",
+        "close_after",
+        "completed",
+        "force_close",
+        "started",
+        "upgraded",
+    )
+
     def __init__(self) -> None:
         self._state = _HEAD
         self._held = b""

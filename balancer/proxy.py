@@ -151,6 +151,36 @@ class BackendConnection(asyncio.Protocol):
 class ClientConnection(asyncio.Protocol):
     """One client connection and everything that hangs off it (see the module docstring)."""
 
+    __slots__ = (
+        "_backend_blocked",
+        "_backend_closes",
+        "_backend_eof",
+        "_backend_lost",
+        "_blocks",
+        "_client_eof",
+        "_client_lost",
+        "_closing",
+        "_connect_task",
+        "_deadline",
+        "_deadline_kind",
+        "_finished",
+        "_loop",
+        "_pending",
+        "_pending_error",
+        "_sock",
+        "_stamp_watch",
+        "_tunnel",
+        "_wake",
+        "backend",
+        "ctx",
+        "framer",
+        "lease",
+        "reader",
+        "record",
+        "tls",
+        "transport",
+    )  # a few hundred bytes less per connection than an instance dict
+
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
         self._loop = ctx.loop or asyncio.get_running_loop()
