@@ -26,8 +26,8 @@ LOG_EVERY_SECONDS = 10.0
 
 
 class SelectorAcceptor:
-    """A listening socket served by `loop.add_reader`; quacks like the `asyncio.Server` parts
-    the balancer uses (`sockets`, `close`, `is_serving`)."""
+    """A listening socket served by `loop.add_reader`; has the `asyncio.Server` parts the
+    balancer uses (`sockets`, `close`)."""
 
     def __init__(
         self,
@@ -89,9 +89,6 @@ class SelectorAcceptor:
         self._resume = None
         if self._serving:
             self._loop.add_reader(self._sock.fileno(), self._accept)
-
-    def is_serving(self) -> bool:
-        return self._serving
 
     def close(self) -> None:
         if not self._serving:

@@ -113,7 +113,7 @@ class RequestReader:
             return b""
         self._fed_consumed = 0
         self._framing_allowance = 0
-        in_body_before = self.in_body
+        in_body_before, completed_before = self.in_body, self.messages_completed
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -137,7 +137,7 @@ class RequestReader:
                 # it decides whether the backend holds part of a request (see in_body).
                 self._out = []
                 self.heads.clear()
-                self.in_body = in_body_before
+                self.in_body, self.messages_completed = in_body_before, completed_before
         out = self._out
         if not out:
             return b""

@@ -296,7 +296,7 @@ def test_an_unfinished_chunk_size_line_is_refused_past_the_limit_however_it_arri
 def test_a_whole_oversized_chunk_size_line_withholds_the_read() -> None:
     r = reader()
     out = r.feed(_CHUNKED_HEAD + b"0" * 9000 + b"5\r\nhello\r\n0\r\n\r\n")
-    assert out == b"" and r.heads == [] and not r.in_body
+    assert out == b"" and r.heads == [] and not r.in_body and r.messages_completed == 0
     assert type(r.error) is BadRequest and "chunk-size lines" in str(r.error)
 
 
