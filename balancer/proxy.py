@@ -57,6 +57,7 @@ from balancer.http1 import HeadLimits, RequestReader, ResponseFramer, error_resp
 from balancer.pool import BackendPool, Lease
 from balancer.record import BALANCER, PEER, ConnectionRecord, LegTeardown
 from balancer.tls import TLSHandshakeFailed, TLSSession
+from balancer.writebatch import WriteBatch
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 RETRY_AFTER_SECONDS = 1
@@ -91,6 +92,7 @@ class ListenerContext:
     next_id: Callable[[], int]
     worker_pid: int
     deadlines: DeadlineWheel[Wakeable]  # one per event loop, shared by the listeners
+    writes: WriteBatch  # likewise: relayed bytes go out when the loop's round ends
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     accepted_total: int = 0
@@ -325,7 +327,10 @@ class ClientConnection(asyncio.Protocol):
             if handshaking and tls.established:
                 record.tls_finished_at = self.ctx.clock()  # as our final flight leaves
             if out:
-                self._write_raw(out)
+                if handshaking:
+                    self._write_now(out)
+                else:
+                    self._write_raw(out)
             if handshaking:
                 if not tls.established:
                     return
@@ -471,6 +476,7 @@ class ClientConnection(asyncio.Protocol):
         record = self.record
         assert record is not None
         if self._closing:  # the FIN we lingered for
+            self.ctx.writes.flush()
             self._note_peer_fin(record.client_leg, self._sock)
             info = tcpinfo.read(self._sock)
             if info is not None and info.unacked and self.transport is not None:
@@ -653,7 +659,7 @@ class ClientConnection(asyncio.Protocol):
             return
         assert self.record is not None
         self.record.backend_bytes_out += len(data)
-        backend.transport.write(data)
+        self.ctx.writes.write(backend.transport, data)
 
     def on_backend_data(self, data: bytes) -> None:
         record = self.record
@@ -732,6 +738,7 @@ class ClientConnection(asyncio.Protocol):
         self._note_peer_fin(record.backend_leg, sock)
         if self._closing:
             if transport is not None:
+                self.ctx.writes.flush()
                 transport.close()  # the FIN we lingered for
             return
         if self._tunnel:
@@ -777,6 +784,13 @@ class ClientConnection(asyncio.Protocol):
     def _write_raw(self, data: bytes) -> None:
         assert self.transport is not None and self.record is not None
         self.record.client_bytes_out += len(data)
+        self.ctx.writes.write(self.transport, data)
+
+    def _write_now(self, data: bytes) -> None:
+        """Not batched: a handshake flight leaves when the record says it did."""
+        assert self.transport is not None and self.record is not None
+        self.record.client_bytes_out += len(data)
+        self.ctx.writes.flush()
         self.transport.write(data)
 
     def _write_client(self, data: bytes) -> None:
@@ -846,6 +860,7 @@ class ClientConnection(asyncio.Protocol):
     def _shutdown_leg(self, leg: LegTeardown, transport: Any, sock: Any) -> bool:
         """Send our FIN on one leg. Closes at once if the peer's FIN is in already; otherwise
         half-closes and returns True: the leg lingers until the peer's FIN."""
+        self.ctx.writes.flush()  # our FIN goes after every byte queued for this leg
         if leg.initiator is None:
             leg.initiator = BALANCER
         if leg.fin_sent:
@@ -961,6 +976,7 @@ class ClientConnection(asyncio.Protocol):
         still unsent, since they never will be)."""
         record = self.record
         assert record is not None
+        self.ctx.writes.flush()
         for leg, transport, lost in (
             (record.client_leg, self.transport, self._client_lost),
             (record.backend_leg, self.backend.transport if self.backend else None,

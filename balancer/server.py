@@ -32,6 +32,7 @@ from balancer.pool import BackendPool
 from balancer.proxy import ClientConnection, ListenerContext
 from balancer.record import ConnectionRecord
 from balancer.tls import server_context
+from balancer.writebatch import WriteBatch
 
 log = logging.getLogger("balancer")
 
@@ -72,6 +73,7 @@ class Balancer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
         self.deadlines: DeadlineWheel[Wakeable] = DeadlineWheel(self._arm_deadlines)
+        self.writes = WriteBatch(self._call_soon)
         ids = itertools.count(1)
         ssl_context: ssl.SSLContext | None = None
         if config.tls is not None and any(x.tls for x in config.listeners):
@@ -91,6 +93,7 @@ class Balancer:
                 next_id=ids.__next__,
                 worker_pid=os.getpid(),
                 deadlines=self.deadlines,
+                writes=self.writes,
                 clock=clock,
             )
             for listener in config.listeners
@@ -109,6 +112,9 @@ class Balancer:
             self._deadline_timer.cancel()
         delay = at - self._clock() + DEADLINE_SLACK_SECONDS
         self._deadline_timer = loop.call_at(loop.time() + delay, self._deadlines_due)
+
+    def _call_soon(self, callback: Callable[[], None]) -> None:
+        (self._loop or asyncio.get_running_loop()).call_soon(callback)
 
     def _deadlines_due(self) -> None:
         self._deadline_timer = None

@@ -6,7 +6,10 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "balancer"
-PURE = ("config", "errors", "backends", "policies", "pool", "record", "http1", "deadlines")
+PURE = (
+    "config", "errors", "backends", "policies", "pool", "record", "http1", "deadlines",
+    "writebatch",
+)  # fmt: skip
 IO_MODULES = {"asyncio", "socket", "ssl", "os", "time", "uvloop", "selectors", "subprocess"}
 BALANCER_IO = {
     "proxy", "server", "cli", "tls", "certs", "tcpinfo", "observe", "admin", "farm", "accept",
