@@ -16,6 +16,9 @@ from balancer.config import TLSConfig
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _VERSION_NAMES = {"TLSv1.2": "1.2", "TLSv1.3": "1.3"}
+# A read returns at most one record's plaintext (2^14 bytes); asking for more only makes
+# Python allocate a larger buffer to shrink.
+_RECORD_PLAINTEXT_MAX = 16384
 
 # OpenSSL reason codes → the bounded set of failure reasons used as metric labels.
 _FAILURE_REASONS = {
@@ -133,9 +136,10 @@ class TLSSession:
                 raise TLSHandshakeFailed(failure_reason(error), str(error)) from None
             self.established = True
         chunks = []
+        incoming = self._in
         while True:
             try:
-                chunk = obj.read(262144)
+                chunk = obj.read(_RECORD_PLAINTEXT_MAX)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -144,6 +148,8 @@ class TLSSession:
                 self.close_notify_received = True
                 break
             chunks.append(chunk)
+            if not incoming.pending and not obj.pending():
+                break  # all records read: asking again would only raise SSLWantReadError
         if not chunks:
             return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
