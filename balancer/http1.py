@@ -345,7 +345,7 @@ class RequestReader:
 _FRAMING_HEADERS = re.compile(
     rb"\r\n(content-length|transfer-encoding|connection)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE
 )
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})")
+_CONNECTION_WORDS = frozenset((b"close", b"keep-alive"))
 MAX_RESPONSE_HEAD_BYTES = 65536
 
 # Framer states.
@@ -473,11 +473,18 @@ class ResponseFramer:
 
     def _on_head(self, head: bytes) -> bool:
         """Set up framing for the body after `head`; True for a final (non-1xx) response."""
-        match = _STATUS_LINE.match(head)
-        if match is None:
+        # "HTTP/1.x NNN" by slices: a regex match cost a third of a short response's framing.
+        minor, digits = head[7:8], head[9:12]
+        if (
+            head[:7] != b"HTTP/1."
+            or minor not in (b"0", b"1")
+            or head[8:9] != b" "
+            or len(digits) != 3
+            or not digits.isdigit()
+        ):
             raise BadBackendResponse("malformed status line")
-        minor, status = match.group(1), int(match.group(2))
-        if 100 <= status < 200:
+        status = int(digits)
+        if status < 200:
             if status == 101:
                 self.upgraded = True
                 self._state = _TUNNEL
@@ -492,17 +499,19 @@ class ResponseFramer:
         for name, value in _FRAMING_HEADERS.findall(head):
             name = name.lower()
             if name == b"content-length":
-                for part in value.split(b","):  # "5, 5" is one length; "5, 6" is two
-                    part = part.strip()
-                    if not part.isdigit() or (length is not None and part != length):
-                        raise BadBackendResponse("conflicting or invalid Content-Length")
-                    length = part
+                if not value.isdigit():
+                    value = _one_length(value)
+                if length is not None and value != length:
+                    raise BadBackendResponse("conflicting Content-Length values")
+                length = value
             elif name == b"transfer-encoding":
                 if value.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
                     raise BadBackendResponse("transfer-encoding without final chunked")
                 chunked = True
             else:
-                for token in value.lower().split(b","):
+                value = value.lower()
+                tokens = (value,) if value in _CONNECTION_WORDS else value.split(b",")
+                for token in tokens:
                     token = token.strip()
                     if token == b"close":
                         keep_alive = False
@@ -564,6 +573,18 @@ class ResponseFramer:
             self.close_after = True
             return True
         return self._state in (_HEAD, _TUNNEL) and not self._held
+
+
+def _one_length(value: bytes) -> bytes:
+    """A Content-Length value that is a list ("5, 5" is one length; "5, 6" is two)."""
+    length: bytes | None = None
+    for part in value.split(b","):
+        part = part.strip()
+        if not part.isdigit() or (length is not None and part != length):
+            raise BadBackendResponse("conflicting or invalid Content-Length")
+        length = part
+    assert length is not None  # split() gives at least one part
+    return length
 
 
 def _joined(out: list[bytes] | None, data: bytes, start: int, end: int) -> bytes:

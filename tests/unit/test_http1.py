@@ -228,7 +228,11 @@ def test_framer_101_turns_into_a_tunnel() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3, 4\r\n\r\n",
         b"ICY 200 OK\r\n\r\n",
+        b"HTTP/1.2 200 OK\r\n\r\n",
+        b"HTTP/1.1 20x OK\r\n\r\n",
+        b"HTTP/1.1  200 OK\r\n\r\n",
     ],
 )
 def test_framer_refuses_ambiguous_responses(head: bytes) -> None:
@@ -236,6 +240,13 @@ def test_framer_refuses_ambiguous_responses(head: bytes) -> None:
     framer.expect(False)
     with pytest.raises(BadBackendResponse):
         framer.feed(head)
+
+
+def test_framer_takes_a_repeated_equal_content_length_as_one() -> None:
+    framer = ResponseFramer()
+    framer.expect(False)
+    framer.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3 \r\nConnection: x, close\r\n\r\nabc")
+    assert framer.completed == 1 and framer.close_after
 
 
 def test_framer_adds_connection_close_while_draining() -> None:
