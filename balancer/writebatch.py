@@ -5,6 +5,11 @@ and on a busy host that wake-up (often an interrupt to an idle CPU) costs more t
 Gathered, the reader wakes once and finds many ready. HAProxy and nginx send the same way:
 after the round's reads, not inside them.
 
+Only small writes wait: once a round's queue holds FLUSH_BYTES it is written at once. A bulk
+transfer gains nothing from waiting, and the transport must see its bytes while the round
+is still reading: its pause_writing() is what stops the reading (libuv reads up to 32 times
+256 KiB from one socket in one round; all of it would be queued first).
+
 Order is kept per transport. Whoever ends or inspects a transport (write_eof, close, a look
 at its buffer, a shutdown on its descriptor) calls `flush()` first; a transport found closing
 at flush time was aborted or lost its peer, and its bytes were going nowhere.
@@ -22,12 +27,16 @@ class Writable(Protocol):
     def is_closing(self) -> bool: ...
 
 
+FLUSH_BYTES = 65536  # asyncio's and uvloop's default write high-water mark
+
+
 class WriteBatch:
-    __slots__ = ("_call_soon", "_queued", "_scheduled")
+    __slots__ = ("_call_soon", "_queued", "_queued_bytes", "_scheduled")
 
     def __init__(self, call_soon: Callable[[Callable[[], None]], object]) -> None:
         self._call_soon = call_soon
         self._queued: list[tuple[Writable, bytes]] = []
+        self._queued_bytes = 0
         self._scheduled = False
 
     def __len__(self) -> int:
@@ -39,6 +48,9 @@ class WriteBatch:
             self._scheduled = True
             self._call_soon(self._end_of_round)
         self._queued.append((transport, data))
+        self._queued_bytes += len(data)
+        if self._queued_bytes >= FLUSH_BYTES:
+            self.flush()
 
     def flush(self) -> None:
         """Write everything queued now, in order."""
@@ -46,6 +58,7 @@ class WriteBatch:
         if not queued:
             return
         self._queued = []
+        self._queued_bytes = 0
         for transport, data in queued:
             if not transport.is_closing():
                 transport.write(data)

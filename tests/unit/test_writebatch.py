@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from balancer.writebatch import WriteBatch
+from balancer.writebatch import FLUSH_BYTES, WriteBatch
 
 
 class Transport:
@@ -60,3 +60,15 @@ def test_a_transport_closing_at_flush_time_is_skipped() -> None:
     aborted.closing = True  # aborted (RST) or its peer vanished in the same round
     scheduled.pop()()
     assert log == [("alive", b"kept")]
+
+
+def test_a_round_holding_flush_bytes_is_written_at_once() -> None:
+    # Bulk bytes reach the transport while the round still reads, so its pause_writing()
+    # can stop the reading before a round's worth of reads piles up here.
+    b, _ = batch()
+    log: list[tuple[str, bytes]] = []
+    client = Transport(log, "client")
+    b.write(client, b"x" * (FLUSH_BYTES - 1))
+    assert log == []
+    b.write(client, b"y")
+    assert [data for _, data in log] == [b"x" * (FLUSH_BYTES - 1), b"y"] and len(b) == 0
