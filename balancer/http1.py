@@ -40,6 +40,8 @@ _DROPPED = frozenset(
     b"connection keep-alive proxy-connection te trailer transfer-encoding upgrade "
     b"x-forwarded-proto x-forwarded-port".split()
 )
+# Request headers _rewrite looks at; any other is copied as it came.
+_NOTED = _DROPPED | {b"x-forwarded-for", b"host", b"content-length"}
 MAX_HEADERS = 100
 # A chunk-size line is a hex size and optional extensions; real ones are a few bytes. llhttp
 # streams them without a bound (5,000 leading zeros parse), so the reader bounds them itself.
@@ -62,6 +64,12 @@ class RequestHead(NamedTuple):
     method: bytes
     keep_alive: bool
     upgrade: bool
+
+
+# RequestHead(...) runs a Python-level __new__; this is the same tuple at half the cost.
+_new_head = tuple.__new__
+_REQUEST_LINE_ENDS = {"1.1": b"HTTP/1.1\r\n", "1.0": b"HTTP/1.0\r\n"}  # versions we accept
+_CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade"))
 
 
 class RequestReader:
@@ -191,11 +199,11 @@ class RequestReader:
         self._headers = []
         self._head_bytes = 0
 
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > self._limits.max_uri_bytes:
+    def on_url(self, piece: bytes) -> None:
+        url = self._url = self._url + piece if self._url else piece
+        if len(url) > self._limits.max_uri_bytes:
             raise URITooLong(f"request target over {self._limits.max_uri_bytes} bytes")
-        self._count(len(url))
+        self._count(len(piece))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_head:
@@ -206,10 +214,13 @@ class RequestReader:
             if self._trailer_bytes > self._limits.max_header_bytes:
                 raise HeaderTooLarge(f"request trailers over {self._limits.max_header_bytes} bytes")
             return
-        self._headers.append((name, value))
-        if len(self._headers) > self._limits.max_headers:
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > self._limits.max_headers:
             raise HeaderTooLarge(f"more than {self._limits.max_headers} header fields")
-        self._count(len(name) + len(value) + 4)
+        self._head_bytes += len(name) + len(value) + 4  # _count, inline: once per header
+        if self._head_bytes > self._limits.max_header_bytes:
+            raise HeaderTooLarge(f"request head over {self._limits.max_header_bytes} bytes")
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
@@ -235,7 +246,7 @@ class RequestReader:
             self._enter_framing()
         self.in_head = False
         self.in_body = True
-        self.heads.append(RequestHead(method, keep_alive, upgrade))
+        self.heads.append(_new_head(RequestHead, (method, keep_alive, upgrade)))
 
     def _enter_framing(self) -> None:
         self._in_framing = True
@@ -280,16 +291,20 @@ class RequestReader:
         self, method: bytes, version: str, upgrade: bool, keep_alive: bool
     ) -> tuple[bytes, bool]:
         """Re-serialise the head from parsed fields; returns (head bytes, body is chunked)."""
-        named_by_connection: set[bytes] = set()
+        named_by_connection: set[bytes] | None = None
         chunked = False
         hosts = 0
         upgrade_value = b""
         forwarded_for = b""
         length: bytes | None = None
-        lines = [b"%b %b HTTP/%b\r\n" % (method, self._url, version.encode())]
+        lines = [b"%b %b %b" % (method, self._url, _REQUEST_LINE_ENDS[version])]
         for name, value in self._headers:
             lower = name.lower()
+            if lower not in _NOTED:
+                lines.append(b"%b: %b\r\n" % (name, value))
+                continue
             if lower == b"connection":
+                named_by_connection = named_by_connection or set()
                 named_by_connection.update(t.strip().lower() for t in value.split(b","))
             elif lower == b"transfer-encoding":
                 if version == "1.0":
@@ -320,7 +335,7 @@ class RequestReader:
                 f"Content-Length {int(length)} over {limit} bytes"
             )  # before any byte
         self._body_bytes = 0
-        if named_by_connection - {b"close", b"keep-alive", b"upgrade"}:
+        if named_by_connection and not named_by_connection <= _CONNECTION_OPTIONS:
             lines = [
                 line
                 for line in lines
