@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,11 +13,12 @@ class Backend:
     host: str
     port: int
     weight: int = 1
+    # "host:port" ("[v6]:port"), made once: every connection's record holds it.
+    address: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def address(self) -> str:
+    def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        object.__setattr__(self, "address", f"{host}:{self.port}")
 
 
 class BackendState:

@@ -37,6 +37,7 @@ import os
 import socket
 import ssl
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,7 +196,7 @@ class ClientConnection(asyncio.Protocol):
         self.backend: BackendConnection | None = None
         self._sock: Any = None
         self._connect_task: asyncio.Task[None] | None = None
-        self._pending: list[bytes] = []  # for the backend, while connecting
+        self._pending: list[bytes] | None = None  # for the backend, while connecting
         self._blocks: tuple[str, ...] = ()  # why reading is paused (a tuple: () costs nothing)
         self._backend_blocked = False
         self._tunnel = False
@@ -225,7 +226,8 @@ class ClientConnection(asyncio.Protocol):
         record.worker_pid = ctx.worker_pid
         peer = transport.get_extra_info("peername")
         if peer:
-            record.client_ip, record.client_port = peer[0], peer[1]
+            # Interned: connections from one address (a NAT, a CDN, a load test) share it.
+            record.client_ip, record.client_port = sys.intern(peer[0]), peer[1]
         if ctx.local_port is not None:
             record.local_port = ctx.local_port
         elif local := transport.get_extra_info("sockname"):
@@ -637,7 +639,7 @@ class ClientConnection(asyncio.Protocol):
         info = tcpinfo.read(transport.get_extra_info("socket"))
         if info is not None:
             record.backend_rtt_seconds = info.rtt_seconds
-        pending, self._pending = self._pending, []
+        pending, self._pending = self._pending or (), None
         for chunk in pending:
             record.backend_bytes_out += len(chunk)
             transport.write(chunk)
@@ -655,6 +657,8 @@ class ClientConnection(asyncio.Protocol):
     def _send_backend(self, data: bytes) -> None:
         backend = self.backend
         if backend is None or backend.transport is None:
+            if self._pending is None:
+                self._pending = []
             self._pending.append(data)
             return
         assert self.record is not None
