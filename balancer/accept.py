@@ -100,19 +100,18 @@ class SelectorAcceptor:
         self._sock.close()
 
 
-def bind_acceptors(
-    loop: asyncio.AbstractEventLoop,
-    host: str,
-    port: int,
-    protocol_factory: Callable[[], asyncio.BaseProtocol],
-    name: str,
-    backlog: int,
-) -> list[SelectorAcceptor]:
-    """One listening socket per address `host` resolves to, as `loop.create_server` binds."""
+def bind_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets, one per address `host` resolves to, as `loop.create_server` binds.
+
+    Resolved here, in the calling thread, at start-up: uvloop's own create_server resolves
+    through libuv's thread pool, and those four threads would stay for the process's life,
+    making every descriptor syscall take the kernel's shared-file-table path (a reference
+    count per read and write instead of none).
+    """
     infos = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
     )
-    acceptors: list[SelectorAcceptor] = []
+    sockets: list[socket.socket] = []
     for family, kind, proto, _canonical, address in dict.fromkeys(infos):
         sock = socket.socket(family, kind, proto)
         try:
@@ -123,10 +122,26 @@ def bind_acceptors(
             sock.listen(backlog)
         except OSError:
             sock.close()
-            for acceptor in acceptors:
-                acceptor.close()
+            for bound in sockets:
+                bound.close()
             raise
-        acceptors.append(SelectorAcceptor(loop, sock, protocol_factory, name))
+        sockets.append(sock)
+    return sockets
+
+
+def bind_acceptors(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    name: str,
+    backlog: int,
+) -> list[SelectorAcceptor]:
+    """A started SelectorAcceptor on each socket `bind_sockets` makes."""
+    acceptors = [
+        SelectorAcceptor(loop, sock, protocol_factory, name)
+        for sock in bind_sockets(host, port, backlog)
+    ]
     for acceptor in acceptors:
         acceptor.start()
     return acceptors

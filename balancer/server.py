@@ -21,7 +21,7 @@ from typing import IO, Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from balancer import tcpinfo
-from balancer.accept import SelectorAcceptor, bind_acceptors
+from balancer.accept import SelectorAcceptor, bind_acceptors, bind_sockets
 from balancer.admin import AdminServer
 from balancer.backends import Backend
 from balancer.config import Config
@@ -183,7 +183,8 @@ class Balancer:
             servers = list(acceptors)
         else:
             servers = [
-                await loop.create_server(factory, host, port, reuse_address=True, backlog=BACKLOG)
+                await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+                for sock in bind_sockets(host, port, BACKLOG)
             ]
         self.servers.extend(servers)
         self.addresses[name] = _bound(servers[0])

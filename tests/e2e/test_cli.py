@@ -50,6 +50,21 @@ def test_ab_over_http_and_tls12_completes_and_spreads_round_robin(
     assert sorted(last_ten.values()) == [5, 5]
 
 
+def test_the_process_stays_single_threaded(farm_ports, certs_dir, tmp_path) -> None:
+    """No thread pool behind the loop: with one thread the kernel skips a reference count on
+    every descriptor syscall (libuv's pool used to start for create_server's lookup)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        pytest.skip("needs /proc")
+    curl = need("curl")
+    with balancer(farm_ports, certs_dir, tmp_path) as running:
+        for url in (running.url("http"), running.url("https"), running.url("admin", "/metrics")):
+            result = run(curl, "-sk", "-o", "/dev/null", "-w", "%{http_code}", url)
+            assert result.stdout == "200", result
+        threads = list(Path(f"/proc/{running.process.pid}/task").iterdir())
+        assert len(threads) == 1, [(t / "comm").read_text().strip() for t in threads]
+
+
 def test_least_connections_from_the_command_line(farm_ports, certs_dir, tmp_path) -> None:
     ab = need("ab")
     with balancer(farm_ports, certs_dir, tmp_path, "--policy", "least_connections") as running:
