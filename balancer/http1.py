@@ -496,6 +496,7 @@ class ResponseFramer:
             or head[8:9] != b" "
             or len(digits) != 3
             or not digits.isdigit()
+            or digits[:1] == b"0"  # 000-099: no class to relay it as (RFC 9110 §15)
         ):
             raise BadBackendResponse("malformed status line")
         status = int(digits)

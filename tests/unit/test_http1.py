@@ -233,6 +233,7 @@ def test_framer_101_turns_into_a_tunnel() -> None:
         b"HTTP/1.2 200 OK\r\n\r\n",
         b"HTTP/1.1 20x OK\r\n\r\n",
         b"HTTP/1.1  200 OK\r\n\r\n",
+        b"HTTP/1.1 099 Nothing\r\nContent-Length: 0\r\n\r\n",
     ],
 )
 def test_framer_refuses_ambiguous_responses(head: bytes) -> None:
