@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Each accepted client connection gets one `ClientConnection`. It owns the whole life of that
 connection: the TLS session (TLS listeners), the HTTP request reader, the backend lease and the
-one dedicated backend connection, one deadline timer, and the `ConnectionRecord`.
+one dedicated backend connection, its deadline, and the `ConnectionRecord`.
 
     accept ──► [handshaking] ──► waiting for a head ──► first head: acquire a backend, connect
            (TLS listeners)         (header deadline)     (tcp mode: at accept)
@@ -25,8 +25,13 @@ Invariants:
 - Flow control: a full client write buffer pauses backend reads and vice versa; while the backend
   is connecting, or an Upgrade waits for its answer, client reads are paused. Memory per
   connection is bounded by the transports' high-water marks.
-- One timer per connection. Activity only moves `_deadline` forward (a float store); the timer
-  re-arms itself when it fires early, so the hot path never reschedules timers.
+- Relayed bytes go out at the end of the loop's round (`ctx.writes`, balancer.writebatch), so a
+  peer is woken once for many writes; handshake flights go at once. Anything that sends a FIN,
+  closes, resets or looks at a transport's buffer flushes the batch first, so the wire order
+  and the teardown facts are those of writing at once.
+- One deadline per connection on the shared wheel (`ctx.deadlines`). Activity only moves
+  `_deadline` forward (a float store); a wake-up that finds it later files the connection again,
+  so the hot path rarely touches the wheel.
 """
 
 from __future__ import annotations
@@ -954,6 +959,7 @@ class ClientConnection(asyncio.Protocol):
         if leg.initiator is None:
             leg.initiator = BALANCER
         leg.rst_sent = True
+        self.ctx.writes.flush()  # what was relayed reaches the socket, as before the reset
         _reset(self._sock)
         self.transport.abort()
         self._close_backend()
