@@ -73,7 +73,7 @@ def main() -> None:
         ),
         ("pool.acquire+release, least_connections", lambda: lc.acquire(0.0).release(), 100000),
         ("request head parse+rewrite (RequestReader.feed)", lambda: reader.feed(REQUEST), 50000),
-        ("response framing (ResponseFramer.feed)", keep_alive_request, 50000),
+        ("request head + response framing (a keep-alive exchange)", keep_alive_request, 50000),
         (
             "new RequestReader + ResponseFramer",
             lambda: (RequestReader("1.2.3.4", "http", 80, HeadLimits()), ResponseFramer()),
