@@ -100,6 +100,7 @@ class RequestReader:
         self._framing_line_bytes = 0
         self._trailer_bytes = 0
         self._framing_allowance = 0  # chunk framing this read may hold (see _check_framing)
+        self._read_has_chunking = False  # this read held chunked framing: check it
         self.in_head = False
         self.in_body = False
         self.heads: list[RequestHead] = []
@@ -121,6 +122,7 @@ class RequestReader:
             return b""
         self._fed_consumed = 0
         self._framing_allowance = 0
+        self._read_has_chunking = self._chunked  # it begins inside a chunked body
         in_body_before, completed_before = self.in_body, self.messages_completed
         try:
             self._parser.feed_data(data)
@@ -138,7 +140,7 @@ class RequestReader:
             self._pending_head_bytes += len(data)
             if self._pending_head_bytes > self._limits.max_header_bytes:
                 self.error = self.error or HeaderTooLarge("request head incomplete past the limit")
-        elif (self._chunked or self._framing_allowance) and self.error is None:
+        elif self._read_has_chunking and self.error is None:
             self._check_framing(data)
             if self.error is not None:
                 # Found after parsing: forward nothing of this read. What had gone out before
@@ -215,7 +217,7 @@ class RequestReader:
                 raise HeaderTooLarge(f"request trailers over {self._limits.max_header_bytes} bytes")
             return
         headers = self._headers
-        headers.append((name, value))
+        headers.append((name, value.rstrip(b" \t")))  # llhttp strips only leading OWS
         if len(headers) > self._limits.max_headers:
             raise HeaderTooLarge(f"more than {self._limits.max_headers} header fields")
         self._head_bytes += len(name) + len(value) + 4  # _count, inline: once per header
@@ -249,12 +251,14 @@ class RequestReader:
         self.heads.append(_new_head(RequestHead, (method, keep_alive, upgrade)))
 
     def _enter_framing(self) -> None:
+        self._read_has_chunking = True
         self._in_framing = True
         self._framing_line_bytes = 0
 
     def on_chunk_header(self) -> None:
         # The size line is whole. Until a data byte arrives this may be the last chunk, whose
         # trailer section follows: bound what comes as trailer lines.
+        self._read_has_chunking = True
         self._in_trailers = True
         self._trailer_bytes = 0
         self._framing_line_bytes = 0

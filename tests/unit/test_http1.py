@@ -331,6 +331,17 @@ def test_whitespace_in_many_pipelined_heads_is_not_taken_for_chunk_framing() -> 
     assert r.error is None and r.messages_completed == 3001
 
 
+def test_whitespace_around_values_in_a_plain_request_is_not_chunk_framing() -> None:
+    # The chunk-line average applies only to reads that hold chunked framing; optional
+    # whitespace (RFC 9110 section 5.6.3) in a plain request was refused as if it were.
+    r = reader()
+    out = r.feed(
+        b"GET / HTTP/1.1\r\nHost: x" + b" " * 300 + b"\r\nX-A:" + b" " * 300 + b"y\r\n\r\n"
+    )
+    assert r.error is None and r.messages_completed == 1
+    assert b"\r\nHost: x\r\nX-A: y\r\n" in out
+
+
 @pytest.mark.parametrize("split", [None, 1000])
 def test_trailers_are_bounded_like_a_head(split) -> None:
     r = reader(max_header_bytes=2000)
