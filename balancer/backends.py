@@ -13,6 +13,9 @@ class Backend:
     host: str
     port: int
     weight: int = 1
+    # The addresses `host` resolved to at start-up, in the resolver's order, tried in turn on
+    # each connect (as create_connection does with a name); empty: connect to `host` itself.
+    connect_hosts: tuple[str, ...] = ()
     # "host:port" ("[v6]:port"), made once: every connection's record holds it.
     address: str = field(init=False, repr=False, compare=False)
 

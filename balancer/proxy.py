@@ -575,7 +575,6 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         record = self.record
         assert record is not None
-        loop = self._loop
         tried: list[Any] = []
         error: BalancerError = NoBackendAvailable("no backend is ready")
         for _ in range(ctx.limits.max_connect_attempts):
@@ -596,7 +595,8 @@ class ClientConnection(asyncio.Protocol):
             )
             try:
                 try:
-                    await loop.create_connection(_factory(protocol), backend.host, backend.port)
+                    hosts = backend.connect_hosts or (backend.host,)
+                    await self._connect_any(protocol, hosts, backend.port)
                 except asyncio.CancelledError:
                     if not protocol.connect_timed_out:
                         raise
@@ -628,6 +628,18 @@ class ClientConnection(asyncio.Protocol):
         self._connect_task = None
         if not self._closing:
             self._fail(error)
+
+    async def _connect_any(
+        self, protocol: BackendConnection, hosts: tuple[str, ...], port: int
+    ) -> None:
+        """Connect to the first of `hosts` (one backend's addresses) that accepts."""
+        for host in hosts[:-1]:
+            try:
+                await self._loop.create_connection(_factory(protocol), host, port)
+                return
+            except OSError:
+                continue  # the next address, within the same attempt and deadline
+        await self._loop.create_connection(_factory(protocol), hosts[-1], port)
 
     def _on_backend_connected(self, lease: Lease, protocol: BackendConnection) -> None:
         ctx = self.ctx

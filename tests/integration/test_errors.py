@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 
 from balancer import proxy
@@ -348,3 +349,27 @@ async def test_with_few_connections_open_an_idle_one_keeps_its_reader(farm, bala
     (conn,) = balancer.contexts[0].connections
     assert conn.reader is not None and balancer.contexts[0].idle_readers == []
     await client.close()
+
+
+async def test_a_named_backend_is_resolved_once_at_start(farm, balancer_factory) -> None:
+    balancer, recorder = await balancer_factory(make_config([f"localhost:{farm[0].port}"]))
+    backend = balancer.pool.states[0].backend
+    assert "127.0.0.1" in backend.connect_hosts  # numeric: nothing to look up per connect
+    assert [(await get(port_of(balancer))).status for _ in range(3)] == [200] * 3
+    records = await recorder.wait_for(3)
+    assert {(r.connect_attempts, r.connect_failures) for r in records} == {(1, 0)}
+    assert {r.backend_address for r in records} == {f"localhost:{farm[0].port}"}
+
+
+async def test_each_resolved_address_is_tried_in_turn_within_one_attempt(
+    farm, balancer_factory
+) -> None:
+    balancer, recorder = await balancer_factory(make_config([farm[0].address]))
+    state = balancer.pool.states[0]
+    # As if the name had resolved to an address that refuses (nothing listens on 127.0.0.2
+    # at that port) ahead of the one that serves, as `localhost` does with ::1 first.
+    state.backend = dataclasses.replace(state.backend, connect_hosts=("127.0.0.2", "127.0.0.1"))
+    assert (await get(port_of(balancer))).status == 200
+    (record,) = await recorder.wait_for(1)
+    assert (record.connect_attempts, record.connect_failures) == (1, 0)
+    assert state.connect_failures_total == 0  # not marked down for its first address
