@@ -14,7 +14,7 @@ class Backend:
     port: int
     weight: int = 1
     # The addresses `host` resolved to at start-up, in the resolver's order, tried in turn on
-    # each connect (as create_connection does with a name); empty: connect to `host` itself.
+    # each connect (as create_connection does with a name). Not given: `host` itself.
     connect_hosts: tuple[str, ...] = ()
     # "host:port" ("[v6]:port"), made once: every connection's record holds it.
     address: str = field(init=False, repr=False, compare=False)
@@ -22,6 +22,8 @@ class Backend:
     def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
         object.__setattr__(self, "address", f"{host}:{self.port}")
+        if not self.connect_hosts:
+            object.__setattr__(self, "connect_hosts", (self.host,))
 
 
 class BackendState:

@@ -595,8 +595,7 @@ class ClientConnection(asyncio.Protocol):
             )
             try:
                 try:
-                    hosts = backend.connect_hosts or (backend.host,)
-                    await self._connect_any(protocol, hosts, backend.port)
+                    await self._connect_any(protocol, backend.connect_hosts, backend.port)
                 except asyncio.CancelledError:
                     if not protocol.connect_timed_out:
                         raise

@@ -116,3 +116,9 @@ def test_every_policy_only_picks_candidates(name: str) -> None:
     policy = POLICIES[name]()
     for _ in range(50):
         assert policy.pick(candidates) in candidates
+
+
+def test_a_backend_connects_to_its_host_unless_given_resolved_addresses() -> None:
+    assert Backend("a", "127.0.0.1", 1).connect_hosts == ("127.0.0.1",)
+    named = Backend("b", "localhost", 2, connect_hosts=("::1", "127.0.0.1"))
+    assert named.connect_hosts == ("::1", "127.0.0.1") and named.address == "localhost:2"
