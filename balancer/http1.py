@@ -72,6 +72,10 @@ _REQUEST_LINE_ENDS = {"1.1": b"HTTP/1.1\r\n", "1.0": b"HTTP/1.0\r\n"}  # version
 _CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade"))
 
 
+class _LastRequest(Exception):
+    """Raised from on_message_complete to stop llhttp after a request that closes."""
+
+
 class RequestReader:
     """Parses a client's request stream and produces the stream to send to the backend.
 
@@ -79,7 +83,9 @@ class RequestReader:
     `heads` for each head completed. Input it will not forward stops the parser and sets `error`
     (a `ClientError`); what was parsed before it is still returned, so pipelined requests ahead
     of a bad one are served. After an `Upgrade` request the parser stops: the unparsed rest waits in
-    `upgrade_rest` until the proxy knows whether the backend switched protocols.
+    `upgrade_rest` until the proxy knows whether the backend switched protocols. After a request
+    that ends the connection (`Connection: close`, or HTTP/1.0 without keep-alive) nothing more
+    is read: `finished` is set and later bytes are dropped (RFC 9112 §9.6).
     """
 
     def __init__(self, client_ip: str, proto: str, port: int, limits: HeadLimits) -> None:
@@ -107,6 +113,8 @@ class RequestReader:
         self.messages_completed = 0
         self.upgrade_rest: bytes | None = None
         self.error: ClientError | None = None
+        self.finished = False  # a request that closes the connection has been read whole
+        self._closing_request = False
 
     def rebind(self, client_ip: str, proto: str, port: int) -> None:
         """Serve another connection's requests. Valid between messages, after a keep-alive
@@ -118,7 +126,7 @@ class RequestReader:
         self._client_ip = client_ip.encode()
 
     def feed(self, data: bytes) -> bytes:
-        if self.error is not None:
+        if self.error is not None or self.finished:
             return b""
         self._fed_consumed = 0
         self._framing_allowance = 0
@@ -131,7 +139,10 @@ class RequestReader:
         except httptools.HttpParserError as error:
             # httptools wraps what our callbacks raise; unwrap our own typed errors.
             cause = error.__cause__ or error.__context__
-            self.error = cause if isinstance(cause, ClientError) else BadRequest(str(error))
+            if isinstance(cause, _LastRequest):
+                self.finished = True
+            else:
+                self.error = cause if isinstance(cause, ClientError) else BadRequest(str(error))
         except ClientError as error:
             self.error = error
         if self.in_head:
@@ -140,7 +151,8 @@ class RequestReader:
             self._pending_head_bytes += len(data)
             if self._pending_head_bytes > self._limits.max_header_bytes:
                 self.error = self.error or HeaderTooLarge("request head incomplete past the limit")
-        elif self._read_has_chunking and self.error is None:
+        elif self._read_has_chunking and self.error is None and not self.finished:
+            # (after a closing request the rest of the read is dropped unparsed: not checked)
             self._check_framing(data)
             if self.error is not None:
                 # Found after parsing: forward nothing of this read. What had gone out before
@@ -248,6 +260,7 @@ class RequestReader:
             self._enter_framing()
         self.in_head = False
         self.in_body = True
+        self._closing_request = not keep_alive and not upgrade
         self.heads.append(_new_head(RequestHead, (method, keep_alive, upgrade)))
 
     def _enter_framing(self) -> None:
@@ -290,6 +303,8 @@ class RequestReader:
             self._framing_allowance += _CRLF
         self.in_body = False
         self.messages_completed += 1
+        if self._closing_request:
+            raise _LastRequest
 
     def _rewrite(
         self, method: bytes, version: str, upgrade: bool, keep_alive: bool
@@ -301,7 +316,11 @@ class RequestReader:
         upgrade_value = b""
         forwarded_for = b""
         length: bytes | None = None
-        lines = [b"%b %b %b" % (method, self._url, _REQUEST_LINE_ENDS[version])]
+        target, authority = _origin_form(self._url)
+        lines = [b"%b %b %b" % (method, target, _REQUEST_LINE_ENDS[version])]
+        if authority is not None:  # RFC 9112 §3.2.2: the target's host replaces Host
+            lines.append(b"Host: %b\r\n" % authority)
+            hosts = 1
         for name, value in self._headers:
             lower = name.lower()
             if lower not in _NOTED:
@@ -325,6 +344,8 @@ class RequestReader:
                 )
                 continue
             elif lower == b"host":
+                if authority is not None:
+                    continue
                 hosts += 1
             elif lower == b"content-length":
                 length = value  # llhttp has checked it is one valid number
@@ -359,6 +380,28 @@ class RequestReader:
         return b"".join(lines), chunked
 
 
+def _origin_form(url: bytes) -> tuple[bytes, bytes | None]:
+    """An absolute-form target (`http://host:port/path?q`) as (origin-form, authority); any
+    other target as (itself, None). A proxy must take the Host from such a target and ignore
+    the Host header (RFC 9112 §3.2.2); the backend gets the origin form, as nginx sends it."""
+    if url[:1] == b"/" or b"://" not in url[:9]:
+        return url, None  # the common case, decided by two slices
+    scheme, _, rest = url.partition(b"://")
+    if scheme.lower() not in (b"http", b"https"):
+        raise BadRequest(f"absolute-form target with scheme {scheme!r}")
+    end = len(rest)
+    for stop in (b"/", b"?", b"#"):
+        found = rest.find(stop)
+        if 0 <= found < end:
+            end = found
+    authority, path = rest[:end], rest[end:]
+    if not authority or b"@" in authority:
+        raise BadRequest("absolute-form target without a host, or with userinfo")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return path, authority
+
+
 # Response framing -----------------------------------------------------------------------
 
 _FRAMING_HEADERS = re.compile(
@@ -367,6 +410,10 @@ _FRAMING_HEADERS = re.compile(
 _CONNECTION_WORDS = frozenset((b"close", b"keep-alive"))
 MAX_RESPONSE_HEAD_BYTES = 65536
 
+# What a response answers: (a HEAD request, a request that closes), made once.
+_EXPECT = {(h, c): (h, c) for h in (False, True) for c in (False, True)}
+_NOTHING = (False, False)
+
 # Framer states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _TUNNEL = range(8)
 
@@ -374,10 +421,12 @@ _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _
 class ResponseFramer:
     """Follows response boundaries in the backend's byte stream, passing the bytes through.
 
-    Call `expect(is_head)` for each request forwarded, in order, so a HEAD response is known to
-    have no body. `feed(data)` returns the bytes to send to the client: `data` itself unless a head
-    is split across reads (held back until whole) or `force_close` rewrites a head. It raises
-    `BadBackendResponse` for framing that cannot be relayed safely.
+    Call `expect(is_head, closes)` for each request forwarded, in order, so a HEAD response is
+    known to have no body and the response to a request that ends the connection says so.
+    `feed(data)` returns the bytes to send to the client: `data` itself unless a head is split
+    across reads (held back until whole), or a head is rewritten to `Connection: close` because
+    its request closes or `force_close` (shutdown) is set. It raises `BadBackendResponse` for
+    framing that cannot be relayed safely.
 
     Counters and flags the proxy reads: `started` (final response heads seen), `completed`
     (responses ended), `close_after` (the last completed response ends the connection),
@@ -390,6 +439,7 @@ class ResponseFramer:
         "_held",
         "_message_keep_alive",
         "_remaining",
+        "_request_closes",
         "_state",
         "backend_closes",
         "close_after",
@@ -403,7 +453,8 @@ class ResponseFramer:
         self._state = _HEAD
         self._held = b""
         self._remaining = 0
-        self._expect_head: list[bool] = []
+        self._expect_head: list[tuple[bool, bool]] = []  # (HEAD request, request closes)
+        self._request_closes = False  # the response under way answers a request that closes
         self._message_keep_alive = True
         self.force_close = False
         self.started = 0
@@ -412,8 +463,8 @@ class ResponseFramer:
         self.backend_closes = False
         self.upgraded = False
 
-    def expect(self, is_head: bool) -> None:
-        self._expect_head.append(is_head)
+    def expect(self, is_head: bool, closes: bool = False) -> None:
+        self._expect_head.append(_EXPECT[is_head, closes])
 
     @property
     def awaiting(self) -> int:
@@ -449,7 +500,7 @@ class ResponseFramer:
                     return _joined(out, data, 0, pos)
                 end += 4
                 head = data[pos:end]
-                if self._on_head(head) and self.force_close:
+                if self._on_head(head) and (self.force_close or self._request_closes):
                     if out is None:
                         out = [data[:pos]]
                     out.append(_with_close(head))
@@ -512,7 +563,7 @@ class ResponseFramer:
                 self.started += 1
             return False  # interim (100 Continue, 103): the final response follows
         self.started += 1
-        is_head = self._expect_head[0] if self._expect_head else False
+        is_head, self._request_closes = self._expect_head[0] if self._expect_head else _NOTHING
         length: bytes | None = None
         chunked = False
         keep_alive = minor == b"1"  # the default of the version; Connection may change it
@@ -582,7 +633,7 @@ class ResponseFramer:
         if self._expect_head:
             self._expect_head.pop(0)
         self.backend_closes = not self._message_keep_alive
-        self.close_after = self.backend_closes or self.force_close
+        self.close_after = self.backend_closes or self.force_close or self._request_closes
         self._state = _HEAD
 
     def eof(self) -> bool:

@@ -435,9 +435,7 @@ class ClientConnection(asyncio.Protocol):
             record.first_request_at = self.ctx.clock()
         for head in reader.heads:
             record.requests += 1
-            framer.expect(head.method == b"HEAD")
-            if not head.keep_alive:
-                framer.force_close = True
+            framer.expect(head.method == b"HEAD", not head.keep_alive)
         reader.heads.clear()
         if self.lease is None and self._connect_task is None:
             self._start_connect()
@@ -466,6 +464,7 @@ class ClientConnection(asyncio.Protocol):
             or reader.in_body
             or reader.error is not None
             or reader.upgrade_rest is not None
+            or reader.finished
             or framer.awaiting
             or framer.in_message
             or framer.close_after

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tests.helpers import Backend, Client, get, make_config, port_of
+from tests.helpers import Backend, Client, get, make_config, port_of, raw_exchange
 
 
 async def test_round_robin_spreads_30_connections_10_each(farm, balancer_factory) -> None:
@@ -87,3 +87,40 @@ async def test_pipelined_requests_are_answered_in_order(farm, balancer_factory) 
         response = await client.read_response()
         assert response.body == f"web1 GET {path}\n".encode()
     await client.close()
+
+
+async def test_only_the_request_that_closes_gets_close_and_nothing_after_it_is_served(
+    farm, balancer_factory
+) -> None:
+    """RFC 9112 §9.6: the response to the request that says close says close; the earlier ones
+    stay keep-alive, and a request pipelined after it is never forwarded."""
+    balancer, _ = await balancer_factory(make_config([farm[0].address]))
+    raw = await raw_exchange(
+        port_of(balancer),
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    import h11
+
+    parser = h11.Connection(h11.CLIENT)
+    parser.receive_data(raw)
+    parser.receive_data(b"")
+    connection_headers = []
+    bodies = []
+    for path in ("/a", "/b", "/c"):
+        parser.send(h11.Request(method="GET", target=path, headers=[("Host", "x")]))
+        parser.send(h11.EndOfMessage())
+        response = parser.next_event()
+        assert isinstance(response, h11.Response)
+        connection_headers.append(dict(response.headers).get(b"connection"))
+        body = parser.next_event()
+        bodies.append(body.data if isinstance(body, h11.Data) else b"")
+        assert isinstance(parser.next_event(), h11.EndOfMessage)
+        if path != "/c":
+            parser.start_next_cycle()
+    assert connection_headers == [None, None, b"close"]
+    assert bodies == [b"web1 GET /a\n", b"web1 GET /b\n", b"web1 GET /c\n"]
+    assert isinstance(parser.next_event(), h11.ConnectionClosed)  # and no fourth response
+    assert [seen.path for seen in farm[0].seen] == ["/a", "/b", "/c"]

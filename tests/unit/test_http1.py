@@ -470,3 +470,55 @@ def test_transfer_codings_other_than_chunked_are_refused_before_forwarding(data,
     r = reader()
     assert r.feed(data) == b""  # nothing reaches the backend
     assert type(r.error) is error
+
+
+def test_nothing_after_a_request_that_closes_is_read() -> None:
+    r = reader()
+    out = r.feed(
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+        b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert [h.method for h in r.heads] == [b"GET", b"POST"]
+    assert out.endswith(b"\r\n\r\nok") and b"/c" not in out
+    assert r.finished and r.error is None and not r.in_head
+    assert r.feed(b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n") == b"" and len(r.heads) == 2
+
+
+def test_framer_says_close_only_on_the_response_to_the_request_that_closes() -> None:
+    framer = ResponseFramer()
+    framer.expect(False, False)
+    framer.expect(False, True)
+    one = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"
+    out = framer.feed(one + one)
+    assert out == one + b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\na"
+    assert framer.completed == 2 and framer.close_after and not framer.backend_closes
+
+
+@pytest.mark.parametrize(
+    ("target", "line", "host"),
+    [
+        (b"http://a.example/p?q=1", b"GET /p?q=1 HTTP/1.1", b"Host: a.example"),
+        (b"HTTP://a.example:8080", b"GET / HTTP/1.1", b"Host: a.example:8080"),
+        (b"https://a.example?x", b"GET /?x HTTP/1.1", b"Host: a.example"),
+    ],
+)
+def test_an_absolute_form_target_gives_the_host_and_goes_out_in_origin_form(
+    target: bytes, line: bytes, host: bytes
+) -> None:
+    out = reader().feed(b"GET %b HTTP/1.1\r\nHost: b.example\r\n\r\n" % target)
+    lines = head_lines(out)
+    assert lines[:2] == [line, host]
+    assert b"Host: b.example" not in lines
+
+
+def test_an_absolute_form_target_without_a_host_header_on_http10_gets_one() -> None:
+    lines = head_lines(reader().feed(b"GET http://a.example/ HTTP/1.0\r\n\r\n"))
+    assert lines[:2] == [b"GET / HTTP/1.0", b"Host: a.example"]
+
+
+@pytest.mark.parametrize("target", [b"ftp://a.example/", b"http:///p", b"http://u@a.example/"])
+def test_odd_absolute_form_targets_are_400(target: bytes) -> None:
+    r = reader()
+    r.feed(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % target)
+    assert isinstance(r.error, BadRequest)
