@@ -43,29 +43,34 @@ class RoundRobin:
 
 
 class LeastConnections:
-    """Fewest active connections per unit of weight; ties are taken in turn so equals share.
+    """Fewest active connections per unit of weight; ties go by smooth weighted round robin.
 
-    The scan starts just after the previous winner, and only a strictly lower load displaces the
-    first candidate found, so idle equal backends are picked a, b, c, a, ... like round robin.
+    nginx's `least_conn`: with weights 1 and 2 and one request at a time (every count 0, a
+    tie each pick), the split is 1:2, as round robin's; under load the weight-2 backend
+    carries twice the connections before it looks as busy.
     """
 
     def __init__(self) -> None:
-        self._start = 0
+        self._ties = RoundRobin()
 
     def pick(self, candidates: Sequence[BackendState]) -> BackendState | None:
-        count = len(candidates)
-        if count == 0:
-            return None
-        best_index = -1
         best: BackendState | None = None
-        for offset in range(count):
-            index = (self._start + offset) % count
-            state = candidates[index]
-            # active/weight < best.active/best.weight, without floats.
-            if best is None or state.active * best.weight < best.active * state.weight:
-                best, best_index = state, index
-        self._start = best_index + 1
-        return best
+        tied: list[BackendState] | None = None
+        for state in candidates:
+            if best is None:
+                best = state
+                continue
+            # active/weight against best's, without floats.
+            mine, theirs = state.active * best.weight, best.active * state.weight
+            if mine < theirs:
+                best, tied = state, None
+            elif mine == theirs:
+                if tied is None:
+                    tied = [best]
+                tied.append(state)
+        if tied is None:
+            return best
+        return self._ties.pick(tied)
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {

@@ -57,9 +57,28 @@ def test_least_connections_divides_by_weight() -> None:
     a, b = states(("a", 3), ("b", 1))
     a.active, b.active = 2, 1  # 2/3 < 1/1
     assert LeastConnections().pick([a, b]) is a
-    a.active = 3  # 3/3 == 1/1: a tie, taken in turn
+    a.active = 3  # 3/3 == 1/1: a tie, broken by weight (smooth weighted round robin)
+    assert picks(LeastConnections(), [a, b], 4) == "aaba"
+
+
+def test_least_connections_with_weights_1_and_2_splits_sequential_requests_1_to_2() -> None:
+    """nginx's least_conn: one request at a time ties every pick; the tie goes by weight."""
     policy = LeastConnections()
-    assert [policy.pick([a, b]).name for _ in range(2)] == ["a", "b"]
+    light, heavy = states(("light", 1), ("heavy", 2))
+    names = picks(policy, [light, heavy], 30)
+    assert (names.count("light"), names.count("heavy")) == (10, 20)
+
+
+def test_least_connections_under_load_holds_active_in_proportion_to_weight() -> None:
+    pool = BackendPool(
+        [s.backend for s in states(("light", 1), ("heavy", 2))], LeastConnections(), 10
+    )
+    leases = [pool.acquire(now=0) for _ in range(30)]
+    light, heavy = pool.states
+    assert (light.active, heavy.active) == (10, 20)
+    for lease in leases[::3]:
+        lease.release()
+    assert light.active * 2 - heavy.active in (-2, -1, 0, 1, 2)
 
 
 def test_least_connections_through_the_pool_counts_and_spreads() -> None:
