@@ -757,8 +757,9 @@ class ClientConnection(asyncio.Protocol):
         self._note_peer_fin(record.backend_leg, sock)
         if self._closing:
             if transport is not None:
-                self.ctx.writes.flush()
-                transport.close()  # the FIN we lingered for
+                # The FIN we lingered for, or the backend closing first as it said it would:
+                # either way our FIN goes now, and the leg's teardown facts are taken with it.
+                self._shutdown_leg(record.backend_leg, transport, sock)
             return
         if self._tunnel:
             if self._client_eof:

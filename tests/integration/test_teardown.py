@@ -114,3 +114,20 @@ async def test_tls_close_notify_both_ways_when_the_balancer_closes(
     assert leg.first_fin in ("balancer", "peer")
     assert leg.peer_fin_at is not None
     assert no_resets(record)
+
+
+async def test_backend_that_closes_first_has_its_teardown_and_retransmits(
+    farm, balancer_factory
+) -> None:
+    """HTTP/1.0 without keep-alive: the backend answers and closes first. The balancer then
+    sends its FIN on that leg, so the leg has a teardown time and a retransmit count."""
+    balancer, recorder = await balancer_factory(make_config([farm[0].address]))
+    raw = await raw_exchange(port_of(balancer), b"GET / HTTP/1.0\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200")
+    (record,) = await recorder.wait_for(1)
+    leg = record.backend_leg
+    assert (leg.initiator, leg.first_fin) == ("peer", "peer")
+    assert leg.fin_sent and leg.retransmits == 0
+    assert record.backend_teardown_seconds is not None
+    assert 0 <= record.backend_teardown_seconds < 1
+    assert no_resets(record)
