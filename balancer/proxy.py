@@ -903,15 +903,26 @@ class ClientConnection(asyncio.Protocol):
             if leg.first_fin is None and info is not None:
                 leg.first_fin = PEER if info.state == tcpinfo.CLOSE_WAIT else BALANCER
             leg.fin_sent_at = self.ctx.clock()
-            if not tcpinfo.shutdown_write(sock):
-                transport.write_eof()
+            if not tcpinfo.shutdown_write(sock) and not _write_eof(transport):
+                # The peer's RST landed between the TCP_INFO read and our shutdown: no FIN
+                # left. (asyncio's write_eof() raises ENOTCONN here; raised out of a protocol
+                # callback it closed the *other* leg and left this one lingering forever.)
+                leg.fin_sent, leg.fin_sent_at, leg.first_fin = False, None, None
+                self._note_peer_reset(leg)
+                transport.abort()
+                return False
             return True
         leg.fin_sent = True
         if leg.peer_fin_at is not None or not transport.can_write_eof():
             leg.fin_sent_at = self.ctx.clock()
             transport.close()
             return False
-        transport.write_eof()  # our FIN follows the unsent bytes; judged at the peer's FIN
+        # Our FIN follows the unsent bytes; judged at the peer's FIN. asyncio shuts down now
+        # when its buffer is empty (the batch's bytes went straight out) and may meet a reset.
+        if not _write_eof(transport):
+            self._note_peer_reset(leg)
+            transport.abort()
+            return False
         return True
 
     def _write_eof_client(self) -> None:
@@ -1151,6 +1162,15 @@ def _closed(leg: LegTeardown, now: float) -> None:
 
 def _buffered(transport: Any) -> bool:
     return bool(transport.get_write_buffer_size())
+
+
+def _write_eof(transport: Any) -> bool:
+    """transport.write_eof(); False if the connection was reset under it (ENOTCONN)."""
+    try:
+        transport.write_eof()
+    except OSError:
+        return False
+    return True
 
 
 def _factory(protocol: BackendConnection) -> Callable[[], BackendConnection]:
