@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -58,7 +59,9 @@ class AdminServer:
                     else:
                         status, kind, body = route()
                     headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
-                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+                    reason = HTTPStatus(status).phrase.encode()
+                    response = h11.Response(status_code=status, headers=headers, reason=reason)
+                    writer.write(conn.send(response))
                     if event.method != b"HEAD":
                         writer.write(conn.send(h11.Data(data=body)))
                     writer.write(conn.send(h11.EndOfMessage()))

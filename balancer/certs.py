@@ -28,6 +28,18 @@ class CertPaths:
     key: Path
 
 
+class CertsExist(Exception):
+    """ca.crt, server.crt and server.key are all there already: kept, not replaced."""
+
+    def __init__(self, paths: CertPaths) -> None:
+        super().__init__("the local CA and server certificate")
+        self.paths = (paths.ca, paths.cert, paths.key)
+
+
+class CertsIncomplete(Exception):
+    """Some of the three files exist and some do not: no safe way to complete the set."""
+
+
 def _new_key(key_type: str) -> PrivateKey:
     if key_type == "rsa":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -35,12 +47,30 @@ def _new_key(key_type: str) -> PrivateKey:
 
 
 def make_certs(
-    directory: Path, hosts: list[str] | None = None, key_type: str = "ecdsa", days: int = 825
+    directory: Path,
+    hosts: list[str] | None = None,
+    key_type: str = "ecdsa",
+    days: int = 825,
+    force: bool = False,
 ) -> CertPaths:
     """Write ca.crt, server.crt and server.key (mode 0600) into `directory`.
 
-    SANs: localhost, 127.0.0.1, ::1 and every name or address in `hosts`.
+    SANs: localhost, 127.0.0.1, ::1 and every name or address in `hosts`. Existing files are
+    kept unless `force`: a client that trusts the CA would break if it were replaced
+    (CertsExist when all three are there; CertsIncomplete when only some are, since the CA's
+    key is not kept and a new server certificate needs a new CA).
     """
+    paths = CertPaths(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+    present = [path for path in (paths.ca, paths.cert, paths.key) if path.exists()]
+    if present and not force:
+        if len(present) == 3:
+            raise CertsExist(paths)
+        missing = sorted({paths.ca, paths.cert, paths.key} - set(present))
+        raise CertsIncomplete(
+            f"{', '.join(map(str, present))} exist but {', '.join(map(str, missing))} do not; "
+            "the CA's key is not kept, so the set can only be made anew: "
+            "`balancer certs --force` replaces all three (clients must then trust the new CA)"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
@@ -98,7 +128,6 @@ def make_certs(
         .sign(ca_key, hashes.SHA256())
     )
 
-    paths = CertPaths(directory / "ca.crt", directory / "server.crt", directory / "server.key")
     paths.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths.cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     key_pem = server_key.private_bytes(

@@ -10,15 +10,17 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import sys
 import tomllib
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 from balancer import __version__
-from balancer.certs import KEY_TYPES, make_certs
+from balancer.certs import KEY_TYPES, CertsExist, CertsIncomplete, make_certs
 from balancer.config import (
     EVENT_LOOPS,
     Config,
@@ -28,7 +30,7 @@ from balancer.config import (
     parse_config,
 )
 from balancer.policies import POLICIES
-from balancer.server import Balancer
+from balancer.server import Balancer, StartError
 from balancer.tls import TLSSetupError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
@@ -52,29 +54,64 @@ def _parser() -> argparse.ArgumentParser:
             default=[],
             help="a backend of the farm (repeat); replaces the file's backends",
         )
-        sub.add_argument("--policy", choices=sorted(POLICIES))
+        sub.add_argument(
+            "--policy",
+            choices=sorted(POLICIES),
+            help="how backends are chosen: smooth weighted round robin (default) or fewest "
+            "active connections per weight",
+        )
         sub.add_argument("--cert", metavar="FILE", help="server certificate (PEM)")
         sub.add_argument("--key", metavar="FILE", help="server private key (PEM)")
         sub.add_argument("--admin", metavar="ADDR", help="admin listener: /metrics and more")
         sub.add_argument("--access-log", metavar="PATH|-", help="one JSON line per connection")
         sub.add_argument("--workers", type=int, metavar="N", help="worker processes (1 for now)")
-        sub.add_argument("--event-loop", choices=EVENT_LOOPS)
+        sub.add_argument(
+            "--event-loop",
+            choices=EVENT_LOOPS,
+            help="uvloop (default, faster) or the standard library's asyncio loop",
+        )
 
     run = verbs.add_parser("run", help="run the balancer")
     config_flags(run)
     check = verbs.add_parser("check", help="validate a configuration without binding anything")
     config_flags(check)
     certs = verbs.add_parser("certs", help="make a local CA and a server certificate")
-    certs.add_argument("--dir", default="certs", type=Path)
-    certs.add_argument("--host", action="append", default=[], help="extra SAN (repeat)")
-    certs.add_argument("--key-type", choices=KEY_TYPES, default="ecdsa")
+    certs.add_argument(
+        "--dir",
+        default="certs",
+        type=Path,
+        help="where to write ca.crt, server.crt and server.key (default: certs)",
+    )
+    certs.add_argument(
+        "--host", action="append", default=[], help="an extra name or address (repeat)"
+    )
+    certs.add_argument(
+        "--key-type",
+        choices=KEY_TYPES,
+        default="ecdsa",
+        help="ECDSA P-256 (default: far cheaper handshakes) or RSA-2048",
+    )
+    certs.add_argument(
+        "--force", action="store_true", help="replace existing files (clients must re-trust)"
+    )
     demo = verbs.add_parser("demo", help="a 3-backend farm behind the balancer on localhost")
-    demo.add_argument("--certs-dir", default="certs", type=Path)
+    demo.add_argument("--certs-dir", default="certs", type=Path, help="made here if missing")
+    demo.add_argument("--http", metavar="ADDR", default="127.0.0.1:8080", help="HTTP listener")
+    demo.add_argument("--https", metavar="ADDR", default="127.0.0.1:8443", help="TLS listener")
+    demo.add_argument("--admin", metavar="ADDR", default="127.0.0.1:8404", help="admin listener")
+    demo.add_argument(
+        "--farm-port",
+        metavar="PORT",
+        type=int,
+        default=9001,
+        help="the three demo backends listen on PORT, PORT+1, PORT+2 (default 9001)",
+    )
     return parser
 
 
-def load(args: argparse.Namespace) -> Config:
-    """The file (if any) with the flags laid over it; raises ConfigError."""
+def load(args: argparse.Namespace) -> tuple[Config, bool]:
+    """The file (if any) with the flags laid over it, and whether limits.max_connections was
+    set (or left to fit the machine); raises ConfigError."""
     data: dict[str, Any] = {}
     source = "command line"
     if args.config:
@@ -101,7 +138,9 @@ def load(args: argparse.Namespace) -> Config:
     merged = apply_overrides(data, flags)
     if merged != data and args.config:
         source += " (with command-line flags)"
-    return parse_config(merged, source)
+    limits = merged.get("limits")
+    max_connections_set = isinstance(limits, dict) and "max_connections" in limits
+    return parse_config(merged, source), max_connections_set
 
 
 def run_loop(config: Config, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -115,17 +154,48 @@ def run_loop(config: Config, main: Callable[[], Coroutine[Any, Any, None]]) -> N
             runner.run(main())
 
 
-def _open_access_log(target: str | None) -> IO[str] | None:
-    if target is None:
+def access_log_problem(config: Config) -> str | None:
+    """Why `run` could not append to the configured access log, or None (checked by `check`
+    too, so a path `run` would fail on never passes as `config OK`)."""
+    target = config.access_log
+    if target is None or target == "-":
         return None
-    if target == "-":
+    path = Path(target)
+    where = f"{config.source}: access_log = {target!r}"
+    if path.is_dir():
+        return f"{where}: is a directory; expected a file path"
+    if not path.parent.is_dir():
+        directory = str(path.parent)
+        return f"{where}: directory {directory!r} does not exist; create it or choose another path"
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK)
+    if not writable:
+        return f"{where}: not writable by this user; fix its permissions or choose another path"
+    return None
+
+
+def open_access_log(config: Config) -> IO[str] | None:
+    """The access log, opened for appending; ConfigError naming the key if it cannot be."""
+    problem = access_log_problem(config)
+    if problem is not None:
+        raise ConfigError([problem])
+    if config.access_log is None:
+        return None
+    if config.access_log == "-":
         return sys.stdout
-    return open(target, "a", encoding="utf-8")
+    try:
+        return open(config.access_log, "a", encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(
+            [f"{config.source}: access_log = {config.access_log!r}: cannot open: {error.strerror}"]
+        ) from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = load(args)
+    config, _ = load(args)
     Balancer(config)  # builds the TLS context: cert and key load and match
+    problem = access_log_problem(config)
+    if problem is not None:
+        raise ConfigError([problem])
     tls = sum(1 for x in config.listeners if x.tls)
     print(
         f"config OK: {len(config.listeners)} listener(s) ({tls} TLS), "
@@ -137,9 +207,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 FD_RESERVE = 64  # listeners, admin, log files, a margin
 
 
-def budget_file_descriptors(max_connections: int) -> int:
-    """Raise the soft RLIMIT_NOFILE toward the hard limit so each connection's two
-    descriptors (client, backend) fit; warn when they cannot. Returns the limit in force."""
+def budget_file_descriptors(config: Config, max_connections_set: bool) -> tuple[Config, str, int]:
+    """Raise the soft RLIMIT_NOFILE toward the hard limit so each connection's two descriptors
+    (client, backend) fit. When limits.max_connections was left at its default and the hard
+    limit cannot hold it, it is lowered to what fits (nginx and HAProxy size to the machine
+    likewise). Returns the config to run, and the log line (and level) to say once started."""
+    max_connections = config.limits.max_connections
     needed = 2 * max_connections + FD_RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:
@@ -147,32 +220,56 @@ def budget_file_descriptors(max_connections: int) -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
-    if soft < needed:
-        log.warning(
-            "file descriptors: limit %d < %d needed for limits.max_connections = %d (two each, "
-            "plus %d); lower limits.max_connections or raise `ulimit -n`",
-            soft, needed, max_connections, FD_RESERVE,
-        )  # fmt: skip
-    else:
-        log.info("file descriptors: limit %d (limits.max_connections = %d)", soft, max_connections)
-    return soft
+    if soft >= needed:
+        return (
+            config,
+            f"file descriptors: limit {soft} (limits.max_connections = {max_connections})",
+            logging.INFO,
+        )
+    fits = max(1, (soft - FD_RESERVE) // 2)
+    if not max_connections_set:
+        limits = replace(config.limits, max_connections=fits)
+        message = (
+            f"file descriptors: limit {soft} holds {fits} connections (two descriptors each, "
+            f"plus {FD_RESERVE}): limits.max_connections is {fits}; set it, and raise "
+            "`ulimit -n`, for more"
+        )
+        return replace(config, limits=limits), message, logging.INFO
+    message = (
+        f"file descriptors: limit {soft} < {needed} needed for limits.max_connections = "
+        f"{max_connections} (two each, plus {FD_RESERVE}); lower limits.max_connections "
+        f"to {fits} or raise `ulimit -n`"
+    )
+    return config, message, logging.WARNING
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = load(args)
-    budget_file_descriptors(config.limits.max_connections)
-    access_log = _open_access_log(config.access_log)
+    config, max_connections_set = load(args)
+    access_log = open_access_log(config)
+    config, descriptors, level = budget_file_descriptors(config, max_connections_set)
     balancer = Balancer(config, access_log=access_log)
     try:
-        run_loop(config, balancer.serve)
-    except OSError as error:
+        # Said once bound: a port in use or a bad file is the first thing an operator reads.
+        run_loop(config, lambda: balancer.serve(lambda: log.log(level, descriptors)))
+    except StartError as error:
         log.error("cannot start: %s", error)
         return EXIT_RUNTIME
     return EXIT_OK
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    paths = make_certs(args.dir, args.host, args.key_type)
+    directory: Path = args.dir
+    try:
+        paths = make_certs(directory, args.host, args.key_type, force=args.force)
+    except CertsExist as kept:
+        print(
+            f"kept {kept}: {', '.join(str(p) for p in kept.paths)} exist already; "
+            "`balancer certs --force` replaces them (clients must then trust the new CA)"
+        )
+        return EXIT_OK
+    except CertsIncomplete as error:
+        print(f"certs: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"wrote {paths.ca}, {paths.cert}, {paths.key} ({args.key_type})")
     print(f"clients trust it with: curl --cacert {paths.ca} https://localhost:8443/")
     return EXIT_OK
@@ -182,14 +279,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from balancer.demo import demo_config, run_demo
 
     certs_dir: Path = args.certs_dir
-    if not (certs_dir / "server.crt").exists() or not (certs_dir / "server.key").exists():
+    try:
         paths = make_certs(certs_dir)
         print(f"made a local CA and certificate in {certs_dir}/ ({paths.ca.name} to trust)")
-    config = demo_config(certs_dir)
+    except CertsExist:
+        pass  # the demo uses them as they are
+    except CertsIncomplete as error:
+        print(f"certs: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    config = demo_config(certs_dir, http=args.http, https=args.https, admin=args.admin,
+                         farm_port=args.farm_port)  # fmt: skip
     balancer = Balancer(config, access_log=None)
     try:
         run_loop(config, lambda: run_demo(balancer, certs_dir))
-    except OSError as error:
+    except StartError as error:
         log.error("cannot start the demo: %s", error)
         return EXIT_RUNTIME
     return EXIT_OK

@@ -1,7 +1,9 @@
 """`balancer demo`: three embedded backends behind the balancer, on localhost only.
 
-The configuration is exactly config/demo.toml (a unit test keeps the two equal), so
-`balancer run -c config/demo.toml` behaves the same against any farm on ports 9001-9003.
+With its default ports the configuration is exactly config/demo.toml (a unit test keeps the
+two equal), so `balancer run -c config/demo.toml` behaves the same against any farm on ports
+9001-9003. While it runs, each closed connection is printed as one line: what it did on the
+wire, the headline of the access log.
 """
 
 from __future__ import annotations
@@ -12,40 +14,74 @@ from pathlib import Path
 
 from balancer.config import Config, parse_config
 from balancer.farm import start_farm
-from balancer.server import Balancer
+from balancer.observe import connection_line
+from balancer.server import Balancer, StartError, bind_failure
 
-FARM = [("web1", 9001), ("web2", 9002), ("web3", 9003)]
+FARM = ("web1", "web2", "web3")
 
 
-def demo_table(certs_dir: Path = Path("certs")) -> dict[str, object]:
+def demo_table(
+    certs_dir: Path = Path("certs"),
+    *,
+    http: str = "127.0.0.1:8080",
+    https: str = "127.0.0.1:8443",
+    admin: str = "127.0.0.1:8404",
+    farm_port: int = 9001,
+) -> dict[str, object]:
     return {
         "policy": "round_robin",
-        "admin": "127.0.0.1:8404",
+        "admin": admin,
         "listeners": [
-            {"name": "http", "bind": "127.0.0.1:8080", "protocol": "http"},
-            {"name": "https", "bind": "127.0.0.1:8443", "protocol": "https"},
+            {"name": "http", "bind": http, "protocol": "http"},
+            {"name": "https", "bind": https, "protocol": "https"},
         ],
         "tls": {"cert": str(certs_dir / "server.crt"), "key": str(certs_dir / "server.key")},
-        "backends": [{"name": name, "address": f"127.0.0.1:{port}"} for name, port in FARM],
+        "backends": [
+            {"name": name, "address": f"127.0.0.1:{farm_port + i}"} for i, name in enumerate(FARM)
+        ],
     }
 
 
-def demo_config(certs_dir: Path = Path("certs")) -> Config:
-    return parse_config(demo_table(certs_dir), "balancer demo")
+def demo_config(
+    certs_dir: Path = Path("certs"),
+    *,
+    http: str = "127.0.0.1:8080",
+    https: str = "127.0.0.1:8443",
+    admin: str = "127.0.0.1:8404",
+    farm_port: int = 9001,
+) -> Config:
+    table = demo_table(certs_dir, http=http, https=https, admin=admin, farm_port=farm_port)
+    return parse_config(table, "balancer demo")
 
 
 async def run_demo(balancer: Balancer, certs_dir: Path) -> None:
-    farm = await start_farm([name for name, _ in FARM], ports=[port for _, port in FARM])
-    await balancer.start()
+    ports = [backend.address.port for backend in balancer.config.backends]
+    farm: list[tuple[asyncio.AbstractServer, int]] = []
+    for name, port in zip(FARM, ports, strict=True):
+        try:
+            farm += await start_farm([name], ports=[port])
+        except OSError as error:
+            for server, _ in farm:
+                server.close()
+            failure = bind_failure(f"demo backend {name}", "127.0.0.1", port, error)
+            raise StartError(f"{failure} (--farm-port moves the three demo backends)") from None
+    balancer.observer.live = lambda record: print(connection_line(record), flush=True)
+    try:
+        await balancer.start()
+    except StartError as error:
+        for server, _ in farm:
+            server.close()
+        raise StartError(f"{error} (--http, --https and --admin choose the demo's)") from None
     http = balancer.addresses["http"][1]
     https = balancer.addresses["https"][1]
+    admin = "{}:{}".format(*balancer.addresses["admin"])
     ca = certs_dir / "ca.crt"
     print(
         f"""
-balancer demo is up: 3 backends (web1..web3 on 127.0.0.1:9001-9003), round robin.
+balancer demo is up: 3 backends (web1..web3 on 127.0.0.1:{ports[0]}-{ports[-1]}), round robin.
 
   http://127.0.0.1:{http}/           https://localhost:{https}/ (CA: {ca})
-  metrics: http://127.0.0.1:8404/metrics    connections: http://127.0.0.1:8404/connections
+  metrics: http://{admin}/metrics    connections: http://{admin}/connections
 
 Try:
   curl -si http://127.0.0.1:{http}/ | grep X-Backend            # run it 3 times: web1, web2, web3
@@ -54,6 +90,8 @@ Try:
   ab -n 300 -c 8 -f TLS1.2 https://127.0.0.1:{https}/
   wrk -t1 -c64 -d10s http://127.0.0.1:{http}/
 
+Each connection prints one line as it closes: client, backend, TLS, who closed each leg first
+and how (FIN, RST, close_notify). The full record of each is at /connections.
 Ctrl-C stops it.
 """,
         flush=True,
@@ -66,3 +104,4 @@ Ctrl-C stops it.
     await balancer.shutdown(grace=2.0)
     for server, _ in farm:
         server.close()
+    print(balancer.observer.summary(), flush=True)

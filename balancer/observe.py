@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from balancer.backends import BackendState
-from balancer.record import ConnectionRecord, json_line
+from balancer.record import PEER, ConnectionRecord, LegTeardown, json_line
 
 _go_float = cast(Callable[[float], str], floatToGoString)  # how Prometheus spells an `le`
 
@@ -126,6 +126,7 @@ class Observer(Collector):
         recent: int = 200,
     ) -> None:
         self.access_log = access_log
+        self.live: Callable[[ConnectionRecord], None] | None = None  # `balancer demo` prints
         self.recent: deque[ConnectionRecord] = deque(maxlen=recent)
         self.closed_total = 0
         self._counts: dict[_Family, dict[tuple[str, ...], float]] = {
@@ -190,6 +191,17 @@ class Observer(Collector):
             add(BYTES, (listener, "backend", "out"), record.backend_bytes_out)
         if self.access_log is not None:
             self.access_log.write(json_line(record))
+        if self.live is not None:
+            self.live(record)
+
+    def summary(self) -> str:
+        """One line on what was served, by backend (said when `balancer demo` stops)."""
+        by_backend: dict[str, float] = {}
+        for (_, backend), count in self._counts[REQUESTS].items():
+            by_backend[backend] = by_backend.get(backend, 0) + count
+        spread = ", ".join(f"{name} {int(count)}" for name, count in sorted(by_backend.items()))
+        total = int(sum(by_backend.values()))
+        return f"stopped: {self.closed_total} connections, {total} requests ({spread or 'none'})"
 
     def collect(self) -> Iterator[Metric]:
         for family, counts in self._counts.items():
@@ -208,6 +220,34 @@ class Observer(Collector):
                     buckets.append((bound, cumulative))
                 metric.add_metric(labels, buckets, histogram.sum)
             yield metric
+
+
+_LEG_PEER = {"client": "client", "backend": "backend"}
+_KIND = {"fin": "FIN", "rst": "RST", "close_notify": "close_notify"}
+
+
+def _leg_words(name: str, leg: LegTeardown) -> str:
+    """`client leg: client closed first (FIN)`: who started the close, and how it ended."""
+    who = _LEG_PEER[name] if leg.initiator == PEER else leg.initiator or "?"
+    return f"{name} leg: {who} closed first ({_KIND[leg.kind]})"
+
+
+def connection_line(r: ConnectionRecord) -> str:
+    """One compact line per closed connection, for a person watching (`balancer demo`)."""
+    parts = [f"#{r.id} {r.listener} {r.client_ip}:{r.client_port}"]
+    parts[0] += f" -> {r.backend}" if r.backend is not None else " -> (no backend)"
+    if r.tls_failure is not None:
+        parts.append(f"TLS failed: {r.tls_failure}")
+    elif r.tls_finished_at is not None:
+        handshake = (r.tls_handshake_seconds or 0) * 1000
+        resumed = "resumed" if r.tls_resumed else "full"
+        parts.append(f"TLS {r.tls_version} {handshake:.2f} ms ({resumed})")
+    parts.append(f"{r.requests} request{'' if r.requests == 1 else 's'}")
+    parts.append(_leg_words("client", r.client_leg))
+    if r.connected_at is not None:
+        parts.append(_leg_words("backend", r.backend_leg))
+    parts.append(f"{r.close_cause}, {(r.lifetime_seconds or 0) * 1000:.1f} ms")
+    return " | ".join(parts)
 
 
 class ListenerTotals(NamedTuple):

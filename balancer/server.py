@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import itertools
 import logging
@@ -42,6 +43,33 @@ ACCESS_LOG_FLUSH_SECONDS = 1.0
 # being looked at before its time (and re-armed, in a spin, until it is due).
 DEADLINE_SLACK_SECONDS = 0.001
 BACKLOG = 4096
+
+
+class StartError(Exception):
+    """A listener could not be bound; the message names it, its address and what to do."""
+
+
+def bind_failure(name: str, host: str, port: int, error: OSError) -> StartError:
+    """The bind error as an operator needs it: which listener, which address, the likely fix."""
+    where = f"{name} listener on {host}:{port}"
+    reason = error.strerror or str(error)
+    if error.errno == errno.EADDRINUSE:
+        hint = (
+            f"another process holds the port (`ss -ltnp 'sport = :{port}'` shows which): "
+            "stop it or choose another address"
+        )
+    elif error.errno == errno.EACCES and 0 < port < 1024:
+        hint = (
+            "ports below 1024 need privilege: run as root, give the interpreter "
+            "`setcap cap_net_bind_service=+ep` (on the real python3 binary), set "
+            "`AmbientCapabilities=CAP_NET_BIND_SERVICE` in its systemd unit, or use a port "
+            "from 1024 up"
+        )
+    elif error.errno == errno.EADDRNOTAVAIL:
+        hint = "no interface of this machine has that address"
+    else:
+        hint = "check the address"
+    return StartError(f"cannot listen: {where}: {reason}; {hint}")
 
 
 class Listening(Protocol):
@@ -203,15 +231,20 @@ class Balancer:
     ) -> list[Listening]:
         loop = asyncio.get_running_loop()
         servers: list[Listening]
-        if isinstance(loop, asyncio.SelectorEventLoop):  # see balancer.accept
-            acceptors = bind_acceptors(loop, host, port, factory, name, BACKLOG)
-            self._acceptors[name] = acceptors
-            servers = list(acceptors)
-        else:
-            servers = [
-                await loop.create_server(factory, sock=sock, backlog=BACKLOG)
-                for sock in bind_sockets(host, port, BACKLOG)
-            ]
+        try:
+            if isinstance(loop, asyncio.SelectorEventLoop):  # see balancer.accept
+                acceptors = bind_acceptors(loop, host, port, factory, name, BACKLOG)
+                self._acceptors[name] = acceptors
+                servers = list(acceptors)
+            else:
+                servers = [
+                    await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+                    for sock in bind_sockets(host, port, BACKLOG)
+                ]
+        except OSError as error:
+            for server in self.servers:  # those bound before this one
+                server.close()
+            raise bind_failure(name, host, port, error) from None
         self.servers.extend(servers)
         self.addresses[name] = _bound(servers[0])
         return servers
@@ -251,17 +284,37 @@ class Balancer:
         if self.access_log is not None:
             self.access_log.flush()
 
-    async def serve(self) -> None:
-        """Run until SIGTERM or SIGINT, then shut down gracefully."""
-        await self.start()
+    async def serve(self, on_started: Callable[[], None] | None = None) -> None:
+        """Run until SIGTERM or SIGINT, then shut down gracefully. SIGUSR1 reopens the access
+        log (after logrotate has moved it), as nginx's USR1 does."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT):  # before binding: no signal is lost
             loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_access_log)
+        await self.start()
+        if on_started is not None:
+            on_started()
         await stop.wait()
         log.info("shutting down: draining connections")
         await self.shutdown()
         log.info("stopped")
+
+    def reopen_access_log(self) -> None:
+        """Flush and close the access log and open its path again; on failure keep the old."""
+        path, old = self.config.access_log, self.access_log
+        if old is None or path is None or path == "-":
+            return
+        old.flush()
+        try:
+            new = open(path, "a", encoding="utf-8")  # noqa: SIM115 (held until the next reopen)
+        except OSError as error:
+            log.error("access log: cannot reopen %s (%s); still writing to the old file", path,
+                      error.strerror)  # fmt: skip
+            return
+        self.access_log = self.observer.access_log = new
+        old.close()
+        log.info("access log reopened: %s", path)
 
     def connections_view(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -73,14 +73,16 @@ def server_context(config: TLSConfig, alpn: list[str] | None = None) -> ssl.SSLC
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     if not config.session_tickets:
         context.options |= ssl.OP_NO_TICKET
+    for key, path in (("tls.cert", config.cert), ("tls.key", config.key)):
+        problem = unreadable(path)
+        if problem is not None:
+            raise TLSSetupError(
+                f"{key} = {path!r}: cannot read: {problem}. "
+                "Run `balancer certs` to make a local CA and server certificate in certs/, "
+                "or set tls.cert and tls.key (--cert/--key) to yours."
+            )
     try:
         context.load_cert_chain(config.cert, config.key)
-    except FileNotFoundError as error:
-        raise TLSSetupError(
-            f"tls: cannot read {error.filename or config.cert}: no such file. "
-            "Run `balancer certs` to make a local CA and server certificate in certs/, "
-            "or set tls.cert and tls.key (--cert/--key) to yours."
-        ) from None
     except (ssl.SSLError, OSError) as error:
         raise TLSSetupError(
             f"tls: cert {config.cert!r} and key {config.key!r} do not load as a matching PEM "
@@ -90,6 +92,20 @@ def server_context(config: TLSConfig, alpn: list[str] | None = None) -> ssl.SSLC
         context.set_alpn_protocols(alpn)
     context.sni_callback = _remember_sni
     return context
+
+
+def unreadable(path: str) -> str | None:
+    """Why `path` cannot be read ("no such file", "permission denied", ...), or None.
+
+    load_cert_chain() reports a missing key as a missing certificate (its FileNotFoundError
+    has no file name), so each file is opened first, to name the one at fault."""
+    try:
+        with open(path, "rb"):
+            return None
+    except IsADirectoryError:
+        return "it is a directory"
+    except OSError as error:
+        return (error.strerror or str(error)).lower()
 
 
 def _remember_sni(obj: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> None:

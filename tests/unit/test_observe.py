@@ -182,3 +182,15 @@ def test_the_access_log_line_is_exactly_the_records_dict_as_json(record: Connect
     line = json_line(record)
     assert line.endswith("\n") and "\n" not in line[:-1]
     assert json.loads(line) == record.to_dict()
+
+
+def test_a_privileged_port_refused_says_how_to_get_the_privilege() -> None:
+    import errno
+
+    from balancer.server import bind_failure
+
+    error = bind_failure("http", "0.0.0.0", 80, PermissionError(errno.EACCES, "Permission denied"))
+    text = str(error)
+    assert text.startswith("cannot listen: http listener on 0.0.0.0:80: Permission denied; ")
+    assert "run as root" in text and "cap_net_bind_service" in text
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in text
