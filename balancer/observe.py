@@ -80,9 +80,15 @@ TLS_FAILURES = _Family("balancer_tls_handshake_failures", "TLS handshakes that f
                        ("listener", "reason"))  # fmt: skip
 TLS_RESUMED = _Family("balancer_tls_resumptions", "TLS handshakes that resumed an earlier session.",
                       ("listener", "version"))  # fmt: skip
-CONNECT = _Family(
-    "balancer_backend_connect_seconds",
-    "Backend leg: connect() to established (SYN to SYN-ACK, as the balancer saw it).",
+CONNECT_WAIT = _Family(
+    "balancer_backend_connect_wait_seconds",
+    "Backend leg: connect() until the event loop saw the connection established (the wire's "
+    "SYN to SYN-ACK plus the loop's delay; the wire's alone is the handshake RTT).",
+    ("backend",), HANDSHAKE_BUCKETS,
+)  # fmt: skip
+BACKEND_RTT = _Family(
+    "balancer_backend_tcp_handshake_rtt_seconds",
+    "Backend leg: SYN to SYN-ACK of the three-way handshake (TCP_INFO rtt after connect).",
     ("backend",), HANDSHAKE_BUCKETS,
 )  # fmt: skip
 DURATION = _Family("balancer_connection_duration_seconds",
@@ -107,7 +113,8 @@ ERROR_RESPONSES = _Family(
     "Responses the balancer wrote itself (400, 408, 431, 502, 503, 504, ...).",
     ("listener", "status"),
 )  # fmt: skip
-FAMILIES = (CLOSED, TCP_RTT, TLS_HANDSHAKE, TLS_FAILURES, TLS_RESUMED, CONNECT, DURATION, CLOSES,
+FAMILIES = (CLOSED, TCP_RTT, TLS_HANDSHAKE, TLS_FAILURES, TLS_RESUMED, CONNECT_WAIT, BACKEND_RTT,
+            DURATION, CLOSES,
             TEARDOWN, BYTES, REQUESTS, ERROR_RESPONSES)  # fmt: skip
 
 
@@ -166,10 +173,13 @@ class Observer(Collector):
             observe(TLS_HANDSHAKE, (listener, version, record.tls_cipher or ""), handshake)
             if record.tls_resumed:
                 add(TLS_RESUMED, (listener, version))
-        if record.connected_at is not None and record.backend is not None:
-            connect = record.connect_seconds
-            assert connect is not None
-            observe(CONNECT, (record.backend,), connect)
+        upstream = record.upstream
+        if upstream is not None:
+            wait = upstream.connect_wait_seconds
+            if wait is not None:
+                observe(CONNECT_WAIT, (upstream.backend,), wait)
+            if upstream.tcp_handshake_rtt_seconds is not None:
+                observe(BACKEND_RTT, (upstream.backend,), upstream.tcp_handshake_rtt_seconds)
         if record.requests:
             add(REQUESTS, (listener, record.backend or ""), record.requests)
         if record.error_status is not None:

@@ -15,6 +15,38 @@ from typing import Any
 PEER = "peer"
 BALANCER = "balancer"
 
+# Why a client connection ended (`close_cause`), besides the reason of the error it ended in
+# (balancer.errors: bad_request, backend_connect_failed, ...). Listed once; each is a label
+# value of balancer_connections_closed_total.
+CLIENT_CLOSED = "client_closed"
+CLIENT_RESET = "client_reset"
+HTTP_CLOSE = "http_close"
+BACKEND_CLOSED = "backend_closed"
+BACKEND_RESET = "backend_reset"
+IDLE_TIMEOUT = "idle_timeout"
+HEADER_TIMEOUT = "header_timeout"
+BACKEND_TIMEOUT = "backend_timeout"
+TUNNEL_IDLE_TIMEOUT = "tunnel_idle_timeout"
+TLS_FAILED = "tls_failed"
+TLS_ERROR = "tls_error"
+SHUTDOWN = "shutdown"
+MAX_CONNECTIONS = "max_connections"
+CLOSE_CAUSES: dict[str, str] = {
+    CLIENT_CLOSED: "the client closed (FIN or close_notify) at a request boundary",
+    CLIENT_RESET: "the client reset the connection (RST)",
+    HTTP_CLOSE: "a request or response said Connection: close (or HTTP/1.0)",
+    BACKEND_CLOSED: "the backend closed at a response boundary (tcp mode: it closed)",
+    BACKEND_RESET: "the backend reset its connection between responses (tcp mode: any time)",
+    IDLE_TIMEOUT: "no request within keepalive_idle_seconds",
+    HEADER_TIMEOUT: "a request head not complete within client_header_seconds (408 if begun)",
+    BACKEND_TIMEOUT: "no response byte within backend_response_seconds (504)",
+    TUNNEL_IDLE_TIMEOUT: "a tcp-mode or upgraded connection idle past tunnel_idle_seconds",
+    TLS_FAILED: "the TLS handshake failed (tls.failure says why)",
+    TLS_ERROR: "a TLS record could not be read after the handshake",
+    SHUTDOWN: "the balancer is shutting down",
+    MAX_CONNECTIONS: "over limits.max_connections: closed at once",
+}
+
 
 class LegTeardown:
     """How one leg (client or backend) ended.
@@ -29,11 +61,17 @@ class LegTeardown:
     fin_sent / fin_sent_at: the balancer sent its FIN (shutdown); when it left (unknown when it
       waited behind unsent bytes).
     peer_fin_at / closed_at: when the peer's FIN was read; when the leg was fully closed.
-    retransmits: segments the kernel retransmitted on this leg (tcpi_total_retrans at our
-      shutdown of it).
+    retransmits: segments the kernel retransmitted on this leg (tcpi_total_retrans as it
+      closed).
+    bytes_in / bytes_out: payload bytes at the socket (TLS records included). Counted as read
+      and written while the leg is open; when it closes, replaced by what the kernel says
+      arrived and what the peer acknowledged (tcpi_bytes_received, tcpi_bytes_acked), so a
+      reset leg does not claim the bytes that sat in its send buffer.
     """
 
     __slots__ = (
+        "bytes_in",
+        "bytes_out",
         "close_notify_received",
         "close_notify_sent",
         "closed_at",
@@ -59,6 +97,8 @@ class LegTeardown:
         self.peer_fin_at: float | None = None
         self.closed_at: float | None = None
         self.retransmits: int | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     @property
     def kind(self) -> str:
@@ -90,13 +130,6 @@ class ConnectionRecord:
         "accepted_unix",
         "backend",
         "backend_address",
-        "backend_bytes_in",
-        "backend_bytes_out",
-        "backend_leg",
-        "backend_local_port",
-        "backend_rtt_seconds",
-        "client_bytes_in",
-        "client_bytes_out",
         "client_ip",
         "client_leg",
         "client_port",
@@ -104,8 +137,6 @@ class ConnectionRecord:
         "closed_at",
         "connect_attempts",
         "connect_failures",
-        "connect_started_at",
-        "connected_at",
         "error_status",
         "first_request_at",
         "id",
@@ -121,6 +152,7 @@ class ConnectionRecord:
         "tls_sni",
         "tls_started_at",
         "tls_version",
+        "upstream",
         "worker_pid",
     )
 
@@ -148,25 +180,54 @@ class ConnectionRecord:
         self.first_request_at: float | None = None
         self.requests = 0
         self.error_status: int | None = None
-        # Backend leg.
+        # Backend: the last one tried, the attempts, and the connection that served.
         self.backend: str | None = None
         self.backend_address: str | None = None
-        self.backend_local_port: int | None = None
-        self.backend_rtt_seconds: float | None = None
-        self.connect_started_at: float | None = None
-        self.connected_at: float | None = None
         self.connect_attempts = 0
         self.connect_failures = 0
-        # Bytes as counted at the sockets (TLS records included on a TLS client leg).
-        self.client_bytes_in = 0
-        self.client_bytes_out = 0
-        self.backend_bytes_in = 0
-        self.backend_bytes_out = 0
+        self.upstream: BackendConnectionRecord | None = None
         # Teardown.
         self.close_cause: str | None = None
         self.closed_at: float | None = None
         self.client_leg = LegTeardown()
-        self.backend_leg = LegTeardown()
+
+    # The backend connection's facts, as this record shows them (an empty leg: never connected).
+    @property
+    def backend_leg(self) -> LegTeardown:
+        return LegTeardown() if self.upstream is None else self.upstream.leg
+
+    @property
+    def connected_at(self) -> float | None:
+        return None if self.upstream is None else self.upstream.connected_at
+
+    @property
+    def backend_local_port(self) -> int | None:
+        return None if self.upstream is None else self.upstream.local_port
+
+    @property
+    def backend_tcp_handshake_rtt_seconds(self) -> float | None:
+        return None if self.upstream is None else self.upstream.tcp_handshake_rtt_seconds
+
+    @property
+    def connect_wait_seconds(self) -> float | None:
+        return None if self.upstream is None else self.upstream.connect_wait_seconds
+
+    # Bytes at the sockets, per leg (see LegTeardown.bytes_in).
+    @property
+    def client_bytes_in(self) -> int:
+        return self.client_leg.bytes_in
+
+    @property
+    def client_bytes_out(self) -> int:
+        return self.client_leg.bytes_out
+
+    @property
+    def backend_bytes_in(self) -> int:
+        return self.backend_leg.bytes_in
+
+    @property
+    def backend_bytes_out(self) -> int:
+        return self.backend_leg.bytes_out
 
     @staticmethod
     def _span(start: float | None, end: float | None) -> float | None:
@@ -175,11 +236,6 @@ class ConnectionRecord:
     @property
     def tls_handshake_seconds(self) -> float | None:
         return self._span(self.tls_started_at, self.tls_finished_at)
-
-    @property
-    def connect_seconds(self) -> float | None:
-        """The last connect attempt's SYN → established, as the balancer saw it."""
-        return self._span(self.connect_started_at, self.connected_at)
 
     @property
     def first_request_seconds(self) -> float | None:
@@ -227,8 +283,8 @@ class ConnectionRecord:
                 "name": self.backend,
                 "address": self.backend_address,
                 "local_port": self.backend_local_port,
-                "connect_seconds": self.connect_seconds,
-                "rtt_seconds": self.backend_rtt_seconds,
+                "connect_wait_seconds": self.connect_wait_seconds,
+                "tcp_handshake_rtt_seconds": self.backend_tcp_handshake_rtt_seconds,
             },
             "connect_attempts": self.connect_attempts,
             "connect_failures": self.connect_failures,
@@ -249,6 +305,43 @@ class ConnectionRecord:
             else self.backend_leg.to_dict() | {"teardown_seconds": self.backend_teardown_seconds},
             "lifetime_seconds": self.lifetime_seconds,
         }
+
+
+class BackendConnectionRecord:
+    """One backend TCP connection, from connect() to close.
+
+    connect_started_at → connected_at is `connect_wait_seconds`: connect() until the event loop
+    saw the connection established. It includes the loop's own delay (under load, a hundred
+    times the wire's), so the wire's SYN → SYN-ACK is `tcp_handshake_rtt_seconds` (tcpi_rtt
+    read right after connect: the active side's first RTT sample).
+    """
+
+    __slots__ = (
+        "address",
+        "backend",
+        "closed_at",
+        "connect_started_at",
+        "connected_at",
+        "leg",
+        "local_port",
+        "tcp_handshake_rtt_seconds",
+    )
+
+    def __init__(self, backend: str, address: str, connect_started_at: float) -> None:
+        self.backend = backend
+        self.address = address
+        self.connect_started_at = connect_started_at
+        self.connected_at: float | None = None
+        self.local_port: int | None = None
+        self.tcp_handshake_rtt_seconds: float | None = None
+        self.closed_at: float | None = None
+        self.leg = LegTeardown()
+
+    @property
+    def connect_wait_seconds(self) -> float | None:
+        if self.connected_at is None:
+            return None
+        return self.connected_at - self.connect_started_at
 
 
 def _teardown_seconds(leg: LegTeardown) -> float | None:
@@ -316,8 +409,8 @@ def json_line(r: ConnectionRecord) -> str:
         if r.backend is None
         else f'{{"name":{_text(r.backend)},"address":{_text(r.backend_address)},'
         f'"local_port":{_number(r.backend_local_port)},'
-        f'"connect_seconds":{_number(r.connect_seconds)},'
-        f'"rtt_seconds":{_number(r.backend_rtt_seconds)}}}'
+        f'"connect_wait_seconds":{_number(r.connect_wait_seconds)},'
+        f'"tcp_handshake_rtt_seconds":{_number(r.backend_tcp_handshake_rtt_seconds)}}}'
     )
     backend_leg = (
         "null" if r.backend is None else _leg_json(r.backend_leg, r.backend_teardown_seconds)

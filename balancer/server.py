@@ -31,8 +31,8 @@ from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.observe import ListenerTotals, Observer, StateCollector
 from balancer.policies import POLICIES
 from balancer.pool import BackendPool
-from balancer.proxy import ClientConnection, ListenerContext
 from balancer.record import ConnectionRecord
+from balancer.session import ClientSession, ListenerContext
 from balancer.tls import server_context
 from balancer.writebatch import WriteBatch
 
@@ -201,7 +201,7 @@ class Balancer:
             bind, name = ctx.listener.bind, ctx.listener.name
             ctx.loop = self._loop = asyncio.get_running_loop()
             servers = await self._listen(
-                name, bind.host, bind.port, functools.partial(ClientConnection, ctx)
+                name, bind.host, bind.port, functools.partial(ClientSession, ctx)
             )
             ports = {
                 sock.getsockname()[1]

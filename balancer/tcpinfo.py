@@ -18,16 +18,25 @@ import socket
 import struct
 from typing import Any, NamedTuple, Protocol
 
-# struct tcp_info (linux/tcp.h): 8 single bytes, then 32-bit fields; we read up to total_retrans.
-_LAYOUT = struct.Struct("=B7x16xI40xI28xI")  # state; unacked at 24; rtt at 68; total_retrans 100
+# struct tcp_info (linux/tcp.h): 8 single bytes, then 32-bit fields, then 64-bit counters.
+# state; unacked at 24; rtt at 68; total_retrans at 100; bytes_acked at 120, bytes_received
+# at 128 (Linux 4.1+); bytes_sent at 200, bytes_retrans at 208 (Linux 4.19+).
+_LAYOUT = struct.Struct("=B7x16xI40xI28xI")
 _SIZE = 104
+_BYTES = struct.Struct("=QQ")
+_ACKED_AT, _SENT_AT = 120, 200
+_SIZE_ACKED, _SIZE_SENT = 136, 216
 TCP_INFO = getattr(socket, "TCP_INFO", 11)
 
+TIME_WAIT = 6
 CLOSE = 7
 CLOSE_WAIT = 8
 LAST_ACK = 9
+CLOSING = 11
 # Read when the peer's FIN has just been read after our write_eof(): theirs came first.
 PEER_WAS_FIRST = frozenset({CLOSE_WAIT, LAST_ACK})
+# States a socket is in only once the peer's FIN has arrived.
+PEER_FIN_IN = frozenset({CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT})
 
 
 class HasFileno(Protocol):
@@ -39,6 +48,13 @@ class TCPInfo(NamedTuple):
     unacked: int  # segments sent and not yet acknowledged
     rtt_seconds: float
     total_retrans: int
+    # Sequence space the peer acknowledged / we received, since the handshake: payload bytes,
+    # plus one for a FIN (a FIN takes a sequence number). None before Linux 4.1.
+    bytes_acked: int | None = None
+    bytes_received: int | None = None
+    # Payload bytes that left, each once (tcpi_bytes_sent less tcpi_bytes_retrans): what a
+    # capture sees sent, acknowledged or not. None before Linux 4.19.
+    bytes_sent: int | None = None
 
 
 def borrow(sock: HasFileno) -> _socket.socket:
@@ -62,7 +78,7 @@ def read(sock: HasFileno | None) -> TCPInfo | None:
     except (OSError, ValueError, AttributeError):  # closed: fileno() is -1
         return None
     try:
-        raw = borrowed.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _SIZE)
+        raw = borrowed.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _SIZE_SENT)
     except OSError:
         return None
     finally:
@@ -70,7 +86,13 @@ def read(sock: HasFileno | None) -> TCPInfo | None:
     if len(raw) < _SIZE:
         return None
     state, unacked, rtt_us, retrans = _LAYOUT.unpack_from(raw)
-    return TCPInfo(state, unacked, rtt_us / 1e6, retrans)
+    if len(raw) < _SIZE_ACKED:
+        return TCPInfo(state, unacked, rtt_us / 1e6, retrans)
+    acked, received = _BYTES.unpack_from(raw, _ACKED_AT)
+    if len(raw) < _SIZE_SENT:
+        return TCPInfo(state, unacked, rtt_us / 1e6, retrans, acked, received)
+    sent, resent = _BYTES.unpack_from(raw, _SENT_AT)
+    return TCPInfo(state, unacked, rtt_us / 1e6, retrans, acked, received, sent - resent)
 
 
 def shutdown_write(sock: HasFileno) -> bool:

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import socket
 
-from balancer import proxy
+from balancer import session
 from tests.helpers import (
     Client,
     dead_port,
@@ -318,7 +318,7 @@ async def test_ambiguous_backend_response_framing_gives_502(balancer_factory) ->
 async def test_idle_keep_alive_connections_hold_no_reader_and_readers_serve_any_client(
     farm, balancer_factory, monkeypatch
 ) -> None:
-    monkeypatch.setattr(proxy, "READER_POOL_ABOVE", 0)  # as if many connections were open
+    monkeypatch.setattr(session, "READER_POOL_ABOVE", 0)  # as if many connections were open
     balancer, recorder = await balancer_factory(make_config([farm[0].address]))
     ctx = balancer.contexts[0]
     first = await Client.connect(port_of(balancer))

@@ -85,14 +85,9 @@ async def test_metrics_are_scraped_and_parse(farm, balancer_factory, certs) -> N
             )
             == 1
         )
-        assert (
-            value(
-                "balancer_backend_connect_seconds",
-                "balancer_backend_connect_seconds_count",
-                backend=backend,
-            )
-            == 1
-        )
+        for family in ("connect_wait", "tcp_handshake_rtt"):
+            name = f"balancer_backend_{family}_seconds"
+            assert value(name, f"{name}_count", backend=backend) == 1
     assert (
         value("balancer_tcp_handshake_rtt_seconds", "balancer_tcp_handshake_rtt_seconds_count") == 3
     )

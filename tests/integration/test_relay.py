@@ -169,10 +169,13 @@ async def test_slow_reader_holds_bounded_memory(farm, balancer_factory) -> None:
     writer.write(f"GET /size/{256 * MIB} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     try:
         async with asyncio.timeout(10):  # bounded wait for the pause, polled
-            while not any(c._backend_blocked for c in balancer.contexts[0].connections):
+            while not any(
+                c.backend is not None and c.backend.reading_paused
+                for c in balancer.contexts[0].connections
+            ):
                 await asyncio.sleep(0.01)
         (conn,) = balancer.contexts[0].connections
-        assert conn.transport.get_write_buffer_size() < 4 * MIB
+        assert conn.client.transport.get_write_buffer_size() < 4 * MIB
         assert conn.record.backend_bytes_in < 32 * MIB  # the rest waits in the backend
     finally:
         writer.close()

@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from balancer.observe import Observer
-from balancer.record import BALANCER, PEER, ConnectionRecord, json_line
+from balancer.record import (
+    BALANCER,
+    PEER,
+    BackendConnectionRecord,
+    ConnectionRecord,
+    json_line,
+)
 
 
 def tls_record() -> ConnectionRecord:
@@ -24,10 +30,12 @@ def tls_record() -> ConnectionRecord:
         True,
     )
     record.backend, record.backend_address = "web1", "10.0.0.1:80"
-    record.connect_started_at, record.connected_at = 100.005, 100.0052
+    record.upstream = BackendConnectionRecord("web1", "10.0.0.1:80", connect_started_at=100.005)
+    record.upstream.connected_at = 100.0052
+    record.upstream.tcp_handshake_rtt_seconds = 0.00003
     record.requests = 3
-    record.client_bytes_in, record.client_bytes_out = 900, 5000
-    record.backend_bytes_in, record.backend_bytes_out = 4000, 800
+    record.client_leg.bytes_in, record.client_leg.bytes_out = 900, 5000
+    record.backend_leg.bytes_in, record.backend_leg.bytes_out = 4000, 800
     record.client_leg.initiator = PEER
     record.client_leg.first_fin = PEER
     record.client_leg.close_notify_received = True
@@ -68,7 +76,8 @@ def test_publish_turns_a_record_into_metrics() -> None:
     )
     assert get("balancer_tls_resumptions_total", listener="https", version="1.2") == 1
     assert get("balancer_tcp_handshake_rtt_seconds_bucket", listener="https", le="0.0001") == 1
-    assert get("balancer_backend_connect_seconds_count", backend="web1") == 1
+    assert get("balancer_backend_connect_wait_seconds_count", backend="web1") == 1
+    assert get("balancer_backend_tcp_handshake_rtt_seconds_bucket", backend="web1", le="5e-05") == 1
     assert get("balancer_requests_total", listener="https", backend="web1") == 3
     assert (
         get(
@@ -123,7 +132,8 @@ def test_access_log_line_is_one_json_object_with_the_facts() -> None:
     assert entry["client"] == {"ip": "198.51.100.4", "port": 50000}
     assert entry["tls"]["version"] == "1.2" and entry["tls"]["resumed"] is True
     assert abs(entry["tls"]["handshake_seconds"] - 0.003) < 1e-9
-    assert abs(entry["backend"]["connect_seconds"] - 0.0002) < 1e-9
+    assert abs(entry["backend"]["connect_wait_seconds"] - 0.0002) < 1e-9
+    assert entry["backend"]["tcp_handshake_rtt_seconds"] == 0.00003
     assert entry["client_leg"]["kind"] == "close_notify"
     assert entry["backend_leg"]["initiator"] == "balancer"
     assert abs(entry["lifetime_seconds"] - 1.0002) < 1e-9
@@ -152,20 +162,22 @@ def records(draw: st.DrawFn) -> ConnectionRecord:
     record.tls_sni, record.tls_alpn = draw(_maybe_text), draw(_maybe_text)
     record.tls_resumed, record.tls_failure = draw(_maybe_flag), draw(_maybe_text)
     record.backend, record.backend_address = draw(_maybe_text), draw(_maybe_text)
-    record.backend_local_port = draw(st.none() | st.integers(0, 65535))
-    record.connect_started_at, record.connected_at = draw(_maybe_seconds), draw(_maybe_seconds)
-    record.backend_rtt_seconds = draw(_maybe_seconds)
+    if draw(st.booleans()):
+        upstream = record.upstream = BackendConnectionRecord(
+            draw(st.text()), draw(st.text()), draw(st.floats(0, 1e6))
+        )
+        upstream.local_port = draw(st.none() | st.integers(0, 65535))
+        upstream.connected_at = draw(_maybe_seconds)
+        upstream.tcp_handshake_rtt_seconds = draw(_maybe_seconds)
     record.first_request_at, record.closed_at = draw(_maybe_seconds), draw(_maybe_seconds)
     record.requests, record.error_status = (
         draw(st.integers(0, 10**6)),
         draw(st.none() | st.integers(100, 599)),
     )
-    record.client_bytes_in, record.backend_bytes_out = (
-        draw(st.integers(0, 2**50)),
-        draw(st.integers(0, 2**50)),
-    )
+    record.client_leg.bytes_in = draw(st.integers(0, 2**50))
     record.close_cause = draw(_maybe_text)
-    for leg in (record.client_leg, record.backend_leg):
+    for leg in (record.client_leg, *([record.upstream.leg] if record.upstream else [])):
+        leg.bytes_out = draw(st.integers(0, 2**50))
         leg.initiator, leg.first_fin = (
             draw(st.sampled_from([None, PEER, BALANCER])),
             draw(_maybe_text),

@@ -12,7 +12,8 @@ PURE = (
 )  # fmt: skip
 IO_MODULES = {"asyncio", "socket", "ssl", "os", "time", "uvloop", "selectors", "subprocess"}
 BALANCER_IO = {
-    "proxy", "server", "cli", "tls", "certs", "tcpinfo", "observe", "admin", "farm", "accept",
+    "session", "upstream", "legs", "server", "cli", "tls", "certs", "tcpinfo", "observe", "admin",
+    "farm", "accept",
     "demo",
 }  # fmt: skip
 
