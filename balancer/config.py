@@ -21,6 +21,7 @@ PROTOCOLS = ("http", "https")
 MODES = ("http", "tcp")
 TLS_VERSIONS = ("1.2", "1.3")
 EVENT_LOOPS = ("uvloop", "asyncio")
+REUSE_MODES = ("never", "safe", "always")
 DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
@@ -85,6 +86,16 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Upstream:
+    """Backend connections: HAProxy's http-reuse words (see README, "Backend connections")."""
+
+    reuse: str = "never"
+    idle_per_backend: int = 32  # idle connections kept per backend
+    idle_timeout_seconds: float = 4.0  # below the 5 s of Apache's, Node's, gunicorn's keep-alive
+    max_requests_per_connection: int = 1000  # nginx's keepalive_requests
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     backends: tuple[BackendConfig, ...]
@@ -92,8 +103,10 @@ class Config:
     tls: TLSConfig | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
+    upstream: Upstream = field(default_factory=Upstream)
     admin: Address | None = None
     access_log: str | None = None
+    request_log: bool = True  # one access-log line per request too (with an access log)
     workers: int = 1
     event_loop: str = "uvloop"
     source: str = "<defaults>"
@@ -205,8 +218,8 @@ SECONDS = "a positive number of seconds"
 COUNT = "a positive whole number"
 
 _TOP_KEYS = (
-    "listeners", "backends", "policy", "tls", "timeouts", "limits", "admin", "access_log",
-    "workers", "event_loop",
+    "listeners", "backends", "policy", "tls", "timeouts", "limits", "upstream", "admin",
+    "access_log", "request_log", "workers", "event_loop",
 )  # fmt: skip
 
 
@@ -297,9 +310,11 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
 
     timeouts = _section(r, data, "timeouts", Timeouts(), _positive_number, SECONDS)
     limits = _section(r, data, "limits", Limits(), _positive_int, COUNT)
+    upstream = _upstream(r, data)
 
     admin = r.get(data, "admin", "admin", parse_address, ADDRESS, None)
     access_log = r.get(data, "access_log", "access_log", _text, "a file path or '-' (stdout)")
+    request_log = r.get(data, "request_log", "request_log", _boolean, "true or false", True)
     workers = r.get(data, "workers", "workers", _positive_int, COUNT, 1)
     if workers not in (None, 1):
         r.problem("workers", workers, "1 (several worker processes are not supported yet)")
@@ -315,12 +330,39 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         tls=tls,
         timeouts=timeouts,
         limits=limits,
+        upstream=upstream,
         admin=admin,
         access_log=access_log,
+        request_log=request_log,
         workers=workers,
         event_loop=event_loop,
         source=source,
     )
+
+
+def _upstream(r: _Reader, data: Mapping[str, Any]) -> Upstream:
+    raw = data.get("upstream", {})
+    if not isinstance(raw, dict):
+        r.problem("upstream", raw, "an [upstream] table")
+        return Upstream()
+    r.table(raw, "upstream", tuple(Upstream.__dataclass_fields__))
+    d = Upstream()
+    modes = " or ".join(repr(m) for m in REUSE_MODES)
+    return Upstream(
+        reuse=r.get(raw, "reuse", "upstream.reuse", _choice(REUSE_MODES), modes, d.reuse),
+        idle_per_backend=r.get(
+            raw, "idle_per_backend", "upstream.idle_per_backend", _positive_int, COUNT,
+            d.idle_per_backend,
+        ),
+        idle_timeout_seconds=r.get(
+            raw, "idle_timeout_seconds", "upstream.idle_timeout_seconds", _positive_number,
+            SECONDS, d.idle_timeout_seconds,
+        ),
+        max_requests_per_connection=r.get(
+            raw, "max_requests_per_connection", "upstream.max_requests_per_connection",
+            _positive_int, COUNT, d.max_requests_per_connection,
+        ),
+    )  # fmt: skip
 
 
 S = TypeVar("S", Timeouts, Limits)

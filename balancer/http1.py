@@ -64,6 +64,7 @@ class RequestHead(NamedTuple):
     method: bytes
     keep_alive: bool
     upgrade: bool
+    target: bytes  # as the client sent it
 
 
 # RequestHead(...) runs a Python-level __new__; this is the same tuple at half the cost.
@@ -115,6 +116,14 @@ class RequestReader:
         self.error: ClientError | None = None
         self.finished = False  # a request that closes the connection has been read whole
         self._closing_request = False
+        # With split_messages set, `message_ends` holds, after each feed(), the offsets in its
+        # output where a request ended (for per-request dispatch to different backends).
+        self.split_messages = False
+        self.message_ends: list[int] = []
+        # Ask the backend to keep its connection whatever the client said (reuse modes): the
+        # client's own close is the balancer's to honour, on the client leg.
+        self.backend_keep_alive = False
+        self._ends_at_item: list[int] = []
 
     def rebind(self, client_ip: str, proto: str, port: int) -> None:
         """Serve another connection's requests. Valid between messages, after a keep-alive
@@ -158,13 +167,27 @@ class RequestReader:
                 # Found after parsing: forward nothing of this read. What had gone out before
                 # it decides whether the backend holds part of a request (see in_body).
                 self._out = []
+                self._ends_at_item = []
                 self.heads.clear()
                 self.in_body, self.messages_completed = in_body_before, completed_before
         out = self._out
         if not out:
             return b""
         self._out = []
+        if self._ends_at_item:
+            self._mark_ends(out)
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _mark_ends(self, out: list[bytes]) -> None:
+        """Turn the output item counts at each message's end into byte offsets."""
+        ends, items = self.message_ends, self._ends_at_item
+        self._ends_at_item = []
+        offset = index = 0
+        for count in items:
+            while index < count:
+                offset += len(out[index])
+                index += 1
+            ends.append(offset)
 
     def _check_framing(self, data: bytes) -> None:
         """Bound chunk-size lines and trailers in a read that held chunked-body framing.
@@ -261,7 +284,7 @@ class RequestReader:
         self.in_head = False
         self.in_body = True
         self._closing_request = not keep_alive and not upgrade
-        self.heads.append(_new_head(RequestHead, (method, keep_alive, upgrade)))
+        self.heads.append(_new_head(RequestHead, (method, keep_alive, upgrade, self._url)))
 
     def _enter_framing(self) -> None:
         self._read_has_chunking = True
@@ -303,6 +326,8 @@ class RequestReader:
             self._framing_allowance += _CRLF
         self.in_body = False
         self.messages_completed += 1
+        if self.split_messages:
+            self._ends_at_item.append(len(self._out))
         if self._closing_request:
             raise _LastRequest
 
@@ -372,6 +397,9 @@ class RequestReader:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         if upgrade:
             lines.append(b"Connection: upgrade\r\nUpgrade: %b\r\n" % upgrade_value)
+        elif self.backend_keep_alive:
+            if version == "1.0":
+                lines.append(b"Connection: keep-alive\r\n")
         elif version == "1.1" and not keep_alive:
             lines.append(b"Connection: close\r\n")
         elif version == "1.0" and keep_alive:
@@ -441,11 +469,14 @@ class ResponseFramer:
         "_remaining",
         "_request_closes",
         "_state",
+        "_status",
         "backend_closes",
+        "client_closes",
         "close_after",
         "completed",
         "force_close",
         "started",
+        "statuses",
         "upgraded",
     )
 
@@ -459,8 +490,11 @@ class ResponseFramer:
         self.force_close = False
         self.started = 0
         self.completed = 0
+        self.statuses: list[int] = []  # of responses completed, in order (the caller drains)
+        self._status = 0
         self.close_after = False
         self.backend_closes = False
+        self.client_closes = False
         self.upgraded = False
 
     def expect(self, is_head: bool, closes: bool = False) -> None:
@@ -554,7 +588,7 @@ class ResponseFramer:
             or digits[:1] == b"0"  # 000-099: no class to relay it as (RFC 9110 §15)
         ):
             raise BadBackendResponse("malformed status line")
-        status = int(digits)
+        status = self._status = int(digits)
         if status < 200:
             if status == 101:
                 self.upgraded = True
@@ -630,10 +664,12 @@ class ResponseFramer:
 
     def _message_done(self) -> None:
         self.completed += 1
+        self.statuses.append(self._status)
         if self._expect_head:
             self._expect_head.pop(0)
         self.backend_closes = not self._message_keep_alive
-        self.close_after = self.backend_closes or self.force_close or self._request_closes
+        self.client_closes = self.force_close or self._request_closes
+        self.close_after = self.backend_closes or self.client_closes
         self._state = _HEAD
 
     def eof(self) -> bool:
@@ -641,7 +677,7 @@ class ResponseFramer:
         the end of a close-delimited body); False means a response was cut short."""
         if self._state == _UNTIL_CLOSE:
             self._message_done()
-            self.close_after = True
+            self.close_after = self.client_closes = True  # the body's end was the close
             return True
         return self._state in (_HEAD, _TUNNEL) and not self._held
 

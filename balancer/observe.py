@@ -26,7 +26,17 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from balancer.backends import BackendState
-from balancer.record import PEER, ConnectionRecord, LegTeardown, json_line
+from balancer.record import (
+    PEER,
+    BackendConnectionRecord,
+    ConnectionRecord,
+    LegTeardown,
+    RequestRecord,
+    backend_connection_json_line,
+    json_line,
+    request_json_line,
+    teardown_seconds,
+)
 
 _go_float = cast(Callable[[float], str], floatToGoString)  # how Prometheus spells an `le`
 
@@ -113,8 +123,24 @@ ERROR_RESPONSES = _Family(
     "Responses the balancer wrote itself (400, 408, 431, 502, 503, 504, ...).",
     ("listener", "status"),
 )  # fmt: skip
+RESPONSES = _Family(
+    "balancer_responses",
+    "Responses relayed to clients, by backend and status class (1xx..5xx); the balancer's own "
+    "error responses are balancer_error_responses_total.",
+    ("listener", "backend", "class"),
+)  # fmt: skip
+REQUEST_DURATION = _Family(
+    "balancer_request_duration_seconds",
+    "A request head's arrival to its response's last byte relayed.",
+    ("listener", "backend"), DURATION_BUCKETS,
+)  # fmt: skip
+BACKEND_CONNECTIONS_CLOSED = _Family(
+    "balancer_backend_connections_closed",
+    "Backend connections closed (reuse modes), by backend and why.",
+    ("backend", "cause"),
+)  # fmt: skip
 FAMILIES = (CLOSED, TCP_RTT, TLS_HANDSHAKE, TLS_FAILURES, TLS_RESUMED, CONNECT_WAIT, BACKEND_RTT,
-            DURATION, CLOSES,
+            DURATION, CLOSES, RESPONSES, REQUEST_DURATION, BACKEND_CONNECTIONS_CLOSED,
             TEARDOWN, BYTES, REQUESTS, ERROR_RESPONSES)  # fmt: skip
 
 
@@ -134,6 +160,7 @@ class Observer(Collector):
     ) -> None:
         self.access_log = access_log
         self.live: Callable[[ConnectionRecord], None] | None = None  # `balancer demo` prints
+        self.request_log = True  # request lines in the access log (config request_log)
         self.recent: deque[ConnectionRecord] = deque(maxlen=recent)
         self.closed_total = 0
         self._counts: dict[_Family, dict[tuple[str, ...], float]] = {
@@ -180,8 +207,6 @@ class Observer(Collector):
                 observe(CONNECT_WAIT, (upstream.backend,), wait)
             if upstream.tcp_handshake_rtt_seconds is not None:
                 observe(BACKEND_RTT, (upstream.backend,), upstream.tcp_handshake_rtt_seconds)
-        if record.requests:
-            add(REQUESTS, (listener, record.backend or ""), record.requests)
         if record.error_status is not None:
             add(ERROR_RESPONSES, (listener, str(record.error_status)))
         lifetime = record.lifetime_seconds
@@ -203,6 +228,37 @@ class Observer(Collector):
             self.access_log.write(json_line(record))
         if self.live is not None:
             self.live(record)
+
+    def publish_request(self, record: RequestRecord) -> None:
+        """A request whose response is done (or that ended without one)."""
+        if record.backend is not None and record.forwarded_at is not None:
+            self._add(REQUESTS, (record.listener, record.backend))
+        if record.status is not None and record.backend is not None and record.done_at:
+            labels = (record.listener, record.backend)
+            self._add(RESPONSES, (*labels, _STATUS_CLASS[record.status // 100]))
+            total = record.total_seconds
+            if total is not None:
+                self._observe(REQUEST_DURATION, labels, total)
+        if self.request_log and self.access_log is not None:
+            self.access_log.write(request_json_line(record))
+
+    def publish_backend_connection(self, record: BackendConnectionRecord, unix_now: float) -> None:
+        """A pooled backend connection closed: its leg, bytes and connect facts."""
+        self._add(BACKEND_CONNECTIONS_CLOSED, (record.backend, record.close_cause or "unknown"))
+        leg = record.leg
+        self._add(CLOSES, ("", "backend", leg.initiator or "unknown", leg.kind))
+        teardown = teardown_seconds(leg)
+        if teardown is not None:
+            self._observe(TEARDOWN, ("backend",), teardown)
+        self._add(BYTES, ("", "backend", "in"), leg.bytes_in)
+        self._add(BYTES, ("", "backend", "out"), leg.bytes_out)
+        wait = record.connect_wait_seconds
+        if wait is not None:
+            self._observe(CONNECT_WAIT, (record.backend,), wait)
+        if record.tcp_handshake_rtt_seconds is not None:
+            self._observe(BACKEND_RTT, (record.backend,), record.tcp_handshake_rtt_seconds)
+        if self.access_log is not None:
+            self.access_log.write(backend_connection_json_line(record, unix_now))
 
     def summary(self) -> str:
         """One line on what was served, by backend (said when `balancer demo` stops)."""
@@ -230,6 +286,9 @@ class Observer(Collector):
                     buckets.append((bound, cumulative))
                 metric.add_metric(labels, buckets, histogram.sum)
             yield metric
+
+
+_STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 _LEG_PEER = {"client": "client", "backend": "backend"}

@@ -249,15 +249,16 @@ class ConnectionRecord:
     @property
     def client_teardown_seconds(self) -> float | None:
         """The client leg's first FIN (either side's) → the other side's FIN."""
-        return _teardown_seconds(self.client_leg)
+        return teardown_seconds(self.client_leg)
 
     @property
     def backend_teardown_seconds(self) -> float | None:
-        return _teardown_seconds(self.backend_leg)
+        return teardown_seconds(self.backend_leg)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON access-log line and the admin API's view: wall-clock start, durations."""
         return {
+            "type": "connection",
             "id": self.id,
             "worker_pid": self.worker_pid,
             "listener": self.listener,
@@ -319,23 +320,37 @@ class BackendConnectionRecord:
     __slots__ = (
         "address",
         "backend",
+        "close_cause",
         "closed_at",
         "connect_started_at",
         "connected_at",
+        "id",
+        "idle_seconds",
         "leg",
         "local_port",
+        "requests",
         "tcp_handshake_rtt_seconds",
+        "worker_pid",
     )
 
-    def __init__(self, backend: str, address: str, connect_started_at: float) -> None:
+    def __init__(self, backend: str, address: str, connect_started_at: float, id: int = 0) -> None:
+        self.id = id  # per worker; requests name it
+        self.worker_pid = 0
         self.backend = backend
         self.address = address
         self.connect_started_at = connect_started_at
         self.connected_at: float | None = None
         self.local_port: int | None = None
         self.tcp_handshake_rtt_seconds: float | None = None
+        self.requests = 0  # requests it carried
+        self.idle_seconds = 0.0  # time spent idle in the pool between requests
+        self.close_cause: str | None = None  # reuse modes: why the pool or a session closed it
         self.closed_at: float | None = None
         self.leg = LegTeardown()
+
+    @property
+    def lifetime_seconds(self) -> float | None:
+        return None if self.closed_at is None else self.closed_at - self.connect_started_at
 
     @property
     def connect_wait_seconds(self) -> float | None:
@@ -344,7 +359,86 @@ class BackendConnectionRecord:
         return self.connected_at - self.connect_started_at
 
 
-def _teardown_seconds(leg: LegTeardown) -> float | None:
+class RequestRecord:
+    """One request and its response: what a user asks for when a request is slow.
+
+    Timings from the head's arrival (complete) on the client leg: `forwarded` (handed to a
+    backend connection), `first_byte` (the first response byte read), `done` (the response's
+    last byte relayed). None where a step never happened.
+    """
+
+    __slots__ = (
+        "backend",
+        "backend_address",
+        "backend_connection_id",
+        "connect_attempts",
+        "connect_failures",
+        "connection_id",
+        "done_at",
+        "first_byte_at",
+        "forwarded_at",
+        "head_at",
+        "head_unix",
+        "id",
+        "listener",
+        "method",
+        "retries",
+        "reused",
+        "status",
+        "target",
+        "worker_pid",
+    )
+
+    def __init__(
+        self,
+        id: int,
+        connection_id: int,
+        listener: str,
+        method: str,
+        target: str,
+        head_at: float,
+        head_unix: float,
+    ) -> None:
+        self.id = id
+        self.connection_id = connection_id
+        self.worker_pid = 0
+        self.listener = listener
+        self.method = method
+        self.target = target
+        self.head_at = head_at
+        self.head_unix = head_unix
+        self.status: int | None = None  # the response's, or the balancer's own error status
+        self.backend: str | None = None
+        self.backend_address: str | None = None
+        self.connect_attempts = 0  # reuse modes: connects made for this request
+        self.connect_failures = 0
+        self.backend_connection_id: int | None = None
+        self.reused: bool | None = None  # on a connection that carried a request before
+        self.retries = 0
+        self.forwarded_at: float | None = None
+        self.first_byte_at: float | None = None
+        self.done_at: float | None = None
+
+    def _since_head(self, at: float | None) -> float | None:
+        return None if at is None else at - self.head_at
+
+    @property
+    def forward_seconds(self) -> float | None:
+        return self._since_head(self.forwarded_at)
+
+    @property
+    def first_byte_seconds(self) -> float | None:
+        return self._since_head(self.first_byte_at)
+
+    @property
+    def total_seconds(self) -> float | None:
+        return self._since_head(self.done_at)
+
+
+TARGET_SHOWN_CHARS = 200  # request targets in records are cut here ("..." marks the cut)
+
+
+def teardown_seconds(leg: LegTeardown) -> float | None:
     """First FIN → second FIN on the leg; None unless both were seen (an RST ended it, say)."""
     if leg.peer_fin_at is None or leg.fin_sent_at is None:
         return None
@@ -416,7 +510,8 @@ def json_line(r: ConnectionRecord) -> str:
         "null" if r.backend is None else _leg_json(r.backend_leg, r.backend_teardown_seconds)
     )
     return (
-        f'{{"id":{r.id},"worker_pid":{r.worker_pid},"listener":{_text(r.listener)},'
+        f'{{"type":"connection","id":{r.id},"worker_pid":{r.worker_pid},'
+        f'"listener":{_text(r.listener)},'
         f'"start":{r.accepted_unix!r},"time":"{rfc3339(r.accepted_unix)}",'
         f'"client":{{"ip":{_text(r.client_ip)},"port":{r.client_port}}},'
         f'"local_port":{r.local_port},'
@@ -430,4 +525,37 @@ def json_line(r: ConnectionRecord) -> str:
         f'"close_cause":{_text(r.close_cause)},'
         f'"client_leg":{_leg_json(r.client_leg, r.client_teardown_seconds)},'
         f'"backend_leg":{backend_leg},"lifetime_seconds":{_number(r.lifetime_seconds)}}}\n'
+    )
+
+
+def request_json_line(r: RequestRecord) -> str:
+    """One access-log line (with its newline) for a request: `"type":"request"`."""
+    return (
+        f'{{"type":"request","id":{r.id},"connection_id":{r.connection_id},'
+        f'"worker_pid":{r.worker_pid},"listener":{_text(r.listener)},'
+        f'"time":"{rfc3339(r.head_unix)}","method":{_text(r.method)},'
+        f'"target":{_text(r.target)},"status":{_number(r.status)},'
+        f'"backend":{_text(r.backend)},'
+        f'"backend_connection_id":{_number(r.backend_connection_id)},'
+        f'"reused":{_flag(r.reused)},"retries":{r.retries},'
+        f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'
+        f'"forward_seconds":{_number(r.forward_seconds)},'
+        f'"first_byte_seconds":{_number(r.first_byte_seconds)},'
+        f'"total_seconds":{_number(r.total_seconds)}}}\n'
+    )
+
+
+def backend_connection_json_line(r: BackendConnectionRecord, unix_now: float) -> str:
+    """One access-log line for a backend connection that closed (backend reuse modes)."""
+    return (
+        f'{{"type":"backend_connection","id":{r.id},"worker_pid":{r.worker_pid},'
+        f'"time":"{rfc3339(unix_now)}","backend":{_text(r.backend)},'
+        f'"address":{_text(r.address)},"local_port":{_number(r.local_port)},'
+        f'"connect_wait_seconds":{_number(r.connect_wait_seconds)},'
+        f'"tcp_handshake_rtt_seconds":{_number(r.tcp_handshake_rtt_seconds)},'
+        f'"requests":{r.requests},"idle_seconds":{r.idle_seconds!r},'
+        f'"bytes":{{"in":{r.leg.bytes_in},"out":{r.leg.bytes_out}}},'
+        f'"close_cause":{_text(r.close_cause)},'
+        f'"leg":{_leg_json(r.leg, teardown_seconds(r.leg))},'
+        f'"lifetime_seconds":{_number(r.lifetime_seconds)}}}\n'
     )

@@ -31,9 +31,10 @@ from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.observe import ListenerTotals, Observer, StateCollector
 from balancer.policies import POLICIES
 from balancer.pool import BackendPool
-from balancer.record import ConnectionRecord
+from balancer.record import BackendConnectionRecord, ConnectionRecord
 from balancer.session import ClientSession, ListenerContext
 from balancer.tls import server_context
+from balancer.upstream import IdlePool
 from balancer.writebatch import WriteBatch
 
 log = logging.getLogger("balancer")
@@ -122,6 +123,7 @@ class Balancer:
             backends, POLICIES[config.policy](), config.timeouts.backend_down_seconds
         )
         self.observer = Observer(self.registry, access_log)
+        self.observer.request_log = config.request_log
         self._drained = asyncio.Event()
         self._clock = clock
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,6 +137,14 @@ class Balancer:
                 ["http/1.1"] if any(x.tls and x.mode == "http" for x in config.listeners) else None
             )
             ssl_context = server_context(config.tls, alpn)
+        # Backend connections between exchanges (reuse modes), one pool for the worker.
+        self.idle: IdlePool | None = None
+        if config.upstream.reuse != "never":
+            self.idle = IdlePool(
+                config.upstream, config.timeouts.linger_seconds, self.deadlines, clock,
+                self._publish_backend_connection, self._call_later,
+            )  # fmt: skip
+        request_ids, backend_ids = itertools.count(1), itertools.count(1)
         self.contexts = [
             ListenerContext(
                 listener=listener,
@@ -149,6 +159,11 @@ class Balancer:
                 deadlines=self.deadlines,
                 writes=self.writes,
                 clock=clock,
+                reuse=config.upstream.reuse,
+                idle=self.idle,
+                publish_request=self.observer.publish_request,
+                next_request_id=request_ids.__next__,
+                next_backend_id=backend_ids.__next__,
             )
             for listener in config.listeners
         ]
@@ -169,6 +184,12 @@ class Balancer:
 
     def _call_soon(self, callback: Callable[[], None]) -> None:
         (self._loop or asyncio.get_running_loop()).call_soon(callback)
+
+    def _call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        return (self._loop or asyncio.get_running_loop()).call_later(delay, callback)
+
+    def _publish_backend_connection(self, record: BackendConnectionRecord) -> None:
+        self.observer.publish_backend_connection(record, time.time())
 
     def _deadlines_due(self) -> None:
         self._deadline_timer = None
@@ -266,6 +287,7 @@ class Balancer:
             ctx.draining = True
             for conn in list(ctx.connections):
                 conn.drain()
+
         if any(ctx.connections for ctx in self.contexts):
             try:
                 await asyncio.wait_for(self._drained.wait(), timeout=grace)
@@ -277,6 +299,8 @@ class Balancer:
                         conn.force_close()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._drained.wait(), timeout=1.0)
+        if self.idle is not None:  # the pooled backend connections, by FIN and linger
+            await self.idle.close_all(self.config.timeouts.linger_seconds + 0.1)
         if self._flusher is not None:
             self._flusher.cancel()
         if self._deadline_timer is not None:

@@ -32,6 +32,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import ssl
 import sys
@@ -49,7 +50,9 @@ from balancer.errors import (
     BackendUnreachable,
     BalancerError,
     HeaderTimeout,
+    NoBackendAvailable,
 )
+from balancer.exchange import Exchange, Exchanges
 from balancer.http1 import HeadLimits, RequestReader, ResponseFramer, error_response
 from balancer.legs import Leg
 from balancer.pool import BackendPool, Lease
@@ -68,9 +71,10 @@ from balancer.record import (
     TLS_FAILED,
     TUNNEL_IDLE_TIMEOUT,
     ConnectionRecord,
+    RequestRecord,
 )
 from balancer.tls import TLSHandshakeFailed, TLSSession
-from balancer.upstream import BackendConnection, Connector
+from balancer.upstream import DEAD_ON_REUSE, NOT_REUSABLE, BackendConnection, Connector, IdlePool
 from balancer.writebatch import WriteBatch
 
 RETRY_AFTER_SECONDS = 1
@@ -100,6 +104,10 @@ READER_POOL_ABOVE = 256
 IDLE_READERS_KEPT = 256
 
 
+def _ignore_request(record: RequestRecord) -> None:
+    pass
+
+
 @dataclass
 class ListenerContext:
     """What every connection of one listener shares. Built by server.py."""
@@ -126,6 +134,11 @@ class ListenerContext:
     local_port: int | None = None
     idle_readers: list[RequestReader] = field(default_factory=list)  # see READER_POOL_ABOVE
     head_limits: HeadLimits = field(init=False)
+    reuse: str = "never"  # [upstream] reuse: never, safe, always
+    idle: IdlePool | None = None  # the worker's idle backend connections (reuse modes)
+    publish_request: Callable[[RequestRecord], None] = _ignore_request
+    next_request_id: Callable[[], int] = itertools.count(1).__next__
+    next_backend_id: Callable[[], int] = itertools.count(1).__next__
     deadline_seconds: dict[str, float] = field(init=False)  # DEADLINE_TIMEOUTS, resolved
     connector: Connector = field(init=False)
 
@@ -139,8 +152,9 @@ class ListenerContext:
             kind: getattr(self.timeouts, key) for kind, key in DEADLINE_TIMEOUTS.items()
         }
         self.connector = Connector(
-            self.pool, self.timeouts, self.limits, self.deadlines, self.writes, self.clock
-        )
+            self.pool, self.timeouts, self.limits, self.deadlines, self.writes, self.clock,
+            self.next_backend_id, self.worker_pid,
+        )  # fmt: skip
 
 
 class ClientSession(asyncio.Protocol):
@@ -155,10 +169,13 @@ class ClientSession(asyncio.Protocol):
         "_connect_task",
         "_deadline",
         "_deadline_kind",
+        "_dispatch",
+        "_exchanges",
         "_finished",
         "_loop",
         "_pending",
         "_pending_error",
+        "_served",
         "_stamp_watch",
         "_tunnel",
         "_wake",
@@ -196,6 +213,14 @@ class ClientSession(asyncio.Protocol):
         self._wake: float | None = None  # when ctx.deadlines wakes us (None: it will not)
         self._pending_error: BalancerError | None = None
         self._stamp_watch: int | None = None  # a dup'd fd watched for the ClientHello
+        # Reuse modes: each request is dispatched on its own (a backend connection per
+        # exchange, from the idle pool or new); never: one backend connection for all.
+        self._dispatch = ctx.reuse != "never" and ctx.listener.mode == "http"
+        self._served = 0  # requests given a backend connection (safe mode: the first is new)
+        self._exchanges = Exchanges(
+            self.record.id, ctx.listener.name, ctx.worker_pid, ctx.next_request_id, ctx.clock,
+            ctx.wall_clock, ctx.publish_request,
+        )  # fmt: skip
 
     # ---- client leg ------------------------------------------------------------------------
 
@@ -384,6 +409,7 @@ class ClientSession(asyncio.Protocol):
                 reader = self.reader = RequestReader(
                     record.client_ip, proto, record.local_port, ctx.head_limits
                 )
+            reader.split_messages = reader.backend_keep_alive = self._dispatch
             if self.framer is None:
                 self.framer = ResponseFramer()
                 self.framer.force_close = ctx.draining
@@ -391,7 +417,10 @@ class ClientSession(asyncio.Protocol):
         if reader.heads:
             self._on_heads()
         if out:
-            self._send_backend(out)
+            if self._dispatch:
+                self._route(out, reader.message_ends)
+            else:
+                self._send_backend(out)
         if reader.error is not None:
             self._fail(reader.error)
             return
@@ -404,11 +433,21 @@ class ClientSession(asyncio.Protocol):
         assert reader is not None and framer is not None
         if record.first_request_at is None:
             record.first_request_at = self.ctx.clock()
+        exchanges = self._exchanges
         for head in reader.heads:
             record.requests += 1
             framer.expect(head.method == b"HEAD", not head.keep_alive)
+            exchanges.open(head)
         reader.heads.clear()
-        if self.lease is None and self._connect_task is None:
+        if self._dispatch:
+            if len(exchanges.queue) > 1:
+                self.block_reading("queued")  # one exchange at a time: hold the rest
+            self._activate()
+        elif self.backend is not None:
+            upstream = self.backend.record
+            exchanges.forwarded(upstream.backend, upstream.id, upstream.requests > 0, False)
+            upstream.requests = record.requests
+        elif self._connect_task is None:
             self._start_connect()
 
     def _arm_client_deadline(self) -> None:
@@ -515,16 +554,19 @@ class ClientSession(asyncio.Protocol):
 
     # ---- backend leg -----------------------------------------------------------------------
 
-    def _start_connect(self) -> None:
+    def _start_connect(self, first: Lease | None = None) -> None:
         self.block_reading("connecting")
-        self._connect_task = self._loop.create_task(self._connect())
+        self._connect_task = self._loop.create_task(self._connect(first))
 
-    async def _connect(self) -> None:
+    async def _connect(self, first: Lease | None) -> None:
         """Connect to a backend the policy picks (upstream.Connector), then relay."""
         task = self._connect_task
         assert task is not None
+        ctx = self.ctx
+        # Connect attempts count on the connection's record, or (reuse modes) the request's.
+        attempts = self._exchanges.queue[0].record if self._dispatch else self.record
         try:
-            lease, backend = await self.ctx.connector.connect(self, self.record, task, self._loop)
+            lease, backend = await ctx.connector.connect(self, attempts, task, self._loop, first)
         except BackendError as error:
             self._connect_task = None
             if not self._closing:
@@ -533,14 +575,22 @@ class ClientSession(asyncio.Protocol):
         self._connect_task = None
         if self._closing:  # the client went away while we connected
             lease.release()
-            backend.leg.transport.abort()
+            if ctx.idle is not None and self._dispatch:
+                ctx.idle.put(backend)  # fresh and clean: another request may have it
+            else:
+                backend.leg.transport.abort()
             return
-        self._on_backend_connected(lease, backend)
+        if self._dispatch:
+            self._use(lease, backend, reused=False)
+        else:
+            self._on_backend_connected(lease, backend)
 
     def _on_backend_connected(self, lease: Lease, backend: BackendConnection) -> None:
         self.lease = lease
         self.backend = backend
         self.record.upstream = backend.record
+        backend.record.requests = self.record.requests
+        self._exchanges.forwarded(backend.record.backend, backend.record.id, False, False)
         pending, self._pending = self._pending, None
         if pending:
             backend.leg.write(pending[0] if len(pending) == 1 else b"".join(pending))
@@ -563,7 +613,7 @@ class ClientSession(asyncio.Protocol):
             return
         backend.leg.write(data)
 
-    def on_backend_data(self, data: bytes) -> None:
+    def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
         if self._closing:
             return
         if self._tunnel:
@@ -572,6 +622,7 @@ class ClientSession(asyncio.Protocol):
             return
         framer = self.framer
         assert framer is not None
+        self._exchanges.first_byte()
         completed = framer.completed
         try:
             out = framer.feed(data)
@@ -584,6 +635,7 @@ class ClientSession(asyncio.Protocol):
             self._switch_to_tunnel()
             return
         if framer.completed != completed:
+            self._exchanges.completed(framer.statuses)
             self._on_responses_completed()
         elif framer.awaiting:
             self._deadline = self.ctx.clock() + self.ctx.timeouts.backend_response_seconds
@@ -591,7 +643,18 @@ class ClientSession(asyncio.Protocol):
     def _on_responses_completed(self) -> None:
         framer, reader = self.framer, self.reader
         assert framer is not None
-        if framer.close_after and not framer.awaiting:
+        if self._dispatch:
+            self._hand_back(reusable=not framer.backend_closes)
+            if framer.client_closes:
+                self._close_client(HTTP_CLOSE)
+                return
+            if framer.awaiting:
+                self._activate()
+                if len(self._exchanges.queue) <= 1:
+                    self.unblock_reading("queued")
+                return
+            self.unblock_reading("queued")
+        elif framer.close_after and not framer.awaiting:
             # A backend that said it closes is left to send its FIN first (and keep the
             # TIME_WAIT); the linger bounds the wait.
             self._close_client(HTTP_CLOSE, backend_closes=framer.backend_closes)
@@ -628,14 +691,14 @@ class ClientSession(asyncio.Protocol):
         self._set_deadline(TUNNEL_IDLE)
         self.unblock_reading("upgrade")
 
-    def on_backend_eof(self) -> None:
-        backend = self.backend
-        assert backend is not None
+    def on_backend_eof(self, backend: BackendConnection) -> None:
         self._backend_eof = True
         if self._closing:
             backend.leg.peer_fin_while_closing(self._loop.call_later)
             return
         backend.leg.peer_fin()
+        if self._dispatch and self._retry(backend):
+            return
         if self._tunnel:
             if self._client_eof:
                 self._close_client(BACKEND_CLOSED)
@@ -646,7 +709,10 @@ class ClientSession(asyncio.Protocol):
         framer = self.framer
         assert framer is not None
         if framer.eof():
-            if framer.awaiting and not self._client_eof:
+            self._exchanges.completed(framer.statuses)
+            if self._dispatch and not framer.awaiting:
+                self._on_responses_completed()  # a close-delimited body ended
+            elif framer.awaiting and not self._client_eof:
                 # It closed with requests unanswered: they were never processed.
                 self._fail(BackendUnreachable("backend closed with requests unanswered"))
             else:
@@ -658,6 +724,10 @@ class ClientSession(asyncio.Protocol):
         if backend is not self.backend:
             return  # an attempt that was given up (timed out as it connected)
         reset = backend.leg.lost(exc)
+        if self._dispatch:
+            if reset and not self._closing and self._retry(backend):
+                return
+            self._drop_backend(backend)
         if reset:
             if not self._closing:
                 framer = self.framer
@@ -667,8 +737,128 @@ class ClientSession(asyncio.Protocol):
                 else:
                     self._fail(BackendError("backend reset the connection"))
         elif not self._backend_eof and not self._closing:
-            self.on_backend_eof()
+            self.on_backend_eof(backend)
         self._maybe_finish()
+
+    def on_backend_deadline(self, backend: BackendConnection) -> None:
+        pass  # the session keeps its deadlines on itself
+
+    # ---- reuse modes: one backend connection per exchange ------------------------------------
+
+    def _route(self, out: bytes, ends: list[int]) -> None:
+        """Reuse modes: hand each request's bytes to its exchange (`ends`: where requests end
+        in `out`), straight to the backend connection of the active one."""
+        start = 0
+        for end in ends:
+            self._to_exchange(out[start:end], done=True)
+            start = end
+        ends.clear()
+        if start < len(out):
+            self._to_exchange(out[start:] if start else out, done=False)
+
+    def _to_exchange(self, data: bytes, done: bool) -> None:
+        exchange = self._exchanges.filling()
+        if exchange is None:
+            return  # (cannot happen: a request's bytes start with its head)
+        exchange.keep_for_replay(data)
+        if exchange.pending is None and self.backend is not None:
+            self.backend.leg.write(data)
+        elif exchange.pending is not None:
+            exchange.pending.append(data)
+        exchange.request_done = done
+
+    def _activate(self) -> None:
+        """Give the oldest waiting exchange a backend connection: an idle one (always; safe:
+        after this client's first request) or a new one."""
+        if self.backend is not None or self._connect_task is not None or self._closing:
+            return
+        if not self._exchanges.queue:
+            return
+        ctx = self.ctx
+        lease = ctx.pool.acquire(ctx.clock())
+        if lease is None:
+            self._fail(NoBackendAvailable("no backend is ready"))
+            return
+        backend = None
+        if ctx.idle is not None and (ctx.reuse == "always" or self._served):
+            backend = ctx.idle.take(lease.state.name)
+        if backend is None:
+            self._start_connect(lease)
+            return
+        backend.user = self
+        self._use(lease, backend, reused=True)
+
+    def _use(self, lease: Lease, backend: BackendConnection, reused: bool) -> None:
+        """The active exchange's request goes out on `backend`."""
+        self.lease, self.backend = lease, backend
+        self._backend_eof = False
+        self._served += 1
+        upstream = backend.record
+        upstream.requests += 1
+        self._exchanges.forwarded(upstream.backend, upstream.id, reused, True)
+        exchange = self._exchanges.queue[0]
+        pending, exchange.pending = exchange.pending, None
+        if pending:
+            backend.leg.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        self._arm_client_deadline()
+        self.unblock_reading("connecting")
+
+    def _hand_back(self, reusable: bool) -> None:
+        """The active exchange's response is done: its connection goes to the idle pool (or is
+        closed, if its response said so), its lease is released."""
+        backend, idle = self.backend, self.ctx.idle
+        if backend is None or idle is None:
+            return
+        self.backend = None
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        if reusable and backend.leg.usable:
+            idle.put(backend)
+        else:
+            idle.close(backend, NOT_REUSABLE)
+
+    def _drop_backend(self, backend: BackendConnection) -> None:
+        """The active connection is gone under the exchange: its record is the pool's to
+        publish; the session goes on without it."""
+        if self.ctx.idle is not None:
+            self.ctx.idle.retire(backend)
+        self.backend = None
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def _retry(self, backend: BackendConnection) -> bool:
+        """A reused connection that was dead before any response byte: send an idempotent
+        request again, once, on a new connection. Not counted against the backend's health."""
+        queue = self._exchanges.queue
+        if not queue:
+            return False
+        exchange: Exchange = queue[0]
+        record = exchange.record
+        if (
+            not record.reused
+            or record.retries
+            or record.first_byte_at is not None
+            or exchange.replay is None
+            or not exchange.request_done
+            or self._closing
+        ):
+            return False
+        record.retries += 1
+        record.forwarded_at = None
+        exchange.pending = list(exchange.replay)
+        idle = self.ctx.idle
+        if idle is not None:
+            if backend.leg.usable:
+                idle.close(backend, DEAD_ON_REUSE)
+            else:
+                backend.record.close_cause = backend.record.close_cause or DEAD_ON_REUSE
+                idle.retire(backend)
+        self.backend = None
+        lease, self.lease = self.lease, None
+        self._start_connect(lease)  # the same backend first, on a new connection
+        return True
 
     # ---- writing, errors -------------------------------------------------------------------
 
@@ -738,6 +928,9 @@ class ClientSession(asyncio.Protocol):
         backend = self.backend
         if backend is None or not backend.leg.usable:
             return
+        if self._dispatch:
+            self._hand_back(reusable=False)  # the pool closes it and publishes its record
+            return
         backend.resume_reading()  # read on, to see the backend's FIN
         backend.leg.shutdown()
 
@@ -782,6 +975,8 @@ class ClientSession(asyncio.Protocol):
         ctx.deadlines.discard(self)
         if self.lease is not None:
             self.lease.release()
+        if self._exchanges.queue:
+            self._exchanges.abandoned(record.error_status)
         if record.close_cause is None:
             record.close_cause = CLIENT_CLOSED
         record.closed_at = ctx.clock()

@@ -16,27 +16,40 @@ a client session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from balancer import tcpinfo
-from balancer.config import Limits, Timeouts
+from balancer.config import Limits, Timeouts, Upstream
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.errors import BackendError, BackendUnreachable, NoBackendAvailable
 from balancer.legs import Leg
 from balancer.pool import BackendPool, Lease
-from balancer.record import BackendConnectionRecord, ConnectionRecord
+from balancer.record import BackendConnectionRecord
 from balancer.writebatch import WriteBatch
 
 
+class ConnectAttempts(Protocol):
+    """Where the connector counts its attempts: a connection's record, or a request's."""
+
+    backend: str | None
+    backend_address: str | None
+    connect_attempts: int
+    connect_failures: int
+
+
 class UpstreamUser(Protocol):
-    """What a backend connection reports to the client session it serves."""
+    """What a backend connection reports to whoever holds it now: the client session it
+    serves, or the idle pool between exchanges."""
 
-    def on_backend_data(self, data: bytes) -> None: ...
+    def on_backend_data(self, backend: BackendConnection, data: bytes) -> None: ...
 
-    def on_backend_eof(self) -> None: ...
+    def on_backend_eof(self, backend: BackendConnection) -> None: ...
 
     def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None: ...
+
+    def on_backend_deadline(self, backend: BackendConnection) -> None: ...
 
     def block_reading(self, why: str) -> None: ...
 
@@ -46,7 +59,15 @@ class UpstreamUser(Protocol):
 class BackendConnection(asyncio.Protocol):
     """One backend TCP connection: its Leg and record; events go to its user."""
 
-    __slots__ = ("connect_task", "connect_timed_out", "leg", "reading_paused", "record", "user")
+    __slots__ = (
+        "connect_task",
+        "connect_timed_out",
+        "idle_since",
+        "leg",
+        "reading_paused",
+        "record",
+        "user",
+    )
 
     def __init__(
         self,
@@ -61,12 +82,16 @@ class BackendConnection(asyncio.Protocol):
         self.connect_task: asyncio.Task[Any] | None = None
         self.connect_timed_out = False
         self.reading_paused = False  # paused because the client's write buffer is full
+        self.idle_since: float | None = None  # in the idle pool since
 
     def on_deadline(self) -> None:
-        """The connect timeout (see Connector.connect): stop the attempt."""
+        """The connect timeout (see Connector.connect) stops the attempt; any other deadline
+        is its holder's (the pool's idle timeout and linger)."""
         if self.connect_task is not None:
             self.connect_timed_out = True
             self.connect_task.cancel()
+        else:
+            self.user.on_backend_deadline(self)
 
     # ---- asyncio.Protocol --------------------------------------------------------------------
 
@@ -75,10 +100,10 @@ class BackendConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.leg.facts.bytes_in += len(data)
-        self.user.on_backend_data(data)
+        self.user.on_backend_data(self, data)
 
     def eof_received(self) -> bool:
-        self.user.on_backend_eof()
+        self.user.on_backend_eof(self)
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -114,6 +139,8 @@ class Connector:
         deadlines: DeadlineWheel[Wakeable],
         writes: WriteBatch,
         clock: Callable[[], float],
+        next_id: Callable[[], int],
+        worker_pid: int,
     ) -> None:
         self.pool = pool
         self.timeouts = timeouts
@@ -121,16 +148,20 @@ class Connector:
         self.deadlines = deadlines
         self.writes = writes
         self.clock = clock
+        self.next_id = next_id  # backend connection ids, per worker
+        self.worker_pid = worker_pid
 
     async def connect(
         self,
         user: UpstreamUser,
-        attempts: ConnectionRecord,
+        attempts: ConnectAttempts,
         task: asyncio.Task[Any],
         loop: asyncio.AbstractEventLoop,
+        first: Lease | None = None,
     ) -> tuple[Lease, BackendConnection]:
         """A connected backend and its lease; the attempts are counted in `attempts`.
 
+        `first`, if given, is a lease already taken (the policy's pick): tried first.
         Raises BackendError (no backend ready, or every one tried refused or timed out).
         `task` is the task running this coroutine: the connect deadline cancels it.
         """
@@ -138,7 +169,7 @@ class Connector:
         tried: list[Any] = []
         error: BackendError = NoBackendAvailable("no backend is ready")
         for _ in range(self.limits.max_connect_attempts):
-            lease = pool.acquire(clock(), tried)
+            lease, first = first or pool.acquire(clock(), tried), None
             if lease is None:
                 break
             backend = lease.state.backend
@@ -147,7 +178,8 @@ class Connector:
             attempts.backend_address = backend.address
             attempts.connect_attempts += 1
             started = clock()
-            record = BackendConnectionRecord(backend.name, backend.address, started)
+            record = BackendConnectionRecord(backend.name, backend.address, started, self.next_id())
+            record.worker_pid = self.worker_pid
             conn = BackendConnection(user, record, self.writes, clock)
             conn.connect_task = task
             self.deadlines.schedule(conn, started + self.timeouts.connect_seconds)
@@ -185,6 +217,161 @@ class Connector:
                 record.tcp_handshake_rtt_seconds = info.rtt_seconds
             return lease, conn
         raise error
+
+
+# Why a pooled backend connection was closed (BackendConnectionRecord.close_cause).
+IDLE_TIMEOUT = "idle_timeout"
+POOL_FULL = "pool_full"
+MAX_REQUESTS = "max_requests"
+BACKEND_CLOSED = "backend_closed"
+BACKEND_RESET = "backend_reset"
+STRAY_BYTES = "stray_bytes"
+NOT_REUSABLE = "not_reusable"  # its response said close, or ended the exchange uncleanly
+DEAD_ON_REUSE = "dead_on_reuse"
+SHUTDOWN = "shutdown"
+
+
+class IdlePool:
+    """Backend connections between exchanges (reuse modes), and those being closed.
+
+    Theory of operation: a session hands a connection back at a response boundary with
+    nothing pending (`put`), or gives up one it cannot reuse (`close`). Idle connections are
+    kept per backend, taken most recent first (the warmest; the rest age out), closed after
+    `idle_timeout_seconds`, past `max_requests_per_connection`, or beyond `idle_per_backend`.
+    An idle connection is still read: the backend's FIN, an RST or stray bytes close it at
+    once, and its record says which. Closing is by FIN and linger, as on every leg; when a
+    connection is lost its record is published.
+    """
+
+    def __init__(
+        self,
+        settings: Upstream,
+        linger_seconds: float,
+        deadlines: DeadlineWheel[Wakeable],
+        clock: Callable[[], float],
+        publish: Callable[[BackendConnectionRecord], None],
+        call_later: Callable[[float, Callable[[], None]], Any],
+    ) -> None:
+        self.settings = settings
+        self.linger_seconds = linger_seconds
+        self.deadlines = deadlines
+        self.clock = clock
+        self.publish = publish
+        self.call_later = call_later
+        self.idle: dict[str, list[BackendConnection]] = {}
+        self.closing: set[BackendConnection] = set()
+        self.draining = False
+        self._all_closed: asyncio.Event | None = None  # set when shutdown's closes are done
+
+    def idle_count(self) -> int:
+        return sum(len(conns) for conns in self.idle.values())
+
+    def take(self, backend: str) -> BackendConnection | None:
+        """The most recently idle connection to `backend`, now the caller's; None if none."""
+        conns = self.idle.get(backend)
+        while conns:
+            conn = conns.pop()
+            self.deadlines.discard(conn)
+            self._idle_ended(conn)
+            if conn.leg.usable:
+                return conn
+        return None
+
+    def _idle_ended(self, conn: BackendConnection) -> None:
+        since, conn.idle_since = conn.idle_since, None
+        if since is not None:
+            conn.record.idle_seconds += self.clock() - since
+
+    def put(self, conn: BackendConnection) -> None:
+        """Keep a connection whose exchange ended cleanly, or close it if it may not stay."""
+        conn.user = self
+        record, settings = conn.record, self.settings
+        conns = self.idle.setdefault(record.backend, [])
+        if self.draining:
+            self.close(conn, SHUTDOWN)
+        elif record.requests >= settings.max_requests_per_connection:
+            self.close(conn, MAX_REQUESTS)
+        elif len(conns) >= settings.idle_per_backend:
+            self.close(conn, POOL_FULL)
+        elif conn.leg.usable:
+            now = self.clock()
+            conn.idle_since = now
+            conns.append(conn)
+            conn.resume_reading()  # read while idle: a FIN or stray bytes must be seen
+            self.deadlines.schedule(conn, now + settings.idle_timeout_seconds)
+
+    def close(self, conn: BackendConnection, cause: str) -> None:
+        """End a connection by FIN and linger; its record is published when it is lost."""
+        conn.user = self
+        if conn.record.close_cause is None:
+            conn.record.close_cause = cause
+        if not conn.leg.usable:
+            return
+        self._forget_idle(conn)
+        self.closing.add(conn)
+        conn.resume_reading()
+        if conn.leg.shutdown():
+            self.deadlines.schedule(conn, self.clock() + self.linger_seconds)
+
+    async def close_all(self, timeout: float) -> None:
+        """Shutdown: every idle connection ends now (later returns are closed too); wait, at
+        most `timeout`, until each is closed and its record published."""
+        self.draining = True
+        for conns in list(self.idle.values()):
+            for conn in list(conns):
+                self.close(conn, SHUTDOWN)
+        if self.closing:
+            self._all_closed = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+
+    def _forget_idle(self, conn: BackendConnection) -> None:
+        conns = self.idle.get(conn.record.backend)
+        if conns and conn in conns:
+            conns.remove(conn)
+            self.deadlines.discard(conn)
+        self._idle_ended(conn)
+
+    # ---- UpstreamUser: events of idle and closing connections -----------------------------
+
+    def on_backend_data(self, conn: BackendConnection, data: bytes) -> None:
+        if conn not in self.closing:  # a backend may not speak unasked
+            self.close(conn, STRAY_BYTES)
+
+    def on_backend_eof(self, conn: BackendConnection) -> None:
+        if conn in self.closing:
+            conn.leg.peer_fin_while_closing(self.call_later)
+            return
+        conn.leg.peer_fin()
+        self.close(conn, BACKEND_CLOSED)  # our FIN goes at once: theirs is in
+
+    def on_backend_lost(self, conn: BackendConnection, exc: Exception | None) -> None:
+        if conn.leg.lost(exc) and conn.record.close_cause is None:
+            conn.record.close_cause = BACKEND_RESET
+        self.retire(conn)
+
+    def retire(self, conn: BackendConnection) -> None:
+        """A connection is gone (its leg lost, by whoever held it): publish its record."""
+        self._forget_idle(conn)
+        self.closing.discard(conn)
+        self.deadlines.discard(conn)
+        conn.record.closed_at = self.clock()
+        self.publish(conn.record)
+        if self._all_closed is not None and not self.closing:
+            self._all_closed.set()
+
+    def on_backend_deadline(self, conn: BackendConnection) -> None:
+        if conn in self.closing:
+            if conn.leg.usable:
+                conn.leg.linger_over()
+        elif conn.idle_since is not None:
+            self.close(conn, IDLE_TIMEOUT)
+
+    def block_reading(self, why: str) -> None:
+        pass  # nothing is written to an idle connection
+
+    def unblock_reading(self, why: str) -> None:
+        pass
 
 
 async def _connect_any(

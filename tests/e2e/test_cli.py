@@ -21,6 +21,7 @@ def access_log(tmp_path: Path, served_only: bool = True) -> list[dict]:
     open a spare connection and close it unused, which is recorded too)."""
     lines = (tmp_path / "access.log").read_text().splitlines()
     records = [json.loads(line) for line in lines]
+    records = [r for r in records if r["type"] == "connection"]
     return [r for r in records if r["requests"] or not served_only]
 
 

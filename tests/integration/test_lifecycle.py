@@ -130,8 +130,12 @@ async def test_access_log_has_one_json_line_per_connection(farm) -> None:
                 await asyncio.sleep(0.01)
     finally:
         await balancer.shutdown(grace=1.0)
-    lines = [json.loads(line) for line in log.getvalue().splitlines()]
-    assert len(lines) == 2
+    every = [json.loads(line) for line in log.getvalue().splitlines()]
+    lines = [line for line in every if line["type"] == "connection"]
+    requests = [line for line in every if line["type"] == "request"]
+    assert len(lines) == 2 and len(requests) == 2
+    assert [r["connection_id"] for r in requests] == [line["id"] for line in lines]
+    assert all(r["status"] == 200 and r["backend"] == "b0" for r in requests)
     first = lines[0]
     assert first["listener"] == "http"
     assert first["client"]["ip"] == "127.0.0.1"

@@ -78,7 +78,6 @@ def test_publish_turns_a_record_into_metrics() -> None:
     assert get("balancer_tcp_handshake_rtt_seconds_bucket", listener="https", le="0.0001") == 1
     assert get("balancer_backend_connect_wait_seconds_count", backend="web1") == 1
     assert get("balancer_backend_tcp_handshake_rtt_seconds_bucket", backend="web1", le="5e-05") == 1
-    assert get("balancer_requests_total", listener="https", backend="web1") == 3
     assert (
         get(
             "balancer_closes_total",
@@ -206,3 +205,33 @@ def test_a_privileged_port_refused_says_how_to_get_the_privilege() -> None:
     assert text.startswith("cannot listen: http listener on 0.0.0.0:80: Permission denied; ")
     assert "run as root" in text and "cap_net_bind_service" in text
     assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in text
+
+
+def test_publish_request_counts_responses_by_class_and_times_them() -> None:
+    from balancer.record import RequestRecord, request_json_line
+
+    registry, log = CollectorRegistry(), io.StringIO()
+    observer = Observer(registry, access_log=log)
+    request = RequestRecord(3, 7, "http", "GET", "/p", head_at=10.0, head_unix=1.7e9)
+    request.backend, request.backend_connection_id, request.reused = "web1", 12, True
+    request.forwarded_at, request.first_byte_at, request.done_at = 10.001, 10.004, 10.02
+    request.status = 503
+    observer.publish_request(request)
+
+    def get(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert get("balancer_requests_total", listener="http", backend="web1") == 1
+    assert get("balancer_responses_total", listener="http", backend="web1", **{"class": "5xx"}) == 1
+    assert get("balancer_request_duration_seconds_bucket", listener="http", backend="web1",
+               le="0.05") == 1  # fmt: skip
+    line = json.loads(log.getvalue())
+    assert line == json.loads(request_json_line(request))
+    assert (line["type"], line["connection_id"], line["backend_connection_id"]) == (
+        "request", 7, 12,
+    )  # fmt: skip
+    assert abs(line["first_byte_seconds"] - 0.004) < 1e-9 and line["reused"] is True
+    observer.request_log = False
+    observer.publish_request(request)
+    assert len(log.getvalue().splitlines()) == 1  # request lines off: metrics only
+    assert get("balancer_requests_total", listener="http", backend="web1") == 2

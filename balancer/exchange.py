@@ -1,0 +1,134 @@
+"""Exchanges: the requests of one client connection, in order, each with its record.
+
+Pure: no sockets, no asyncio; the clock and the publisher are passed in.
+
+Every request head that arrives opens an `Exchange` (and its `RequestRecord`); responses
+complete them in the same order (HTTP/1.1 answers in order). In the reuse modes each exchange
+also holds the request's bytes until a backend connection is its (`pending`), and, for a
+request that may be sent again (idempotent, small, no body), a copy (`replay`): a reused
+connection that turns out dead before any response byte gets the request once more, on a
+fresh connection.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from balancer.http1 import RequestHead
+from balancer.record import TARGET_SHOWN_CHARS, RequestRecord
+
+# RFC 9110 §9.2.2; CONNECT is refused before it gets here.
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+REPLAY_MAX_BYTES = 16384  # a request larger than this is not kept for a retry
+
+
+class Exchange:
+    """One request and its response: its record, and its bytes while no backend has them."""
+
+    __slots__ = ("pending", "record", "replay", "request_done")
+
+    def __init__(self, record: RequestRecord, replayable: bool) -> None:
+        self.record = record
+        self.request_done = False  # every byte of the request has been read
+        self.pending: list[bytes] | None = []  # None once bytes go straight to a backend
+        self.replay: list[bytes] | None = [] if replayable else None
+
+    def keep_for_replay(self, data: bytes) -> None:
+        replay = self.replay
+        if replay is not None:
+            if sum(map(len, replay)) + len(data) > REPLAY_MAX_BYTES:
+                self.replay = None
+            else:
+                replay.append(data)
+
+
+class Exchanges:
+    """The open exchanges of one client connection (see the module docstring)."""
+
+    __slots__ = ("_clock", "_connection_id", "_listener", "_next_id", "_publish", "_wall_clock",
+                 "_worker_pid", "queue")  # fmt: skip
+
+    def __init__(
+        self,
+        connection_id: int,
+        listener: str,
+        worker_pid: int,
+        next_id: Callable[[], int],
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+        publish: Callable[[RequestRecord], None],
+    ) -> None:
+        self._connection_id = connection_id
+        self._listener = listener
+        self._worker_pid = worker_pid
+        self._next_id = next_id
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._publish = publish
+        self.queue: deque[Exchange] = deque()
+
+    def open(self, head: RequestHead) -> Exchange:
+        target = head.target.decode("latin-1")
+        if len(target) > TARGET_SHOWN_CHARS:
+            target = target[: TARGET_SHOWN_CHARS - 3] + "..."
+        record = RequestRecord(
+            self._next_id(),
+            self._connection_id,
+            self._listener,
+            head.method.decode("latin-1"),
+            target,
+            self._clock(),
+            self._wall_clock(),
+        )
+        record.worker_pid = self._worker_pid
+        exchange = Exchange(record, head.method in IDEMPOTENT and not head.upgrade)
+        self.queue.append(exchange)
+        return exchange
+
+    def filling(self) -> Exchange | None:
+        """The exchange whose request is still being read (the oldest not done)."""
+        for exchange in self.queue:
+            if not exchange.request_done:
+                return exchange
+        return None
+
+    def forwarded(self, backend: str, connection_id: int, reused: bool, oldest: bool) -> None:
+        """Requests not yet forwarded are now on this backend connection: all of them (never
+        mode), or only the oldest (`oldest`: reuse modes dispatch one at a time)."""
+        now = self._clock()
+        for exchange in list(self.queue)[:1] if oldest else self.queue:
+            record = exchange.record
+            if record.forwarded_at is None:
+                record.backend, record.backend_connection_id = backend, connection_id
+                record.reused, record.forwarded_at = reused, now
+
+    def first_byte(self) -> None:
+        """A response byte arrived: the oldest exchange's, if it had none yet."""
+        if self.queue:
+            record = self.queue[0].record
+            if record.first_byte_at is None:
+                record.first_byte_at = self._clock()
+
+    def completed(self, statuses: list[int]) -> None:
+        """Responses with these statuses completed, oldest first: publish their records."""
+        now = self._clock()
+        queue = self.queue
+        for status in statuses:
+            if not queue:
+                break
+            record = queue.popleft().record
+            record.status, record.done_at = status, now
+            if record.first_byte_at is None:
+                record.first_byte_at = now
+            self._publish(record)
+        statuses.clear()
+
+    def abandoned(self, error_status: int | None) -> None:
+        """The connection ends with these requests unanswered (the first may have got the
+        balancer's own error response): publish them as they stand."""
+        queue = self.queue
+        if queue and error_status is not None:
+            queue[0].record.status = error_status
+        while queue:
+            self._publish(queue.popleft().record)

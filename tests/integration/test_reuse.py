@@ -1,0 +1,247 @@
+"""Backend connection reuse (`[upstream] reuse`), over real sockets: each mode, the pool's
+limits, and backends that close idle connections at the worst moment."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections import Counter
+from typing import Any
+
+from balancer.config import parse_config
+from balancer.server import Balancer
+from tests.helpers import Client, Recorder, get, port_of, raw_exchange
+
+
+def reuse_config(backends: list[str], reuse: str, **upstream: Any) -> Any:
+    return parse_config(
+        {
+            "listeners": [{"name": "http", "bind": "127.0.0.1:0"}],
+            "backends": [{"name": f"b{i}", "address": a} for i, a in enumerate(backends)],
+            "upstream": {"reuse": reuse, **upstream},
+            "timeouts": {"linger_seconds": 1},
+        },
+        "test",
+    )
+
+
+async def start(config: Any) -> tuple[Balancer, io.StringIO, Recorder]:
+    log = io.StringIO()
+    balancer = Balancer(config, access_log=log)
+    recorder = Recorder()
+    publish = balancer.observer.publish
+
+    def tap(record: Any) -> None:
+        publish(record)
+        recorder(record)
+
+    balancer.observer.publish = tap  # type: ignore[method-assign]
+    await balancer.start()
+    return balancer, log, recorder
+
+
+def lines(log: io.StringIO, kind: str) -> list[dict[str, Any]]:
+    return [x for x in map(json.loads, log.getvalue().splitlines()) if x["type"] == kind]
+
+
+async def test_always_reuses_idle_connections_across_client_connections(farm) -> None:
+    balancer, log, recorder = await start(reuse_config([b.address for b in farm], "always"))
+    try:
+        seen = Counter([(await get(port_of(balancer))).backend for _ in range(12)])
+        await recorder.wait_for(12)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    assert seen == {"web1": 4, "web2": 4, "web3": 4}  # balanced per request
+    assert sum(b.connections for b in farm) == 3  # one connection per backend, reused
+    requests = lines(log, "request")
+    assert [r["reused"] for r in requests] == [False] * 3 + [True] * 9
+    assert all(r["status"] == 200 and r["retries"] == 0 for r in requests)
+    by_connection = Counter(r["backend_connection_id"] for r in requests)
+    assert sorted(by_connection.values()) == [4, 4, 4]
+    # The pool's connections closed at shutdown, each with its own record.
+    pooled = lines(log, "backend_connection")
+    assert sorted(x["requests"] for x in pooled) == [4, 4, 4]
+    assert {x["close_cause"] for x in pooled} == {"shutdown"}
+
+
+async def test_safe_gives_a_new_client_connections_first_request_a_new_connection(farm) -> None:
+    balancer, log, recorder = await start(reuse_config([b.address for b in farm], "safe"))
+    try:
+        for _ in range(3):
+            assert (await get(port_of(balancer))).status == 200
+        client = await Client.connect(port_of(balancer))
+        seen = [(await client.request("GET", f"/k{i}")).backend for i in range(6)]
+        await client.close()
+        await recorder.wait_for(4)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    requests = lines(log, "request")
+    assert [r["reused"] for r in requests[:4]] == [False] * 4  # each client's first: new
+    assert all(r["reused"] for r in requests[4:])  # later ones took idle connections
+    assert Counter(seen) == {"web1": 2, "web2": 2, "web3": 2}  # per request, not per client
+    assert sum(b.connections for b in farm) == 4
+
+
+async def test_never_keeps_one_dedicated_connection_per_client_connection(farm) -> None:
+    balancer, log, recorder = await start(reuse_config([b.address for b in farm], "never"))
+    try:
+        for _ in range(3):
+            assert (await get(port_of(balancer))).status == 200
+        await recorder.wait_for(3)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    assert sum(b.connections for b in farm) == 3
+    assert lines(log, "backend_connection") == []  # embedded in the connection records
+    (first, *_) = lines(log, "connection")
+    assert first["backend"]["name"] == "b0" and first["backend_leg"]["first_fin"] is not None
+
+
+async def test_an_http10_client_is_answered_as_http10_over_a_kept_backend_connection(
+    farm,
+) -> None:
+    balancer, _, recorder = await start(reuse_config([farm[0].address], "always"))
+    try:
+        answers = [
+            await raw_exchange(port_of(balancer), b"GET /old HTTP/1.0\r\n\r\n") for _ in range(3)
+        ]
+        await recorder.wait_for(3)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    for raw in answers:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head
+        assert body == b"web1 GET /old\n"
+    assert farm[0].connections == 1  # the backend kept its connection for all three
+    assert all(seen.header("Connection") == "keep-alive" for seen in farm[0].seen)
+
+
+async def test_pool_limits_close_connections_with_their_cause(farm) -> None:
+    config = reuse_config(
+        [farm[0].address], "always", max_requests_per_connection=2, idle_timeout_seconds=0.2
+    )
+    balancer, log, recorder = await start(config)
+    try:
+        for _ in range(3):
+            assert (await get(port_of(balancer))).status == 200
+        await recorder.wait_for(3)
+        async with asyncio.timeout(5):  # the third request's connection ages out
+            while len(lines(log, "backend_connection")) < 2:
+                await asyncio.sleep(0.02)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    closed = lines(log, "backend_connection")
+    assert [(x["requests"], x["close_cause"]) for x in closed] == [
+        (2, "max_requests"),
+        (1, "idle_timeout"),
+    ]
+    assert closed[1]["idle_seconds"] >= 0.2
+    # The balancer closed them: its FIN first, the backend's answer, a teardown time.
+    for leg in (x["leg"] for x in closed):
+        assert (leg["initiator"], leg["first_fin"], leg["kind"]) == ("balancer", "balancer", "fin")
+        assert leg["teardown_seconds"] is not None
+
+
+class ClosesAfterOneResponse(asyncio.Protocol):
+    """A keep-alive backend that closes each connection quietly right after its first
+    response (as a backend with a short keep-alive timeout does): the worst moment."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.answered = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            self.transport.close()  # a request on a connection it meant to close: dropped
+            return
+        self.answered = True
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        asyncio.get_running_loop().call_later(0.05, self.transport.close)
+
+
+async def test_an_idle_connection_the_backend_closes_is_closed_and_recorded() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(ClosesAfterOneResponse, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    balancer, log, recorder = await start(reuse_config([address], "always"))
+    try:
+        assert (await get(port_of(balancer))).status == 200
+        async with asyncio.timeout(5):
+            while not lines(log, "backend_connection"):
+                await asyncio.sleep(0.02)
+        assert balancer.idle is not None and balancer.idle.idle_count() == 0
+        assert (await get(port_of(balancer))).status == 200  # on a new connection
+        await recorder.wait_for(2)
+    finally:
+        await balancer.shutdown(grace=1.0)
+        server.close()
+    first = lines(log, "backend_connection")[0]
+    assert first["close_cause"] == "backend_closed"
+    assert (first["leg"]["initiator"], first["leg"]["first_fin"]) == ("peer", "peer")
+    assert first["leg"]["teardown_seconds"] is not None
+    assert [r["reused"] for r in lines(log, "request")] == [False, False]
+
+
+class DropsSecondRequest(asyncio.Protocol):
+    """Answers one request per connection keep-alive, then drops the connection when the
+    next request arrives, before any byte of an answer: a connection dead on reuse."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.answered = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            self.transport.close()
+            return
+        self.answered = True
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+async def test_a_dead_reused_connection_is_retried_once_for_a_get_never_for_a_post() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(DropsSecondRequest, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    balancer, log, recorder = await start(reuse_config([address], "always"))
+    try:
+        assert (await get(port_of(balancer))).status == 200  # leaves an idle connection
+        assert (await get(port_of(balancer))).status == 200  # dead on reuse: retried
+        client = await Client.connect(port_of(balancer))
+        answer = await client.request("POST", "/p", body=b"x")  # the idle one is dead too
+        await client.close()
+        await recorder.wait_for(3)
+    finally:
+        await balancer.shutdown(grace=1.0)
+        server.close()
+    assert answer.status == 502
+    first, retried, post = lines(log, "request")
+    assert (first["reused"], first["retries"]) == (False, 0)
+    assert (retried["status"], retried["retries"], retried["reused"]) == (200, 1, False)
+    assert (post["method"], post["retries"], post["status"]) == ("POST", 0, 502)
+    assert "dead_on_reuse" in {x["close_cause"] for x in lines(log, "backend_connection")}
+    # A dead idle connection says nothing of the backend's health.
+    (state,) = balancer.pool.states
+    assert state.connect_failures_total == 0
+
+
+async def test_pipelined_requests_are_dispatched_one_at_a_time_and_answered_in_order(
+    farm,
+) -> None:
+    balancer, log, recorder = await start(reuse_config([b.address for b in farm], "always"))
+    try:
+        raw = await raw_exchange(
+            port_of(balancer),
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz"
+            b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        await recorder.wait_for(1)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    bodies = [part.split(b"\r\n\r\n", 1)[1][:14] for part in raw.split(b"HTTP/1.1 200 OK")[1:]]
+    assert bodies == [b"web1 GET /a\n", b"xyz", b"web3 GET /c\n"]
+    assert [s.path for b in farm for s in b.seen] == ["/a", "/b", "/c"]
+    assert [r["target"] for r in lines(log, "request")] == ["/a", "/b", "/c"]
+    (connection,) = lines(log, "connection")
+    assert connection["requests"] == 3
+    assert connection["backend"] is None and connection["backend_leg"] is None  # per request
