@@ -98,7 +98,8 @@ def read_capture(
         # carries the sender's next sequence number, so it bounds the span too.
         if int(size or 0):
             stream.payload[sender] = max(stream.payload[sender], int(nxtseq) - 1)
-        elif (fin == "1" or rst == "1") and syn != "1" and seq:
+        elif syn != "1" and seq and (fin == "1" or (rst == "1" and sender not in stream.fins)):
+            # (an RST after the sender's FIN is one past it: the FIN bounds that one)
             stream.payload[sender] = max(stream.payload[sender], int(seq) - 1)
         when = float(at)
         if syn == "1" and ack == "1":
@@ -148,10 +149,15 @@ def iana_code(cipher_name: str) -> int:
     raise AssertionError(f"unknown cipher {cipher_name}")
 
 
-def test_records_agree_with_a_packet_capture(farm_ports, tmp_path: Path) -> None:
+@pytest.mark.parametrize("reuse", ["never", "safe", "always"])
+def test_records_agree_with_a_packet_capture(farm_ports, tmp_path: Path, reuse: str) -> None:
     tshark, ab, curl = need("tshark"), need("ab"), need("curl")
     certs = make_certs(tmp_path / "certs")
+    config = tmp_path / "reuse.toml"
+    config.write_text(f'[upstream]\nreuse = "{reuse}"\n')
     args = [
+        "-c",
+        str(config),
         "--http",
         "127.0.0.1:0",
         "--https",
@@ -226,12 +232,17 @@ def test_records_agree_with_a_packet_capture(farm_ports, tmp_path: Path) -> None
             reset_mid_response(http)
         finally:
             time.sleep(0.5)  # let the last FINs of the traffic reach the capture
+    # Stopping the balancer closed the pooled backend connections (reuse modes): their FINs
+    # reach the capture's file in its next write, which comes this long after at most.
+    time.sleep(0.5)
     capture.send_signal(signal.SIGINT)
     capture.wait(20)
     capture.stderr.close()
 
-    records = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
-    records = [r for r in records if r["type"] == "connection" and r["requests"]]
+    lines = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
+    records = [r for r in lines if r["type"] == "connection" and r["requests"]]
+    pooled = {r["id"]: r for r in lines if r["type"] == "backend_connection"}
+    requests = [r for r in lines if r["type"] == "request"]
     assert len(records) == 3 + 3 + 1 + 1 + 1
     streams = read_capture(pcap, https, {http, https}, set(farm_ports))
     for record in records:
@@ -265,14 +276,43 @@ def test_records_agree_with_a_packet_capture(farm_ports, tmp_path: Path) -> None
             ), (where, record["tls"], wire_handshake, client)
             assert leg["close_notify_received"] == ("peer" in client.alerts), (where, client)
             assert leg["close_notify_sent"] == ("balancer" in client.alerts), (where, client)
-        backend_leg = record["backend_leg"]
-        backend_port = int(record["backend"]["address"].rsplit(":", 1)[1])
-        backend = streams[(record["backend"]["local_port"], backend_port)]
-        assert backend.fins, (where, backend)
-        assert backend_leg["first_fin"] == backend.fins[0], (where, backend_leg, backend)
-        wire = (backend.payload["peer"], backend.payload["balancer"])
-        assert (record["bytes"]["backend_in"], record["bytes"]["backend_out"]) == wire, where
-        # Every backend leg that ended by FIN has its teardown facts.
-        assert backend_leg["teardown_seconds"] is not None, (where, backend_leg)
-        assert backend_leg["retransmits"] is not None, (where, backend_leg)
-        assert not backend.resets, (where, backend)
+        if reuse == "never":
+            bytes_in_out = (record["bytes"]["backend_in"], record["bytes"]["backend_out"])
+            check_backend_leg(
+                streams, where, record["backend"], record["backend_leg"], bytes_in_out
+            )
+        else:  # each request names a backend connection with a line of its own
+            assert record["backend"] is None and record["backend_leg"] is None, where
+    if reuse == "never":
+        assert not pooled
+        return
+    assert len(requests) == sum(r["requests"] for r in records)
+    # Every response completed, but perhaps the one the client reset mid-way (abandoned, no
+    # status, unless the backend's whole answer was in before the reset).
+    statuses = [r["status"] for r in requests]
+    assert set(statuses) <= {200, None} and statuses.count(None) <= 1
+    assert {r["backend_connection_id"] for r in requests} <= pooled.keys()
+    if reuse == "always":  # ab's new connections took idle backend connections
+        assert len(pooled) < len(requests)
+    for conn in pooled.values():
+        where = f"backend connection {conn['id']}"
+        bytes_in_out = (conn["bytes"]["in"], conn["bytes"]["out"])
+        check_backend_leg(streams, where, conn, conn["leg"], bytes_in_out)
+
+
+def check_backend_leg(
+    streams: dict[tuple[int, int], Stream],
+    where: str,
+    backend: dict,
+    leg: dict,
+    bytes_in_out: tuple[int, int],
+) -> None:
+    """A backend leg's record against its stream: first FIN, no resets, bytes each way, and
+    the teardown facts every leg that ended by FIN has."""
+    stream = streams[(backend["local_port"], int(backend["address"].rsplit(":", 1)[1]))]
+    assert stream.fins, (where, stream)
+    assert leg["first_fin"] == stream.fins[0], (where, leg, stream)
+    assert bytes_in_out == (stream.payload["peer"], stream.payload["balancer"]), where
+    assert leg["teardown_seconds"] is not None, (where, leg)
+    assert leg["retransmits"] is not None, (where, leg)
+    assert not stream.resets, (where, stream)

@@ -257,3 +257,26 @@ def test_sigterm_under_load_loses_no_accepted_request(farm_ports, certs_dir, tmp
     assert all(r["error_status"] is None for r in served)
     assert not any(r["client_leg"]["rst_sent"] for r in records)
     assert all(r["bytes"]["client_out"] > 0 for r in served)  # each got its response
+
+
+@pytest.mark.parametrize("reuse", ["safe", "always"])
+def test_ab_through_each_reuse_mode_completes_and_always_reuses(
+    farm_ports, certs_dir, tmp_path, reuse: str
+) -> None:
+    """ab: a new client connection per request. In always mode they share a few backend
+    connections; in safe mode each client connection's (only) request gets a new one."""
+    ab = need("ab")
+    config = tmp_path / "reuse.toml"
+    config.write_text(f'[upstream]\nreuse = "{reuse}"\n')
+    with balancer(farm_ports, certs_dir, tmp_path, "-c", str(config)) as running:
+        result = run(ab, "-n", "400", "-c", "8", running.url("http"))
+        assert ab_counts(result.stdout) == (400, 0), result.stdout + result.stderr
+    lines = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
+    requests = [x for x in lines if x["type"] == "request"]
+    opened = {x["backend_connection_id"] for x in requests}
+    assert len(requests) == 400 and {x["status"] for x in requests} == {200}
+    if reuse == "always":
+        assert len(opened) <= 2 * 8  # about one per concurrent request per backend
+        assert sum(x["reused"] for x in requests) >= 400 - 2 * 8
+    else:
+        assert len(opened) == 400 and not any(x["reused"] for x in requests)
