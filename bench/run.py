@@ -241,10 +241,30 @@ class Bench:
         }
 
     def start_targets(self, key_type: str) -> list[Target]:
+        """The farm hit directly, and each proxy in each of its backend-connection modes:
+        the balancer with reuse never and always, HAProxy with http-reuse never and always,
+        nginx without and with upstream keepalive."""
         certs = self.certificates(key_type)
         targets = [Target("direct", self.farm_ports[0], None)]
+        for reuse in ("never", "always"):
+            targets.append(self._balancer(key_type, certs, reuse))
+        if shutil.which("haproxy"):
+            for reuse in ("never", "always"):
+                targets.append(self._haproxy(key_type, certs, reuse))
+        if shutil.which("nginx"):
+            for keepalive in (False, True):
+                targets.append(self._nginx_proxy(key_type, certs, keepalive))
+        for target in targets:
+            self.wait_ready(target.http_port, target.process)
+            if target.https_port:
+                self.wait_ready(target.https_port, target.process)
+        return targets
+
+    def _balancer(self, key_type: str, certs: dict[str, Path], reuse: str) -> Target:
         http, https, admin = free_port(), free_port(), free_port()
-        log_path = self.workdir / f"access-{key_type}.log"
+        log_path = self.workdir / f"access-{key_type}-{reuse}.log"
+        config = self.workdir / f"balancer-{reuse}.toml"
+        config.write_text(f'[upstream]\nreuse = "{reuse}"\n')
         backends = [arg for port in self.farm_ports for arg in ("--backend", f"127.0.0.1:{port}")]
         balancer = self._spawn(
             pinned(
@@ -254,6 +274,8 @@ class Bench:
                     "-m",
                     "balancer",
                     "run",
+                    "-c",
+                    str(config),
                     "--http",
                     f"127.0.0.1:{http}",
                     "--https",
@@ -270,15 +292,17 @@ class Bench:
                 ],
             )
         )
-        targets.append(Target("balancer", http, https, balancer))
-        if shutil.which("haproxy"):
-            hp, hps = free_port(), free_port()
-            conf = self.workdir / f"haproxy-{key_type}.cfg"
-            servers = "\n".join(
-                f"  server web{i + 1} 127.0.0.1:{port}" for i, port in enumerate(self.farm_ports)
-            )
-            conf.write_text(
-                f"""global
+        name = "balancer" if reuse == "never" else f"balancer-{reuse}"
+        return Target(name, http, https, balancer)
+
+    def _haproxy(self, key_type: str, certs: dict[str, Path], reuse: str) -> Target:
+        hp, hps = free_port(), free_port()
+        conf = self.workdir / f"haproxy-{key_type}-{reuse}.cfg"
+        servers = "\n".join(
+            f"  server web{i + 1} 127.0.0.1:{port}" for i, port in enumerate(self.farm_ports)
+        )
+        conf.write_text(
+            f"""global
   nbthread 1
   maxconn 8000
   ssl-default-bind-options ssl-min-ver TLSv1.2
@@ -295,17 +319,20 @@ frontend fe
   default_backend farm
 backend farm
   balance roundrobin
+  http-reuse {reuse}
 {servers}
 """
-            )
-            process = self._spawn(pinned(PROXY_CPU, ["haproxy", "-db", "-f", str(conf)]))
-            targets.append(Target("haproxy", hp, hps, process))
-        if shutil.which("nginx"):
-            np_, nps = free_port(), free_port()
-            upstream = "\n".join(f"server 127.0.0.1:{port};" for port in self.farm_ports)
-            process = self._nginx(
-                f"proxy-{key_type}",
-                f"""server {{ listen 127.0.0.1:{np_} backlog=4096;
+        )
+        process = self._spawn(pinned(PROXY_CPU, ["haproxy", "-db", "-f", str(conf)]))
+        return Target("haproxy" if reuse == "never" else f"haproxy-{reuse}", hp, hps, process)
+
+    def _nginx_proxy(self, key_type: str, certs: dict[str, Path], keepalive: bool) -> Target:
+        np_, nps = free_port(), free_port()
+        upstream = "\n".join(f"server 127.0.0.1:{port};" for port in self.farm_ports)
+        pool = "keepalive 64;" if keepalive else ""
+        process = self._nginx(
+            f"proxy-{key_type}-{'keepalive' if keepalive else 'close'}",
+            f"""server {{ listen 127.0.0.1:{np_} backlog=4096;
                     listen 127.0.0.1:{nps} ssl backlog=4096;
                     ssl_certificate {certs["cert"]}; ssl_certificate_key {certs["key"]};
                     ssl_protocols TLSv1.2 TLSv1.3;
@@ -313,15 +340,10 @@ backend farm
                                   proxy_set_header Connection "";
                                   proxy_set_header X-Forwarded-For
                                                    $proxy_add_x_forwarded_for; }} }}""",
-                PROXY_CPU,
-                extra_http=f"upstream farm {{ {upstream} keepalive 64; }}",
-            )
-            targets.append(Target("nginx", np_, nps, process))
-        for target in targets:
-            self.wait_ready(target.http_port, target.process)
-            if target.https_port:
-                self.wait_ready(target.https_port, target.process)
-        return targets
+            PROXY_CPU,
+            extra_http=f"upstream farm {{ {upstream} {pool} }}",
+        )
+        return Target("nginx-keepalive" if keepalive else "nginx", np_, nps, process)
 
     # -- load ------------------------------------------------------------------------------
 
@@ -505,13 +527,13 @@ def table(rows: list[dict[str, object]]) -> str:
 
     lines = [
         "| scenario | target | req/s median (min..max) | per proxy-core req/s | CPU µs/req "
-        "| p99 ms | vs HAProxy (per core) | vs direct (raw) | errors |",
+        "| p99 ms | vs HAProxy, same mode (per core) | vs direct (raw) | errors |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         scenario, target = str(row["scenario"]), str(row["target"])
         if scenario.startswith("S5"):
-            ref = find(scenario, "haproxy")
+            ref = find(scenario, "haproxy-always" if target.endswith("-always") else "haproxy")
             ratio = (
                 f"{row['bytes_per_conn'] / ref['bytes_per_conn']:.2f}×"  # type: ignore[operator]
                 if ref and ref["bytes_per_conn"]
@@ -522,7 +544,11 @@ def table(rows: list[dict[str, object]]) -> str:
                 f"({row['held']} held) | | | | {ratio} | | |"
             )
             continue
-        haproxy, direct = find(scenario, "haproxy"), find(scenario, "direct")
+        # Each proxy against HAProxy in the same backend-connection mode: dedicated
+        # connections (never; nginx without keepalive) or reused ones (always; keepalive).
+        reused = target.endswith("-always") or target.endswith("-keepalive")
+        haproxy = find(scenario, "haproxy-always" if reused else "haproxy")
+        direct = find(scenario, "direct")
         per_core = row["per_core_median"]
         vs_haproxy = (
             f"{per_core / haproxy['per_core_median']:.2f}×"  # type: ignore[operator]
