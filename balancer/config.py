@@ -106,7 +106,7 @@ class Config:
     upstream: Upstream = field(default_factory=Upstream)
     admin: Address | None = None
     access_log: str | None = None
-    request_log: bool = True  # one access-log line per request too (with an access log)
+    request_log: bool = False  # one access-log line per request too (with an access log)
     workers: int = 1
     event_loop: str = "uvloop"
     source: str = "<defaults>"
@@ -314,7 +314,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
 
     admin = r.get(data, "admin", "admin", parse_address, ADDRESS, None)
     access_log = r.get(data, "access_log", "access_log", _text, "a file path or '-' (stdout)")
-    request_log = r.get(data, "request_log", "request_log", _boolean, "true or false", True)
+    request_log = r.get(data, "request_log", "request_log", _boolean, "true or false", False)
     workers = r.get(data, "workers", "workers", _positive_int, COUNT, 1)
     if workers not in (None, 1):
         r.problem("workers", workers, "1 (several worker processes are not supported yet)")

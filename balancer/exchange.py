@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 
 from balancer.http1 import RequestHead
-from balancer.record import TARGET_SHOWN_CHARS, RequestRecord
+from balancer.record import ConnectionRecord, RequestRecord
 
 # RFC 9110 §9.2.2; CONNECT is refused before it gets here.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
@@ -28,11 +28,13 @@ class Exchange:
 
     __slots__ = ("pending", "record", "replay", "request_done")
 
-    def __init__(self, record: RequestRecord, replayable: bool) -> None:
+    def __init__(self, record: RequestRecord) -> None:
         self.record = record
         self.request_done = False  # every byte of the request has been read
-        self.pending: list[bytes] | None = []  # None once bytes go straight to a backend
-        self.replay: list[bytes] | None = [] if replayable else None
+        # Reuse modes only (see Exchanges.open): the bytes waiting for a backend connection
+        # (None once they go straight to one), and a copy kept for a retry.
+        self.pending: list[bytes] | None = None
+        self.replay: list[bytes] | None = None
 
     def keep_for_replay(self, data: bytes) -> None:
         replay = self.replay
@@ -46,43 +48,33 @@ class Exchange:
 class Exchanges:
     """The open exchanges of one client connection (see the module docstring)."""
 
-    __slots__ = ("_clock", "_connection_id", "_listener", "_next_id", "_publish", "_wall_clock",
-                 "_worker_pid", "queue")  # fmt: skip
+    __slots__ = ("_clock", "_connection", "_dispatch", "_next_id", "_publish", "queue")
 
     def __init__(
         self,
-        connection_id: int,
-        listener: str,
-        worker_pid: int,
+        connection: ConnectionRecord,
         next_id: Callable[[], int],
         clock: Callable[[], float],
-        wall_clock: Callable[[], float],
         publish: Callable[[RequestRecord], None],
+        dispatch: bool,
     ) -> None:
-        self._connection_id = connection_id
-        self._listener = listener
-        self._worker_pid = worker_pid
+        self._connection = connection  # ids, listener, and the clock's Unix offset
         self._next_id = next_id
         self._clock = clock
-        self._wall_clock = wall_clock
         self._publish = publish
+        self._dispatch = dispatch  # reuse modes: keep request bytes per exchange
         self.queue: deque[Exchange] = deque()
 
     def open(self, head: RequestHead) -> Exchange:
-        target = head.target.decode("latin-1")
-        if len(target) > TARGET_SHOWN_CHARS:
-            target = target[: TARGET_SHOWN_CHARS - 3] + "..."
-        record = RequestRecord(
-            self._next_id(),
-            self._connection_id,
-            self._listener,
-            head.method.decode("latin-1"),
-            target,
-            self._clock(),
-            self._wall_clock(),
-        )
-        record.worker_pid = self._worker_pid
-        exchange = Exchange(record, head.method in IDEMPOTENT and not head.upgrade)
+        """A request head arrived. The record keeps method and target as bytes; they are
+        decoded (and the target cut) only if a line is written."""
+        connection = self._connection
+        record = RequestRecord(self._next_id(), connection, head.method, head.target, self._clock())
+        exchange = Exchange(record)
+        if self._dispatch:
+            exchange.pending = []
+            if head.method in IDEMPOTENT and not head.upgrade:
+                exchange.replay = []
         self.queue.append(exchange)
         return exchange
 
@@ -97,11 +89,13 @@ class Exchanges:
         """Requests not yet forwarded are now on this backend connection: all of them (never
         mode), or only the oldest (`oldest`: reuse modes dispatch one at a time)."""
         now = self._clock()
-        for exchange in list(self.queue)[:1] if oldest else self.queue:
+        for exchange in self.queue:
             record = exchange.record
             if record.forwarded_at is None:
                 record.backend, record.backend_connection_id = backend, connection_id
                 record.reused, record.forwarded_at = reused, now
+            if oldest:
+                break
 
     def first_byte(self) -> None:
         """A response byte arrived: the oldest exchange's, if it had none yet."""

@@ -55,7 +55,7 @@ UNACKED_WAIT_MIN_SECONDS = 0.001
 class Leg:
     """One TCP connection side (see the module docstring). `facts` is the record it fills."""
 
-    __slots__ = ("clock", "facts", "sock", "tls", "transport", "writes")
+    __slots__ = ("clock", "counted", "facts", "sock", "tls", "transport", "writes")
 
     def __init__(self, facts: LegTeardown, writes: WriteBatch, clock: Callable[[], float]) -> None:
         self.facts = facts
@@ -64,6 +64,7 @@ class Leg:
         self.transport: Any = None
         self.sock: Any = None
         self.tls: TLSSession | None = None  # the client leg of a TLS listener
+        self.counted = False  # the kernel's final counts are in `facts` (see _final_counts)
 
     def attach(self, transport: Any, sock: Any = None) -> None:
         self.transport = transport
@@ -182,6 +183,8 @@ class Leg:
         facts.fin_sent = True
         if facts.peer_fin_at is not None or not transport.can_write_eof():
             facts.fin_sent_at = self.clock()
+            if info is not None and not buffered:
+                self._final_counts(info)
             transport.close()
             return False
         # Our FIN follows the unsent bytes; judged at the peer's FIN. asyncio shuts down now
@@ -209,6 +212,8 @@ class Leg:
             wait = max(UNACKED_WAIT_MIN_SECONDS, UNACKED_WAIT_RTTS * info.rtt_seconds)
             call_later(wait, self.transport.close)
         else:
+            if info is not None and not self.transport.get_write_buffer_size():
+                self._final_counts(info)
             self.transport.close()
 
     def reset(self) -> None:
@@ -238,22 +243,31 @@ class Leg:
         facts.closed_at = self.clock()
         if facts.first_fin is None and facts.fin_sent:
             facts.first_fin = BALANCER  # ours went; theirs never came (linger over, or an RST)
-        info = tcpinfo.read(self.sock)
-        if info is not None:
-            facts.retransmits = info.total_retrans
-            if info.bytes_sent is not None:
-                facts.bytes_out = info.bytes_sent
-            elif info.bytes_acked is not None:
-                # An acknowledged FIN of ours takes a sequence number: never more than written.
-                facts.bytes_out = min(info.bytes_acked, facts.bytes_out)
-            if info.bytes_received is not None:
-                # The peer's FIN takes a sequence number too.
-                peer_fin = facts.peer_fin_at is not None or info.state in tcpinfo.PEER_FIN_IN
-                facts.bytes_in = max(0, info.bytes_received - (1 if peer_fin else 0))
+        if not self.counted:
+            info = tcpinfo.read(self.sock)
+            if info is not None:
+                self._final_counts(info)
         reset = isinstance(exc, ConnectionResetError | BrokenPipeError) and not facts.rst_sent
         if reset:
             self.peer_reset()
         return reset
+
+    def _final_counts(self, info: tcpinfo.TCPInfo) -> None:
+        """Bytes and retransmissions as the kernel counted them. Final once the peer's FIN is
+        in and every byte of ours is acknowledged (then read as we close, which saves
+        connection_lost a TCP_INFO read); otherwise connection_lost reads them again."""
+        facts = self.facts
+        facts.retransmits = info.total_retrans
+        if info.bytes_sent is not None:
+            facts.bytes_out = info.bytes_sent
+        elif info.bytes_acked is not None:
+            # An acknowledged FIN of ours takes a sequence number: never more than written.
+            facts.bytes_out = min(info.bytes_acked, facts.bytes_out)
+        if info.bytes_received is not None:
+            # The peer's FIN takes a sequence number too.
+            peer_fin = facts.peer_fin_at is not None or info.state in tcpinfo.PEER_FIN_IN
+            facts.bytes_in = max(0, info.bytes_received - (1 if peer_fin else 0))
+        self.counted = info.unacked == 0 and facts.peer_fin_at is not None
 
 
 def _write_eof(transport: Any) -> bool:

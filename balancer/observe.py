@@ -160,7 +160,7 @@ class Observer(Collector):
     ) -> None:
         self.access_log = access_log
         self.live: Callable[[ConnectionRecord], None] | None = None  # `balancer demo` prints
-        self.request_log = True  # request lines in the access log (config request_log)
+        self.request_log = False  # request lines in the access log too (config request_log)
         self.recent: deque[ConnectionRecord] = deque(maxlen=recent)
         self.closed_total = 0
         self._counts: dict[_Family, dict[tuple[str, ...], float]] = {
@@ -231,10 +231,11 @@ class Observer(Collector):
 
     def publish_request(self, record: RequestRecord) -> None:
         """A request whose response is done (or that ended without one)."""
+        listener = record.connection.listener
         if record.backend is not None and record.forwarded_at is not None:
-            self._add(REQUESTS, (record.listener, record.backend))
+            self._add(REQUESTS, (listener, record.backend))
         if record.status is not None and record.backend is not None and record.done_at:
-            labels = (record.listener, record.backend)
+            labels = (listener, record.backend)
             self._add(RESPONSES, (*labels, _STATUS_CLASS[record.status // 100]))
             total = record.total_seconds
             if total is not None:

@@ -373,40 +373,27 @@ class RequestRecord:
         "backend_connection_id",
         "connect_attempts",
         "connect_failures",
-        "connection_id",
+        "connection",
         "done_at",
         "first_byte_at",
         "forwarded_at",
         "head_at",
-        "head_unix",
         "id",
-        "listener",
         "method",
         "retries",
         "reused",
         "status",
         "target",
-        "worker_pid",
     )
 
     def __init__(
-        self,
-        id: int,
-        connection_id: int,
-        listener: str,
-        method: str,
-        target: str,
-        head_at: float,
-        head_unix: float,
+        self, id: int, connection: ConnectionRecord, method: bytes, target: bytes, head_at: float
     ) -> None:
         self.id = id
-        self.connection_id = connection_id
-        self.worker_pid = 0
-        self.listener = listener
-        self.method = method
+        self.connection = connection  # its id, worker, listener and clock offset
+        self.method = method  # as the client sent them
         self.target = target
         self.head_at = head_at
-        self.head_unix = head_unix
         self.status: int | None = None  # the response's, or the balancer's own error status
         self.backend: str | None = None
         self.backend_address: str | None = None
@@ -418,6 +405,19 @@ class RequestRecord:
         self.forwarded_at: float | None = None
         self.first_byte_at: float | None = None
         self.done_at: float | None = None
+
+    @property
+    def head_unix(self) -> float:
+        connection = self.connection
+        return connection.accepted_unix + (self.head_at - connection.accepted_at)
+
+    @property
+    def target_shown(self) -> str:
+        """The target as text, cut at TARGET_SHOWN_CHARS ("..." marks the cut)."""
+        target = self.target.decode("latin-1")
+        if len(target) > TARGET_SHOWN_CHARS:
+            target = target[: TARGET_SHOWN_CHARS - 3] + "..."
+        return target
 
     def _since_head(self, at: float | None) -> float | None:
         return None if at is None else at - self.head_at
@@ -530,11 +530,12 @@ def json_line(r: ConnectionRecord) -> str:
 
 def request_json_line(r: RequestRecord) -> str:
     """One access-log line (with its newline) for a request: `"type":"request"`."""
+    connection = r.connection
     return (
-        f'{{"type":"request","id":{r.id},"connection_id":{r.connection_id},'
-        f'"worker_pid":{r.worker_pid},"listener":{_text(r.listener)},'
-        f'"time":"{rfc3339(r.head_unix)}","method":{_text(r.method)},'
-        f'"target":{_text(r.target)},"status":{_number(r.status)},'
+        f'{{"type":"request","id":{r.id},"connection_id":{connection.id},'
+        f'"worker_pid":{connection.worker_pid},"listener":{_text(connection.listener)},'
+        f'"time":"{rfc3339(r.head_unix)}","method":{_text(r.method.decode("latin-1"))},'
+        f'"target":{_text(r.target_shown)},"status":{_number(r.status)},'
         f'"backend":{_text(r.backend)},'
         f'"backend_connection_id":{_number(r.backend_connection_id)},'
         f'"reused":{_flag(r.reused)},"retries":{r.retries},'

@@ -218,9 +218,8 @@ class ClientSession(asyncio.Protocol):
         self._dispatch = ctx.reuse != "never" and ctx.listener.mode == "http"
         self._served = 0  # requests given a backend connection (safe mode: the first is new)
         self._exchanges = Exchanges(
-            self.record.id, ctx.listener.name, ctx.worker_pid, ctx.next_request_id, ctx.clock,
-            ctx.wall_clock, ctx.publish_request,
-        )  # fmt: skip
+            self.record, ctx.next_request_id, ctx.clock, ctx.publish_request, self._dispatch
+        )
 
     # ---- client leg ------------------------------------------------------------------------
 

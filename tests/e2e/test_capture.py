@@ -154,7 +154,7 @@ def test_records_agree_with_a_packet_capture(farm_ports, tmp_path: Path, reuse: 
     tshark, ab, curl = need("tshark"), need("ab"), need("curl")
     certs = make_certs(tmp_path / "certs")
     config = tmp_path / "reuse.toml"
-    config.write_text(f'[upstream]\nreuse = "{reuse}"\n')
+    config.write_text(f'request_log = true\n[upstream]\nreuse = "{reuse}"\n')
     args = [
         "-c",
         str(config),

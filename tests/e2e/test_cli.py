@@ -267,7 +267,7 @@ def test_ab_through_each_reuse_mode_completes_and_always_reuses(
     connections; in safe mode each client connection's (only) request gets a new one."""
     ab = need("ab")
     config = tmp_path / "reuse.toml"
-    config.write_text(f'[upstream]\nreuse = "{reuse}"\n')
+    config.write_text(f'request_log = true\n[upstream]\nreuse = "{reuse}"\n')
     with balancer(farm_ports, certs_dir, tmp_path, "-c", str(config)) as running:
         result = run(ab, "-n", "400", "-c", "8", running.url("http"))
         assert ab_counts(result.stdout) == (400, 0), result.stdout + result.stderr

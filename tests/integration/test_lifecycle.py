@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from dataclasses import replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -120,7 +121,8 @@ async def test_admin_api_lists_open_and_recent_connections(farm, balancer_factor
 
 async def test_access_log_has_one_json_line_per_connection(farm) -> None:
     log = io.StringIO()
-    balancer = Balancer(make_config([farm[0].address]), access_log=log)
+    config = replace(make_config([farm[0].address]), request_log=True)
+    balancer = Balancer(config, access_log=log)
     await balancer.start()
     try:
         for _ in range(2):

@@ -21,6 +21,7 @@ def reuse_config(backends: list[str], reuse: str, **upstream: Any) -> Any:
             "backends": [{"name": f"b{i}", "address": a} for i, a in enumerate(backends)],
             "upstream": {"reuse": reuse, **upstream},
             "timeouts": {"linger_seconds": 1},
+            "request_log": True,
         },
         "test",
     )

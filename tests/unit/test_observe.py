@@ -212,7 +212,9 @@ def test_publish_request_counts_responses_by_class_and_times_them() -> None:
 
     registry, log = CollectorRegistry(), io.StringIO()
     observer = Observer(registry, access_log=log)
-    request = RequestRecord(3, 7, "http", "GET", "/p", head_at=10.0, head_unix=1.7e9)
+    observer.request_log = True
+    connection = ConnectionRecord(7, "http", accepted_at=9.0, accepted_unix=1.7e9)
+    request = RequestRecord(3, connection, b"GET", b"/p" + b"x" * 300, head_at=10.0)
     request.backend, request.backend_connection_id, request.reused = "web1", 12, True
     request.forwarded_at, request.first_byte_at, request.done_at = 10.001, 10.004, 10.02
     request.status = 503
@@ -231,6 +233,8 @@ def test_publish_request_counts_responses_by_class_and_times_them() -> None:
         "request", 7, 12,
     )  # fmt: skip
     assert abs(line["first_byte_seconds"] - 0.004) < 1e-9 and line["reused"] is True
+    assert line["target"] == "/p" + "x" * 195 + "..." and line["method"] == "GET"
+    assert line["time"] == "2023-11-14T22:13:21.000000Z"  # accepted_unix + 1 s
     observer.request_log = False
     observer.publish_request(request)
     assert len(log.getvalue().splitlines()) == 1  # request lines off: metrics only

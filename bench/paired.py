@@ -1,0 +1,107 @@
+"""Paired runs: the balancer at two commits (or two configurations), same farm, alternating.
+
+    python bench/paired.py --base 26734ea                  # HEAD against a commit
+    python bench/paired.py --base 26734ea --only S2 --rounds 6
+    python bench/paired.py --base HEAD --config-b reuse.toml  # one commit, two configurations
+
+On a noisy 2-core machine a change is judged by pairs, not by two separate runs: each round
+runs A then B (then B then A, alternating) on CPU 0 against one farm on CPU 1, and the ratio
+of CPU per request is taken per round; the median of those ratios is the verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.run import PROXY_CPU, Bench, Target, free_port, pinned, run_scenario  # noqa: E402
+
+
+def worktree(rev: str, into: Path) -> Path:
+    """A checkout of `rev` (its balancer/ is what `python -m balancer` imports from there)."""
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(into), rev],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    return into
+
+
+def start(bench: Bench, name: str, source: Path, config: Path | None) -> Target:
+    http = free_port()
+    backends = [arg for port in bench.farm_ports for arg in ("--backend", f"127.0.0.1:{port}")]
+    command = [sys.executable, "-m", "balancer", "run", "--http", f"127.0.0.1:{http}"]
+    if config is not None:
+        command += ["-c", str(config.resolve())]
+    log = bench.workdir / f"access-{name}.log"
+    command += ["--access-log", str(log), *backends]
+    process = subprocess.Popen(
+        pinned(PROXY_CPU, command),
+        cwd=source,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    bench.processes.append(process)
+    target = Target(name, http, None, process)
+    bench.wait_ready(http, None)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base", required=True, help="the commit to compare HEAD (B) with (A)")
+    parser.add_argument("--config-a", type=Path, help="a config file for A")
+    parser.add_argument("--config-b", type=Path, help="a config file for B")
+    parser.add_argument("--only", action="append", choices=["S1", "S2"], help="scenario(s)")
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args(argv)
+    scenarios = args.only or ["S1", "S2"]
+    with tempfile.TemporaryDirectory(prefix="balancer-paired-") as tmp:
+        workdir = Path(tmp)
+        base = worktree(args.base, workdir / "base")
+        bench = Bench(workdir, full=False, log=lambda line: print(line, flush=True))
+        try:
+            bench.start_farm()
+            a = start(bench, f"A {args.base}", base, args.config_a)
+            b = start(bench, "B HEAD", ROOT, args.config_b)
+            for scenario in scenarios:
+                ratios = []
+                for round_number in range(args.rounds):
+                    pair = (a, b) if round_number % 2 == 0 else (b, a)
+                    samples = {}
+                    for target in pair:
+                        sample = run_scenario(bench, target, scenario, full=False)
+                        assert sample is not None and sample.per_core, sample
+                        samples[target.name] = sample
+                    us_a = 1e6 / samples[a.name].per_core  # type: ignore[operator]
+                    us_b = 1e6 / samples[b.name].per_core  # type: ignore[operator]
+                    ratios.append(us_b / us_a)
+                    print(
+                        f"{scenario} round {round_number + 1}: A {us_a:.1f} µs/req, "
+                        f"B {us_b:.1f} µs/req, B/A {us_b / us_a:.3f}",
+                        flush=True,
+                    )
+                print(
+                    f"{scenario}: B/A CPU per request, median of {args.rounds} pairs: "
+                    f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
+                    f"max {max(ratios):.3f})",
+                    flush=True,
+                )
+        finally:
+            bench.close()
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
