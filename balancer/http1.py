@@ -672,6 +672,12 @@ class ResponseFramer:
         self.close_after = self.backend_closes or self.client_closes
         self._state = _HEAD
 
+    def drop_held(self) -> bool:
+        """Forget bytes held after the last complete response (reuse modes: they came from a
+        connection that is being given up); True if there were any."""
+        held, self._held = self._held, b""
+        return bool(held)
+
     def eof(self) -> bool:
         """The backend closed. True when that ends the stream cleanly (at a message boundary, or
         the end of a close-delimited body); False means a response was cut short."""

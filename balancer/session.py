@@ -808,6 +808,8 @@ class ClientSession(asyncio.Protocol):
         backend, idle = self.backend, self.ctx.idle
         if backend is None or idle is None:
             return
+        if self.framer is not None and self.framer.drop_held():
+            reusable = False  # it sent more than its response: not to be trusted again
         self.backend = None
         if self.lease is not None:
             self.lease.release()

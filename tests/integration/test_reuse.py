@@ -183,6 +183,43 @@ async def test_an_idle_connection_the_backend_closes_is_closed_and_recorded() ->
     assert [r["reused"] for r in lines(log, "request")] == [False, False]
 
 
+class SaysTooMuch(asyncio.Protocol):
+    """Answers keep-alive, then says more: at once in the same write (`/now`), or later."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        if b"/now" in data:
+            self.transport.write(answer + b"HTTP/1.1 2")
+        else:
+            self.transport.write(answer)
+            asyncio.get_running_loop().call_later(0.05, self.transport.write, b"junk")
+
+
+async def test_a_backend_that_says_more_than_its_response_is_not_reused() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(SaysTooMuch, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    balancer, log, recorder = await start(reuse_config([address], "always"))
+    try:
+        assert (await get(port_of(balancer))).body == b"ok"  # junk follows while idle
+        async with asyncio.timeout(5):
+            while not lines(log, "backend_connection"):
+                await asyncio.sleep(0.02)
+        first = (await get(port_of(balancer), "/now")).body  # junk in the same read
+        second = (await get(port_of(balancer))).body  # must not start with that junk
+        await recorder.wait_for(3)
+    finally:
+        await balancer.shutdown(grace=1.0)
+        server.close()
+    assert (first, second) == (b"ok", b"ok")
+    causes = [x["close_cause"] for x in lines(log, "backend_connection")]
+    assert causes[:2] == ["stray_bytes", "not_reusable"]
+    assert [r["reused"] for r in lines(log, "request")] == [False, False, False]
+
+
 class DropsSecondRequest(asyncio.Protocol):
     """Answers one request per connection keep-alive, then drops the connection when the
     next request arrives, before any byte of an answer: a connection dead on reuse."""

@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "balancer"
 PURE = (
     "config", "errors", "backends", "policies", "pool", "record", "http1", "deadlines",
-    "writebatch",
+    "writebatch", "exchange",
 )  # fmt: skip
 IO_MODULES = {"asyncio", "socket", "ssl", "os", "time", "uvloop", "selectors", "subprocess"}
 BALANCER_IO = {
@@ -36,3 +36,11 @@ def test_pure_modules_import_no_io() -> None:
         assert not top & IO_MODULES, (module, top & IO_MODULES)
         ours = {name.split(".")[1] for name in names if name.startswith("balancer.")}
         assert not ours & BALANCER_IO, (module, ours & BALANCER_IO)
+
+
+def test_legs_know_nothing_of_sessions_or_backends() -> None:
+    """A Leg is one TCP connection side: it must not reach up into what uses it."""
+    ours = {name.split(".")[1] for name in imported("legs") if name.startswith("balancer.")}
+    assert not ours & {"session", "upstream", "server"}, ours
+    upstream = {name.split(".")[1] for name in imported("upstream") if name.startswith("balancer.")}
+    assert "session" not in upstream
