@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
+from typing import Any
 
 from balancer.config import Config, parse_config
 from balancer.farm import start_farm
@@ -42,16 +43,9 @@ def demo_table(
     }
 
 
-def demo_config(
-    certs_dir: Path = Path("certs"),
-    *,
-    http: str = "127.0.0.1:8080",
-    https: str = "127.0.0.1:8443",
-    admin: str = "127.0.0.1:8404",
-    farm_port: int = 9001,
-) -> Config:
-    table = demo_table(certs_dir, http=http, https=https, admin=admin, farm_port=farm_port)
-    return parse_config(table, "balancer demo")
+def demo_config(certs_dir: Path = Path("certs"), **ports: Any) -> Config:
+    """demo_table's configuration, checked (`ports`: demo_table's keywords)."""
+    return parse_config(demo_table(certs_dir, **ports), "balancer demo")
 
 
 async def run_demo(balancer: Balancer, certs_dir: Path) -> None:

@@ -25,7 +25,7 @@ import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import h11
 import httptools
@@ -261,8 +261,10 @@ class Recorder:
         return self.records
 
 
-async def start_balancer(config: Config) -> tuple[Balancer, Recorder]:
-    balancer = Balancer(config)
+async def start_balancer(
+    config: Config, access_log: IO[str] | None = None
+) -> tuple[Balancer, Recorder]:
+    balancer = Balancer(config, access_log=access_log)
     recorder = Recorder()
     publish = balancer.observer.publish
 

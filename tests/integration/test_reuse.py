@@ -11,7 +11,7 @@ from typing import Any
 
 from balancer.config import parse_config
 from balancer.server import Balancer
-from tests.helpers import Client, Recorder, get, port_of, raw_exchange
+from tests.helpers import Client, Recorder, get, port_of, raw_exchange, start_balancer
 
 
 def reuse_config(backends: list[str], reuse: str, **upstream: Any) -> Any:
@@ -29,16 +29,7 @@ def reuse_config(backends: list[str], reuse: str, **upstream: Any) -> Any:
 
 async def start(config: Any) -> tuple[Balancer, io.StringIO, Recorder]:
     log = io.StringIO()
-    balancer = Balancer(config, access_log=log)
-    recorder = Recorder()
-    publish = balancer.observer.publish
-
-    def tap(record: Any) -> None:
-        publish(record)
-        recorder(record)
-
-    balancer.observer.publish = tap  # type: ignore[method-assign]
-    await balancer.start()
+    balancer, recorder = await start_balancer(config, access_log=log)
     return balancer, log, recorder
 
 
