@@ -44,24 +44,32 @@ class Exchange:
                 replay.append(data)
 
 
-class Exchanges:
-    """The open exchanges of one client connection (see the module docstring)."""
+class ExchangeSettings:
+    """What every connection's Exchanges share (one per listener: nothing per connection)."""
 
-    __slots__ = ("_clock", "_connection", "_dispatch", "_next_id", "_publish", "queue")
+    __slots__ = ("clock", "dispatch", "next_id", "publish")
 
     def __init__(
         self,
-        connection: ConnectionRecord,
         next_id: Callable[[], int],
         clock: Callable[[], float],
         publish: Callable[[RequestRecord], None],
         dispatch: bool,
     ) -> None:
+        self.next_id = next_id  # request ids, per worker
+        self.clock = clock
+        self.publish = publish
+        self.dispatch = dispatch  # reuse modes: keep request bytes per exchange
+
+
+class Exchanges:
+    """The open exchanges of one client connection (see the module docstring)."""
+
+    __slots__ = ("_connection", "_settings", "queue")
+
+    def __init__(self, connection: ConnectionRecord, settings: ExchangeSettings) -> None:
         self._connection = connection  # ids, listener, and the clock's Unix offset
-        self._next_id = next_id
-        self._clock = clock
-        self._publish = publish
-        self._dispatch = dispatch  # reuse modes: keep request bytes per exchange
+        self._settings = settings
         # A list, not a deque: it holds one or two exchanges, and an empty deque costs ~600
         # bytes per idle keep-alive connection where an empty list costs 56.
         self.queue: list[Exchange] = []
@@ -69,10 +77,12 @@ class Exchanges:
     def open(self, head: RequestHead) -> Exchange:
         """A request head arrived. The record keeps method and target as bytes; they are
         decoded (and the target cut) only if a line is written."""
-        connection = self._connection
-        record = RequestRecord(self._next_id(), connection, head.method, head.target, self._clock())
+        settings = self._settings
+        record = RequestRecord(
+            settings.next_id(), self._connection, head.method, head.target, settings.clock()
+        )
         exchange = Exchange(record)
-        if self._dispatch:
+        if settings.dispatch:
             exchange.pending = []
             if head.method in IDEMPOTENT and not head.upgrade:
                 exchange.replay = []
@@ -89,7 +99,7 @@ class Exchanges:
     def forwarded(self, backend: str, connection_id: int, reused: bool, oldest: bool) -> None:
         """Requests not yet forwarded are now on this backend connection: all of them (never
         mode), or only the oldest (`oldest`: reuse modes dispatch one at a time)."""
-        now = self._clock()
+        now = self._settings.clock()
         for exchange in self.queue:
             record = exchange.record
             if record.forwarded_at is None:
@@ -103,11 +113,11 @@ class Exchanges:
         if self.queue:
             record = self.queue[0].record
             if record.first_byte_at is None:
-                record.first_byte_at = self._clock()
+                record.first_byte_at = self._settings.clock()
 
     def completed(self, statuses: list[int]) -> None:
         """Responses with these statuses completed, oldest first: publish their records."""
-        now = self._clock()
+        now = self._settings.clock()
         queue = self.queue
         for status in statuses:
             if not queue:
@@ -116,7 +126,7 @@ class Exchanges:
             record.status, record.done_at = status, now
             if record.first_byte_at is None:
                 record.first_byte_at = now
-            self._publish(record)
+            self._settings.publish(record)
         statuses.clear()
 
     def abandoned(self, error_status: int | None) -> None:
@@ -126,4 +136,4 @@ class Exchanges:
         if queue and error_status is not None:
             queue[0].record.status = error_status
         while queue:
-            self._publish(queue.pop(0).record)
+            self._settings.publish(queue.pop(0).record)

@@ -89,6 +89,39 @@ class RequestReader:
     is read: `finished` is set and later bytes are dropped (RFC 9112 §9.6).
     """
 
+    __slots__ = (
+        "_body_bytes",
+        "_chunked",
+        "_client_ip",
+        "_closing_request",
+        "_ends_at_item",
+        "_fed_consumed",
+        "_forwarded",
+        "_framing_allowance",
+        "_framing_line_bytes",
+        "_head_bytes",
+        "_headers",
+        "_in_framing",
+        "_in_trailers",
+        "_limits",
+        "_out",
+        "_parser",
+        "_pending_head_bytes",
+        "_read_has_chunking",
+        "_trailer_bytes",
+        "_url",
+        "backend_keep_alive",
+        "error",
+        "finished",
+        "heads",
+        "in_body",
+        "in_head",
+        "message_ends",
+        "messages_completed",
+        "split_messages",
+        "upgrade_rest",
+    )  # no instance dict: ~0.4 KB less per reader
+
     def __init__(self, client_ip: str, proto: str, port: int, limits: HeadLimits) -> None:
         self.rebind(client_ip, proto, port)
         self._limits = limits

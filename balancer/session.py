@@ -52,7 +52,7 @@ from balancer.errors import (
     HeaderTimeout,
     NoBackendAvailable,
 )
-from balancer.exchange import Exchange, Exchanges
+from balancer.exchange import Exchange, Exchanges, ExchangeSettings
 from balancer.http1 import HeadLimits, RequestReader, ResponseFramer, error_response
 from balancer.legs import Leg
 from balancer.pool import BackendPool, Lease
@@ -141,6 +141,7 @@ class ListenerContext:
     next_backend_id: Callable[[], int] = itertools.count(1).__next__
     deadline_seconds: dict[str, float] = field(init=False)  # DEADLINE_TIMEOUTS, resolved
     connector: Connector = field(init=False)
+    exchanges: ExchangeSettings = field(init=False)
 
     def __post_init__(self) -> None:
         self.head_limits = HeadLimits(
@@ -151,6 +152,10 @@ class ListenerContext:
         self.deadline_seconds = {
             kind: getattr(self.timeouts, key) for kind, key in DEADLINE_TIMEOUTS.items()
         }
+        dispatch = self.reuse != "never" and self.listener.mode == "http"
+        self.exchanges = ExchangeSettings(
+            self.next_request_id, self.clock, self.publish_request, dispatch
+        )
         self.connector = Connector(
             self.pool, self.timeouts, self.limits, self.deadlines, self.writes, self.clock,
             self.next_backend_id, self.worker_pid,
@@ -215,11 +220,9 @@ class ClientSession(asyncio.Protocol):
         self._stamp_watch: int | None = None  # a dup'd fd watched for the ClientHello
         # Reuse modes: each request is dispatched on its own (a backend connection per
         # exchange, from the idle pool or new); never: one backend connection for all.
-        self._dispatch = ctx.reuse != "never" and ctx.listener.mode == "http"
+        self._dispatch = ctx.exchanges.dispatch
         self._served = 0  # requests given a backend connection (safe mode: the first is new)
-        self._exchanges = Exchanges(
-            self.record, ctx.next_request_id, ctx.clock, ctx.publish_request, self._dispatch
-        )
+        self._exchanges = Exchanges(self.record, ctx.exchanges)
 
     # ---- client leg ------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ of CPU per request is taken per round; the median of those ratios is the verdict
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,9 @@ def worktree(rev: str, into: Path) -> Path:
     return into
 
 
-def start(bench: Bench, name: str, source: Path, config: Path | None) -> Target:
+def start(
+    bench: Bench, name: str, source: Path, config: Path | None, env: dict[str, str] | None = None
+) -> Target:
     http = free_port()
     backends = [arg for port in bench.farm_ports for arg in ("--backend", f"127.0.0.1:{port}")]
     command = [sys.executable, "-m", "balancer", "run", "--http", f"127.0.0.1:{http}"]
@@ -48,6 +51,7 @@ def start(bench: Bench, name: str, source: Path, config: Path | None) -> Target:
         cwd=source,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     bench.processes.append(process)
     target = Target(name, http, None, process)
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="the commit to compare HEAD (B) with (A)")
     parser.add_argument("--config-a", type=Path, help="a config file for A")
     parser.add_argument("--config-b", type=Path, help="a config file for B")
+    parser.add_argument(
+        "--env-b", action="append", default=[], metavar="KEY=VALUE", help="environment for B"
+    )
     parser.add_argument("--only", action="append", choices=["S1", "S2"], help="scenario(s)")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args(argv)
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bench.start_farm()
             a = start(bench, f"A {args.base}", base, args.config_a)
-            b = start(bench, "B HEAD", ROOT, args.config_b)
+            env_b = dict(item.split("=", 1) for item in args.env_b)
+            b = start(bench, "B HEAD", ROOT, args.config_b, env_b)
             for scenario in scenarios:
                 ratios = []
                 for round_number in range(args.rounds):
