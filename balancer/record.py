@@ -1,4 +1,5 @@
-"""One record per client connection: what happened on the wire, filled in by proxy.py.
+"""The records: a client connection, a backend connection, a request; what happened on the
+wire, filled in by the legs, the session and the pool, and rendered by observe.py.
 
 Pure data. Timestamps are `*_at` values of the monotonic clock the proxy was given (seconds);
 durations are derived `*_seconds` properties, None when either end is unknown. Each field is a
@@ -8,7 +9,6 @@ claim a packet capture of the same traffic could check; README.md says how each 
 from __future__ import annotations
 
 import datetime
-from json.encoder import encode_basestring_ascii
 from typing import Any
 
 # Who sent something first on a leg.
@@ -445,10 +445,6 @@ def teardown_seconds(leg: LegTeardown) -> float | None:
     return abs(leg.peer_fin_at - leg.fin_sent_at)
 
 
-# The access-log line: `to_dict()` as compact JSON, written out directly. json.dumps of the
-# nested dict costs about three times as much, per connection; a unit test holds the two equal.
-
-
 _second_shown: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and its text
 
 
@@ -463,100 +459,3 @@ def rfc3339(unix: float) -> str:
         text = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
         _second_shown[0] = (second, text)
     return f"{text}.{int((unix - second) * 1e6):06d}Z"
-
-
-def _text(value: str | None) -> str:
-    return "null" if value is None else encode_basestring_ascii(value)
-
-
-def _number(value: float | None) -> str:
-    return "null" if value is None else repr(value)
-
-
-def _flag(value: bool | None) -> str:
-    return "null" if value is None else "true" if value else "false"
-
-
-def _leg_json(leg: LegTeardown, teardown: float | None) -> str:
-    return (
-        f'{{"initiator":{_text(leg.initiator)},"first_fin":{_text(leg.first_fin)},'
-        f'"kind":"{leg.kind}","rst_received":{_flag(leg.rst_received)},'
-        f'"rst_sent":{_flag(leg.rst_sent)},'
-        f'"close_notify_received":{_flag(leg.close_notify_received)},'
-        f'"close_notify_sent":{_flag(leg.close_notify_sent)},'
-        f'"retransmits":{_number(leg.retransmits)},"teardown_seconds":{_number(teardown)}}}'
-    )
-
-
-def json_line(r: ConnectionRecord) -> str:
-    """One line of JSON (with its newline): the record as `to_dict()` has it."""
-    tls = (
-        "null"
-        if r.tls_started_at is None
-        else f'{{"handshake_seconds":{_number(r.tls_handshake_seconds)},'
-        f'"version":{_text(r.tls_version)},"cipher":{_text(r.tls_cipher)},'
-        f'"sni":{_text(r.tls_sni)},"alpn":{_text(r.tls_alpn)},'
-        f'"resumed":{_flag(r.tls_resumed)},"failure":{_text(r.tls_failure)}}}'
-    )
-    backend = (
-        "null"
-        if r.backend is None
-        else f'{{"name":{_text(r.backend)},"address":{_text(r.backend_address)},'
-        f'"local_port":{_number(r.backend_local_port)},'
-        f'"connect_wait_seconds":{_number(r.connect_wait_seconds)},'
-        f'"tcp_handshake_rtt_seconds":{_number(r.backend_tcp_handshake_rtt_seconds)}}}'
-    )
-    backend_leg = (
-        "null" if r.backend is None else _leg_json(r.backend_leg, r.backend_teardown_seconds)
-    )
-    return (
-        f'{{"type":"connection","id":{r.id},"worker_pid":{r.worker_pid},'
-        f'"listener":{_text(r.listener)},'
-        f'"start":{r.accepted_unix!r},"time":"{rfc3339(r.accepted_unix)}",'
-        f'"client":{{"ip":{_text(r.client_ip)},"port":{r.client_port}}},'
-        f'"local_port":{r.local_port},'
-        f'"tcp_handshake_rtt_seconds":{_number(r.tcp_handshake_rtt_seconds)},'
-        f'"tls":{tls},"backend":{backend},'
-        f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'
-        f'"requests":{r.requests},"first_request_seconds":{_number(r.first_request_seconds)},'
-        f'"error_status":{_number(r.error_status)},'
-        f'"bytes":{{"client_in":{r.client_bytes_in},"client_out":{r.client_bytes_out},'
-        f'"backend_in":{r.backend_bytes_in},"backend_out":{r.backend_bytes_out}}},'
-        f'"close_cause":{_text(r.close_cause)},'
-        f'"client_leg":{_leg_json(r.client_leg, r.client_teardown_seconds)},'
-        f'"backend_leg":{backend_leg},"lifetime_seconds":{_number(r.lifetime_seconds)}}}\n'
-    )
-
-
-def request_json_line(r: RequestRecord) -> str:
-    """One access-log line (with its newline) for a request: `"type":"request"`."""
-    connection = r.connection
-    return (
-        f'{{"type":"request","id":{r.id},"connection_id":{connection.id},'
-        f'"worker_pid":{connection.worker_pid},"listener":{_text(connection.listener)},'
-        f'"time":"{rfc3339(r.head_unix)}","method":{_text(r.method.decode("latin-1"))},'
-        f'"target":{_text(r.target_shown)},"status":{_number(r.status)},'
-        f'"backend":{_text(r.backend)},'
-        f'"backend_connection_id":{_number(r.backend_connection_id)},'
-        f'"reused":{_flag(r.reused)},"retries":{r.retries},'
-        f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'
-        f'"forward_seconds":{_number(r.forward_seconds)},'
-        f'"first_byte_seconds":{_number(r.first_byte_seconds)},'
-        f'"total_seconds":{_number(r.total_seconds)}}}\n'
-    )
-
-
-def backend_connection_json_line(r: BackendConnectionRecord, unix_now: float) -> str:
-    """One access-log line for a backend connection that closed (backend reuse modes)."""
-    return (
-        f'{{"type":"backend_connection","id":{r.id},"worker_pid":{r.worker_pid},'
-        f'"time":"{rfc3339(unix_now)}","backend":{_text(r.backend)},'
-        f'"address":{_text(r.address)},"local_port":{_number(r.local_port)},'
-        f'"connect_wait_seconds":{_number(r.connect_wait_seconds)},'
-        f'"tcp_handshake_rtt_seconds":{_number(r.tcp_handshake_rtt_seconds)},'
-        f'"requests":{r.requests},"idle_seconds":{r.idle_seconds!r},'
-        f'"bytes":{{"in":{r.leg.bytes_in},"out":{r.leg.bytes_out}}},'
-        f'"close_cause":{_text(r.close_cause)},'
-        f'"leg":{_leg_json(r.leg, teardown_seconds(r.leg))},'
-        f'"lifetime_seconds":{_number(r.lifetime_seconds)}}}\n'
-    )

@@ -9,13 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from balancer.observe import Observer
+from balancer.observe import Observer, json_line
 from balancer.record import (
     BALANCER,
     PEER,
     BackendConnectionRecord,
     ConnectionRecord,
-    json_line,
 )
 
 
@@ -208,7 +207,8 @@ def test_a_privileged_port_refused_says_how_to_get_the_privilege() -> None:
 
 
 def test_publish_request_counts_responses_by_class_and_times_them() -> None:
-    from balancer.record import RequestRecord, request_json_line
+    from balancer.observe import request_json_line
+    from balancer.record import RequestRecord
 
     registry, log = CollectorRegistry(), io.StringIO()
     observer = Observer(registry, access_log=log)
