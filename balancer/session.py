@@ -687,6 +687,7 @@ class ClientSession(asyncio.Protocol):
         reader = self.reader
         assert reader is not None
         self._tunnel = True
+        self._exchanges.completed([101])  # the request's answer; what follows is not HTTP
         rest, reader.upgrade_rest = reader.upgrade_rest or b"", None
         if rest:
             self._send_backend(rest)

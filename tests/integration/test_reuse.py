@@ -274,3 +274,62 @@ async def test_pipelined_requests_are_dispatched_one_at_a_time_and_answered_in_o
     (connection,) = lines(log, "connection")
     assert connection["requests"] == 3
     assert connection["backend"] is None and connection["backend_leg"] is None  # per request
+
+
+async def test_an_upgrade_in_always_mode_takes_its_connection_for_good(farm) -> None:
+    balancer, log, recorder = await start(reuse_config([farm[0].address], "always"))
+    try:
+        assert (await get(port_of(balancer))).status == 200  # leaves an idle connection
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(balancer))
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\nhi"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"hi"
+        writer.write(b"\x00raw\xff")
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"\x00raw\xff"
+        writer.close()
+        await recorder.wait_for(2)
+        assert (await get(port_of(balancer))).status == 200  # not on the tunnel's connection
+        await recorder.wait_for(3)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    requests = lines(log, "request")
+    assert [(r["target"], r["status"], r["reused"]) for r in requests] == [
+        ("/", 200, False),
+        ("/ws", 101, True),
+        ("/", 200, False),
+    ]
+    closed = {x["id"]: x["close_cause"] for x in lines(log, "backend_connection")}
+    assert closed[requests[1]["backend_connection_id"]] == "not_reusable"
+
+
+async def test_least_connections_counts_requests_in_flight_per_request(farm) -> None:
+    """In the reuse modes a lease is a request in flight: while one slow request holds a
+    backend, new requests (from any client connection) go to the other two."""
+    config = parse_config(
+        {
+            "listeners": [{"name": "http", "bind": "127.0.0.1:0"}],
+            "backends": [{"name": b.name, "address": b.address} for b in farm],
+            "policy": "least_connections",
+            "upstream": {"reuse": "always"},
+        },
+        "test",
+    )
+    balancer, _, _ = await start(config)
+    try:
+        slow = await Client.connect(port_of(balancer))
+        pending = asyncio.ensure_future(slow.request("GET", "/delay/500"))
+        async with asyncio.timeout(5):  # the slow request is in flight on one backend
+            while not any(s.active for s in balancer.pool.states):
+                await asyncio.sleep(0.01)
+        (busy,) = [s.name for s in balancer.pool.states if s.active]
+        others = [(await get(port_of(balancer))).backend for _ in range(6)]
+        assert (await pending).status == 200
+        await slow.close()
+    finally:
+        await balancer.shutdown(grace=1.0)
+    assert busy not in others and Counter(others) == {
+        n: 3 for n in {"web1", "web2", "web3"} - {busy}
+    }
