@@ -2,9 +2,9 @@
 
 `Observer.publish(record)` is called once per closed connection, `publish_request` per request
 and `publish_backend_connection` per pooled backend connection. It knows every metric name and
-the access-log formats (the JSON lines at the end of this module); nothing else does. Gauges that describe the present (open connections,
-per-backend activity) are read at scrape time by `StateCollector`, so they cost the connection
-path nothing.
+the access-log formats (the JSON lines at the end of this module); nothing else does. Gauges
+that describe the present (open connections, per-backend activity) are read at scrape time by
+`StateCollector`, so they cost the connection path nothing.
 """
 
 from __future__ import annotations

@@ -743,9 +743,6 @@ class ClientSession(asyncio.Protocol):
             self.on_backend_eof(backend)
         self._maybe_finish()
 
-    def on_backend_deadline(self, backend: BackendConnection) -> None:
-        pass  # the session keeps its deadlines on itself
-
     # ---- reuse modes: one backend connection per exchange ------------------------------------
 
     def _route(self, out: bytes, ends: list[int]) -> None:

@@ -49,8 +49,6 @@ class UpstreamUser(Protocol):
 
     def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None: ...
 
-    def on_backend_deadline(self, backend: BackendConnection) -> None: ...
-
     def block_reading(self, why: str) -> None: ...
 
     def unblock_reading(self, why: str) -> None: ...
@@ -64,6 +62,8 @@ class BackendConnection(asyncio.Protocol):
         "connect_timed_out",
         "idle_since",
         "leg",
+        "pool",
+        "pool_wake",
         "reading_paused",
         "record",
         "user",
@@ -83,15 +83,17 @@ class BackendConnection(asyncio.Protocol):
         self.connect_timed_out = False
         self.reading_paused = False  # paused because the client's write buffer is full
         self.idle_since: float | None = None  # in the idle pool since
+        self.pool: IdlePool | None = None  # the pool it returns to between exchanges
+        self.pool_wake: float | None = None  # when the pool's deadline on the wheel wakes it
 
     def on_deadline(self) -> None:
         """The connect timeout (see Connector.connect) stops the attempt; any other deadline
-        is its holder's (the pool's idle timeout and linger)."""
+        is the pool's (idle timeout, linger)."""
         if self.connect_task is not None:
             self.connect_timed_out = True
             self.connect_task.cancel()
-        else:
-            self.user.on_backend_deadline(self)
+        elif self.pool is not None:
+            self.pool.on_backend_deadline(self)
 
     # ---- asyncio.Protocol --------------------------------------------------------------------
 
@@ -270,8 +272,7 @@ class IdlePool:
         """The most recently idle connection to `backend`, now the caller's; None if none."""
         conns = self.idle.get(backend)
         while conns:
-            conn = conns.pop()
-            self.deadlines.discard(conn)
+            conn = conns.pop()  # its idle deadline stays filed: see on_backend_deadline
             self._idle_ended(conn)
             if conn.leg.usable:
                 return conn
@@ -284,7 +285,7 @@ class IdlePool:
 
     def put(self, conn: BackendConnection) -> None:
         """Keep a connection whose exchange ended cleanly, or close it if it may not stay."""
-        conn.user = self
+        conn.user = conn.pool = self
         record, settings = conn.record, self.settings
         conns = self.idle.setdefault(record.backend, [])
         if self.draining:
@@ -298,11 +299,15 @@ class IdlePool:
             conn.idle_since = now
             conns.append(conn)
             conn.resume_reading()  # read while idle: a FIN or stray bytes must be seen
-            self.deadlines.schedule(conn, now + settings.idle_timeout_seconds)
+            # Filed once: a connection taken and put back between wake-ups keeps its earlier
+            # wake-up, which files it again for the rest of its time (two wheel operations
+            # per request saved in the reuse modes' keep-alive traffic).
+            if conn.pool_wake is None:
+                self._wake(conn, now + settings.idle_timeout_seconds)
 
     def close(self, conn: BackendConnection, cause: str) -> None:
         """End a connection by FIN and linger; its record is published when it is lost."""
-        conn.user = self
+        conn.user = conn.pool = self
         if conn.record.close_cause is None:
             conn.record.close_cause = cause
         if not conn.leg.usable:
@@ -311,7 +316,11 @@ class IdlePool:
         self.closing.add(conn)
         conn.resume_reading()
         if conn.leg.shutdown():
-            self.deadlines.schedule(conn, self.clock() + self.linger_seconds)
+            self._wake(conn, self.clock() + self.linger_seconds)
+
+    def _wake(self, conn: BackendConnection, at: float) -> None:
+        conn.pool_wake = at
+        self.deadlines.schedule(conn, at)
 
     async def close_all(self, timeout: float) -> None:
         """Shutdown: every idle connection ends now (later returns are closed too); wait, at
@@ -329,7 +338,8 @@ class IdlePool:
         conns = self.idle.get(conn.record.backend)
         if conns and conn in conns:
             conns.remove(conn)
-            self.deadlines.discard(conn)
+        self.deadlines.discard(conn)
+        conn.pool_wake = None
         self._idle_ended(conn)
 
     # ---- UpstreamUser: events of idle and closing connections -----------------------------
@@ -354,18 +364,24 @@ class IdlePool:
         """A connection is gone (its leg lost, by whoever held it): publish its record."""
         self._forget_idle(conn)
         self.closing.discard(conn)
-        self.deadlines.discard(conn)
         conn.record.closed_at = self.clock()
         self.publish(conn.record)
         if self._all_closed is not None and not self.closing:
             self._all_closed.set()
 
     def on_backend_deadline(self, conn: BackendConnection) -> None:
+        """Woken by the wheel: the linger of a closing connection is over, or an idle one's
+        timeout may be (if it was used since, it is filed again for the rest)."""
+        conn.pool_wake = None
         if conn in self.closing:
             if conn.leg.usable:
                 conn.leg.linger_over()
         elif conn.idle_since is not None:
-            self.close(conn, IDLE_TIMEOUT)
+            due = conn.idle_since + self.settings.idle_timeout_seconds
+            if self.clock() >= due:
+                self.close(conn, IDLE_TIMEOUT)
+            else:
+                self._wake(conn, due)
 
     def block_reading(self, why: str) -> None:
         pass  # nothing is written to an idle connection

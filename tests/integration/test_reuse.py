@@ -333,3 +333,25 @@ async def test_least_connections_counts_requests_in_flight_per_request(farm) -> 
     assert busy not in others and Counter(others) == {
         n: 3 for n in {"web1", "web2", "web3"} - {busy}
     }
+
+
+async def test_the_idle_timeout_counts_from_the_last_request_not_the_first(farm) -> None:
+    """The pool files an idle connection's wake-up once; a connection used again before it
+    fires is filed anew for the rest of its time, not closed early."""
+    config = reuse_config([farm[0].address], "always", idle_timeout_seconds=0.3)
+    balancer, log, recorder = await start(config)
+    try:
+        assert (await get(port_of(balancer))).status == 200
+        await asyncio.sleep(0.2)  # the gap between two requests: the test's input, not a wait
+        assert (await get(port_of(balancer))).status == 200
+        async with asyncio.timeout(5):
+            while not lines(log, "backend_connection"):
+                await asyncio.sleep(0.02)
+        await recorder.wait_for(2)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    assert [r["reused"] for r in lines(log, "request")] == [False, True]
+    (closed,) = lines(log, "backend_connection")
+    assert closed["close_cause"] == "idle_timeout" and closed["requests"] == 2
+    assert closed["lifetime_seconds"] >= 0.2 + 0.3
+    assert closed["idle_seconds"] >= 0.2 + 0.3 - 0.05  # both idle stints, the second whole
