@@ -191,7 +191,6 @@ class ClientSession(asyncio.Protocol):
         "lease",
         "reader",
         "record",
-        "tls",
     )  # a few hundred bytes less per connection than an instance dict
 
     def __init__(self, ctx: ListenerContext) -> None:
@@ -199,7 +198,6 @@ class ClientSession(asyncio.Protocol):
         self._loop = ctx.loop or asyncio.get_running_loop()
         self.record = ConnectionRecord(ctx.next_id(), ctx.listener.name, ctx.clock(), 0.0)
         self.client = Leg(self.record.client_leg, ctx.writes, ctx.clock)
-        self.tls: TLSSession | None = None
         self.reader: RequestReader | None = None
         self.framer: ResponseFramer | None = None
         self.lease: Lease | None = None
@@ -254,14 +252,14 @@ class ClientSession(asyncio.Protocol):
             self._close_client(SHUTDOWN)
             return
         if ctx.ssl_context is not None:
-            self.tls = self.client.tls = TLSSession(ctx.ssl_context)
+            self.client.tls = TLSSession(ctx.ssl_context)
             self._set_deadline(TLS_HANDSHAKE)
             self._stamp_client_hello()
         elif ctx.listener.mode == "http":
             self._set_deadline(HEADER)
         if ctx.listener.mode == "tcp":
             self._tunnel = True
-            if self.tls is None:
+            if self.client.tls is None:
                 self._start_connect()
         if self._blocks:
             # uvloop starts reading after connection_made returns, whatever it was told
@@ -317,7 +315,7 @@ class ClientSession(asyncio.Protocol):
         if self._closing:
             self._discard_while_closing(data)
             return
-        tls = self.tls
+        tls = self.client.tls
         if tls is not None:
             handshaking = not tls.established
             if handshaking and record.tls_started_at is None:
@@ -357,7 +355,7 @@ class ClientSession(asyncio.Protocol):
     def _discard_while_closing(self, data: bytes) -> None:
         """After our FIN the client may still send (its close_notify, a request in flight);
         read and drop it, noting a close_notify."""
-        tls = self.tls
+        tls = self.client.tls
         if tls is None or not tls.established or tls.close_notify_received:
             return
         try:
@@ -369,7 +367,7 @@ class ClientSession(asyncio.Protocol):
 
     def _handshake_failed(self, reason: str) -> None:
         """Send the alert OpenSSL chose, record why, close. No backend was touched."""
-        tls, record = self.tls, self.record
+        tls, record = self.client.tls, self.record
         assert tls is not None
         record.tls_failure = reason
         record.close_cause = TLS_FAILED
@@ -379,7 +377,7 @@ class ClientSession(asyncio.Protocol):
         self._close_client(TLS_FAILED)
 
     def _handshake_done(self) -> None:
-        tls, record, ctx = self.tls, self.record, self.ctx
+        tls, record, ctx = self.client.tls, self.record, self.ctx
         assert tls is not None
         facts = tls.facts()
         record.tls_version = facts.version
@@ -403,7 +401,7 @@ class ClientSession(asyncio.Protocol):
         reader = self.reader
         if reader is None:
             record, ctx = self.record, self.ctx
-            proto = "https" if self.tls is not None else "http"
+            proto = "https" if self.client.tls is not None else "http"
             if ctx.idle_readers:
                 reader = self.reader = ctx.idle_readers.pop()
                 reader.rebind(record.client_ip, proto, record.local_port)
@@ -493,7 +491,7 @@ class ClientSession(asyncio.Protocol):
         if self._closing:  # the FIN we lingered for
             client.peer_fin_while_closing(self._loop.call_later)
             return True
-        tls = self.tls
+        tls = self.client.tls
         if tls is not None and tls.established:
             # A FIN with no close_notify before it: the client truncated the TLS stream.
             record.client_leg.close_notify_received = tls.close_notify_received
@@ -865,7 +863,7 @@ class ClientSession(asyncio.Protocol):
     # ---- writing, errors -------------------------------------------------------------------
 
     def _write_client(self, data: bytes) -> None:
-        tls = self.tls
+        tls = self.client.tls
         self.client.write(tls.send(data) if tls is not None else data)
 
     def _fail(self, error: BalancerError) -> None:
@@ -951,7 +949,7 @@ class ClientSession(asyncio.Protocol):
         reset = self.client.lost(exc)
         self._stop_stamp_watch()
         if reset:
-            tls = self.tls
+            tls = self.client.tls
             if tls is not None and not tls.established and record.tls_failure is None:
                 record.tls_failure = "reset"  # the client gave up mid-handshake
                 record.close_cause = record.close_cause or TLS_FAILED
@@ -1053,7 +1051,7 @@ class ClientSession(asyncio.Protocol):
             or (framer is not None and (framer.awaiting or framer.in_message))
             or (reader is not None and (reader.in_head or reader.in_body))
         )
-        if not busy and (self.tls is None or self.tls.established):
+        if not busy and (self.client.tls is None or self.client.tls.established):
             self._close_client(SHUTDOWN)
 
     def force_close(self) -> None:
@@ -1070,7 +1068,7 @@ class ClientSession(asyncio.Protocol):
     def state(self) -> str:
         if self._closing:
             return "closing"
-        if self.tls is not None and not self.tls.established:
+        if self.client.tls is not None and not self.client.tls.established:
             return "handshaking"
         if self._tunnel or (
             self.framer is not None and (self.framer.awaiting or self.framer.in_message)
