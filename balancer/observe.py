@@ -335,9 +335,11 @@ class StateCollector(Collector):
         self,
         listeners: Callable[[], Iterable[ListenerTotals]],
         backends: Callable[[], Iterable[BackendState]],
+        idle: Callable[[str], int] = lambda backend: 0,
     ) -> None:
         self._listeners = listeners
         self._backends = backends
+        self._idle = idle  # idle pooled connections per backend (reuse modes)
 
     def collect(self) -> Iterator[Metric]:
         accepted = CounterMetricFamily(
@@ -365,13 +367,21 @@ class StateCollector(Collector):
         yield from (accepted, rejected, active, accept_errors)
         backend_active = GaugeMetricFamily(
             "balancer_backend_active_connections",
-            "Client connections assigned to each backend now (what least_connections sees).",
+            "Leases on each backend now, what least_connections sees: client connections "
+            "(reuse never), requests in flight (safe, always).",
+            labels=["backend"],
+        )
+        backend_idle = GaugeMetricFamily(
+            "balancer_backend_idle_connections",
+            "Idle backend connections in the pool, per backend (reuse modes).",
             labels=["backend"],
         )
         backend_total = CounterMetricFamily(
-            "balancer_backend_connections", "Connections assigned to each backend.",
+            "balancer_backend_connections",
+            "Leases given on each backend: client connections (reuse never), requests (safe, "
+            "always).",
             labels=["backend"],
-        )  # fmt: skip
+        )
         backend_failures = CounterMetricFamily(
             "balancer_backend_connect_failures",
             "Backend connects refused or timed out (each one is retried on another backend).",
@@ -381,7 +391,8 @@ class StateCollector(Collector):
             backend_active.add_metric([state.name], state.active)
             backend_total.add_metric([state.name], state.connections_total)
             backend_failures.add_metric([state.name], state.connect_failures_total)
-        yield from (backend_active, backend_total, backend_failures)
+            backend_idle.add_metric([state.name], self._idle(state.name))
+        yield from (backend_active, backend_total, backend_failures, backend_idle)
 
 
 # The access-log line: `to_dict()` as compact JSON, written out directly. json.dumps of the

@@ -167,7 +167,9 @@ class Balancer:
             )
             for listener in config.listeners
         ]
-        self.registry.register(StateCollector(self._listener_totals, lambda: self.pool.states))
+        self.registry.register(
+            StateCollector(self._listener_totals, lambda: self.pool.states, self._idle_count)
+        )
         self.servers: list[Listening] = []
         self._acceptors: dict[str, list[SelectorAcceptor]] = {}
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -361,6 +363,9 @@ class Balancer:
             "recent_closed": [record.to_dict() for record in self.observer.recent],
         }
 
+    def _idle_count(self, backend: str) -> int:
+        return 0 if self.idle is None else len(self.idle.idle.get(backend, ()))
+
     def backends_view(self) -> list[dict[str, Any]]:
         return [
             {
@@ -370,6 +375,7 @@ class Balancer:
                 "active": s.active,
                 "connections_total": s.connections_total,
                 "connect_failures_total": s.connect_failures_total,
+                "idle_connections": self._idle_count(s.name),
             }
             for s in self.pool.states
         ]

@@ -11,7 +11,16 @@ from typing import Any
 
 from balancer.config import parse_config
 from balancer.server import Balancer
-from tests.helpers import Client, Recorder, get, port_of, raw_exchange, start_balancer
+from tests.helpers import (
+    Client,
+    Recorder,
+    admin_json,
+    get,
+    port_of,
+    raw_exchange,
+    scrape,
+    start_balancer,
+)
 
 
 def reuse_config(backends: list[str], reuse: str, **upstream: Any) -> Any:
@@ -22,6 +31,7 @@ def reuse_config(backends: list[str], reuse: str, **upstream: Any) -> Any:
             "upstream": {"reuse": reuse, **upstream},
             "timeouts": {"linger_seconds": 1},
             "request_log": True,
+            "admin": "127.0.0.1:0",
         },
         "test",
     )
@@ -40,12 +50,16 @@ def lines(log: io.StringIO, kind: str) -> list[dict[str, Any]]:
 async def test_always_reuses_idle_connections_across_client_connections(farm) -> None:
     balancer, log, recorder = await start(reuse_config([b.address for b in farm], "always"))
     try:
-        seen = Counter([(await get(port_of(balancer))).backend for _ in range(12)])
+        seen = Counter([(await get(port_of(balancer, "http"))).backend for _ in range(12)])
         await recorder.wait_for(12)
+        views = await admin_json(balancer, "/backends")
+        metrics = await scrape(balancer)
     finally:
         await balancer.shutdown(grace=1.0)
     assert seen == {"web1": 4, "web2": 4, "web3": 4}  # balanced per request
     assert sum(b.connections for b in farm) == 3  # one connection per backend, reused
+    assert [v["idle_connections"] for v in views] == [1, 1, 1]  # the pool's, per backend
+    assert 'balancer_backend_idle_connections{backend="b0"} 1.0' in metrics
     requests = lines(log, "request")
     assert [r["reused"] for r in requests] == [False] * 3 + [True] * 9
     assert all(r["status"] == 200 and r["retries"] == 0 for r in requests)
