@@ -62,7 +62,6 @@ def read_capture(
         "tls.handshake.extensions.supported_version",
         "tcp.len",
         "tcp.seq",
-        "tcp.nxtseq",
     ]
     command = [
         "tshark",
@@ -78,8 +77,8 @@ def read_capture(
     ]
     streams: dict[tuple[int, int], Stream] = defaultdict(Stream)
     for line in run(*command).stdout.splitlines():
-        at, src, dst, syn, ack, fin, rst, content, kinds, suites, versions, size, seq, nxtseq = (
-            line.split("|")
+        at, src, dst, syn, ack, fin, rst, content, kinds, suites, versions, size, seq = line.split(
+            "|"
         )
         src_port, dst_port = int(src), int(dst)
         # Key each stream by (the far side's port, the near side's port) as the record names
@@ -96,8 +95,8 @@ def read_capture(
         # Payload by sequence numbers (relative: the first byte is 1), not by summing segments:
         # a bulk burst on loopback outruns the capture, which then drops some. A FIN or RST
         # carries the sender's next sequence number, so it bounds the span too.
-        if int(size or 0):
-            stream.payload[sender] = max(stream.payload[sender], int(nxtseq) - 1)
+        if int(size or 0):  # (not tcp.nxtseq: it counts a FIN riding on the last data segment)
+            stream.payload[sender] = max(stream.payload[sender], int(seq) + int(size) - 1)
         elif syn != "1" and seq and (fin == "1" or (rst == "1" and sender not in stream.fins)):
             # (an RST after the sender's FIN is one past it: the FIN bounds that one)
             stream.payload[sender] = max(stream.payload[sender], int(seq) - 1)
