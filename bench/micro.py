@@ -9,8 +9,10 @@ runs on the same machine only.
 from __future__ import annotations
 
 import io
+import itertools
 import statistics
 import sys
+import time
 import timeit
 from pathlib import Path
 
@@ -19,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prometheus_client import CollectorRegistry
 
 from balancer.backends import Backend
-from balancer.http1 import HeadLimits, RequestReader, ResponseFramer
+from balancer.exchange import Exchanges, ExchangeSettings
+from balancer.http1 import HeadLimits, RequestHead, RequestReader, ResponseFramer
 from balancer.observe import Observer
 from balancer.policies import LeastConnections, RoundRobin
 from balancer.pool import BackendPool
-from balancer.record import ConnectionRecord
+from balancer.record import BackendConnectionRecord, ConnectionRecord
 
 REQUEST = (
     b"GET /index.html HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: wrk/4.1\r\n"
@@ -43,7 +46,9 @@ def per_op(statement, number: int) -> float:
 def record() -> ConnectionRecord:
     r = ConnectionRecord(1, "http", 0.0, 1.7e9)
     r.client_ip, r.client_port, r.backend, r.backend_address = "127.0.0.1", 5000, "b0", "x:1"
-    r.tcp_handshake_rtt_seconds, r.connect_started_at, r.connected_at = 5e-5, 0.001, 0.0012
+    r.tcp_handshake_rtt_seconds = 5e-5
+    r.upstream = BackendConnectionRecord("b0", "x:1", 0.001, 1)
+    r.upstream.connected_at, r.upstream.tcp_handshake_rtt_seconds = 0.0012, 3e-5
     r.requests, r.closed_at, r.close_cause = 1, 0.002, "client_closed"
     r.client_leg.initiator = r.client_leg.first_fin = "peer"
     return r
@@ -64,6 +69,19 @@ def main() -> None:
         reader.heads.clear()
         framer.expect(False)
         framer.feed(RESPONSE)
+        framer.statuses.clear()
+
+    request_head = RequestHead(b"GET", True, False, b"/index.html")
+    exchanges = Exchanges(
+        rec,
+        ExchangeSettings(itertools.count().__next__, time.monotonic, quiet.publish_request, False),
+    )
+
+    def request_records() -> None:
+        exchanges.open(request_head)
+        exchanges.forwarded("b0", 1, True, False)
+        exchanges.first_byte()
+        exchanges.completed([200])
 
     rows = [
         (
@@ -82,6 +100,7 @@ def main() -> None:
         ("ConnectionRecord()", lambda: ConnectionRecord(1, "http", 0.0, 0.0), 100000),
         ("publish(record), no access log", lambda: quiet.publish(rec), 20000),
         ("publish(record) with JSON access log", lambda: logged.publish(rec), 20000),
+        ("a request's record and metrics (Exchanges, publish_request)", request_records, 50000),
     ]
     for name, statement, number in rows:
         print(f"{per_op(statement, number):8.2f} µs  {name}")
