@@ -79,6 +79,17 @@ def test_https_listener_gets_tls_defaults() -> None:
         ({"workers": 4}, "workers", "not supported yet"),
         ({"event_loop": "trio"}, "event_loop", "'uvloop' or 'asyncio'"),
         ({"admin": "localhost"}, "admin", "an address"),
+        ({"upstream": {"reuse": "sometimes"}}, "upstream.reuse", "'never' or 'safe' or 'always'"),
+        ({"upstream": {"idle": 3}}, "upstream.idle", "known keys"),
+        ({"upstream": {"idle_per_backend": 0}}, "upstream.idle_per_backend", "whole number"),
+        ({"upstream": {"idle_timeout_seconds": 0}}, "upstream.idle_timeout_seconds", "seconds"),
+        (
+            {"upstream": {"max_requests_per_connection": 1.5}},
+            "upstream.max_requests_per_connection",
+            "whole number",
+        ),
+        ({"upstream": "always"}, "upstream", "an [upstream] table"),
+        ({"request_log": "yes"}, "request_log", "true or false"),
         (
             {
                 "backends": [
