@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from balancer.http1 import RequestHead
-from balancer.record import ConnectionRecord, RequestRecord
+from balancer.record import BackendConnectionRecord, ConnectionRecord, RequestRecord
 
 # RFC 9110 §9.2.2; CONNECT is refused before it gets here.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
@@ -96,15 +96,18 @@ class Exchanges:
                 return exchange
         return None
 
-    def forwarded(self, backend: str, connection_id: int, reused: bool, oldest: bool) -> None:
+    def forwarded(self, upstream: BackendConnectionRecord, reused: bool, oldest: bool) -> None:
         """Requests not yet forwarded are now on this backend connection: all of them (never
-        mode), or only the oldest (`oldest`: reuse modes dispatch one at a time)."""
+        mode), or only the oldest (`oldest`: reuse modes dispatch one at a time). A request on
+        a connection that carried one before made no connect: its connect time is None."""
         now = self._settings.clock()
+        connect_wait = None if reused else upstream.connect_wait_seconds
         for exchange in self.queue:
             record = exchange.record
             if record.forwarded_at is None:
-                record.backend, record.backend_connection_id = backend, connection_id
+                record.backend, record.backend_connection_id = upstream.backend, upstream.id
                 record.reused, record.forwarded_at = reused, now
+                record.connect_wait_seconds = connect_wait
             if oldest:
                 break
 

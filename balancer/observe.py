@@ -474,6 +474,7 @@ def request_json_line(r: RequestRecord) -> str:
         f'"backend_connection_id":{_number(r.backend_connection_id)},'
         f'"reused":{_flag(r.reused)},"retries":{r.retries},'
         f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'
+        f'"connect_wait_seconds":{_number(r.connect_wait_seconds)},'
         f'"forward_seconds":{_number(r.forward_seconds)},'
         f'"first_byte_seconds":{_number(r.first_byte_seconds)},'
         f'"total_seconds":{_number(r.total_seconds)}}}\n'

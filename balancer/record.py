@@ -373,6 +373,7 @@ class RequestRecord:
         "backend_connection_id",
         "connect_attempts",
         "connect_failures",
+        "connect_wait_seconds",
         "connection",
         "done_at",
         "first_byte_at",
@@ -399,6 +400,9 @@ class RequestRecord:
         self.backend_address: str | None = None
         self.connect_attempts = 0  # reuse modes: connects made for this request
         self.connect_failures = 0
+        # Its backend connection's connect wait, if that connection was made for it; None on
+        # a reused connection (no connect happened for this request).
+        self.connect_wait_seconds: float | None = None
         self.backend_connection_id: int | None = None
         self.reused: bool | None = None  # on a connection that carried a request before
         self.retries = 0

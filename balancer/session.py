@@ -445,7 +445,7 @@ class ClientSession(asyncio.Protocol):
             self._activate()
         elif self.backend is not None:
             upstream = self.backend.record
-            exchanges.forwarded(upstream.backend, upstream.id, upstream.requests > 0, False)
+            exchanges.forwarded(upstream, upstream.requests > 0, False)
             upstream.requests = record.requests
         elif self._connect_task is None:
             self._start_connect()
@@ -590,7 +590,7 @@ class ClientSession(asyncio.Protocol):
         self.backend = backend
         self.record.upstream = backend.record
         backend.record.requests = self.record.requests
-        self._exchanges.forwarded(backend.record.backend, backend.record.id, False, False)
+        self._exchanges.forwarded(backend.record, False, False)
         pending, self._pending = self._pending, None
         if pending:
             backend.leg.write(pending[0] if len(pending) == 1 else b"".join(pending))
@@ -793,7 +793,7 @@ class ClientSession(asyncio.Protocol):
         self._served += 1
         upstream = backend.record
         upstream.requests += 1
-        self._exchanges.forwarded(upstream.backend, upstream.id, reused, True)
+        self._exchanges.forwarded(upstream, reused, True)
         exchange = self._exchanges.queue[0]
         pending, exchange.pending = exchange.pending, None
         if pending:

@@ -72,6 +72,7 @@ def main() -> None:
         framer.statuses.clear()
 
     request_head = RequestHead(b"GET", True, False, b"/index.html")
+    upstream = BackendConnectionRecord("b0", "x:1", 0.0, 1)
     exchanges = Exchanges(
         rec,
         ExchangeSettings(itertools.count().__next__, time.monotonic, quiet.publish_request, False),
@@ -79,7 +80,7 @@ def main() -> None:
 
     def request_records() -> None:
         exchanges.open(request_head)
-        exchanges.forwarded("b0", 1, True, False)
+        exchanges.forwarded(upstream, True, False)
         exchanges.first_byte()
         exchanges.completed([200])
 

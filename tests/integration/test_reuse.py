@@ -63,6 +63,9 @@ async def test_always_reuses_idle_connections_across_client_connections(farm) ->
     requests = lines(log, "request")
     assert [r["reused"] for r in requests] == [False] * 3 + [True] * 9
     assert all(r["status"] == 200 and r["retries"] == 0 for r in requests)
+    # A new connection's request carries its connect time; a reused one's is null, not 0.
+    assert all(r["connect_wait_seconds"] > 0 for r in requests[:3])
+    assert all(r["connect_wait_seconds"] is None for r in requests[3:])
     by_connection = Counter(r["backend_connection_id"] for r in requests)
     assert sorted(by_connection.values()) == [4, 4, 4]
     # The pool's connections closed at shutdown, each with its own record.
