@@ -55,7 +55,17 @@ UNACKED_WAIT_MIN_SECONDS = 0.001
 class Leg:
     """One TCP connection side (see the module docstring). `facts` is the record it fills."""
 
-    __slots__ = ("clock", "counted", "facts", "sock", "tls", "transport", "writes")
+    __slots__ = (
+        "clock",
+        "counted",
+        "facts",
+        "paused_for",
+        "reading_to_end",
+        "sock",
+        "tls",
+        "transport",
+        "writes",
+    )
 
     def __init__(self, facts: LegTeardown, writes: WriteBatch, clock: Callable[[], float]) -> None:
         self.facts = facts
@@ -65,6 +75,8 @@ class Leg:
         self.sock: Any = None
         self.tls: TLSSession | None = None  # the client leg of a TLS listener
         self.counted = False  # the kernel's final counts are in `facts` (see _final_counts)
+        self.paused_for: tuple[str, ...] = ()  # why reading is paused (a tuple: () is free)
+        self.reading_to_end = False  # ending: read all that comes, whatever the reasons
 
     def attach(self, transport: Any, sock: Any = None) -> None:
         self.transport = transport
@@ -74,6 +86,34 @@ class Leg:
     def usable(self) -> bool:
         """Attached and not yet lost: a transport to write to or close."""
         return self.transport is not None and self.facts.closed_at is None
+
+    # ---- reading, paused for reasons -------------------------------------------------------
+
+    def pause(self, why: str) -> None:
+        """Stop reading for `why`; reading resumes when no reason is left."""
+        if not self.paused_for and self.usable and not self.reading_to_end:
+            self.transport.pause_reading()
+        if why not in self.paused_for:
+            self.paused_for += (why,)
+
+    def resume(self, why: str) -> None:
+        if why in self.paused_for:
+            self.paused_for = tuple(reason for reason in self.paused_for if reason != why)
+            if not self.paused_for and self.usable and not self.reading_to_end:
+                self.transport.resume_reading()
+
+    def reassert_pause(self) -> None:
+        """Pause again if paused: uvloop starts reading after connection_made returns,
+        whatever it was told there."""
+        if self.paused_for and self.usable and not self.reading_to_end:
+            self.transport.pause_reading()
+
+    def read_to_end(self) -> None:
+        """The leg is ending: read on whatever the reasons, to see the peer's FIN (and its
+        close_notify) rather than leave it unread."""
+        self.reading_to_end = True
+        if self.usable:
+            self.transport.resume_reading()
 
     # ---- writing ---------------------------------------------------------------------------
 

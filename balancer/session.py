@@ -168,7 +168,6 @@ class ClientSession(asyncio.Protocol):
     __slots__ = (
         "_backend_closes",
         "_backend_eof",
-        "_blocks",
         "_client_eof",
         "_closing",
         "_connect_task",
@@ -204,7 +203,6 @@ class ClientSession(asyncio.Protocol):
         self.backend: BackendConnection | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._pending: list[bytes] | None = None  # for the backend, while connecting
-        self._blocks: tuple[str, ...] = ()  # why reading is paused (a tuple: () costs nothing)
         self._tunnel = False
         self._client_eof = False
         self._backend_eof = False
@@ -261,14 +259,8 @@ class ClientSession(asyncio.Protocol):
             self._tunnel = True
             if self.client.tls is None:
                 self._start_connect()
-        if self._blocks:
-            # uvloop starts reading after connection_made returns, whatever it was told
-            # there; say it again before the loop polls.
-            self._loop.call_soon(self._reassert_pause)
-
-    def _reassert_pause(self) -> None:
-        if self._blocks and not self._closing:
-            self.client.transport.pause_reading()
+        if self.client.paused_for:
+            self._loop.call_soon(self.client.reassert_pause)  # before the loop polls
 
     def _stamp_client_hello(self) -> None:
         """Record when the ClientHello's first bytes reached the kernel, not when we read them.
@@ -534,23 +526,17 @@ class ClientSession(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.backend is not None:
-            self.backend.pause_reading()
+            self.backend.leg.pause("client_full")
 
     def resume_writing(self) -> None:
         if self.backend is not None:
-            self.backend.resume_reading()
+            self.backend.leg.resume("client_full")
 
     def block_reading(self, why: str) -> None:
-        if not self._blocks and self.client.transport is not None and not self._closing:
-            self.client.transport.pause_reading()
-        if why not in self._blocks:
-            self._blocks += (why,)
+        self.client.pause(why)
 
     def unblock_reading(self, why: str) -> None:
-        if why in self._blocks:
-            self._blocks = tuple(reason for reason in self._blocks if reason != why)
-            if not self._blocks and self.client.transport is not None and not self._closing:
-                self.client.transport.resume_reading()
+        self.client.resume(why)
 
     # ---- backend leg -----------------------------------------------------------------------
 
@@ -908,8 +894,7 @@ class ClientSession(asyncio.Protocol):
         self._stop_stamp_watch()
         client.close_notify()
         if client.shutdown():
-            self._blocks = ()  # read on, to see the client's FIN (and close_notify)
-            client.transport.resume_reading()
+            client.read_to_end()
         self._backend_closes = backend_closes
         if not backend_closes:
             self._close_backend()
@@ -931,7 +916,7 @@ class ClientSession(asyncio.Protocol):
         if self._dispatch:
             self._hand_back(reusable=False)  # the pool closes it and publishes its record
             return
-        backend.resume_reading()  # read on, to see the backend's FIN
+        backend.leg.read_to_end()  # to see the backend's FIN
         backend.leg.shutdown()
 
     def _arm_linger(self) -> None:

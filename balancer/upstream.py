@@ -64,7 +64,6 @@ class BackendConnection(asyncio.Protocol):
         "leg",
         "pool",
         "pool_wake",
-        "reading_paused",
         "record",
         "user",
     )
@@ -81,7 +80,6 @@ class BackendConnection(asyncio.Protocol):
         self.leg = Leg(record.leg, writes, clock)
         self.connect_task: asyncio.Task[Any] | None = None
         self.connect_timed_out = False
-        self.reading_paused = False  # paused because the client's write buffer is full
         self.idle_since: float | None = None  # in the idle pool since
         self.pool: IdlePool | None = None  # the pool it returns to between exchanges
         self.pool_wake: float | None = None  # when the pool's deadline on the wheel wakes it
@@ -117,17 +115,10 @@ class BackendConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.user.unblock_reading("backend_full")
 
-    # ---- flow control from the client's side -----------------------------------------------
-
-    def pause_reading(self) -> None:
-        if self.leg.usable and not self.reading_paused:
-            self.reading_paused = True
-            self.leg.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.reading_paused and self.leg.usable:
-            self.reading_paused = False
-            self.leg.transport.resume_reading()
+    @property
+    def reading_paused(self) -> bool:
+        """Paused because the client's write buffer is full (flow control)."""
+        return "client_full" in self.leg.paused_for
 
 
 class Connector:
@@ -298,7 +289,7 @@ class IdlePool:
             now = self.clock()
             conn.idle_since = now
             conns.append(conn)
-            conn.resume_reading()  # read while idle: a FIN or stray bytes must be seen
+            conn.leg.resume("client_full")  # read while idle: a FIN or stray bytes must be seen
             # Filed once: a connection taken and put back between wake-ups keeps its earlier
             # wake-up, which files it again for the rest of its time (two wheel operations
             # per request saved in the reuse modes' keep-alive traffic).
@@ -314,7 +305,7 @@ class IdlePool:
             return
         self._forget_idle(conn)
         self.closing.add(conn)
-        conn.resume_reading()
+        conn.leg.read_to_end()
         if conn.leg.shutdown():
             self._wake(conn, self.clock() + self.linger_seconds)
 

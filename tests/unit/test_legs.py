@@ -73,6 +73,12 @@ class FakeTransport:
         self.closing = True
         self.log.append("abort")
 
+    def pause_reading(self) -> None:
+        self.log.append("pause_reading")
+
+    def resume_reading(self) -> None:
+        self.log.append("resume_reading")
+
 
 @pytest.fixture(autouse=True)
 def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -295,3 +301,24 @@ def test_fake_tls_stands_for_the_real_session_interface() -> None:
 
     for name in ("established", "close_notify_sent", "close"):
         assert hasattr(TLSSession(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)), name)
+
+
+def test_reading_pauses_for_reasons_and_resumes_when_none_is_left() -> None:
+    leg, _, sock, _, _ = make_leg()
+    leg.pause("connecting")
+    leg.pause("upgrade")
+    leg.pause("upgrade")
+    leg.resume("connecting")
+    assert sock.log == ["pause_reading"] and leg.paused_for == ("upgrade",)
+    leg.resume("never_paused_for_this")
+    leg.resume("upgrade")
+    assert sock.log == ["pause_reading", "resume_reading"] and leg.paused_for == ()
+
+
+def test_an_ending_leg_reads_to_the_end_whatever_the_reasons() -> None:
+    leg, _, sock, _, _ = make_leg()
+    leg.pause("error_pending")
+    leg.read_to_end()
+    leg.pause("backend_full")  # a reason still noted, but reading goes on
+    leg.reassert_pause()
+    assert sock.log == ["pause_reading", "resume_reading"]
