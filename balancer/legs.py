@@ -34,6 +34,7 @@ Rules this module keeps, so the owner (a client session, a backend connection) n
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -64,6 +65,7 @@ class Leg:
         "sock",
         "tls",
         "transport",
+        "watched",
         "writes",
     )
 
@@ -77,6 +79,7 @@ class Leg:
         self.counted = False  # the kernel's final counts are in `facts` (see _final_counts)
         self.paused_for: tuple[str, ...] = ()  # why reading is paused (a tuple: () is free)
         self.reading_to_end = False  # ending: read all that comes, whatever the reasons
+        self.watched: tuple[Any, int] | None = None  # (loop, dup'd fd) while awaiting bytes
 
     def attach(self, transport: Any, sock: Any = None) -> None:
         self.transport = transport
@@ -114,6 +117,51 @@ class Leg:
         self.reading_to_end = True
         if self.usable:
             self.transport.resume_reading()
+
+    # ---- when the first bytes arrived ------------------------------------------------------
+
+    def stamp_first_bytes(
+        self, loop: Any, wall_clock: Callable[[], float], stamped: Callable[[float], None]
+    ) -> None:
+        """Report (on the leg's clock) when the connection's first bytes reached the kernel,
+        from the packet's receive timestamp (SO_TIMESTAMPNS, peeked so the bytes stay), not
+        when they are read. If none is queued yet, watch a duplicate descriptor while reading
+        is paused, so the transport reads only after the peek. Without a stamp, nothing is
+        reported: the caller's own reading time stands in."""
+        fd = self.sock.fileno()
+        if self._peek_stamp(fd, wall_clock, stamped):
+            return
+        try:
+            watched = os.dup(fd)
+            loop.add_reader(watched, self._first_bytes_in, watched, wall_clock, stamped)
+        except (OSError, RuntimeError, AttributeError):
+            return
+        self.watched = (loop, watched)
+        self.pause("stamp")
+
+    def _first_bytes_in(
+        self, watched: int, wall_clock: Callable[[], float], stamped: Callable[[float], None]
+    ) -> None:
+        self._peek_stamp(watched, wall_clock, stamped)
+        self.stop_stamping()
+
+    def _peek_stamp(
+        self, fd: int, wall_clock: Callable[[], float], stamped: Callable[[float], None]
+    ) -> bool:
+        arrival = tcpinfo.first_byte_arrival(fd)
+        if arrival is None:
+            return False
+        stamped(self.clock() - (wall_clock() - arrival))
+        return True
+
+    def stop_stamping(self) -> None:
+        """Stop watching for the first bytes (they were read, or the leg is ending)."""
+        watched, self.watched = self.watched, None
+        if watched is not None:
+            loop, fd = watched
+            loop.remove_reader(fd)
+            os.close(fd)
+            self.resume("stamp")
 
     # ---- writing ---------------------------------------------------------------------------
 

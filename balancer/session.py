@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import ssl
 import sys
 import time
@@ -180,7 +179,6 @@ class ClientSession(asyncio.Protocol):
         "_pending",
         "_pending_error",
         "_served",
-        "_stamp_watch",
         "_tunnel",
         "_wake",
         "backend",
@@ -213,7 +211,6 @@ class ClientSession(asyncio.Protocol):
         self._deadline_kind = ""
         self._wake: float | None = None  # when ctx.deadlines wakes us (None: it will not)
         self._pending_error: BalancerError | None = None
-        self._stamp_watch: int | None = None  # a dup'd fd watched for the ClientHello
         # Reuse modes: each request is dispatched on its own (a backend connection per
         # exchange, from the idle pool or new); never: one backend connection for all.
         self._dispatch = ctx.exchanges.dispatch
@@ -252,7 +249,8 @@ class ClientSession(asyncio.Protocol):
         if ctx.ssl_context is not None:
             self.client.tls = TLSSession(ctx.ssl_context)
             self._set_deadline(TLS_HANDSHAKE)
-            self._stamp_client_hello()
+            # The ClientHello's arrival, from the kernel (see Leg.stamp_first_bytes).
+            self.client.stamp_first_bytes(self._loop, ctx.wall_clock, self._hello_arrived)
         elif ctx.listener.mode == "http":
             self._set_deadline(HEADER)
         if ctx.listener.mode == "tcp":
@@ -262,44 +260,9 @@ class ClientSession(asyncio.Protocol):
         if self.client.paused_for:
             self._loop.call_soon(self.client.reassert_pause)  # before the loop polls
 
-    def _stamp_client_hello(self) -> None:
-        """Record when the ClientHello's first bytes reached the kernel, not when we read them.
-
-        If they are queued already, peek now; otherwise watch a duplicate descriptor while the
-        transport's reading is paused, so the transport reads only after the peek.
-        """
-        sock = self.client.sock
-        if self._stamp_from_kernel(sock.fileno()):
-            return
-        try:
-            watched = os.dup(sock.fileno())
-            self._loop.add_reader(watched, self._on_first_bytes, watched)
-        except (OSError, RuntimeError, AttributeError):
-            return  # data_received's clock reading stands in
-        self._stamp_watch = watched
-        self.block_reading("stamp")
-
-    def _on_first_bytes(self, watched: int) -> None:
-        self._stamp_from_kernel(watched)
-        self._stop_stamp_watch()
-
-    def _stop_stamp_watch(self) -> None:
-        watched, self._stamp_watch = self._stamp_watch, None
-        if watched is not None:
-            self._loop.remove_reader(watched)
-            os.close(watched)
-            self.unblock_reading("stamp")
-
-    def _stamp_from_kernel(self, fd: int) -> bool:
-        record = self.record
-        if record.tls_started_at is not None:
-            return True  # the transport read first; a later packet's stamp would be wrong
-        arrival = tcpinfo.first_byte_arrival(fd)
-        if arrival is None:
-            return False
-        ctx = self.ctx
-        record.tls_started_at = ctx.clock() - (ctx.wall_clock() - arrival)
-        return True
+    def _hello_arrived(self, at: float) -> None:
+        if self.record.tls_started_at is None:  # else the transport read first: keep that
+            self.record.tls_started_at = at
 
     def data_received(self, data: bytes) -> None:
         record = self.record
@@ -312,7 +275,7 @@ class ClientSession(asyncio.Protocol):
             handshaking = not tls.established
             if handshaking and record.tls_started_at is None:
                 record.tls_started_at = self.ctx.clock()  # no kernel stamp: our reading
-                self._stop_stamp_watch()
+                self.client.stop_stamping()
             try:
                 data = tls.receive(data)
             except TLSHandshakeFailed as failure:
@@ -891,7 +854,7 @@ class ClientSession(asyncio.Protocol):
         self._closing = True
         if record.close_cause is None:
             record.close_cause = cause
-        self._stop_stamp_watch()
+        self.client.stop_stamping()
         client.close_notify()
         if client.shutdown():
             client.read_to_end()
@@ -932,7 +895,7 @@ class ClientSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         record = self.record
         reset = self.client.lost(exc)
-        self._stop_stamp_watch()
+        self.client.stop_stamping()
         if reset:
             tls = self.client.tls
             if tls is not None and not tls.established and record.tls_failure is None:
