@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT))
 from balancer.certs import make_certs  # noqa: E402
 
 PROXY_CPU, LOAD_CPU = "0", "1"
-# S5 reads RSS this long after the last response, with the connections still open. The
-# balancer gives an idle connection's request parser back after 1 s (proxy.IDLE_SHRINK_SECONDS).
+# S5 reads RSS this long after the last response, with the connections still open: idle, not
+# between two requests. (With more than 256 connections open the balancer gives an idle
+# connection's request reader back to a shared pool: session.READER_POOL_ABOVE.)
 IDLE_SETTLE_SECONDS = 2.0
 TICKS = os.sysconf("SC_CLK_TCK")
 
