@@ -10,7 +10,8 @@ cancels the connecting task (cheaper than asyncio.timeout: no loop timer per att
 A `BackendConnection` is the protocol of one backend TCP connection. It owns its `Leg` (the
 teardown facts, the kernel's byte counts) and its `BackendConnectionRecord`, and reports every
 event to whoever uses it now through the small `UpstreamUser` protocol: it never reaches into
-a client session.
+a client session. In the reuse modes a connection belongs to the worker's `IdlePool` between
+exchanges (the pool is then its user): see IdlePool for how it is kept, read and closed.
 """
 
 from __future__ import annotations
