@@ -44,3 +44,24 @@ def test_legs_know_nothing_of_sessions_or_backends() -> None:
     assert not ours & {"session", "upstream", "server"}, ours
     upstream = {name.split(".")[1] for name in imported("upstream") if name.startswith("balancer.")}
     assert "session" not in upstream
+
+
+def test_the_readme_names_every_close_cause() -> None:
+    """CLOSE_CAUSES is the one list of why a connection ended; the README's record table must
+    name each (a cause added in code and not documented fails here)."""
+    from balancer.errors import BalancerError
+    from balancer.record import CLOSE_CAUSES
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `close_cause`"))
+    missing = [cause for cause in CLOSE_CAUSES if f"`{cause}`" not in row]
+    assert not missing, missing
+    reasons = {cls.reason for cls in _subclasses(BalancerError)}
+    assert not reasons & CLOSE_CAUSES.keys() - {"header_timeout", "backend_timeout"}
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found += _subclasses(sub)
+    return found
