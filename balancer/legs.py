@@ -60,6 +60,7 @@ class Leg:
         "clock",
         "counted",
         "facts",
+        "kernel",
         "paused_for",
         "reading_to_end",
         "sock",
@@ -75,6 +76,7 @@ class Leg:
         self.clock = clock
         self.transport: Any = None
         self.sock: Any = None
+        self.kernel: Any = None  # our socket object on the descriptor (see `_kernel`)
         self.tls: TLSSession | None = None  # the client leg of a TLS listener
         self.counted = False  # the kernel's final counts are in `facts` (see _final_counts)
         self.paused_for: tuple[str, ...] = ()  # why reading is paused (a tuple: () is free)
@@ -84,6 +86,26 @@ class Leg:
     def attach(self, transport: Any, sock: Any = None) -> None:
         self.transport = transport
         self.sock = sock if sock is not None else transport.get_extra_info("socket")
+
+    def _kernel(self) -> Any:
+        """A socket object of our own on the transport's descriptor (tcpinfo.borrow), made
+        once: every call on the transport's own builds one anew, at a getsockname a call.
+        None once the transport has closed the descriptor; detached when the leg is lost."""
+        sock = self.sock
+        if sock is None or sock.fileno() < 0:
+            return None
+        kernel = self.kernel
+        if kernel is None:
+            try:
+                kernel = self.kernel = tcpinfo.borrow(sock)
+            except (OSError, ValueError):
+                return None
+        return kernel
+
+    def tcp_info(self) -> tcpinfo.TCPInfo | None:
+        """TCP_INFO now (None where the platform cannot say, or the descriptor is closed)."""
+        kernel = self._kernel()
+        return tcpinfo.info(kernel) if kernel is not None else None
 
     @property
     def usable(self) -> bool:
@@ -196,7 +218,7 @@ class Leg:
                 # Ours waited behind unsent bytes. CLOSE_WAIT or LAST_ACK: theirs came before
                 # ours left; otherwise ours had left (Linux shows CLOSE either way once ours
                 # is acknowledged: then we take ours, sent as the bytes drained, as first).
-                info = tcpinfo.read(self.sock)
+                info = self.tcp_info()
                 if info is None or info.state not in tcpinfo.PEER_WAS_FIRST:
                     facts.first_fin = BALANCER
 
@@ -223,7 +245,7 @@ class Leg:
             return
         if self.facts.peer_fin_at is not None:
             return
-        info = tcpinfo.read(self.sock)
+        info = self.tcp_info()
         if info is not None and info.state == tcpinfo.CLOSE_WAIT:
             return
         notify = tls.close()
@@ -242,7 +264,7 @@ class Leg:
             if facts.peer_fin_at is not None:
                 transport.close()
             return facts.peer_fin_at is None
-        info = tcpinfo.read(self.sock)
+        info = self.tcp_info()
         if info is not None:
             facts.retransmits = info.total_retrans
         buffered = bool(transport.get_write_buffer_size())
@@ -259,7 +281,10 @@ class Leg:
             if facts.first_fin is None and info is not None:
                 facts.first_fin = PEER if info.state == tcpinfo.CLOSE_WAIT else BALANCER
             facts.fin_sent_at = self.clock()
-            if not tcpinfo.shutdown_write(self.sock) and not _write_eof(transport):
+            kernel = self._kernel()
+            if not (kernel is not None and tcpinfo.shutdown_write(kernel)) and not _write_eof(
+                transport
+            ):
                 # The peer's RST landed between the TCP_INFO read and our shutdown: no FIN
                 # left. (asyncio's write_eof() raises ENOTCONN here; raised out of a protocol
                 # callback it closed the *other* leg and left this one lingering for ever.)
@@ -295,7 +320,7 @@ class Leg:
         if not self.facts.fin_sent:
             self.shutdown()  # closes: the peer's FIN is in
             return
-        info = tcpinfo.read(self.sock)
+        info = self.tcp_info()
         if info is not None and info.unacked:
             wait = max(UNACKED_WAIT_MIN_SECONDS, UNACKED_WAIT_RTTS * info.rtt_seconds)
             call_later(wait, self.transport.close)
@@ -311,7 +336,7 @@ class Leg:
             facts.initiator = BALANCER
         facts.rst_sent = True
         self.writes.flush()
-        _set_reset(self.sock)
+        _set_reset(self._kernel())
         self.transport.abort()
 
     def linger_over(self) -> None:
@@ -319,7 +344,7 @@ class Leg:
         they never will be)."""
         if self.buffered():
             self.facts.rst_sent = True
-            _set_reset(self.sock)
+            _set_reset(self._kernel())
             self.transport.abort()
         else:
             self.transport.close()
@@ -332,13 +357,21 @@ class Leg:
         if facts.first_fin is None and facts.fin_sent:
             facts.first_fin = BALANCER  # ours went; theirs never came (linger over, or an RST)
         if not self.counted:
-            info = tcpinfo.read(self.sock)
+            info = self.tcp_info()
             if info is not None:
                 self._final_counts(info)
+        self.give_back()
         reset = isinstance(exc, ConnectionResetError | BrokenPipeError) and not facts.rst_sent
         if reset:
             self.peer_reset()
         return reset
+
+    def give_back(self) -> None:
+        """Detach our socket object: the descriptor is the transport's to close (and its
+        number soon another connection's)."""
+        kernel, self.kernel = self.kernel, None
+        if kernel is not None:
+            kernel.detach()
 
     def _final_counts(self, info: tcpinfo.TCPInfo) -> None:
         """Bytes and retransmissions as the kernel counted them. Final once the peer's FIN is

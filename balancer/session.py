@@ -40,7 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from balancer import tcpinfo
 from balancer.config import Limits, ListenerConfig, Timeouts
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.errors import (
@@ -226,7 +225,7 @@ class ClientSession(asyncio.Protocol):
         ctx.accepted_total += 1
         record.accepted_unix = ctx.wall_clock()
         record.worker_pid = ctx.worker_pid
-        peer = transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")  # uvloop's and asyncio's: kept, no syscall
         if peer:
             # Interned: connections from one address (a NAT, a CDN, a load test) share it.
             record.client_ip, record.client_port = sys.intern(peer[0]), peer[1]
@@ -234,7 +233,7 @@ class ClientSession(asyncio.Protocol):
             record.local_port = ctx.local_port
         elif local := transport.get_extra_info("sockname"):
             record.local_port = local[1]
-        info = tcpinfo.read(self.client.sock)
+        info = self.client.tcp_info()
         if info is not None:
             record.tcp_handshake_rtt_seconds = info.rtt_seconds
         ctx.connections.add(self)

@@ -58,31 +58,23 @@ class TCPInfo(NamedTuple):
 
 
 def borrow(sock: HasFileno) -> _socket.socket:
-    """A socket object on `sock`'s descriptor, to be `detach()`ed (never closed) after use.
+    """A socket object of our own on `sock`'s descriptor, to be `detach()`ed (never closed).
 
-    The transports' own socket objects refuse shutdown() (uvloop) or rebuild a socket object
-    for every getsockopt() whose constructor asks the kernel the family and type (three
-    syscalls). Named here, the constructor asks once (getsockname, to check the descriptor);
-    no call made on it depends on them. The C type (`_socket.socket`) skips socket.socket's
-    Python-level __init__: 1.7 -> 1.1 µs a borrow, and a connection borrows six to nine times.
+    The transports' own socket objects refuse shutdown() (uvloop) or build a socket object for
+    every call, whose constructor asks the kernel to check the descriptor (a getsockname each).
+    A leg borrows once and keeps it (legs.py), so each TCP_INFO read or shutdown is one
+    syscall. Named here, the family and type are not asked for; the C type (`_socket.socket`)
+    skips socket.socket's Python-level __init__.
     """
     return _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, sock.fileno())
 
 
-def read(sock: HasFileno | None) -> TCPInfo | None:
-    """TCP_INFO of a socket, or None where the platform or socket cannot say."""
-    if sock is None:
-        return None
+def info(kernel: Any) -> TCPInfo | None:
+    """TCP_INFO through a borrowed socket object, or None where the platform cannot say."""
     try:
-        borrowed = borrow(sock)
-    except (OSError, ValueError, AttributeError):  # closed: fileno() is -1
-        return None
-    try:
-        raw = borrowed.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _SIZE_SENT)
+        raw = kernel.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _SIZE_SENT)
     except OSError:
         return None
-    finally:
-        borrowed.detach()
     if len(raw) < _SIZE:
         return None
     state, unacked, rtt_us, retrans = _LAYOUT.unpack_from(raw)
@@ -95,19 +87,27 @@ def read(sock: HasFileno | None) -> TCPInfo | None:
     return TCPInfo(state, unacked, rtt_us / 1e6, retrans, acked, received, sent - resent)
 
 
-def shutdown_write(sock: HasFileno) -> bool:
-    """shutdown(SHUT_WR) now, on a borrowed socket object (see `borrow`); False if it failed."""
+def read(sock: HasFileno | None) -> TCPInfo | None:
+    """TCP_INFO of any socket object, borrowing for the one read (legs keep theirs)."""
+    if sock is None:
+        return None
     try:
         borrowed = borrow(sock)
-    except (OSError, ValueError, AttributeError):
-        return False
+    except (OSError, ValueError, AttributeError):  # closed: fileno() is -1
+        return None
     try:
-        borrowed.shutdown(socket.SHUT_WR)
-        return True
-    except OSError:
-        return False
+        return info(borrowed)
     finally:
         borrowed.detach()
+
+
+def shutdown_write(kernel: Any) -> bool:
+    """shutdown(SHUT_WR) now, through a borrowed socket object; False if it failed."""
+    try:
+        kernel.shutdown(socket.SHUT_WR)
+    except OSError:
+        return False
+    return True
 
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)

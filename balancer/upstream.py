@@ -21,7 +21,6 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from balancer import tcpinfo
 from balancer.config import Limits, Timeouts, Upstream
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.errors import BackendError, BackendUnreachable, NoBackendAvailable
@@ -109,6 +108,7 @@ class BackendConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.user.on_backend_lost(self, exc)
+        self.leg.give_back()  # if the user had no use for the leg's end (an abandoned attempt)
 
     def pause_writing(self) -> None:
         self.user.block_reading("backend_full")
@@ -202,11 +202,10 @@ class Connector:
                 raise
             record.connected_at = clock()
             pool.connect_succeeded(lease)
-            transport = conn.leg.transport
-            local = transport.get_extra_info("sockname")
+            local = conn.leg.transport.get_extra_info("sockname")
             if local:
                 record.local_port = local[1]
-            info = tcpinfo.read(conn.leg.sock)
+            info = conn.leg.tcp_info()
             if info is not None:
                 record.tcp_handshake_rtt_seconds = info.rtt_seconds
             return lease, conn

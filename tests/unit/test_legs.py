@@ -30,11 +30,21 @@ class FakeSocket:
         self.received: int | None = 0
         self.sent: int | None = None
         self.refuse_shutdown = False
+        self.closed = False  # the transport closed the descriptor
+        self.borrows = 0  # socket objects made on the descriptor (tcpinfo.borrow)
+        self.detached = 0
         self.options: list[tuple[int, int, bytes]] = []
         self.log: list[str] = []
 
     def setsockopt(self, level: int, name: int, value: bytes) -> None:
         self.options.append((level, name, value))
+
+    def fileno(self) -> int:
+        return -1 if self.closed else 7
+
+    def detach(self) -> int:
+        self.detached += 1
+        return 7
 
 
 class FakeTransport:
@@ -82,9 +92,11 @@ class FakeTransport:
 
 @pytest.fixture(autouse=True)
 def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    def read(sock: FakeSocket | None) -> tcpinfo.TCPInfo | None:
-        if sock is None:
-            return None
+    def borrow(sock: FakeSocket) -> FakeSocket:
+        sock.borrows += 1
+        return sock
+
+    def info(sock: FakeSocket) -> tcpinfo.TCPInfo | None:
         return tcpinfo.TCPInfo(
             sock.state, sock.unacked, sock.rtt_seconds, sock.retransmits, sock.acked,
             sock.received, sock.sent,
@@ -96,7 +108,8 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
         sock.log.append("shutdown")
         return True
 
-    monkeypatch.setattr(legs.tcpinfo, "read", read)
+    monkeypatch.setattr(legs.tcpinfo, "borrow", borrow)
+    monkeypatch.setattr(legs.tcpinfo, "info", info)
     monkeypatch.setattr(legs.tcpinfo, "shutdown_write", shutdown_write)
 
 
@@ -234,6 +247,27 @@ def test_lost_takes_what_left_by_the_kernels_count_not_what_was_queued() -> None
     sock.sent, sock.acked, sock.state = 131_072, 128_000, tcpinfo.CLOSE
     leg.lost(ConnectionResetError())
     assert leg.facts.bytes_out == 131_072
+
+
+def test_the_descriptor_is_borrowed_once_a_leg_and_given_back_when_lost() -> None:
+    """Every TCP_INFO read and the shutdown go through one socket object of the leg's own
+    (each new one costs a getsockname); it is detached, never closed, when the leg is lost."""
+    leg, _, sock, _, _ = make_leg()
+    assert leg.tcp_info() is not None
+    leg.shutdown()
+    leg.peer_fin_while_closing(lambda delay, callback: None)
+    assert sock.borrows == 1 and sock.detached == 0
+    leg.lost(None)
+    assert sock.borrows == 1 and sock.detached == 1
+
+
+def test_a_closed_descriptor_is_never_borrowed() -> None:
+    """Once the transport closed the descriptor its number may be another connection's."""
+    leg, _, sock, _, _ = make_leg()
+    sock.closed = True
+    assert leg.tcp_info() is None
+    leg.lost(ConnectionResetError())
+    assert sock.borrows == 0
 
 
 def test_before_linux_4_19_lost_takes_what_the_peer_acknowledged() -> None:
