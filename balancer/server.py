@@ -28,13 +28,14 @@ from balancer.admin import AdminServer
 from balancer.backends import Backend
 from balancer.config import Config
 from balancer.deadlines import DeadlineWheel, Wakeable
+from balancer.listener import ListenerContext, ListenerSettings, LoopServices
 from balancer.observe import ListenerTotals, Observer, StateCollector
 from balancer.policies import POLICIES
 from balancer.pool import BackendPool
 from balancer.record import BackendConnectionRecord, ConnectionRecord
-from balancer.session import ClientSession, ListenerContext
+from balancer.session import ClientSession
 from balancer.tls import server_context
-from balancer.upstream import IdlePool
+from balancer.upstream import Connector, IdlePool
 from balancer.writebatch import WriteBatch
 
 log = logging.getLogger("balancer")
@@ -144,26 +145,34 @@ class Balancer:
                 config.upstream, config.timeouts.linger_seconds, self.deadlines, clock,
                 self._publish_backend_connection, self._call_later,
             )  # fmt: skip
-        request_ids, backend_ids = itertools.count(1), itertools.count(1)
+        worker_pid = os.getpid()
+        connector = Connector(
+            self.pool, config.timeouts, config.limits, self.deadlines, self.writes, clock,
+            itertools.count(1).__next__, worker_pid,
+        )  # fmt: skip
+        self.services = LoopServices(
+            pool=self.pool,
+            connector=connector,
+            deadlines=self.deadlines,
+            writes=self.writes,
+            publish=self._publish,
+            next_id=ids.__next__,
+            worker_pid=worker_pid,
+            clock=clock,
+            idle=self.idle,
+            publish_request=self.observer.publish_request,
+            next_request_id=itertools.count(1).__next__,
+        )
         self.contexts = [
             ListenerContext(
-                listener=listener,
-                pool=self.pool,
-                timeouts=config.timeouts,
-                limits=config.limits,
-                ssl_context=ssl_context if listener.tls else None,
-                publish=self._publish,
-                connections=set(),
-                next_id=ids.__next__,
-                worker_pid=os.getpid(),
-                deadlines=self.deadlines,
-                writes=self.writes,
-                clock=clock,
-                reuse=config.upstream.reuse,
-                idle=self.idle,
-                publish_request=self.observer.publish_request,
-                next_request_id=request_ids.__next__,
-                next_backend_id=backend_ids.__next__,
+                ListenerSettings(
+                    listener=listener,
+                    timeouts=config.timeouts,
+                    limits=config.limits,
+                    ssl_context=ssl_context if listener.tls else None,
+                    reuse=config.upstream.reuse,
+                ),
+                self.services,
             )
             for listener in config.listeners
         ]
@@ -210,8 +219,8 @@ class Balancer:
         return [
             ListenerTotals(
                 c.listener.name,
-                c.accepted_total,
-                c.rejected_total,
+                c.state.accepted_total,
+                c.state.rejected_total,
                 len(c.connections),
                 sum(a.resource_errors for a in self._acceptors.get(c.listener.name, ())),
             )
@@ -222,7 +231,7 @@ class Balancer:
         """Bind every listener (and the admin endpoint); port 0 picks one, logged here."""
         for ctx in self.contexts:
             bind, name = ctx.listener.bind, ctx.listener.name
-            ctx.loop = self._loop = asyncio.get_running_loop()
+            self.services.loop = self._loop = asyncio.get_running_loop()
             servers = await self._listen(
                 name, bind.host, bind.port, functools.partial(ClientSession, ctx)
             )
@@ -231,8 +240,8 @@ class Balancer:
                 for server in servers
                 for sock in getattr(server, "sockets", None) or []
             }
-            ctx.local_port = ports.pop() if len(ports) == 1 else None
-            if ctx.ssl_context is not None:  # ClientHello arrival from the kernel's stamps
+            ctx.state.local_port = ports.pop() if len(ports) == 1 else None
+            if ctx.settings.ssl_context is not None:  # ClientHello arrival from the kernel's stamps
                 for server in servers:
                     for sock in getattr(server, "sockets", None) or []:
                         tcpinfo.enable_receive_timestamps(sock)
@@ -286,7 +295,7 @@ class Balancer:
             server.close()
         self.draining = True
         for ctx in self.contexts:
-            ctx.draining = True
+            ctx.state.draining = True
             for conn in list(ctx.connections):
                 conn.drain()
 

@@ -41,7 +41,7 @@ from balancer.certs import make_certs  # noqa: E402
 PROXY_CPU, LOAD_CPU = "0", "1"
 # S5 reads RSS this long after the last response, with the connections still open: idle, not
 # between two requests. (With more than 256 connections open the balancer gives an idle
-# connection's request reader back to a shared pool: session.READER_POOL_ABOVE.)
+# connection's request reader back to a shared pool: http_flow.READER_POOL_ABOVE.)
 IDLE_SETTLE_SECONDS = 2.0
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -249,6 +249,7 @@ class Bench:
         targets = [Target("direct", self.farm_ports[0], None)]
         for reuse in ("never", "always"):
             targets.append(self._balancer(key_type, certs, reuse))
+        targets.append(self._pump())
         if shutil.which("haproxy"):
             for reuse in ("never", "always"):
                 targets.append(self._haproxy(key_type, certs, reuse))
@@ -295,6 +296,13 @@ class Bench:
         )
         name = "balancer" if reuse == "never" else f"balancer-{reuse}"
         return Target(name, http, https, balancer)
+
+    def _pump(self) -> Target:
+        """bench/pump.py: the floor under the balancer's `never` mode (plain HTTP only)."""
+        port = free_port()
+        command = [sys.executable, str(ROOT / "bench" / "pump.py"), str(port)]
+        process = self._spawn(pinned(PROXY_CPU, command + [str(p) for p in self.farm_ports]))
+        return Target("pump", port, None, process)
 
     def _haproxy(self, key_type: str, certs: dict[str, Path], reuse: str) -> Target:
         hp, hps = free_port(), free_port()

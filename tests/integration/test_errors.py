@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import socket
 
-from balancer import session
+from balancer import http_flow
 from tests.helpers import (
     Client,
     dead_port,
@@ -243,7 +243,7 @@ async def test_connections_over_the_limit_are_refused_cleanly(farm, balancer_fac
     extra = await Client.connect(port)
     with contextlib.suppress(ConnectionResetError):
         assert await extra.read_until_closed() == b""
-    assert balancer.contexts[0].rejected_total == 1
+    assert balancer.contexts[0].state.rejected_total == 1
     for client in held:
         await client.close()
     await extra.close()
@@ -318,18 +318,19 @@ async def test_ambiguous_backend_response_framing_gives_502(balancer_factory) ->
 async def test_idle_keep_alive_connections_hold_no_reader_and_readers_serve_any_client(
     farm, balancer_factory, monkeypatch
 ) -> None:
-    monkeypatch.setattr(session, "READER_POOL_ABOVE", 0)  # as if many connections were open
+    monkeypatch.setattr(http_flow, "READER_POOL_ABOVE", 0)  # as if many connections were open
     balancer, recorder = await balancer_factory(make_config([farm[0].address]))
     ctx = balancer.contexts[0]
     first = await Client.connect(port_of(balancer))
     assert (await first.request(path="/first")).status == 200
     (conn,) = ctx.connections
-    assert conn.reader is None and len(ctx.idle_readers) == 1  # given back when idle
-    pooled = ctx.idle_readers[0]
+    idle_readers = ctx.services.idle_readers
+    assert conn.http.reader is None and len(idle_readers) == 1  # given back when idle
+    pooled = idle_readers[0]
     second = await Client.connect(port_of(balancer), source="127.0.0.2")  # another client
     response = await second.request("POST", "/second", body=b"x" * 1000)
     assert response.status == 200
-    assert ctx.idle_readers == [pooled]  # taken for /second, given back after it
+    assert idle_readers == [pooled]  # taken for /second, given back after it
     assert (await first.request(path="/third")).status == 200  # the first client serves on
     await first.close()
     await second.close()
@@ -347,7 +348,7 @@ async def test_with_few_connections_open_an_idle_one_keeps_its_reader(farm, bala
     client = await Client.connect(port_of(balancer))
     assert (await client.request()).status == 200
     (conn,) = balancer.contexts[0].connections
-    assert conn.reader is not None and balancer.contexts[0].idle_readers == []
+    assert conn.http.reader is not None and balancer.services.idle_readers == []
     await client.close()
 
 

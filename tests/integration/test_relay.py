@@ -170,7 +170,7 @@ async def test_slow_reader_holds_bounded_memory(farm, balancer_factory) -> None:
     try:
         async with asyncio.timeout(10):  # bounded wait for the pause, polled
             while not any(
-                c.backend is not None and c.backend.reading_paused
+                c.fwd.backend is not None and c.fwd.backend.reading_paused
                 for c in balancer.contexts[0].connections
             ):
                 await asyncio.sleep(0.01)

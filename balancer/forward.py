@@ -1,0 +1,285 @@
+"""The forwarder: how one client session gets its backend connection, and gives it back.
+
+Theory of operation
+-------------------
+Reuse `never` (and tcp listeners): one backend connection for the whole client connection,
+picked and connected with the first request head (tcp: at accept or after the TLS handshake).
+Bytes that arrive meanwhile wait in `pending`; client reads pause while connecting.
+
+Reuse `safe` / `always` (HTTP listeners; `ListenerSettings.dispatch`): each exchange gets a
+backend connection of its own, one exchange at a time.
+
+    head ──► activate(): a lease from the pool (the policy's pick) ──► an idle connection to
+             that backend (always; safe: after this client's first request) ──► use()
+                                    └─ none idle: connect ──────────────────────► use()
+    response done ──► hand_back(): the lease is released, the connection goes to the idle
+                      pool (or is closed, if its response said so or it sent stray bytes)
+    dead before any response byte, reused, idempotent, replayable ──► retry(): once, on a
+                      new connection to the same backend first
+
+The session decides when; the forwarder does the backend side of it. The request bytes of
+each exchange are routed by `route()`: straight to the active connection, or kept in the
+exchange until one is its.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from balancer.errors import BackendError, NoBackendAvailable
+from balancer.exchange import Exchange
+from balancer.http1 import ResponseFramer
+from balancer.listener import TUNNEL_IDLE, ListenerContext
+from balancer.pool import Lease
+from balancer.upstream import DEAD_ON_REUSE, NOT_REUSABLE, BackendConnection
+
+if TYPE_CHECKING:
+    from balancer.session import ClientSession
+
+
+class Forwarder:
+    """The backend side of one client session (see the module docstring)."""
+
+    __slots__ = (
+        "backend",
+        "connect_task",
+        "ctx",
+        "dispatch",
+        "lease",
+        "pending",
+        "served",
+        "session",
+    )
+
+    def __init__(self, session: ClientSession, ctx: ListenerContext) -> None:
+        self.session = session
+        self.ctx = ctx
+        self.dispatch = ctx.settings.dispatch
+        self.lease: Lease | None = None
+        self.backend: BackendConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.pending: list[bytes] | None = None  # never: for the backend, while connecting
+        self.served = 0  # requests given a backend connection (safe mode: the first is new)
+
+    # ---- connecting ------------------------------------------------------------------------
+
+    def connect(self, first: Lease | None = None) -> None:
+        """Connect to a backend the policy picks (`first`: this lease's backend first)."""
+        session = self.session
+        session.block_reading("connecting")
+        loop = self.ctx.services.loop or asyncio.get_running_loop()
+        self.connect_task = loop.create_task(self._connect(first))
+
+    async def _connect(self, first: Lease | None) -> None:
+        task = self.connect_task
+        assert task is not None
+        session, services = self.session, self.ctx.services
+        loop = services.loop or asyncio.get_running_loop()
+        # Connect attempts count on the connection's record, or (reuse modes) the request's.
+        attempts = session.exchanges.queue[0].record if self.dispatch else session.record
+        try:
+            lease, backend = await services.connector.connect(session, attempts, task, loop, first)
+        except BackendError as error:
+            self.connect_task = None
+            if not session.closing:
+                session.fail(error)
+            return
+        self.connect_task = None
+        if session.closing:  # the client went away while we connected
+            lease.release()
+            if services.idle is not None and self.dispatch:
+                services.idle.put(backend)  # fresh and clean: another request may have it
+            else:
+                backend.leg.transport.abort()
+            return
+        if self.dispatch:
+            self.use(lease, backend, reused=False)
+        else:
+            self._connected(lease, backend)
+
+    def _connected(self, lease: Lease, backend: BackendConnection) -> None:
+        """Reuse never: the connection's one backend connection is up."""
+        session = self.session
+        self.lease = lease
+        self.backend = backend
+        record = session.record
+        record.upstream = backend.record
+        backend.record.requests = record.requests
+        session.exchanges.forwarded(backend.record, False, False)
+        pending, self.pending = self.pending, None
+        if pending:
+            backend.leg.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        if session.client_eof and session.tunnel:  # the client half-closed while we connected
+            backend.leg.shutdown()
+        if session.closing:
+            return
+        if session.tunnel:
+            session.set_deadline(TUNNEL_IDLE)
+        else:
+            session.arm_client_deadline()
+        session.unblock_reading("connecting")
+
+    def send(self, data: bytes) -> None:
+        """Reuse never, tunnels: to the one backend connection (kept while it connects)."""
+        backend = self.backend
+        if backend is None:
+            if self.pending is None:
+                self.pending = []
+            self.pending.append(data)
+            return
+        backend.leg.write(data)
+
+    def new_heads(self) -> None:
+        """Reuse never: new request heads go out on the connection's backend connection, or
+        are the first, which picks and connects it."""
+        backend = self.backend
+        if backend is not None:
+            upstream = backend.record
+            self.session.exchanges.forwarded(upstream, upstream.requests > 0, False)
+            upstream.requests = self.session.record.requests
+        elif self.connect_task is None:
+            self.connect()
+
+    # ---- reuse modes: one backend connection per exchange ----------------------------------
+
+    def route(self, out: bytes, ends: list[int]) -> None:
+        """Hand each request's bytes to its exchange (`ends`: where requests end in `out`),
+        straight to the backend connection of the active one."""
+        start = 0
+        for end in ends:
+            self._to_exchange(out[start:end], done=True)
+            start = end
+        ends.clear()
+        if start < len(out):
+            self._to_exchange(out[start:] if start else out, done=False)
+
+    def _to_exchange(self, data: bytes, done: bool) -> None:
+        exchange = self.session.exchanges.filling()
+        if exchange is None:
+            return  # (cannot happen: a request's bytes start with its head)
+        exchange.keep_for_replay(data)
+        if exchange.pending is None and self.backend is not None:
+            self.backend.leg.write(data)
+        elif exchange.pending is not None:
+            exchange.pending.append(data)
+        exchange.request_done = done
+
+    def activate(self) -> None:
+        """Give the oldest waiting exchange a backend connection: an idle one (always; safe:
+        after this client's first request) or a new one."""
+        session = self.session
+        if self.backend is not None or self.connect_task is not None or session.closing:
+            return
+        if not session.exchanges.queue:
+            return
+        ctx = self.ctx
+        services = ctx.services
+        lease = services.pool.acquire(services.clock())
+        if lease is None:
+            session.fail(NoBackendAvailable("no backend is ready"))
+            return
+        backend = None
+        if services.idle is not None and (ctx.settings.reuse == "always" or self.served):
+            backend = services.idle.take(lease.state.name)
+        if backend is None:
+            self.connect(lease)
+            return
+        backend.user = session
+        self.use(lease, backend, reused=True)
+
+    def use(self, lease: Lease, backend: BackendConnection, reused: bool) -> None:
+        """The active exchange's request goes out on `backend`."""
+        session = self.session
+        self.lease, self.backend = lease, backend
+        session.backend_eof = False
+        self.served += 1
+        upstream = backend.record
+        upstream.requests += 1
+        session.exchanges.forwarded(upstream, reused, True)
+        exchange = session.exchanges.queue[0]
+        pending, exchange.pending = exchange.pending, None
+        if pending:
+            backend.leg.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        session.arm_client_deadline()
+        session.unblock_reading("connecting")
+
+    def hand_back(self, reusable: bool, framer: ResponseFramer | None = None) -> None:
+        """The active exchange's response is done: its connection goes to the idle pool (or is
+        closed, if its response said so), its lease is released."""
+        backend, idle = self.backend, self.ctx.services.idle
+        if backend is None or idle is None:
+            return
+        if framer is not None and framer.drop_held():
+            reusable = False  # it sent more than its response: not to be trusted again
+        self.backend = None
+        self.release_lease()
+        if reusable and backend.leg.usable:
+            idle.put(backend)
+        else:
+            idle.close(backend, NOT_REUSABLE)
+
+    def drop(self, backend: BackendConnection) -> None:
+        """The active connection is gone under the exchange: its record is the pool's to
+        publish; the session goes on without it."""
+        if self.ctx.services.idle is not None:
+            self.ctx.services.idle.retire(backend)
+        self.backend = None
+        self.release_lease()
+
+    def retry(self, backend: BackendConnection) -> bool:
+        """A reused connection that was dead before any response byte: send an idempotent
+        request again, once, on a new connection. Not counted against the backend's health."""
+        session = self.session
+        queue = session.exchanges.queue
+        if not queue:
+            return False
+        exchange: Exchange = queue[0]
+        record = exchange.record
+        if (
+            not record.reused
+            or record.retries
+            or record.first_byte_at is not None
+            or exchange.replay is None
+            or not exchange.request_done
+            or session.closing
+        ):
+            return False
+        record.retries += 1
+        record.forwarded_at = None
+        exchange.pending = list(exchange.replay)
+        idle = self.ctx.services.idle
+        if idle is not None:
+            if backend.leg.usable:
+                idle.close(backend, DEAD_ON_REUSE)
+            else:
+                backend.record.close_cause = backend.record.close_cause or DEAD_ON_REUSE
+                idle.retire(backend)
+        self.backend = None
+        lease, self.lease = self.lease, None
+        self.connect(lease)  # the same backend first, on a new connection
+        return True
+
+    # ---- ending ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The session ends: the backend leg closes (FIN and linger), or (reuse modes) goes to
+        the pool, which closes it and publishes its record."""
+        backend = self.backend
+        if backend is None or not backend.leg.usable:
+            return
+        if self.dispatch:
+            self.hand_back(reusable=False)
+            return
+        backend.leg.read_to_end()  # to see the backend's FIN
+        backend.leg.shutdown()
+
+    def cancel(self) -> None:
+        """The client is gone: a connect under way is abandoned."""
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+
+    def release_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None

@@ -1,0 +1,148 @@
+"""What the client sessions of one listener share: settings, the loop's services, state.
+
+Three objects, each with one kind of content, so a reader knows what may change under them:
+- `ListenerSettings`: frozen once built from the configuration (timeouts resolved per
+  deadline kind, head limits, the reuse mode as it applies to this listener).
+- `LoopServices`: one per event loop (per worker), shared by every listener: the clock, the
+  deadline wheel, the write batch, the backend pool and connector, the idle backend
+  connections, the publishers and id counters.
+- `ListenerState`: what changes as the listener runs: its open sessions, its counters,
+  whether it is draining.
+Built by server.py; read by session.py and the objects a session is made of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from balancer.config import Limits, ListenerConfig, Timeouts
+from balancer.deadlines import DeadlineWheel, Wakeable
+from balancer.exchange import ExchangeSettings
+from balancer.http1 import HeadLimits, RequestReader
+from balancer.pool import BackendPool
+from balancer.record import (
+    BACKEND_TIMEOUT,
+    HEADER_TIMEOUT,
+    IDLE_TIMEOUT,
+    TUNNEL_IDLE_TIMEOUT,
+    ConnectionRecord,
+    RequestRecord,
+)
+from balancer.upstream import Connector, IdlePool
+from balancer.writebatch import WriteBatch
+
+if TYPE_CHECKING:
+    from balancer.session import ClientSession
+
+# Deadline kinds: what a session waits for, and the timeout (a `Timeouts` field) bounding the
+# wait. A kind that ends the connection when it passes is also its close cause.
+TLS_HANDSHAKE = "tls_handshake_timeout"
+HEADER = HEADER_TIMEOUT
+IDLE = IDLE_TIMEOUT
+RESPONSE = BACKEND_TIMEOUT
+TUNNEL_IDLE = TUNNEL_IDLE_TIMEOUT
+LINGER = "linger"
+DEADLINE_TIMEOUTS: dict[str, str] = {
+    TLS_HANDSHAKE: "tls_handshake_seconds",
+    HEADER: "client_header_seconds",
+    IDLE: "keepalive_idle_seconds",
+    RESPONSE: "backend_response_seconds",
+    TUNNEL_IDLE: "tunnel_idle_seconds",
+    LINGER: "linger_seconds",
+}
+
+
+def _ignore_request(record: RequestRecord) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """One listener's configuration, as the sessions use it."""
+
+    listener: ListenerConfig
+    timeouts: Timeouts
+    limits: Limits
+    ssl_context: ssl.SSLContext | None
+    reuse: str = "never"  # [upstream] reuse: never, safe, always
+    head_limits: HeadLimits = field(init=False)
+    deadline_seconds: dict[str, float] = field(init=False)  # DEADLINE_TIMEOUTS, resolved
+    # Reuse modes on an HTTP listener: each request is given a backend connection of its own
+    # (from the idle pool or new); never (and tcp mode): one for the whole connection.
+    dispatch: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        limits = self.limits
+        head_limits = HeadLimits(
+            max_header_bytes=limits.max_header_bytes,
+            max_uri_bytes=limits.max_uri_bytes,
+            max_body_bytes=limits.max_body_bytes,
+        )
+        seconds = {kind: getattr(self.timeouts, key) for kind, key in DEADLINE_TIMEOUTS.items()}
+        object.__setattr__(self, "head_limits", head_limits)
+        object.__setattr__(self, "deadline_seconds", seconds)
+        object.__setattr__(self, "dispatch", self.reuse != "never" and self.listener.mode == "http")
+
+
+@dataclass
+class LoopServices:
+    """What one event loop gives every session, whatever its listener."""
+
+    pool: BackendPool
+    connector: Connector
+    deadlines: DeadlineWheel[Wakeable]  # one deadline per session, on one wheel
+    writes: WriteBatch  # relayed bytes go out when the loop's round ends
+    publish: Callable[[ConnectionRecord], None]
+    next_id: Callable[[], int]
+    worker_pid: int
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    idle: IdlePool | None = None  # idle backend connections (reuse modes)
+    publish_request: Callable[[RequestRecord], None] = _ignore_request
+    next_request_id: Callable[[], int] = itertools.count(1).__next__
+    # Kept here because every get_running_loop() costs a getpid() syscall (Python 3.11).
+    loop: asyncio.AbstractEventLoop | None = None
+    idle_readers: list[RequestReader] = field(default_factory=list)  # see READER_POOL_ABOVE
+
+
+@dataclass
+class ListenerState:
+    """What changes as one listener runs."""
+
+    connections: set[ClientSession] = field(default_factory=set)
+    accepted_total: int = 0
+    rejected_total: int = 0
+    draining: bool = False
+    # Set once bound: getsockname() for a port every accepted socket shares is a syscall saved.
+    local_port: int | None = None
+
+
+class ListenerContext:
+    """A session's view of its listener: the three objects above, and what is derived from
+    them once per listener rather than per connection."""
+
+    __slots__ = ("exchanges", "services", "settings", "state")
+
+    def __init__(
+        self, settings: ListenerSettings, services: LoopServices, state: ListenerState | None = None
+    ) -> None:
+        self.settings = settings
+        self.services = services
+        self.state = state if state is not None else ListenerState()
+        self.exchanges = ExchangeSettings(
+            services.next_request_id, services.clock, services.publish_request, settings.dispatch
+        )
+
+    @property
+    def listener(self) -> ListenerConfig:
+        return self.settings.listener
+
+    @property
+    def connections(self) -> set[ClientSession]:
+        return self.state.connections
