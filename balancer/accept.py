@@ -12,10 +12,13 @@ errors since the last one; connections wait in the kernel backlog meanwhile.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import socket
+import struct
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("balancer")
 
@@ -98,6 +101,52 @@ class SelectorAcceptor:
             self._resume.cancel()
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
+
+
+# A classic BPF socket filter (Linux) that drops a TCP segment whose flags are SYN without
+# ACK, and keeps every other: on a listening socket a socket filter sees the TCP header at
+# offset 0 (flags at byte 13).
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+_DROP_SYN = b"".join(
+    struct.pack("HBBI", code, jump_true, jump_false, k)
+    for code, jump_true, jump_false, k in (
+        (0x30, 0, 0, 13),  # ldb [13]          the flags byte
+        (0x54, 0, 0, 0x12),  # and #0x12         SYN | ACK
+        (0x15, 0, 1, 0x02),  # jeq #0x02         SYN alone?
+        (0x06, 0, 0, 0),  # ret #0             drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1            keep
+    )
+)
+_DROP_SYN_BUFFER = ctypes.create_string_buffer(_DROP_SYN)  # lives as long as the process
+
+
+def refuse_new_handshakes(sock: socket.socket) -> bool:
+    """Stop a listening socket from starting handshakes: SYNs are dropped, so handshakes under
+    way complete into the accept queue and new clients see no answer (they retry a second
+    later and meet a closed port: refused, never reset). False where the kernel will not."""
+    program = struct.pack("HL", len(_DROP_SYN) // 8, ctypes.addressof(_DROP_SYN_BUFFER))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, program)
+    except OSError:
+        return False
+    return True
+
+
+def take_waiting(
+    sock: socket.socket, factory: Callable[[], asyncio.BaseProtocol]
+) -> list[asyncio.Task[Any]]:
+    """Accept every connection waiting in `sock`'s accept queue, each to a new protocol."""
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[Any]] = []
+    while True:
+        try:
+            conn, _address = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return tasks
+        except OSError:  # out of descriptors, or the socket is gone: the rest cannot be had
+            return tasks
+        conn.setblocking(False)
+        tasks.append(loop.create_task(loop.connect_accepted_socket(factory, conn)))
 
 
 def bind_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:

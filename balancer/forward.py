@@ -41,26 +41,25 @@ if TYPE_CHECKING:
 class Forwarder:
     """The backend side of one client session (see the module docstring)."""
 
-    __slots__ = (
-        "backend",
-        "connect_task",
-        "ctx",
-        "dispatch",
-        "lease",
-        "pending",
-        "served",
-        "session",
-    )
+    __slots__ = ("backend", "connect_task", "lease", "pending", "served", "session")
 
-    def __init__(self, session: ClientSession, ctx: ListenerContext) -> None:
+    def __init__(self, session: ClientSession) -> None:
         self.session = session
-        self.ctx = ctx
-        self.dispatch = ctx.settings.dispatch
         self.lease: Lease | None = None
         self.backend: BackendConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.pending: list[bytes] | None = None  # never: for the backend, while connecting
         self.served = 0  # requests given a backend connection (safe mode: the first is new)
+
+    # Read through the session, not kept: every slot is 8 bytes on each idle connection.
+    @property
+    def ctx(self) -> ListenerContext:
+        return self.session.ctx
+
+    @property
+    def dispatch(self) -> bool:
+        """Reuse modes on an HTTP listener: a backend connection per exchange."""
+        return self.session.ctx.settings.dispatch
 
     # ---- connecting ------------------------------------------------------------------------
 

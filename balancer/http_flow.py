@@ -48,14 +48,17 @@ IDLE_READERS_KEPT = 256
 class HttpFlow:
     """The HTTP side of one client session (see the module docstring)."""
 
-    __slots__ = ("ctx", "framer", "pending_error", "reader", "session")
+    __slots__ = ("framer", "pending_error", "reader", "session")
 
-    def __init__(self, session: ClientSession, ctx: ListenerContext) -> None:
+    def __init__(self, session: ClientSession) -> None:
         self.session = session
-        self.ctx = ctx
         self.reader: RequestReader | None = None  # None before the first bytes, or released
         self.framer: ResponseFramer | None = None
         self.pending_error: BalancerError | None = None
+
+    @property
+    def ctx(self) -> ListenerContext:
+        return self.session.ctx  # not kept: a slot is 8 bytes on each idle connection
 
     # ---- requests --------------------------------------------------------------------------
 

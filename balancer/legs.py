@@ -107,6 +107,13 @@ class Leg:
         kernel = self._kernel()
         return tcpinfo.info(kernel) if kernel is not None else None
 
+    def handshake_info(self) -> tcpinfo.TCPInfo | None:
+        """TCP_INFO once the connection is up (its handshake RTT), without keeping the socket
+        object: a connection may then sit idle for long, and ~100 bytes each add up (S5)."""
+        info = self.tcp_info()
+        self.give_back()
+        return info
+
     @property
     def usable(self) -> bool:
         """Attached and not yet lost: a transport to write to or close."""

@@ -23,7 +23,13 @@ from typing import IO, Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from balancer import tcpinfo
-from balancer.accept import SelectorAcceptor, bind_acceptors, bind_sockets
+from balancer.accept import (
+    SelectorAcceptor,
+    bind_acceptors,
+    bind_sockets,
+    refuse_new_handshakes,
+    take_waiting,
+)
 from balancer.admin import AdminServer
 from balancer.backends import Backend
 from balancer.config import Config
@@ -45,6 +51,9 @@ ACCESS_LOG_FLUSH_SECONDS = 1.0
 # being looked at before its time (and re-armed, in a spin, until it is due).
 DEADLINE_SLACK_SECONDS = 0.001
 BACKLOG = 4096
+# At shutdown, after new handshakes are refused: the time given to those under way (their
+# client's ACK is one round trip away) before the accept queue is taken and the port closed.
+HANDSHAKES_SETTLE_SECONDS = 0.1
 
 
 class StartError(Exception):
@@ -180,7 +189,11 @@ class Balancer:
             StateCollector(self._listener_totals, lambda: self.pool.states, self._idle_count)
         )
         self.servers: list[Listening] = []
+        # The client listeners' own sockets and session factories: at shutdown the connections
+        # the kernel has accepted for us are taken before a socket closes (see take_waiting).
+        self._client_listeners: list[tuple[socket.socket, Callable[[], asyncio.BaseProtocol]]] = []
         self._acceptors: dict[str, list[SelectorAcceptor]] = {}
+        self._own_sockets: dict[str, list[socket.socket]] = {}  # by listener, while binding
         self.addresses: dict[str, tuple[str, int]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self.draining = False  # shutdown has begun (a flag: _publish reads it per connection)
@@ -232,9 +245,9 @@ class Balancer:
         for ctx in self.contexts:
             bind, name = ctx.listener.bind, ctx.listener.name
             self.services.loop = self._loop = asyncio.get_running_loop()
-            servers = await self._listen(
-                name, bind.host, bind.port, functools.partial(ClientSession, ctx)
-            )
+            factory = functools.partial(ClientSession, ctx)
+            servers = await self._listen(name, bind.host, bind.port, factory)
+            self._client_listeners += [(sock, factory) for sock in self._own_sockets.pop(name, [])]
             ports = {
                 sock.getsockname()[1]
                 for server in servers
@@ -268,11 +281,13 @@ class Balancer:
                 acceptors = bind_acceptors(loop, host, port, factory, name, BACKLOG)
                 self._acceptors[name] = acceptors
                 servers = list(acceptors)
+                self._own_sockets[name] = [a.sockets[0] for a in acceptors]
             else:
+                socks = bind_sockets(host, port, BACKLOG)
                 servers = [
-                    await loop.create_server(factory, sock=sock, backlog=BACKLOG)
-                    for sock in bind_sockets(host, port, BACKLOG)
+                    await loop.create_server(factory, sock=sock, backlog=BACKLOG) for sock in socks
                 ]
+                self._own_sockets[name] = socks
         except OSError as error:
             for server in self.servers:  # those bound before this one
                 server.close()
@@ -291,14 +306,22 @@ class Balancer:
         """Stop accepting; finish requests in flight (`Connection: close` on their responses);
         close idle connections at once; after `grace` seconds close whatever is left."""
         grace = self.config.timeouts.shutdown_grace_seconds if grace is None else grace
-        for server in self.servers:
-            server.close()
         self.draining = True
         for ctx in self.contexts:
-            ctx.state.draining = True
+            ctx.state.draining = True  # from here every response says close
             for conn in list(ctx.connections):
                 conn.drain()
-
+        # Closing a listening socket resets the connections in its accept queue, requests
+        # sent and all (ab -c 50: ~45 per SIGTERM). So: no new handshakes (SYNs dropped),
+        # a moment for those under way to complete, then take the queue, then close.
+        listeners = self._client_listeners
+        if listeners and all(refuse_new_handshakes(sock) for sock, _ in listeners):
+            await asyncio.sleep(min(HANDSHAKES_SETTLE_SECONDS, grace))
+        taken = [task for sock, factory in listeners for task in take_waiting(sock, factory)]
+        for server in self.servers:
+            server.close()
+        if taken:
+            await asyncio.wait(taken, timeout=grace)
         if any(ctx.connections for ctx in self.contexts):
             try:
                 await asyncio.wait_for(self._drained.wait(), timeout=grace)

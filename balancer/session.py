@@ -102,8 +102,8 @@ class ClientSession(asyncio.Protocol):
         self.client = Leg(self.record.client_leg, services.writes, services.clock)
         self.phase = EXCHANGING
         tcp = ctx.settings.listener.mode == "tcp"
-        self.http: HttpFlow | None = None if tcp else HttpFlow(self, ctx)
-        self.fwd = Forwarder(self, ctx)
+        self.http: HttpFlow | None = None if tcp else HttpFlow(self)
+        self.fwd = Forwarder(self)
         self.tls: TLSFront | None = None  # TLS listeners
         self.exchanges = Exchanges(self.record, ctx.exchanges)
         self.client_eof = False
@@ -143,7 +143,7 @@ class ClientSession(asyncio.Protocol):
             record.local_port = state.local_port
         elif local := transport.get_extra_info("sockname"):
             record.local_port = local[1]
-        info = self.client.tcp_info()
+        info = self.client.handshake_info()
         if info is not None:
             record.tcp_handshake_rtt_seconds = info.rtt_seconds
         state.connections.add(self)
@@ -151,9 +151,6 @@ class ClientSession(asyncio.Protocol):
             state.rejected_total += 1
             record.close_cause = MAX_CONNECTIONS
             self.abort_client()
-            return
-        if state.draining:  # accepted in the moment between shutdown and the listener closing
-            self.close_client(SHUTDOWN)
             return
         ssl_context = ctx.settings.ssl_context
         if ssl_context is not None:
@@ -465,7 +462,10 @@ class ClientSession(asyncio.Protocol):
     # ---- shutdown, admin -------------------------------------------------------------------
 
     def drain(self) -> None:
-        """Shutdown has begun: close now if idle, else after the response in flight."""
+        """Shutdown has begun: close now if idle between requests, else after the response in
+        flight. A connection that has sent no request yet is given its first (the bytes may
+        be in the kernel, unread; its header deadline bounds the wait): closing it would drop
+        a request that reached the machine."""
         if self.phase >= CLOSING:
             return
         http = self.http
@@ -473,8 +473,9 @@ class ClientSession(asyncio.Protocol):
             http.drain()
         if self.phase == HANDSHAKING or self.phase == TUNNEL or self.fwd.connect_task:
             return
-        if http is None or not http.busy:
-            self.close_client(SHUTDOWN)
+        if http is not None and (http.busy or self.record.requests == 0):
+            return
+        self.close_client(SHUTDOWN)
 
     def force_close(self) -> None:
         """The shutdown grace is over: whatever is left ends now, lingering legs included."""

@@ -205,7 +205,7 @@ class Connector:
             local = conn.leg.transport.get_extra_info("sockname")
             if local:
                 record.local_port = local[1]
-            info = conn.leg.tcp_info()
+            info = conn.leg.handshake_info()
             if info is not None:
                 record.tcp_handshake_rtt_seconds = info.rtt_seconds
             return lease, conn
