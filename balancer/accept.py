@@ -178,19 +178,14 @@ def bind_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
     return sockets
 
 
-def bind_acceptors(
+def serve_acceptors(
     loop: asyncio.AbstractEventLoop,
-    host: str,
-    port: int,
+    socks: list[socket.socket],
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     name: str,
-    backlog: int,
 ) -> list[SelectorAcceptor]:
-    """A started SelectorAcceptor on each socket `bind_sockets` makes."""
-    acceptors = [
-        SelectorAcceptor(loop, sock, protocol_factory, name)
-        for sock in bind_sockets(host, port, backlog)
-    ]
+    """A started SelectorAcceptor on each listening socket."""
+    acceptors = [SelectorAcceptor(loop, sock, protocol_factory, name) for sock in socks]
     for acceptor in acceptors:
         acceptor.start()
     return acceptors

@@ -7,30 +7,54 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import h11
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-Route = Callable[[], tuple[int, str, bytes]]
+T = TypeVar("T")
+View = Callable[[], T | Awaitable[T]]  # a worker's views are direct; the supervisor's ask
+Route = Callable[[], Awaitable[tuple[int, str, bytes]]]
 
 
 class AdminServer:
     def __init__(
         self,
-        registry: CollectorRegistry,
-        connections: Callable[[], dict[str, Any]],
-        backends: Callable[[], list[dict[str, Any]]],
+        metrics: View[bytes],
+        connections: View[dict[str, Any]],
+        backends: View[list[dict[str, Any]]],
     ) -> None:
+        async def metrics_page() -> tuple[int, str, bytes]:
+            return 200, CONTENT_TYPE_LATEST, await _now(metrics)
+
+        async def connections_page() -> tuple[int, str, bytes]:
+            return _json(await _now(connections))
+
+        async def backends_page() -> tuple[int, str, bytes]:
+            return _json(await _now(backends))
+
+        async def health() -> tuple[int, str, bytes]:
+            return 200, "text/plain; charset=utf-8", b"ok\n"
+
         self.routes: dict[str, Route] = {
-            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
-            "/connections": lambda: _json(connections()),
-            "/backends": lambda: _json(backends()),
-            "/healthz": lambda: (200, "text/plain; charset=utf-8", b"ok\n"),
+            "/metrics": metrics_page,
+            "/connections": connections_page,
+            "/backends": backends_page,
+            "/healthz": health,
         }
+
+    @classmethod
+    def of_registry(
+        cls,
+        registry: CollectorRegistry,
+        connections: View[dict[str, Any]],
+        backends: View[list[dict[str, Any]]],
+    ) -> AdminServer:
+        return cls(lambda: generate_latest(registry), connections, backends)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -57,7 +81,7 @@ class AdminServer:
                     elif route is None:
                         status, kind, body = 404, "text/plain", b"not found\n"
                     else:
-                        status, kind, body = route()
+                        status, kind, body = await route()
                     headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
                     reason = HTTPStatus(status).phrase.encode()
                     response = h11.Response(status_code=status, headers=headers, reason=reason)
@@ -80,3 +104,10 @@ class AdminServer:
 
 def _json(value: object) -> tuple[int, str, bytes]:
     return 200, "application/json", json.dumps(value, indent=1).encode() + b"\n"
+
+
+async def _now(view: View[T]) -> T:
+    result = view()
+    if inspect.isawaitable(result):
+        return await result
+    return result

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import resource
+import ssl
 import sys
 import tomllib
 from collections.abc import Callable, Coroutine, Sequence
@@ -30,12 +31,18 @@ from balancer.config import (
     parse_config,
 )
 from balancer.policies import POLICIES
-from balancer.server import Balancer, StartError
+from balancer.server import Balancer, StartError, build_ssl_context
+from balancer.supervisor import Supervisor
 from balancer.tls import TLSSetupError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("balancer")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def _workers_flag(value: str) -> int | str:
+    """--workers: a count, or "auto" (checked with the file's keys, by config.py)."""
+    return value if value == "auto" else int(value) if value.isdigit() else value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--key", metavar="FILE", help="server private key (PEM)")
         sub.add_argument("--admin", metavar="ADDR", help="admin listener: /metrics and more")
         sub.add_argument("--access-log", metavar="PATH|-", help="one JSON line per connection")
-        sub.add_argument("--workers", type=int, metavar="N", help="worker processes (1 for now)")
+        sub.add_argument(
+            "--workers",
+            type=_workers_flag,
+            metavar="N|auto",
+            help="worker processes (auto: one per CPU)",
+        )
         sub.add_argument(
             "--event-loop",
             choices=EVENT_LOOPS,
@@ -243,14 +255,34 @@ def budget_file_descriptors(config: Config, max_connections_set: bool) -> tuple[
     return config, message, logging.WARNING
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace) -> tuple[Config, ssl.SSLContext | None, str, int]:
+    """Everything `check` checks, for `run` and for each reload: the configuration to run,
+    the TLS context (built once, for every worker), and the descriptor budget's log line and
+    level. Raises ConfigError or TLSSetupError."""
     config, max_connections_set = load(args)
-    access_log = open_access_log(config)
+    problem = access_log_problem(config)
+    if problem is not None:
+        raise ConfigError([problem])
     config, descriptors, level = budget_file_descriptors(config, max_connections_set)
-    balancer = Balancer(config, access_log=access_log)
+    ssl_context = build_ssl_context(config)
+    Balancer(config, ssl_context=ssl_context)  # backends resolve; nothing is bound
+    return config, ssl_context, descriptors, level
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config, ssl_context, descriptors, level = prepare(args)
+    supervisor = Supervisor(
+        config,
+        ssl_context,
+        prepare=lambda: prepare(args)[:2],
+        open_access_log=open_access_log,
+        run_loop=run_loop,
+    )
     try:
-        # Said once bound: a port in use or a bad file is the first thing an operator reads.
-        run_loop(config, lambda: balancer.serve(lambda: log.log(level, descriptors)))
+        # The supervisor's own loop is asyncio's: it forks, and a child must not inherit a
+        # libuv loop's state. Said once bound: a port in use is the first thing to read.
+        with asyncio.Runner() as runner:
+            runner.run(supervisor.run(lambda: log.log(level, descriptors)))
     except StartError as error:
         log.error("cannot start: %s", error)
         return EXIT_RUNTIME

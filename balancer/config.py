@@ -107,7 +107,7 @@ class Config:
     admin: Address | None = None
     access_log: str | None = None
     request_log: bool = False  # one access-log line per request too (with an access log)
-    workers: int = 1
+    workers: int | str = 1  # or "auto": one per CPU (supervisor.worker_count)
     event_loop: str = "uvloop"
     source: str = "<defaults>"
 
@@ -199,6 +199,19 @@ def _positive_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(value)
     return value
+
+
+MAX_WORKERS = 256
+
+
+def _workers(value: object) -> int | str:
+    """A worker count, or "auto" (one per CPU: resolved where the machine is known)."""
+    if value == "auto":
+        return "auto"
+    count = _positive_int(value)
+    if count > MAX_WORKERS:
+        raise ValueError(value)
+    return count
 
 
 def _text(value: object) -> str:
@@ -315,9 +328,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     admin = r.get(data, "admin", "admin", parse_address, ADDRESS, None)
     access_log = r.get(data, "access_log", "access_log", _text, "a file path or '-' (stdout)")
     request_log = r.get(data, "request_log", "request_log", _boolean, "true or false", False)
-    workers = r.get(data, "workers", "workers", _positive_int, COUNT, 1)
-    if workers not in (None, 1):
-        r.problem("workers", workers, "1 (several worker processes are not supported yet)")
+    workers = r.get(data, "workers", "workers", _workers, f"{COUNT} up to 256, or 'auto'", 1)
     event_loop = r.get(data, "event_loop", "event_loop", _choice(EVENT_LOOPS),
                        "'uvloop' or 'asyncio'", "uvloop")  # fmt: skip
 
@@ -410,7 +421,7 @@ class Overrides:
     key: str | None = None
     admin: str | None = None
     access_log: str | None = None
-    workers: int | None = None
+    workers: int | str | None = None
     event_loop: str | None = None
 
 

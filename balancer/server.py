@@ -17,7 +17,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import IO, Any, Protocol
 
 from prometheus_client import CollectorRegistry
@@ -25,9 +25,9 @@ from prometheus_client import CollectorRegistry
 from balancer import tcpinfo
 from balancer.accept import (
     SelectorAcceptor,
-    bind_acceptors,
     bind_sockets,
     refuse_new_handshakes,
+    serve_acceptors,
     take_waiting,
 )
 from balancer.admin import AdminServer
@@ -115,7 +115,10 @@ class Balancer:
         registry: CollectorRegistry | None = None,
         access_log: IO[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context`: built from the config unless given (the supervisor builds it once
+        for all its workers, so a session ticket one issues the others resume)."""
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.access_log = access_log
@@ -141,12 +144,8 @@ class Balancer:
         self.deadlines: DeadlineWheel[Wakeable] = DeadlineWheel(self._arm_deadlines)
         self.writes = WriteBatch(self._call_soon)
         ids = itertools.count(1)
-        ssl_context: ssl.SSLContext | None = None
-        if config.tls is not None and any(x.tls for x in config.listeners):
-            alpn = (
-                ["http/1.1"] if any(x.tls and x.mode == "http" for x in config.listeners) else None
-            )
-            ssl_context = server_context(config.tls, alpn)
+        if ssl_context is None:
+            ssl_context = build_ssl_context(config)
         # Backend connections between exchanges (reuse modes), one pool for the worker.
         self.idle: IdlePool | None = None
         if config.upstream.reuse != "never":
@@ -194,6 +193,7 @@ class Balancer:
         self._client_listeners: list[tuple[socket.socket, Callable[[], asyncio.BaseProtocol]]] = []
         self._acceptors: dict[str, list[SelectorAcceptor]] = {}
         self._own_sockets: dict[str, list[socket.socket]] = {}  # by listener, while binding
+        self._owns_sockets = True  # bound here, not handed over by a supervisor
         self.addresses: dict[str, tuple[str, int]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self.draining = False  # shutdown has begun (a flag: _publish reads it per connection)
@@ -240,13 +240,17 @@ class Balancer:
             for c in self.contexts
         ]
 
-    async def start(self) -> None:
-        """Bind every listener (and the admin endpoint); port 0 picks one, logged here."""
+    async def start(self, inherited: Mapping[str, list[socket.socket]] | None = None) -> None:
+        """Listen on every listener (and the admin endpoint); port 0 picks one, logged here.
+        A worker is handed its listeners' sockets, bound by the supervisor (`inherited`, by
+        listener name); the supervisor serves the admin endpoint then."""
+        self._owns_sockets = inherited is None
         for ctx in self.contexts:
             bind, name = ctx.listener.bind, ctx.listener.name
             self.services.loop = self._loop = asyncio.get_running_loop()
             factory = functools.partial(ClientSession, ctx)
-            servers = await self._listen(name, bind.host, bind.port, factory)
+            sockets = inherited[name] if inherited is not None else None
+            servers = await self._listen(name, bind.host, bind.port, factory, sockets)
             self._client_listeners += [(sock, factory) for sock in self._own_sockets.pop(name, [])]
             ports = {
                 sock.getsockname()[1]
@@ -258,36 +262,44 @@ class Balancer:
                 for server in servers:
                     for sock in getattr(server, "sockets", None) or []:
                         tcpinfo.enable_receive_timestamps(sock)
-        if self.config.admin is not None:
-            admin = AdminServer(self.registry, self.connections_view, self.backends_view)
+        if self.config.admin is not None and inherited is None:
+            admin = AdminServer.of_registry(
+                self.registry, self.connections_view, self.backends_view
+            )
 
             def admin_protocol() -> asyncio.BaseProtocol:
                 return asyncio.StreamReaderProtocol(asyncio.StreamReader(), admin.handle)
 
             bind = self.config.admin
             await self._listen("admin", bind.host, bind.port, admin_protocol)
-        for name, (host, port) in self.addresses.items():
-            log.info("listening: %s on %s:%d", name, host, port)
+        if inherited is None:  # (else the supervisor says where it listens)
+            for name, (host, port) in self.addresses.items():
+                log.info("listening: %s on %s:%d", name, host, port)
         if self.access_log is not None:
             self._flusher = asyncio.create_task(self._flush_access_log())
 
     async def _listen(
-        self, name: str, host: str, port: int, factory: Callable[[], asyncio.BaseProtocol]
+        self,
+        name: str,
+        host: str,
+        port: int,
+        factory: Callable[[], asyncio.BaseProtocol],
+        socks: list[socket.socket] | None = None,
     ) -> list[Listening]:
         loop = asyncio.get_running_loop()
         servers: list[Listening]
         try:
+            if socks is None:
+                socks = bind_sockets(host, port, BACKLOG)
             if isinstance(loop, asyncio.SelectorEventLoop):  # see balancer.accept
-                acceptors = bind_acceptors(loop, host, port, factory, name, BACKLOG)
+                acceptors = serve_acceptors(loop, socks, factory, name)
                 self._acceptors[name] = acceptors
                 servers = list(acceptors)
-                self._own_sockets[name] = [a.sockets[0] for a in acceptors]
             else:
-                socks = bind_sockets(host, port, BACKLOG)
                 servers = [
                     await loop.create_server(factory, sock=sock, backlog=BACKLOG) for sock in socks
                 ]
-                self._own_sockets[name] = socks
+            self._own_sockets[name] = socks
         except OSError as error:
             for server in self.servers:  # those bound before this one
                 server.close()
@@ -315,7 +327,13 @@ class Balancer:
         # sent and all (ab -c 50: ~45 per SIGTERM). So: no new handshakes (SYNs dropped),
         # a moment for those under way to complete, then take the queue, then close.
         listeners = self._client_listeners
-        if listeners and all(refuse_new_handshakes(sock) for sock, _ in listeners):
+        # (A worker's sockets are shared with the supervisor and the next generation: refusing
+        # handshakes is the supervisor's to do, and only when it stops for good.)
+        if (
+            self._owns_sockets
+            and listeners
+            and all(refuse_new_handshakes(sock) for sock, _ in listeners)
+        ):
             await asyncio.sleep(min(HANDSHAKES_SETTLE_SECONDS, grace))
         taken = [task for sock, factory in listeners for task in take_waiting(sock, factory)]
         for server in self.servers:
@@ -411,6 +429,14 @@ class Balancer:
             }
             for s in self.pool.states
         ]
+
+
+def build_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The TLS listeners' context (None without one); raises what loading cert and key do."""
+    if config.tls is None or not any(x.tls for x in config.listeners):
+        return None
+    alpn = ["http/1.1"] if any(x.tls and x.mode == "http" for x in config.listeners) else None
+    return server_context(config.tls, alpn)
 
 
 def _bound(server: Listening) -> tuple[str, int]:

@@ -40,6 +40,11 @@ def test_minimal_config_gets_production_defaults() -> None:
     assert config.event_loop == "uvloop" and config.workers == 1
 
 
+def test_workers_is_a_count_or_auto() -> None:
+    assert parse_config({**MINIMAL, "workers": 4}, "ok.toml").workers == 4
+    assert parse_config({**MINIMAL, "workers": "auto"}, "ok.toml").workers == "auto"
+
+
 def test_https_listener_gets_tls_defaults() -> None:
     table = {**MINIMAL, "listeners": [{"bind": "0.0.0.0:443", "protocol": "https"}]}
     tls = parse_config(table, "ok.toml").tls
@@ -76,7 +81,9 @@ def test_https_listener_gets_tls_defaults() -> None:
         ({"tls": {"min_version": "1.0"}}, "tls.min_version", "'1.2' or '1.3'"),
         ({"tls": {"min_version": "1.3", "max_version": "1.2"}}, "tls.max_version", ">="),
         ({"tls": {"session_tickets": "yes"}}, "tls.session_tickets", "true or false"),
-        ({"workers": 4}, "workers", "not supported yet"),
+        ({"workers": 0}, "workers", "or 'auto'"),
+        ({"workers": 1000}, "workers", "up to 256"),
+        ({"workers": "many"}, "workers", "or 'auto'"),
         ({"event_loop": "trio"}, "event_loop", "'uvloop' or 'asyncio'"),
         ({"admin": "localhost"}, "admin", "an address"),
         ({"upstream": {"reuse": "sometimes"}}, "upstream.reuse", "'never' or 'safe' or 'always'"),

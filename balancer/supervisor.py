@@ -1,0 +1,526 @@
+"""The supervisor: binds the listeners once, forks the workers, keeps them, reloads them.
+
+Theory of operation
+-------------------
+`balancer run` is this process. It binds every client listener (a port in use is reported
+before any worker starts), builds the TLS context once (so a session ticket one worker
+issues, another resumes), serves the admin endpoint, and forks `workers` worker processes
+(worker.py) that inherit the listening sockets and share their accept queues.
+
+    generation 1: N workers ──► SIGHUP: the file is checked as `balancer check` does
+        │   ├─ a problem: logged, counted (result="failure"); generation 1 serves on
+        │   └─ fine: generation 2 starts on the same sockets (new listeners bound, the
+        │       listeners kept as they were), and once every new worker is ready,
+        │       generation 1 gets SIGTERM: it stops accepting and drains. The sockets
+        │       never close, so nothing waiting in an accept queue is lost.
+    a worker that dies unasked ──► logged, counted, forked again after a backoff
+    SIGTERM, SIGINT, SIGQUIT ──► new SYNs dropped, 0.1 s for handshakes under way, then
+        every worker takes its share of the accept queue and drains; a second one: SIGKILL
+    SIGUSR1 ──► passed to the workers (each reopens the access log)
+
+One view across workers: /metrics asks each worker for its page and sums them
+(aggregate.py), keeping what exited workers counted, so a counter never goes backwards;
+/connections and /backends join the workers' lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from balancer.accept import bind_sockets, refuse_new_handshakes
+from balancer.admin import AdminServer
+from balancer.aggregate import Totals, join_backends, join_connections
+from balancer.config import Address, Config, ConfigError
+from balancer.server import BACKLOG, HANDSHAKES_SETTLE_SECONDS, StartError, bind_failure
+from balancer.worker import CONTROL_LIMIT_BYTES, WorkerSpec, run_worker
+
+log = logging.getLogger("balancer")
+
+RESTART_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_SECONDS = 30.0  # a worker that lived this long starts the backoff over
+READY_TIMEOUT_SECONDS = 15.0
+ASK_TIMEOUT_SECONDS = 3.0
+
+Prepare = Callable[[], tuple[Config, ssl.SSLContext | None]]
+
+
+def worker_count(config: Config) -> int:
+    if config.workers == "auto":
+        if hasattr(os, "sched_getaffinity"):
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
+    assert isinstance(config.workers, int)
+    return config.workers
+
+
+class Worker:
+    """The supervisor's side of one worker process."""
+
+    def __init__(
+        self,
+        index: int,
+        generation: int,
+        pid: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.index = index
+        self.generation = generation
+        self.pid = pid
+        self.reader = reader
+        self.writer = writer
+        self.started_at = time.monotonic()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.retiring = False
+        self.final: str | None = None  # its last metrics page, sent as it exits
+        self.last_metrics: str | None = None  # the last page it answered with
+        self._asked: dict[int, asyncio.Future[Any]] = {}
+        self._next_id = 0
+        self.listening = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _listen(self) -> None:
+        with contextlib.suppress(ConnectionError, ValueError):
+            while line := await self.reader.readline():
+                message = json.loads(line)
+                kind = message.get("kind")
+                if kind == "ready" and not self.ready.done():
+                    self.ready.set_result(None)
+                elif kind == "reply":
+                    waiter = self._asked.pop(message.get("id"), None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(message.get("body"))
+                elif kind == "final":
+                    self.final = message.get("metrics")
+        for waiter in self._asked.values():
+            if not waiter.done():
+                waiter.set_result(None)
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("the worker exited before it was ready"))
+
+    async def ask(self, what: str) -> Any:
+        """A view from the worker (None if it does not answer in time)."""
+        self._next_id += 1
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._asked[self._next_id] = waiter
+        try:
+            self.writer.write(json.dumps({"id": self._next_id, "ask": what}).encode() + b"\n")
+        except (ConnectionError, RuntimeError):
+            return None
+        try:
+            return await asyncio.wait_for(waiter, ASK_TIMEOUT_SECONDS)
+        except TimeoutError:
+            self._asked.pop(self._next_id, None)
+            return None
+
+    def close(self) -> None:
+        self.listening.cancel()
+        self.writer.close()
+
+
+class Generation:
+    """Workers started together on one configuration."""
+
+    def __init__(self, number: int, config: Config, ssl_context: ssl.SSLContext | None) -> None:
+        self.number = number
+        self.config = config
+        self.ssl_context = ssl_context
+        self.sockets: dict[str, list[socket.socket]] = {}  # listener name → bound sockets
+        self.workers: dict[int, Worker] = {}  # by index; a restarted worker takes the slot
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        prepare: Prepare,
+        open_access_log: Callable[[Config], IO[str] | None],
+        run_loop: Callable[[Config, Callable[[], Any]], None],
+    ) -> None:
+        self.prepare = prepare  # read and check the file again (reload)
+        self.open_access_log = open_access_log
+        self.run_loop = run_loop
+        self.generation = Generation(1, config, ssl_context)
+        self.retiring: list[Generation] = []
+        # By configured address (host, port, and the listener's name if the port is 0).
+        self.bound: dict[tuple[str, int, str], list[socket.socket]] = {}
+        self.addresses: dict[str, tuple[str, int]] = {}  # listener name → bound address
+        self.totals = Totals()
+        self.stopping = False
+        self._stopped = asyncio.Event()
+        self._admin: asyncio.Server | None = None
+        self._admin_bind: Address | None = None
+        self._restarts: dict[int, int] = {}  # slot → restarts in a row
+        self._children: dict[int, Worker] = {}  # pid → worker, until reaped
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.registry = CollectorRegistry()
+        self.reloads = Counter(
+            "balancer_config_reloads",
+            "Reloads asked for (SIGHUP), by result: success, or failure (the file or a "
+            "listener had a problem; the running configuration serves on).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.last_reload = Gauge(
+            "balancer_config_last_reload_success_timestamp_seconds",
+            "When the running configuration was loaded (Unix time).",
+            registry=self.registry,
+        )
+        self.restarts = Counter(
+            "balancer_worker_restarts",
+            "Worker processes that exited unasked and were started again.",
+            registry=self.registry,
+        )
+        self.workers_gauge = Gauge(
+            "balancer_workers", "Worker processes running now.", registry=self.registry
+        )
+        self.workers_gauge.set_function(lambda: len(self._children))
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+
+    # ---- running ---------------------------------------------------------------------------
+
+    async def run(self, on_started: Callable[[], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(signum, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
+        generation = self.generation
+        self._bind(generation)
+        await self._serve_admin(generation.config)
+        try:
+            await self._start(generation)
+        except ConnectionError as error:
+            self._close_all_sockets()
+            raise StartError(f"the workers did not start: {error}") from None
+        for name, (host, port) in self.addresses.items():  # said once served
+            log.info("listening: %s on %s:%d", name, host, port)
+        if on_started is not None:
+            on_started()
+        self.last_reload.set(time.time())
+        log.info(
+            "supervisor (pid %d): %d worker(s) running: %s",
+            os.getpid(),
+            len(generation.workers),
+            " ".join(str(w.pid) for w in generation.workers.values()),
+        )
+        await self._stopped.wait()
+
+    def _bind(self, generation: Generation) -> None:
+        """Sockets for each of the generation's listeners: those already bound to the same
+        address are kept; the rest are bound now (StartError names the first that fails)."""
+        fresh: dict[tuple[str, int, str], list[socket.socket]] = {}
+        try:
+            for listener in generation.config.listeners:
+                host, port = listener.bind.host, listener.bind.port
+                # Port 0 ("any free port") is a port of the listener's own, kept by name.
+                key = (host, port, "" if port else listener.name)
+                socks = self.bound.get(key) or fresh.get(key)
+                if socks is None:
+                    try:
+                        socks = fresh[key] = bind_sockets(host, port, BACKLOG)
+                    except OSError as error:
+                        raise bind_failure(listener.name, host, port, error) from None
+                generation.sockets[listener.name] = socks
+        except StartError:
+            for socks in fresh.values():
+                for sock in socks:
+                    sock.close()
+            raise
+        self.bound.update(fresh)
+        for name, socks in generation.sockets.items():
+            self.addresses[name] = socks[0].getsockname()[:2]
+
+    async def _serve_admin(self, config: Config) -> None:
+        if config.admin == self._admin_bind:
+            return
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+            self.addresses.pop("admin", None)
+        self._admin_bind = config.admin
+        if config.admin is None:
+            return
+        admin = AdminServer(self._metrics_page, self._connections, self._backends)
+        host, port = config.admin.host, config.admin.port
+        try:
+            socks = bind_sockets(host, port, BACKLOG)
+            self._admin = await asyncio.start_server(admin.handle, sock=socks[0])
+        except OSError as error:
+            raise bind_failure("admin", host, port, error) from None
+        self.addresses["admin"] = socks[0].getsockname()[:2]
+
+    async def _start(self, generation: Generation) -> None:
+        """Fork the generation's workers and wait until each serves (ConnectionError if one
+        exits first or does not say it is ready in time)."""
+        for index in range(worker_count(generation.config)):
+            await self._spawn(generation, index)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(w.ready for w in generation.workers.values())),
+                READY_TIMEOUT_SECONDS,
+            )
+        except (TimeoutError, ConnectionError) as error:
+            for worker in generation.workers.values():
+                worker.retiring = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+            raise ConnectionError(str(error) or "not ready in time") from None
+
+    async def _spawn(self, generation: Generation, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        keep = {theirs.fileno(), *(s.fileno() for socks in generation.sockets.values()
+                                     for s in socks)}  # fmt: skip
+        spec = WorkerSpec(
+            index, generation.number, generation.config, generation.sockets,
+            generation.ssl_context, theirs, self.open_access_log, self.run_loop,
+        )  # fmt: skip
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 70
+            try:
+                keep.update(_log_descriptors())
+                code = run_worker(spec, keep)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        theirs.close()
+        reader, writer = await asyncio.open_connection(sock=ours, limit=CONTROL_LIMIT_BYTES)
+        worker = Worker(index, generation.number, pid, reader, writer)
+        generation.workers[index] = worker
+        self._children[pid] = worker
+        pidfd = os.pidfd_open(pid)
+        loop.add_reader(pidfd, self._reap, worker, pidfd)
+
+    def _reap(self, worker: Worker, pidfd: int) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        try:
+            _, status = os.waitpid(worker.pid, 0)
+        except ChildProcessError:
+            status = 0
+        self._children.pop(worker.pid, None)  # reaped: its pid may be another's from now on
+        self._background(self._gone(worker, status))
+
+    async def _gone(self, worker: Worker, status: int) -> None:
+        """A worker exited: keep what it counted, then start it again if nobody asked it to
+        stop. (Its last message may still be in the control channel: read to the end.)"""
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(worker.listening), ASK_TIMEOUT_SECONDS)
+        worker.close()
+        self.totals.retire(worker.final if worker.final is not None else worker.last_metrics)
+        generation = self._generation_of(worker)
+        if generation is not None and generation.workers.get(worker.index) is worker:
+            del generation.workers[worker.index]
+        if self.stopping or worker.retiring or worker.generation != self.generation.number:
+            retired = generation is not None and generation is not self.generation
+            if retired and generation is not None and not generation.workers:
+                self._retired(generation)
+            if self.stopping and not self._children:
+                self._close_all_sockets()
+                self._stopped.set()
+            return
+        # Unasked: start it again, later each time it keeps failing.
+        lived = time.monotonic() - worker.started_at
+        streak = 0 if lived >= STABLE_SECONDS else self._restarts.get(worker.index, 0)
+        delay = RESTART_BACKOFF_SECONDS[min(streak, len(RESTART_BACKOFF_SECONDS) - 1)]
+        self._restarts[worker.index] = streak + 1
+        self.restarts.inc()
+        log.error(
+            "worker %d (pid %d) exited unasked (%s) after %.1f s; starting it again in %.1f s",
+            worker.index, worker.pid, _describe(status), lived, delay,
+        )  # fmt: skip
+        generation_number = worker.generation
+        loop.call_later(
+            delay, lambda: self._background(self._respawn(worker.index, generation_number))
+        )
+
+    async def _respawn(self, index: int, generation_number: int) -> None:
+        generation = self.generation
+        if self.stopping or generation.number != generation_number or index in generation.workers:
+            return  # stopping, reloaded since, or started again already
+        await self._spawn(generation, index)
+
+    def _generation_of(self, worker: Worker) -> Generation | None:
+        for generation in (self.generation, *self.retiring):
+            if generation.number == worker.generation:
+                return generation
+        return None
+
+    # ---- reload ----------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """SIGHUP: check the file as `balancer check` does, then start a new generation."""
+        if self.stopping:
+            return
+        log.info("reload: checking the configuration")
+        try:
+            config, ssl_context = self.prepare()
+        except ConfigError as error:
+            for problem in error.problems:
+                log.error("reload: %s", problem)
+            return self._reload_failed()
+        except Exception as error:
+            log.error("reload: %s", error)
+            return self._reload_failed()
+        old = self.generation
+        new = Generation(old.number + 1, config, ssl_context)
+        try:
+            self._bind(new)
+            await self._serve_admin(config)
+            await self._start(new)
+        except (StartError, ConnectionError) as error:
+            log.error("reload: %s", error)
+            self._close_unused_sockets(keep=old)
+            return self._reload_failed()
+        self.generation = new
+        self.retiring.append(old)
+        self.reloads.labels("success").inc()
+        self.last_reload.set(time.time())
+        for name, (host, port) in self.addresses.items():
+            if name != "admin" and name not in new.sockets:
+                continue
+            log.info("listening: %s on %s:%d", name, host, port)
+        log.info(
+            "reload: generation %d serving (pids %s); generation %d draining",
+            new.number, " ".join(str(w.pid) for w in new.workers.values()), old.number,
+        )  # fmt: skip
+        for worker in old.workers.values():
+            worker.retiring = True
+        await self._refuse_removed(new)
+        for worker in list(old.workers.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+        if not old.workers:
+            self._retired(old)
+
+    def _reload_failed(self) -> None:
+        self.reloads.labels("failure").inc()
+        log.error("reload failed: still serving generation %d", self.generation.number)
+
+    async def _refuse_removed(self, new: Generation) -> None:
+        """Listeners the new configuration dropped: no new handshakes before the old workers
+        take their queues and close (see Balancer.shutdown)."""
+        kept = {id(s) for socks in new.sockets.values() for s in socks}
+        removed = [s for socks in self.bound.values() for s in socks if id(s) not in kept]
+        if removed and all(refuse_new_handshakes(sock) for sock in removed):
+            await asyncio.sleep(HANDSHAKES_SETTLE_SECONDS)
+
+    def _retired(self, generation: Generation) -> None:
+        if generation in self.retiring:
+            self.retiring.remove(generation)
+        self._close_unused_sockets(keep=self.generation)
+
+    def _close_unused_sockets(self, keep: Generation) -> None:
+        generations = (keep, *self.retiring)
+        used = {id(s) for g in generations for socks in g.sockets.values() for s in socks}
+        for key, socks in list(self.bound.items()):
+            if not any(id(s) in used for s in socks):
+                for sock in socks:
+                    sock.close()
+                del self.bound[key]
+        for name in list(self.addresses):
+            if name != "admin" and name not in keep.sockets:
+                del self.addresses[name]
+
+    # ---- stopping, signals -----------------------------------------------------------------
+
+    def _on_stop_signal(self) -> None:
+        if self.stopping:  # the second one: now
+            log.warning("stopping now: killing %d worker(s)", len(self._children))
+            for pid in list(self._children):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return
+        self.stopping = True
+        self._background(self._stop())
+
+    async def _stop(self) -> None:
+        log.info("shutting down: draining %d worker(s)", len(self._children))
+        if self._admin is not None:
+            self._admin.close()
+        socks = [s for listening in self.bound.values() for s in listening]
+        if socks and all(refuse_new_handshakes(sock) for sock in socks):
+            await asyncio.sleep(HANDSHAKES_SETTLE_SECONDS)
+        for pid in list(self._children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if not self._children:
+            self._close_all_sockets()
+            self._stopped.set()
+
+    def _close_all_sockets(self) -> None:
+        for socks in self.bound.values():
+            for sock in socks:
+                sock.close()
+        self.bound.clear()
+
+    def _forward(self, signum: int) -> None:
+        for pid in list(self._children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # held: the loop keeps only a weak reference
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- one view across workers -----------------------------------------------------------
+
+    def _live(self) -> list[Worker]:
+        return [w for w in self._children.values() if w.ready.done() and not w.ready.exception()]
+
+    async def _ask_all(self, what: str) -> list[tuple[Worker, Any]]:
+        workers = self._live()
+        answers = await asyncio.gather(*(w.ask(what) for w in workers))
+        return [(w, a) for w, a in zip(workers, answers, strict=True) if a is not None]
+
+    async def _metrics_page(self) -> bytes:
+        answers = await self._ask_all("metrics")
+        for worker, page in answers:
+            worker.last_metrics = page
+        own = generate_latest(self.registry).decode()
+        return self.totals.merged((page for _, page in answers), own).encode()
+
+    async def _connections(self) -> dict[str, Any]:
+        return join_connections((w.pid, view) for w, view in await self._ask_all("connections"))
+
+    async def _backends(self) -> list[dict[str, Any]]:
+        return join_backends((w.pid, view) for w, view in await self._ask_all("backends"))
+
+
+def _log_descriptors() -> set[int]:
+    """The log handlers' streams (stderr, a file): a worker logs as its supervisor does."""
+    descriptors = set()
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            descriptors.add(stream.fileno())  # type: ignore[union-attr]
+    return descriptors
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"

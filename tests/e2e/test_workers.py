@@ -1,0 +1,200 @@
+"""Several worker processes under one supervisor: one view, reloads, restarts, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from tests.e2e.conftest import BalancerProcess, Running, balancer, need, run
+
+pytestmark = pytest.mark.e2e
+
+
+def scrape(running: Running) -> dict[str, float]:
+    """The admin page's samples, by name and labels as written."""
+    page = run("curl", "-s", f"http://127.0.0.1:{running.ports['admin']}/metrics").stdout
+    samples = {}
+    for line in page.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def wait_until(predicate, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.05)
+
+
+def supervisor_pid(running: Running) -> int:
+    return running.process.pid
+
+
+def worker_pids(running: Running) -> list[int]:
+    children = run("pgrep", "-P", str(supervisor_pid(running))).stdout.split()
+    return sorted(int(pid) for pid in children)
+
+
+ACCEPTED = 'balancer_connections_accepted_total{listener="http"}'
+
+
+def answered(metrics: dict[str, float]) -> float:
+    """2xx responses, all backends (ab may open a few connections it sends nothing on)."""
+    return sum(
+        value
+        for name, value in metrics.items()
+        if name.startswith("balancer_responses_total{") and 'class="2xx"' in name
+    )
+
+
+def test_two_workers_share_the_load_and_answer_as_one(farm_ports, certs_dir, tmp_path) -> None:
+    ab = need("ab")
+    with balancer(farm_ports, certs_dir, tmp_path, "--workers", "2") as running:
+        assert len(worker_pids(running)) == 2
+        output = run(ab, "-n", "2000", "-c", "32", running.url("http")).stdout
+        assert "Failed requests:        0" in output
+        wait_until(lambda: answered(scrape(running)) == 2000)  # summed across workers
+        metrics = scrape(running)
+        assert metrics["balancer_workers"] == 2
+        backends = json.loads(
+            run("curl", "-s", f"http://127.0.0.1:{running.ports['admin']}/backends").stdout
+        )
+        assert sum(b["connections_total"] for b in backends) == 2000
+        assert {len(b["workers"]) for b in backends} == {2}
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line whole: none interleaved
+    by_worker = Counter(r["worker_pid"] for r in records)
+    assert len(by_worker) == 2 and sum(r["requests"] for r in records) == 2000
+    assert min(by_worker.values()) > 400, by_worker  # both took a fair share of the queue
+
+
+def test_sighup_reloads_a_changed_file_and_a_broken_one_changes_nothing(
+    farm_ports, certs_dir, tmp_path
+) -> None:
+    config = tmp_path / "balancer.toml"
+
+    def write(backend: int, extra: str = "") -> None:
+        config.write_text(
+            f'admin = "127.0.0.1:0"\n{extra}\n'
+            '[[listeners]]\nname = "http"\nbind = "127.0.0.1:0"\n'
+            f'[[backends]]\nname = "web{backend + 1}"\n'
+            f'address = "127.0.0.1:{farm_ports[backend]}"\n'
+        )
+
+    def served_by(running: Running) -> str:
+        return run("curl", "-s", "-D", "-", "-o", "/dev/null", running.url("http")).stdout
+
+    write(0)
+    process = BalancerProcess(["-c", str(config), "--workers", "2"], {"http", "admin"}, tmp_path)
+    with process as running:
+        assert "X-Backend: web1" in served_by(running)
+        first = worker_pids(running)
+        write(1)
+        os.kill(running.process.pid, signal.SIGHUP)
+        running.wait_for_log("reload: generation 2 serving")
+        assert "X-Backend: web2" in served_by(running)  # the same port, the new farm
+        wait_until(lambda: not set(worker_pids(running)) & set(first))  # the old ones drained
+        config.write_text("this is = not [toml")
+        os.kill(running.process.pid, signal.SIGHUP)
+        running.wait_for_log("reload failed: still serving generation 2")
+        running.wait_for_log("not valid TOML")
+        assert "X-Backend: web2" in served_by(running)
+        metrics = scrape(running)
+        assert metrics['balancer_config_reloads_total{result="success"}'] == 1
+        assert metrics['balancer_config_reloads_total{result="failure"}'] == 1
+        assert metrics[ACCEPTED] == 3  # generation 1's count kept after it exited
+
+
+def test_reloads_under_ab_over_http_and_tls_fail_no_request(
+    farm_ports, certs_dir, tmp_path
+) -> None:
+    """Ten reloads while ab runs (a new connection per request), over HTTP and TLS 1.2."""
+    ab = need("ab")
+    with balancer(farm_ports, certs_dir, tmp_path, "--workers", "2") as running:
+        loads = [
+            subprocess.Popen(
+                [ab, "-n", "3000", "-c", "8", *tls, running.url(name)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for name, tls in (("http", []), ("https", ["-f", "TLS1.2"]))
+        ]
+        for generation in range(2, 12):
+            os.kill(running.process.pid, signal.SIGHUP)
+            running.wait_for_log(f"reload: generation {generation} serving", timeout=20)
+        outputs = [load.communicate(timeout=120)[0] for load in loads]
+        for output in outputs:
+            assert "Complete requests:      3000" in output, output[-800:]
+            assert "Failed requests:        0" in output, output[-800:]
+        assert scrape(running)['balancer_config_reloads_total{result="success"}'] == 10
+
+
+def test_a_killed_worker_is_started_again_and_counts_never_go_backwards(
+    farm_ports, certs_dir, tmp_path
+) -> None:
+    with balancer(farm_ports, certs_dir, tmp_path, "--workers", "2") as running:
+        for _ in range(20):
+            assert run("curl", "-s", "-o", "/dev/null", running.url("http")).returncode == 0
+        before = scrape(running)[ACCEPTED]
+        assert before == 20
+        victim = worker_pids(running)[0]
+        os.kill(victim, signal.SIGKILL)
+        running.wait_for_log(f"(pid {victim}) exited unasked (killed by SIGKILL)")
+        wait_until(lambda: len(worker_pids(running)) == 2 and victim not in worker_pids(running))
+        after = scrape(running)
+        assert after[ACCEPTED] >= before  # what the dead worker counted is kept
+        assert after["balancer_worker_restarts_total"] == 1
+        assert run("curl", "-s", "-o", "/dev/null", running.url("http")).returncode == 0
+
+
+def test_tls_sessions_resume_whichever_worker_answers(farm_ports, certs_dir, tmp_path) -> None:
+    """The TLS context is built once, before the workers fork: one ticket key for all."""
+    context = ssl.create_default_context(cafile=str(certs_dir / "ca.crt"))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with balancer(farm_ports, certs_dir, tmp_path, "--workers", "2") as running:
+        session = None
+        resumed = 0
+        for _ in range(21):
+            raw = socket.create_connection(("127.0.0.1", running.ports["https"]), 5)
+            with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                while tls.recv(65536):
+                    pass
+                resumed += tls.session_reused
+                session = tls.session
+    assert resumed == 20
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    pids = Counter(json.loads(line)["worker_pid"] for line in lines)
+    assert len(pids) == 2, pids  # both workers answered some
+
+
+def test_a_second_sigterm_ends_the_drain_at_once(farm_ports, certs_dir, tmp_path) -> None:
+    process = balancer(farm_ports, certs_dir, tmp_path, "--workers", "2")
+    running = process.__enter__()
+    silent = socket.create_connection(("127.0.0.1", running.ports["http"]), 5)
+    try:
+        wait_until(lambda: scrape(running).get('balancer_connections_active{listener="http"}') == 1)
+        running.process.send_signal(signal.SIGTERM)  # the silent one is given its header time
+        running.wait_for_log("draining connections")
+        with pytest.raises(subprocess.TimeoutExpired):
+            running.process.wait(1)
+        started = time.monotonic()
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(5) == 0
+        assert time.monotonic() - started < 3
+    finally:
+        silent.close()
+        if running.process.poll() is None:
+            running.process.kill()
+        process.__exit__(None, None, None)
