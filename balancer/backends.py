@@ -39,12 +39,14 @@ class BackendState:
         "connect_failures_total",
         "connections_total",
         "down_until",
+        "peer_active",
         "ready",
     )
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self.active = 0
+        self.active = 0  # this worker's leases
+        self.peer_active = 0  # the other workers' (pool.PeerCounts), as last read
         self.ready = True
         self.down_until = 0.0
         self.connections_total = 0
@@ -53,6 +55,11 @@ class BackendState:
     @property
     def name(self) -> str:
         return self.backend.name
+
+    @property
+    def load(self) -> int:
+        """Leases on the backend across every worker: what least connections compares."""
+        return self.active + self.peer_active
 
     @property
     def weight(self) -> int:

@@ -1,6 +1,6 @@
 """Balancing policies: given the eligible backends, pick one. Pure: no sockets, clocks or logs.
 
-A policy only reads `BackendState` (weight, active); the pool does the counting. A new policy is
+A policy only reads `BackendState` (weight, load); the pool does the counting. A new policy is
 one class and one row in `POLICIES`.
 """
 
@@ -60,8 +60,8 @@ class LeastConnections:
             if best is None:
                 best = state
                 continue
-            # active/weight against best's, without floats.
-            mine, theirs = state.active * best.weight, best.active * state.weight
+            # load/weight against best's, without floats (load: every worker's leases).
+            mine, theirs = state.load * best.weight, best.load * state.weight
             if mine < theirs:
                 best, tied = state, None
             elif mine == theirs:

@@ -13,28 +13,73 @@ from balancer.backends import Backend, BackendState
 from balancer.policies import Policy
 
 
+class PeerCounts:
+    """Every worker's leases per backend, in one table the workers of a generation share
+    (rows: workers, columns: backends; int64 cells in memory the supervisor mapped before it
+    forked them). A row is written only by its worker; the others are summed when a policy
+    needs them. Pure over the memoryview it is given."""
+
+    __slots__ = ("backends", "me", "table", "workers")
+
+    def __init__(self, table: memoryview, workers: int, backends: int, me: int) -> None:
+        if len(table) < workers * backends or not 0 <= me < workers:
+            raise ValueError("the table does not fit the workers and backends")
+        self.table = table
+        self.workers = workers
+        self.backends = backends
+        self.me = me
+
+    def publish(self, backend: int, active: int) -> None:
+        self.table[self.me * self.backends + backend] = active
+
+    def others(self, backend: int) -> int:
+        table, stride = self.table, self.backends
+        return sum(table[w * stride + backend] for w in range(self.workers) if w != self.me)
+
+    def forget(self, worker: int) -> None:
+        """A worker is gone: its leases with it (the supervisor calls this as it reaps)."""
+        start = worker * self.backends
+        for cell in range(start, start + self.backends):
+            self.table[cell] = 0
+
+
 class Lease:
     """A counted claim on one backend for one client connection."""
 
-    __slots__ = ("released", "state")
+    __slots__ = ("pool", "released", "state")
 
-    def __init__(self, state: BackendState) -> None:
+    def __init__(self, state: BackendState, pool: BackendPool) -> None:
         self.state = state
+        self.pool = pool
         self.released = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self.state.active -= 1
+            if self.pool.peers is not None:
+                self.pool.publish(self.state)
 
 
 class BackendPool:
     """Backends, their states and a policy. `now` is passed in, so this stays pure."""
 
-    def __init__(self, backends: Sequence[Backend], policy: Policy, down_seconds: float) -> None:
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        policy: Policy,
+        down_seconds: float,
+        peers: PeerCounts | None = None,
+    ) -> None:
         self.states = [BackendState(backend) for backend in backends]
         self.policy = policy
         self.down_seconds = down_seconds
+        self.peers = peers  # several workers: least connections counts theirs too
+        self._index = {id(state): i for i, state in enumerate(self.states)}
+
+    def publish(self, state: BackendState) -> None:
+        assert self.peers is not None
+        self.peers.publish(self._index[id(state)], state.active)
 
     def acquire(self, now: float, exclude: Collection[BackendState] = ()) -> Lease | None:
         """Pick a backend and count a connection on it; None when none is eligible.
@@ -44,12 +89,18 @@ class BackendPool:
         """
         ready = [s for s in self.states if s.ready and s not in exclude]
         up = [s for s in ready if s.down_until <= now]
+        peers = self.peers
+        if peers is not None:
+            for candidate in up or ready:
+                candidate.peer_active = peers.others(self._index[id(candidate)])
         state = self.policy.pick(up or ready)
         if state is None:
             return None
         state.active += 1
         state.connections_total += 1
-        return Lease(state)
+        if peers is not None:
+            self.publish(state)
+        return Lease(state, self)
 
     def connect_failed(self, lease: Lease, now: float) -> None:
         """The lease's backend refused or timed out a connect: mark it down and release."""

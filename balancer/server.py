@@ -37,7 +37,7 @@ from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.listener import ListenerContext, ListenerSettings, LoopServices
 from balancer.observe import ListenerTotals, Observer, StateCollector
 from balancer.policies import POLICIES
-from balancer.pool import BackendPool
+from balancer.pool import BackendPool, PeerCounts
 from balancer.record import BackendConnectionRecord, ConnectionRecord
 from balancer.session import ClientSession
 from balancer.tls import server_context
@@ -116,9 +116,11 @@ class Balancer:
         access_log: IO[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         ssl_context: ssl.SSLContext | None = None,
+        peers: PeerCounts | None = None,
     ) -> None:
         """`ssl_context`: built from the config unless given (the supervisor builds it once
-        for all its workers, so a session ticket one issues the others resume)."""
+        for all its workers, so a session ticket one issues the others resume). `peers`: the
+        other workers' leases per backend, for least connections (pool.PeerCounts)."""
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.access_log = access_log
@@ -133,7 +135,7 @@ class Balancer:
             for b in config.backends
         ]
         self.pool = BackendPool(
-            backends, POLICIES[config.policy](), config.timeouts.backend_down_seconds
+            backends, POLICIES[config.policy](), config.timeouts.backend_down_seconds, peers
         )
         self.observer = Observer(self.registry, access_log)
         self.observer.request_log = config.request_log

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -44,6 +45,7 @@ from balancer.accept import bind_sockets, refuse_new_handshakes
 from balancer.admin import AdminServer
 from balancer.aggregate import Totals, join_backends, join_connections
 from balancer.config import Address, Config, ConfigError
+from balancer.pool import PeerCounts
 from balancer.server import BACKLOG, HANDSHAKES_SETTLE_SECONDS, StartError, bind_failure
 from balancer.worker import CONTROL_LIMIT_BYTES, WorkerSpec, run_worker
 
@@ -139,6 +141,19 @@ class Generation:
         self.ssl_context = ssl_context
         self.sockets: dict[str, list[socket.socket]] = {}  # listener name → bound sockets
         self.workers: dict[int, Worker] = {}  # by index; a restarted worker takes the slot
+        self.size = worker_count(config)
+        # Every worker's leases per backend (pool.PeerCounts), so least connections sees them
+        # all: shared memory mapped before the fork, one row per worker.
+        self.counts: mmap.mmap | None = None
+        if self.size > 1:
+            self.counts = mmap.mmap(-1, 8 * self.size * len(config.backends))
+
+    def forget(self, index: int) -> None:
+        """A worker is gone: its row of leases goes with it."""
+        if self.counts is not None:
+            table = memoryview(self.counts).cast("q")
+            PeerCounts(table, self.size, len(self.config.backends), index).forget(index)
+            table.release()
 
 
 class Supervisor:
@@ -268,7 +283,7 @@ class Supervisor:
     async def _start(self, generation: Generation) -> None:
         """Fork the generation's workers and wait until each serves (ConnectionError if one
         exits first or does not say it is ready in time)."""
-        for index in range(worker_count(generation.config)):
+        for index in range(generation.size):
             await self._spawn(generation, index)
         try:
             await asyncio.wait_for(
@@ -290,6 +305,7 @@ class Supervisor:
         spec = WorkerSpec(
             index, generation.number, generation.config, generation.sockets,
             generation.ssl_context, theirs, self.open_access_log, self.run_loop,
+            generation.size, generation.counts,
         )  # fmt: skip
         for handler in logging.getLogger().handlers:
             handler.flush()
@@ -333,6 +349,7 @@ class Supervisor:
         generation = self._generation_of(worker)
         if generation is not None and generation.workers.get(worker.index) is worker:
             del generation.workers[worker.index]
+            generation.forget(worker.index)
         if self.stopping or worker.retiring or worker.generation != self.generation.number:
             retired = generation is not None and generation is not self.generation
             if retired and generation is not None and not generation.workers:

@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import mmap
 import os
 import resource
 import signal
@@ -38,6 +39,7 @@ from typing import IO, Any
 from prometheus_client import generate_latest
 
 from balancer.config import Config
+from balancer.pool import PeerCounts
 from balancer.server import Balancer
 
 log = logging.getLogger("balancer")
@@ -58,13 +60,23 @@ class WorkerSpec:
     control: socket.socket  # the worker's end of the control channel
     open_access_log: Callable[[Config], IO[str] | None]
     run_loop: Callable[[Config, Callable[[], Any]], None]
+    workers: int = 1  # in the generation
+    counts: mmap.mmap | None = None  # every worker's leases per backend (pool.PeerCounts)
+
+    def peers(self) -> PeerCounts | None:
+        if self.counts is None:
+            return None
+        table = memoryview(self.counts).cast("q")
+        return PeerCounts(table, self.workers, len(self.config.backends), self.index)
 
 
 def run_worker(spec: WorkerSpec, keep: set[int]) -> int:
     """The child's whole life after fork (`keep`: the descriptors it may hold); its exit code."""
     _shed_parent(keep)
     access_log = spec.open_access_log(spec.config)
-    balancer = Balancer(spec.config, access_log=access_log, ssl_context=spec.ssl_context)
+    balancer = Balancer(
+        spec.config, access_log=access_log, ssl_context=spec.ssl_context, peers=spec.peers()
+    )
     spec.run_loop(spec.config, lambda: _serve(balancer, spec))
     if access_log is not None and access_log is not sys.stdout:
         access_log.close()

@@ -198,3 +198,49 @@ def test_a_second_sigterm_ends_the_drain_at_once(farm_ports, certs_dir, tmp_path
         if running.process.poll() is None:
             running.process.kill()
         process.__exit__(None, None, None)
+
+
+def hold(port: int) -> socket.socket:
+    """A keep-alive connection with one request answered, left open (it keeps its lease)."""
+    sock = socket.create_connection(("127.0.0.1", port), 5)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.endswith(b"</html>\n"):
+        chunk = sock.recv(65536)
+        assert chunk, answer
+        answer += chunk
+    return sock
+
+
+def test_least_connections_counts_every_workers_connections(
+    farm_ports, certs_dir, tmp_path
+) -> None:
+    """Held connections land on whichever worker the kernel picks; least connections in
+    every worker sees them all (the lease table the supervisor shares), so 8 connections
+    held one after another end 4 and 4, whatever the workers' share."""
+    extra = ("--workers", "2", "--policy", "least_connections")
+    with balancer(farm_ports, certs_dir, tmp_path, *extra) as running:
+        held = [hold(running.ports["http"]) for _ in range(8)]
+        try:
+            backends = json.loads(
+                run("curl", "-s", f"http://127.0.0.1:{running.ports['admin']}/backends").stdout
+            )
+            assert [b["active"] for b in backends] == [4, 4], backends
+            by_worker = [sum(w["active"] for w in b["workers"]) for b in backends]
+            assert by_worker == [4, 4]
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_round_robin_with_two_workers_stays_within_ten_percent(
+    farm_ports, certs_dir, tmp_path
+) -> None:
+    ab = need("ab")
+    with balancer(farm_ports, certs_dir, tmp_path, "--workers", "2") as running:
+        output = run(ab, "-n", "1000", "-c", "16", running.url("http")).stdout
+        assert "Failed requests:        0" in output
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    served = Counter(r["backend"]["name"] for r in map(json.loads, lines) if r["requests"])
+    assert sum(served.values()) == 1000
+    assert all(450 <= n <= 550 for n in served.values()), served

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
+from balancer.pool import PeerCounts
+from balancer.server import Balancer
 from tests.helpers import Backend, Client, get, make_config, port_of, raw_exchange
 
 
@@ -124,3 +127,38 @@ async def test_only_the_request_that_closes_gets_close_and_nothing_after_it_is_s
     assert bodies == [b"web1 GET /a\n", b"web1 GET /b\n", b"web1 GET /c\n"]
     assert isinstance(parser.next_event(), h11.ConnectionClosed)  # and no fourth response
     assert [seen.path for seen in farm[0].seen] == ["/a", "/b", "/c"]
+
+
+async def test_least_connections_counts_the_other_workers_connections(farm) -> None:
+    """Two workers (here two Balancers in one process, each on its own port) sharing the
+    lease table the supervisor maps: connections held open through worker A send worker B's
+    new connections to the backends A is not using."""
+    table = memoryview(bytearray(8 * 2 * len(farm))).cast("q")
+    config = make_config([b.address for b in farm], policy="least_connections")
+    workers = [Balancer(config, peers=PeerCounts(table, 2, len(farm), me)) for me in (0, 1)]
+    clients: list[Client] = []
+    try:
+        for worker in workers:
+            await worker.start()
+        a, b = (port_of(worker, "http") for worker in workers)
+        held = []
+        for _ in range(2):  # through A, held open (reuse never: a lease for the connection)
+            client = await Client.connect(a)
+            clients.append(client)
+            held.append((await client.request()).backend)
+        assert sorted(held) == ["web1", "web2"]
+        client = await Client.connect(b)
+        clients.append(client)
+        assert (await client.request()).backend == "web3"  # B alone would pick web1
+        for client in clients[:2]:
+            await client.close()
+        async with asyncio.timeout(5):  # A's leases end as its connections close
+            while any(table[i] for i in range(len(farm))):
+                await asyncio.sleep(0.01)
+        seen = {(await get(b)).backend for _ in range(2)}
+        assert seen == {"web1", "web2"}  # web3 still holds B's connection
+    finally:
+        for client in clients:
+            await client.close()
+        for worker in workers:
+            await worker.shutdown(grace=1.0)

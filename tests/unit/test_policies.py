@@ -6,7 +6,7 @@ import pytest
 
 from balancer.backends import Backend, BackendState
 from balancer.policies import POLICIES, LeastConnections, RoundRobin
-from balancer.pool import BackendPool
+from balancer.pool import BackendPool, PeerCounts
 
 
 def states(*spec: tuple[str, int]) -> list[BackendState]:
@@ -89,6 +89,44 @@ def test_least_connections_through_the_pool_counts_and_spreads() -> None:
     first.release()
     third = pool.acquire(now=0)
     assert third.state is first.state  # the freed one has fewest
+
+
+def two_workers(count: int = 3) -> tuple[BackendPool, BackendPool, memoryview]:
+    """Two workers' pools over one shared table, as the supervisor maps it."""
+    table = memoryview(bytearray(8 * 2 * count)).cast("q")
+    backends = [s.backend for s in states(*((f"b{i}", 1) for i in range(count)))]
+    pools = [
+        BackendPool(backends, LeastConnections(), 10, PeerCounts(table, 2, count, me))
+        for me in (0, 1)
+    ]
+    return pools[0], pools[1], table
+
+
+def test_least_connections_sees_every_workers_leases() -> None:
+    """Connections held through worker A: worker B sends new ones to the other backends."""
+    a, b, table = two_workers()
+    held = [a.acquire(now=0), a.acquire(now=0)]
+    assert {lease.state.name for lease in held} == {"b0", "b1"}
+    assert list(table) == [1, 1, 0, 0, 0, 0]  # A's row: written by A alone
+    assert b.acquire(now=0).state.name == "b2"  # B alone would have picked b0
+    assert b.acquire(now=0).state.name in {"b0", "b1"}
+    for lease in held:
+        lease.release()
+    assert list(table)[:3] == [0, 0, 0]
+
+
+def test_a_gone_workers_leases_are_forgotten() -> None:
+    a, b, table = two_workers()
+    for _ in range(3):
+        a.acquire(now=0)  # one on each backend, never released: A is killed
+    PeerCounts(table, 2, 3, 1).forget(0)  # the supervisor, reaping A
+    assert list(table) == [0] * 6
+    assert {b.acquire(now=0).state.name for _ in range(3)} == {"b0", "b1", "b2"}
+
+
+def test_a_table_too_small_for_its_workers_is_refused() -> None:
+    with pytest.raises(ValueError):
+        PeerCounts(memoryview(bytearray(8 * 3)).cast("q"), 2, 3, 0)
 
 
 def test_lease_release_is_idempotent() -> None:
