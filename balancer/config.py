@@ -107,7 +107,7 @@ class Config:
     admin: Address | None = None
     access_log: str | None = None
     request_log: bool = False  # one access-log line per request too (with an access log)
-    workers: int | str = 1  # or "auto": one per CPU (supervisor.worker_count)
+    workers: int | str = "auto"  # one per CPU (supervisor.worker_count), or a count
     event_loop: str = "uvloop"
     source: str = "<defaults>"
 
@@ -328,7 +328,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     admin = r.get(data, "admin", "admin", parse_address, ADDRESS, None)
     access_log = r.get(data, "access_log", "access_log", _text, "a file path or '-' (stdout)")
     request_log = r.get(data, "request_log", "request_log", _boolean, "true or false", False)
-    workers = r.get(data, "workers", "workers", _workers, f"{COUNT} up to 256, or 'auto'", 1)
+    workers = r.get(data, "workers", "workers", _workers, f"{COUNT} up to 256, or 'auto'", "auto")
     event_loop = r.get(data, "event_loop", "event_loop", _choice(EVENT_LOOPS),
                        "'uvloop' or 'asyncio'", "uvloop")  # fmt: skip
 

@@ -42,6 +42,8 @@ def start(
     http = free_port()
     backends = [arg for port in bench.farm_ports for arg in ("--backend", f"127.0.0.1:{port}")]
     command = [sys.executable, "-m", "balancer", "run", "--http", f"127.0.0.1:{http}"]
+    if (source / "balancer" / "supervisor.py").exists():  # one process per core, as HAProxy's
+        command += ["--workers", "1"]  # nbthread 1 and nginx's worker_processes 1
     if config is not None:
         command += ["-c", str(config.resolve())]
     log = bench.workdir / f"access-{name}.log"

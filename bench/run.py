@@ -278,6 +278,8 @@ class Bench:
                     "run",
                     "-c",
                     str(config),
+                    "--workers",  # one worker on the one proxy core, as HAProxy's nbthread 1
+                    "1",
                     "--http",
                     f"127.0.0.1:{http}",
                     "--https",

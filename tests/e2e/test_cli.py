@@ -35,7 +35,8 @@ def test_ab_over_http_and_tls12_completes_and_spreads_round_robin(
     farm_ports, certs_dir, tmp_path
 ) -> None:
     ab = need("ab")
-    with balancer(farm_ports, certs_dir, tmp_path) as running:
+    # One worker: round robin takes turns exactly within a worker (nginx's workers likewise).
+    with balancer(farm_ports, certs_dir, tmp_path, "--workers", "1") as running:
         http = run(ab, "-n", "3", "-c", "1", running.url("http"))
         assert ab_counts(http.stdout) == (3, 0), http.stdout + http.stderr
         https = run(ab, "-n", "3", "-c", "1", "-f", "TLS1.2", running.url("https"))
@@ -327,15 +328,18 @@ def test_ab_through_each_reuse_mode_completes_and_always_reuses(
     ab = need("ab")
     config = tmp_path / "reuse.toml"
     config.write_text(f'request_log = true\n[upstream]\nreuse = "{reuse}"\n')
-    with balancer(farm_ports, certs_dir, tmp_path, "-c", str(config)) as running:
+    extra = ("-c", str(config), "--workers", "2")
+    with balancer(farm_ports, certs_dir, tmp_path, *extra) as running:
         result = run(ab, "-n", "400", "-c", "8", running.url("http"))
         assert ab_counts(result.stdout) == (400, 0), result.stdout + result.stderr
     lines = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
     requests = [x for x in lines if x["type"] == "request"]
-    opened = {x["backend_connection_id"] for x in requests}
+    # A backend connection is named by its worker and its id there.
+    opened = {(x["worker_pid"], x["backend_connection_id"]) for x in requests}
     assert len(requests) == 400 and {x["status"] for x in requests} == {200}
     if reuse == "always":
-        assert len(opened) <= 2 * 8  # about one per concurrent request per backend
-        assert sum(x["reused"] for x in requests) >= 400 - 2 * 8
+        # About one per concurrent request per backend, in each of the two workers' pools.
+        assert len(opened) <= 2 * 2 * 8
+        assert sum(x["reused"] for x in requests) >= 400 - 2 * 2 * 8
     else:
         assert len(opened) == 400 and not any(x["reused"] for x in requests)

@@ -244,19 +244,22 @@ def test_a_low_descriptor_limit_fits_the_default_calmly(farm_ports, certs_dir, t
 def test_access_log_time_field_and_reopen_on_sigusr1(farm_ports, certs_dir, tmp_path) -> None:
     curl = need("curl")
     log, rotated = tmp_path / "access.log", tmp_path / "access.log.1"
-    with balancer(farm_ports, certs_dir, tmp_path) as running:
+    with balancer(farm_ports, certs_dir, tmp_path, "--workers", "2") as running:
         assert run(curl, "-s", running.url("http", "/first")).returncode == 0
         closed_one(curl, running.url("admin", "/connections"))  # its record is written
         log.rename(rotated)  # what logrotate does; the balancer still holds the old file
-        running.process.send_signal(signal.SIGUSR1)
-        running.wait_for_log("access log reopened")
+        running.process.send_signal(signal.SIGUSR1)  # passed to every worker
+        with running.logged:
+            assert running.logged.wait_for(
+                lambda: sum("access log reopened" in x for x in running.log_lines) == 2, 10
+            )
         assert len(rotated.read_text().splitlines()) == 1  # flushed before the reopen
         assert run(curl, "-s", running.url("http", "/second")).returncode == 0
     (old,) = [
         x for x in map(json.loads, rotated.read_text().splitlines()) if x["type"] != "request"
     ]
     (new,) = [x for x in map(json.loads, log.read_text().splitlines()) if x["type"] != "request"]
-    assert old["id"] < new["id"]
+    assert old["start"] < new["start"]
     for record in (old, new):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", record["time"])
         shown = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record["start"]))

@@ -37,7 +37,7 @@ def test_minimal_config_gets_production_defaults() -> None:
     assert config.tls is None
     assert config.timeouts.client_header_seconds == 10
     assert config.timeouts.tls_handshake_seconds == 10
-    assert config.event_loop == "uvloop" and config.workers == 1
+    assert config.event_loop == "uvloop" and config.workers == "auto"
 
 
 def test_workers_is_a_count_or_auto() -> None:
