@@ -41,6 +41,7 @@ from typing import IO, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from balancer import notify
 from balancer.accept import bind_sockets, refuse_new_handshakes
 from balancer.admin import AdminServer
 from balancer.aggregate import Totals, join_backends, join_connections
@@ -234,6 +235,7 @@ class Supervisor:
             len(generation.workers),
             " ".join(str(w.pid) for w in generation.workers.values()),
         )
+        notify.ready(f"{len(generation.workers)} worker(s) serving")
         await self._stopped.wait()
 
     def _bind(self, generation: Generation) -> None:
@@ -392,6 +394,7 @@ class Supervisor:
         if self.stopping:
             return
         log.info("reload: checking the configuration")
+        notify.reloading()
         try:
             config, ssl_context = self.prepare()
         except ConfigError as error:
@@ -423,6 +426,7 @@ class Supervisor:
             "reload: generation %d serving (pids %s); generation %d draining",
             new.number, " ".join(str(w.pid) for w in new.workers.values()), old.number,
         )  # fmt: skip
+        notify.ready(f"{len(new.workers)} worker(s) serving generation {new.number}")
         for worker in old.workers.values():
             worker.retiring = True
         await self._refuse_removed(new)
@@ -435,6 +439,7 @@ class Supervisor:
     def _reload_failed(self) -> None:
         self.reloads.labels("failure").inc()
         log.error("reload failed: still serving generation %d", self.generation.number)
+        notify.ready(f"reload failed (see the log); serving generation {self.generation.number}")
 
     async def _refuse_removed(self, new: Generation) -> None:
         """Listeners the new configuration dropped: no new handshakes before the old workers
@@ -475,6 +480,7 @@ class Supervisor:
 
     async def _stop(self) -> None:
         log.info("shutting down: draining %d worker(s)", len(self._children))
+        notify.stopping()
         if self._admin is not None:
             self._admin.close()
         socks = [s for listening in self.bound.values() for s in listening]

@@ -10,9 +10,11 @@ import ssl
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from balancer.certs import make_certs
 from tests.e2e.conftest import BalancerProcess, Running, balancer, need, run
 
 pytestmark = pytest.mark.e2e
@@ -102,8 +104,9 @@ def test_sighup_reloads_a_changed_file_and_a_broken_one_changes_nothing(
         write(1)
         os.kill(running.process.pid, signal.SIGHUP)
         running.wait_for_log("reload: generation 2 serving")
-        assert "X-Backend: web2" in served_by(running)  # the same port, the new farm
+        # (The old workers accept until their SIGTERM, just after that line: wait them out.)
         wait_until(lambda: not set(worker_pids(running)) & set(first))  # the old ones drained
+        assert "X-Backend: web2" in served_by(running)  # the same port, the new farm
         config.write_text("this is = not [toml")
         os.kill(running.process.pid, signal.SIGHUP)
         running.wait_for_log("reload failed: still serving generation 2")
@@ -244,3 +247,74 @@ def test_round_robin_with_two_workers_stays_within_ten_percent(
     served = Counter(r["backend"]["name"] for r in map(json.loads, lines) if r["requests"])
     assert sum(served.values()) == 1000
     assert all(450 <= n <= 550 for n in served.values()), served
+
+
+def test_the_service_manager_hears_ready_reloading_and_stopping(
+    farm_ports, certs_dir, tmp_path, monkeypatch
+) -> None:
+    """systemd's Type=notify protocol, against a real unix datagram socket."""
+    path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(15)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+
+    def heard() -> dict[str, str]:
+        fields = listener.recv(4096).decode().split("\n")
+        return dict(field.split("=", 1) for field in fields)
+
+    try:
+        with balancer(farm_ports, certs_dir, tmp_path, "--workers", "2") as running:
+            ready = heard()
+            assert ready["READY"] == "1" and ready["MAINPID"] == str(running.process.pid)
+            assert "2 worker(s) serving" in ready["STATUS"]
+            os.kill(running.process.pid, signal.SIGHUP)
+            reloading = heard()
+            assert reloading["RELOADING"] == "1"
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            assert 0 < usec - int(reloading["MONOTONIC_USEC"]) < 15_000_000
+            again = heard()
+            assert again["READY"] == "1" and "generation 2" in again["STATUS"]
+        assert heard()["STOPPING"] == "1"
+    finally:
+        listener.close()
+
+
+def test_the_unit_file_runs_unprivileged_notifies_and_reloads_by_sighup() -> None:
+    unit = (Path(__file__).resolve().parents[2] / "config" / "balancer.service").read_text()
+    settings = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and line[0] != "#"
+    )
+    assert settings["Type"] == "notify"
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert settings["ExecStartPre"].endswith("balancer check -c /etc/balancer/balancer.toml")
+    assert settings["KillSignal"] == "SIGTERM" and settings["KillMode"] == "mixed"
+    assert settings["NoNewPrivileges"] == "true"
+    assert settings["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
+    assert settings["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
+    assert settings["User"] == "balancer" and settings["LimitCORE"] == "0"
+    assert int(settings["TimeoutStopSec"]) > 30  # beyond the default shutdown grace
+
+
+def test_renewed_certificate_files_are_served_after_a_reload(farm_ports, tmp_path) -> None:
+    certs = tmp_path / "certs"
+    make_certs(certs)
+
+    def served_certificate() -> bytes:
+        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))  # the CA now
+        raw = socket.create_connection(("127.0.0.1", running.ports["https"]), 5)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            certificate = tls.getpeercert(binary_form=True)
+        assert certificate is not None
+        return certificate
+
+    with balancer(farm_ports, certs, tmp_path, "--workers", "2") as running:
+        before = served_certificate()
+        first = worker_pids(running)
+        make_certs(certs, force=True)  # renewed in place, as certbot or an operator does
+        os.kill(running.process.pid, signal.SIGHUP)
+        running.wait_for_log("reload: generation 2 serving")
+        wait_until(lambda: not set(worker_pids(running)) & set(first))
+        after = served_certificate()  # verified against the renewed CA
+        assert after != before
+        assert after == ssl.PEM_cert_to_DER_cert((certs / "server.crt").read_text())

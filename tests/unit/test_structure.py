@@ -14,7 +14,7 @@ IO_MODULES = {"asyncio", "socket", "ssl", "os", "time", "uvloop", "selectors", "
 BALANCER_IO = {
     "session", "upstream", "legs", "server", "cli", "tls", "certs", "tcpinfo", "observe", "admin",
     "farm", "accept", "demo", "forward", "http_flow", "tls_front", "listener", "supervisor",
-    "worker",
+    "worker", "notify",
 }  # fmt: skip
 # DESIGN.md: a class past ~400 lines or a module past ~700 is asking to be split.
 MAX_CLASS_LINES, MAX_MODULE_LINES = 430, 700
