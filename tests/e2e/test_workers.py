@@ -73,6 +73,10 @@ def test_two_workers_share_the_load_and_answer_as_one(farm_ports, certs_dir, tmp
         )
         assert sum(b["connections_total"] for b in backends) == 2000
         assert {len(b["workers"]) for b in backends} == {2}
+        view = json.loads(
+            run("curl", "-s", f"http://127.0.0.1:{running.ports['admin']}/connections").stdout
+        )
+        assert {r["worker_pid"] for r in view["recent_closed"]} == set(worker_pids(running))
     lines = (tmp_path / "access.log").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line whole: none interleaved
     by_worker = Counter(r["worker_pid"] for r in records)
@@ -318,3 +322,55 @@ def test_renewed_certificate_files_are_served_after_a_reload(farm_ports, tmp_pat
         after = served_certificate()  # verified against the renewed CA
         assert after != before
         assert after == ssl.PEM_cert_to_DER_cert((certs / "server.crt").read_text())
+
+
+def test_a_reload_adds_and_removes_listeners(farm_ports, certs_dir, tmp_path) -> None:
+    config = tmp_path / "balancer.toml"
+    ports = []
+    for _ in range(2):  # two free ports, named in the file (port 0 would be a new one each time)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+
+    def write(*names: str) -> None:
+        listeners = "".join(
+            f'[[listeners]]\nname = "{name}"\nbind = "127.0.0.1:{ports[i]}"\n'
+            for i, name in enumerate(("one", "two"))
+            if name in names
+        )
+        config.write_text(
+            f'admin = "127.0.0.1:0"\n{listeners}'
+            f'[[backends]]\naddress = "127.0.0.1:{farm_ports[0]}"\n'
+        )
+
+    def status(port: int) -> str:
+        return run("curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
+                   f"http://127.0.0.1:{port}/").stdout  # fmt: skip
+
+    write("one")
+    process = BalancerProcess(["-c", str(config), "--workers", "2"], {"one", "admin"}, tmp_path)
+    with process as running:
+        assert (status(ports[0]), status(ports[1])) == ("200", "000")  # 000: refused
+        for generation, names in ((2, ("one", "two")), (3, ("two",))):
+            first = worker_pids(running)
+            write(*names)
+            os.kill(running.process.pid, signal.SIGHUP)
+            running.wait_for_log(f"reload: generation {generation} serving")
+            wait_until(lambda first=first: not set(worker_pids(running)) & set(first))
+            expected = tuple("200" if name in names else "000" for name in ("one", "two"))
+            # (A removed listener closes once the old generation has taken its queue.)
+            wait_until(lambda expected=expected: (status(ports[0]), status(ports[1])) == expected)
+
+
+def test_sigquit_drains_like_sigterm_and_leaves_no_core(farm_ports, certs_dir, tmp_path) -> None:
+    process = balancer(farm_ports, certs_dir, tmp_path, "--workers", "2")
+    running = process.__enter__()
+    workers = worker_pids(running)
+    for pid in workers:  # no core file can be written, whatever ends a worker
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        core = next(line for line in limits.splitlines() if line.startswith("Max core"))
+        assert core.split()[4:6] == ["0", "0"], core  # soft and hard
+    running.process.send_signal(signal.SIGQUIT)
+    assert running.process.wait(15) == 0
+    running.wait_for_log("shutting down: draining 2 worker(s)")
+    process.__exit__(None, None, None)
