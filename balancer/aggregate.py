@@ -34,12 +34,14 @@ def parse(page: str, counts_only: bool = False) -> Families:
     """A Prometheus text page as families (`counts_only`: counters and histograms only)."""
     families: Families = {}
     for metric in text_string_to_metric_families(page):
+        if metric.name.endswith("_created"):
+            continue  # a creation time: not a count, and meaningless summed
         if counts_only and metric.type not in ("counter", "histogram"):
             continue
         family = families[metric.name] = Family(metric.name, metric.type, metric.documentation)
         for sample in metric.samples:
             if sample.name.endswith("_created"):
-                continue  # a creation time: not a count, and meaningless summed
+                continue
             key = (sample.name, tuple(sorted(sample.labels.items())))
             family.samples[key] = family.samples.get(key, 0.0) + sample.value
     return families

@@ -48,6 +48,7 @@ from balancer.aggregate import Totals, join_backends, join_connections
 from balancer.config import Address, Config, ConfigError
 from balancer.pool import PeerCounts
 from balancer.server import BACKLOG, HANDSHAKES_SETTLE_SECONDS, StartError, bind_failure
+from balancer.tls import TLSSetupError
 from balancer.worker import CONTROL_LIMIT_BYTES, WorkerSpec, run_worker
 
 log = logging.getLogger("balancer")
@@ -112,20 +113,23 @@ class Worker:
                 waiter.set_result(None)
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("the worker exited before it was ready"))
+            self.ready.exception()  # seen: a restarted worker's readiness has no awaiter
 
     async def ask(self, what: str) -> Any:
         """A view from the worker (None if it does not answer in time)."""
         self._next_id += 1
+        asked = self._next_id
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._asked[self._next_id] = waiter
+        self._asked[asked] = waiter
         try:
-            self.writer.write(json.dumps({"id": self._next_id, "ask": what}).encode() + b"\n")
+            self.writer.write(json.dumps({"id": asked, "ask": what}).encode() + b"\n")
         except (ConnectionError, RuntimeError):
+            self._asked.pop(asked, None)
             return None
         try:
             return await asyncio.wait_for(waiter, ASK_TIMEOUT_SECONDS)
         except TimeoutError:
-            self._asked.pop(self._next_id, None)
+            self._asked.pop(asked, None)
             return None
 
     def close(self) -> None:
@@ -183,6 +187,7 @@ class Supervisor:
         self._restarts: dict[int, int] = {}  # slot → restarts in a row
         self._children: dict[int, Worker] = {}  # pid → worker, until reaped
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reloading = asyncio.Lock()
         self.registry = CollectorRegistry()
         self.reloads = Counter(
             "balancer_config_reloads",
@@ -264,23 +269,25 @@ class Supervisor:
             self.addresses[name] = socks[0].getsockname()[:2]
 
     async def _serve_admin(self, config: Config) -> None:
+        """The admin listener where the configuration says (the new one bound before the old
+        closes: a reload whose admin address cannot bind keeps the old)."""
         if config.admin == self._admin_bind:
             return
+        server: asyncio.Server | None = None
+        if config.admin is not None:
+            admin = AdminServer(self._metrics_page, self._connections, self._backends)
+            host, port = config.admin.host, config.admin.port
+            try:
+                socks = bind_sockets(host, port, BACKLOG)
+                server = await asyncio.start_server(admin.handle, sock=socks[0])
+            except OSError as error:
+                raise bind_failure("admin", host, port, error) from None
         if self._admin is not None:
             self._admin.close()
-            self._admin = None
-            self.addresses.pop("admin", None)
-        self._admin_bind = config.admin
-        if config.admin is None:
-            return
-        admin = AdminServer(self._metrics_page, self._connections, self._backends)
-        host, port = config.admin.host, config.admin.port
-        try:
-            socks = bind_sockets(host, port, BACKLOG)
-            self._admin = await asyncio.start_server(admin.handle, sock=socks[0])
-        except OSError as error:
-            raise bind_failure("admin", host, port, error) from None
-        self.addresses["admin"] = socks[0].getsockname()[:2]
+        self._admin, self._admin_bind = server, config.admin
+        self.addresses.pop("admin", None)
+        if server is not None:
+            self.addresses["admin"] = server.sockets[0].getsockname()[:2]
 
     async def _start(self, generation: Generation) -> None:
         """Fork the generation's workers and wait until each serves (ConnectionError if one
@@ -311,13 +318,18 @@ class Supervisor:
         )  # fmt: skip
         for handler in logging.getLogger().handlers:
             handler.flush()
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 70
             try:
                 keep.update(_log_descriptors())
-                code = run_worker(spec, keep)
-            except BaseException:
+                code = run_worker(spec, keep, supervisor)
+            except (ConfigError, TLSSetupError, OSError) as error:  # said, not a traceback
+                problems = error.problems if isinstance(error, ConfigError) else [str(error)]
+                for problem in problems:
+                    log.error("worker %d cannot start: %s", index, problem)
+            except BaseException:  # a bug: its traceback
                 traceback.print_exc()
             finally:
                 os._exit(code)
@@ -390,9 +402,13 @@ class Supervisor:
     # ---- reload ----------------------------------------------------------------------------
 
     async def reload(self) -> None:
-        """SIGHUP: check the file as `balancer check` does, then start a new generation."""
-        if self.stopping:
-            return
+        """SIGHUP: check the file as `balancer check` does, then start a new generation.
+        One reload at a time: a SIGHUP during one waits for it."""
+        async with self._reloading:
+            if not self.stopping:
+                await self._reload()
+
+    async def _reload(self) -> None:
         log.info("reload: checking the configuration")
         notify.reloading()
         try:
@@ -408,10 +424,14 @@ class Supervisor:
         new = Generation(old.number + 1, config, ssl_context)
         try:
             self._bind(new)
-            await self._serve_admin(config)
             await self._start(new)
+            await self._serve_admin(config)
         except (StartError, ConnectionError) as error:
             log.error("reload: %s", error)
+            for worker in new.workers.values():  # (started, but the admin could not bind)
+                worker.retiring = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
             self._close_unused_sockets(keep=old)
             return self._reload_failed()
         self.generation = new
@@ -520,11 +540,16 @@ class Supervisor:
         return [(w, a) for w, a in zip(workers, answers, strict=True) if a is not None]
 
     async def _metrics_page(self) -> bytes:
-        answers = await self._ask_all("metrics")
-        for worker, page in answers:
-            worker.last_metrics = page
+        """Every worker's page summed. A worker too busy to answer in time is counted by its
+        last page, so no sum goes backwards because one was slow."""
+        workers = self._live()
+        pages = await asyncio.gather(*(w.ask("metrics") for w in workers))
+        for worker, page in zip(workers, pages, strict=True):
+            if page is not None:
+                worker.last_metrics = page
+        live = [w.last_metrics for w in workers if w.last_metrics is not None]
         own = generate_latest(self.registry).decode()
-        return self.totals.merged((page for _, page in answers), own).encode()
+        return self.totals.merged(live, own).encode()
 
     async def _connections(self) -> dict[str, Any]:
         return join_connections((w.pid, view) for w, view in await self._ask_all("connections"))

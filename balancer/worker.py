@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import io
 import json
 import logging
 import mmap
@@ -70,10 +71,14 @@ class WorkerSpec:
         return PeerCounts(table, self.workers, len(self.config.backends), self.index)
 
 
-def run_worker(spec: WorkerSpec, keep: set[int]) -> int:
-    """The child's whole life after fork (`keep`: the descriptors it may hold); its exit code."""
-    _shed_parent(keep)
+def run_worker(spec: WorkerSpec, keep: set[int], supervisor: int) -> int:
+    """The child's whole life after fork (`keep`: the descriptors it may hold; `supervisor`:
+    its parent's pid); its exit code."""
+    _shed_parent(keep, supervisor)
     access_log = spec.open_access_log(spec.config)
+    if access_log is sys.stdout and isinstance(sys.stdout, io.TextIOWrapper):
+        # A pipe, shared with the other workers: a write per line (under PIPE_BUF) is whole.
+        sys.stdout.reconfigure(line_buffering=True)
     balancer = Balancer(
         spec.config, access_log=access_log, ssl_context=spec.ssl_context, peers=spec.peers()
     )
@@ -83,7 +88,7 @@ def run_worker(spec: WorkerSpec, keep: set[int]) -> int:
     return 0
 
 
-def _shed_parent(keep: set[int]) -> None:
+def _shed_parent(keep: set[int], supervisor: int) -> None:
     """Forget what the supervisor's process state would make the child do."""
     with contextlib.suppress(ValueError, OSError):
         signal.set_wakeup_fd(-1)
@@ -96,8 +101,8 @@ def _shed_parent(keep: set[int]) -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the supervisor died before the line above
-        os._exit(0)
+    if os.getppid() != supervisor:  # it died before the line above (pid 1 may be the
+        os._exit(0)  # supervisor itself, in a container)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file holding a key
     for fd in _open_descriptors():

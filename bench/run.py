@@ -404,6 +404,9 @@ backend farm
         if target.process is None:
             return None
         pids = target.pids()
+        # Warm up first: a forked worker copies the pages of its parent's heap that it touches
+        # (reference counts are writes); that one-time cost is not a connection's.
+        asyncio.run(hold_connections(target.http_port, 200, lambda: 0, settle=0.2))
         before = rss_kib(pids)
         held, after = asyncio.run(hold_connections(target.http_port, count, lambda: rss_kib(pids)))
         per = (after - before) * 1024 / max(held, 1)
@@ -427,9 +430,11 @@ backend farm
                 process.kill()
 
 
-async def hold_connections(port: int, count: int, measure: Callable[[], int]) -> tuple[int, int]:
-    """Open `count` keep-alive connections, one request each, and hold them idle for
-    IDLE_SETTLE_SECONDS; return how many were answered and `measure()` taken while held."""
+async def hold_connections(
+    port: int, count: int, measure: Callable[[], int], settle: float = IDLE_SETTLE_SECONDS
+) -> tuple[int, int]:
+    """Open `count` keep-alive connections, one request each, and hold them idle for `settle`
+    seconds; return how many were answered and `measure()` taken while held."""
     writers = []
     ok = 0
     for _ in range(count):
@@ -448,7 +453,7 @@ async def hold_connections(port: int, count: int, measure: Callable[[], int]) ->
             ok += 1
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
             pass
-    await asyncio.sleep(IDLE_SETTLE_SECONDS)  # idle, as S5 means: not between two requests
+    await asyncio.sleep(settle)  # idle, as S5 means: not between two requests
     measured = measure()
     for _, writer in writers:
         writer.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import BalancerProcess, balancer, need, run
+from tests.e2e.conftest import BalancerProcess, Running, balancer, need, run
 
 pytestmark = pytest.mark.e2e
 
@@ -226,6 +226,18 @@ def test_certs_verb_writes_a_ca_and_a_private_key_with_mode_0600(tmp_path: Path)
     assert "DNS:lb.test" in text and "IP Address:127.0.0.1" in text and "rsaEncryption" in text
 
 
+def wait_for_load(running: Running, accepted: int) -> None:
+    """Bounded wait until the balancer has accepted `accepted` connections (load flows)."""
+    deadline = time.monotonic() + 10
+    prefix = 'balancer_connections_accepted_total{listener="http"}'
+    while time.monotonic() < deadline:
+        metrics = run("curl", "-s", f"http://127.0.0.1:{running.ports['admin']}/metrics").stdout
+        counts = [x for x in metrics.splitlines() if x.startswith(prefix)]
+        if counts and float(counts[0].split()[-1]) > accepted:
+            return
+        time.sleep(0.05)
+
+
 def test_sigterm_under_load_loses_no_accepted_request(farm_ports, certs_dir, tmp_path) -> None:
     """Graceful shutdown while ab runs: every connection the balancer accepted is answered in
     full; new ones are refused once the listener closes; the process exits in the grace."""
@@ -238,14 +250,7 @@ def test_sigterm_under_load_loses_no_accepted_request(farm_ports, certs_dir, tmp
             stderr=subprocess.STDOUT,
             text=True,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # bounded wait for load to be flowing
-            metrics = run("curl", "-s", f"http://127.0.0.1:{running.ports['admin']}/metrics").stdout
-            prefix = 'balancer_connections_accepted_total{listener="http"}'
-            accepted = [x for x in metrics.splitlines() if x.startswith(prefix)]
-            if accepted and float(accepted[0].split()[-1]) > 500:
-                break
-            time.sleep(0.05)
+        wait_for_load(running, accepted=500)
         started = time.monotonic()
     # Leaving the block sent SIGTERM and waited for exit code 0 with no traceback.
     assert time.monotonic() - started < 10
@@ -303,14 +308,7 @@ def _sigterm_under_ab(process: BalancerProcess, ab: str, taskset: str, tmp_path:
             text=True,
         )
         running.wait_for_log("listening: admin")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # bounded wait for load to be flowing
-            metrics = run("curl", "-s", f"http://127.0.0.1:{running.ports['admin']}/metrics").stdout
-            prefix = 'balancer_connections_accepted_total{listener="http"}'
-            accepted = [x for x in metrics.splitlines() if x.startswith(prefix)]
-            if accepted and float(accepted[0].split()[-1]) > 2000:
-                break
-            time.sleep(0.05)
+        wait_for_load(running, accepted=2000)
     # Leaving the block sent SIGTERM and waited for exit code 0 with no traceback.
     output, _ = load.communicate(timeout=60)
     assert "Connection refused" in output and "reset by peer" not in output, output[-600:]

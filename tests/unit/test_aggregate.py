@@ -1,0 +1,76 @@
+"""One view across workers: pages summed, exited workers' counts kept, lists joined."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from balancer.aggregate import Totals, join_backends, join_connections
+
+
+def page(accepted: int, open_now: int, seconds: list[float]) -> str:
+    """A worker's page as prometheus_client writes it: a counter, a gauge, a histogram."""
+    registry = CollectorRegistry()
+    Counter("balancer_connections_accepted", "Accepted.", ["listener"], registry=registry).labels(
+        "http"
+    ).inc(accepted)
+    Gauge("balancer_connections_active", "Open now.", ["listener"], registry=registry).labels(
+        "http"
+    ).set(open_now)
+    histogram = Histogram(
+        "balancer_connection_duration_seconds", "Lifetime.", buckets=(0.1,), registry=registry
+    )
+    for value in seconds:
+        histogram.observe(value)
+    return generate_latest(registry).decode()
+
+
+def samples(text: str) -> dict[str, float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}"] = sample.value
+    return found
+
+
+def test_live_pages_sum_and_the_result_parses_as_prometheus_text() -> None:
+    merged = samples(Totals().merged([page(3, 1, [0.05]), page(4, 2, [0.05, 0.5])]))
+    assert merged["balancer_connections_accepted_total{listener=http}"] == 7
+    assert merged["balancer_connections_active{listener=http}"] == 3
+    assert merged["balancer_connection_duration_seconds_bucket{le=0.1}"] == 2
+    assert merged["balancer_connection_duration_seconds_bucket{le=+Inf}"] == 3
+    assert merged["balancer_connection_duration_seconds_count{}"] == 3
+    assert not any("_created" in name for name in merged)  # a time, not a count
+
+
+def test_an_exited_workers_counts_stay_and_its_gauges_go() -> None:
+    totals = Totals()
+    before = samples(totals.merged([page(5, 2, [0.05]), page(1, 1, [])]))
+    totals.retire(page(5, 2, [0.05]))  # the first worker exits; a new one starts at zero
+    after = samples(totals.merged([page(1, 1, []), page(0, 0, [])]))
+    accepted = "balancer_connections_accepted_total{listener=http}"
+    assert after[accepted] == before[accepted] == 6  # never backwards
+    assert after["balancer_connections_active{listener=http}"] == 1  # what is open now
+    assert after["balancer_connection_duration_seconds_count{}"] == 1
+
+
+def test_connection_lists_join_and_say_which_worker() -> None:
+    joined = join_connections(
+        [
+            (11, {"open": [{"id": 1}], "recent_closed": [{"id": 1, "start": 2.0}]}),
+            (12, {"open": [{"id": 1}], "recent_closed": [{"id": 1, "start": 1.0}]}),
+        ]
+    )
+    assert [c["worker_pid"] for c in joined["open"]] == [11, 12]
+    assert [r["start"] for r in joined["recent_closed"]] == [1.0, 2.0]
+
+
+def test_backend_lists_sum_their_counts_and_keep_each_workers_line() -> None:
+    line = {"name": "web1", "address": "a:1", "weight": 1, "active": 2,
+            "connections_total": 10, "connect_failures_total": 1,
+            "idle_connections": 0}  # fmt: skip
+    (web1,) = join_backends([(11, [line]), (12, [{**line, "active": 1}])])
+    counts = (web1["active"], web1["connections_total"], web1["connect_failures_total"])
+    assert counts == (3, 20, 2)
+    assert [w["worker_pid"] for w in web1["workers"]] == [11, 12]
