@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import IO, NamedTuple, cast
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -393,6 +393,34 @@ class StateCollector(Collector):
             backend_failures.add_metric([state.name], state.connect_failures_total)
             backend_idle.add_metric([state.name], self._idle(state.name))
         yield from (backend_active, backend_total, backend_failures, backend_idle)
+
+
+class SupervisorMetrics:
+    """The supervisor's own metrics (supervisor.py), in its registry: reloads, restarts,
+    workers. Summed into /metrics with the workers' pages (aggregate.py)."""
+
+    def __init__(self, registry: CollectorRegistry, running: Callable[[], int]) -> None:
+        self.reloads = Counter(
+            "balancer_config_reloads",
+            "Reloads asked for (SIGHUP), by result: success, or failure (the file or a "
+            "listener had a problem; the running configuration serves on).",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        self.last_reload = Gauge(
+            "balancer_config_last_reload_success_timestamp_seconds",
+            "When the running configuration was loaded (Unix time).",
+            registry=registry,
+        )
+        self.restarts = Counter(
+            "balancer_worker_restarts",
+            "Worker processes that exited unasked and were started again.",
+            registry=registry,
+        )
+        workers = Gauge("balancer_workers", "Worker processes running now.", registry=registry)
+        workers.set_function(running)
 
 
 # The access-log line: `to_dict()` as compact JSON, written out directly. json.dumps of the

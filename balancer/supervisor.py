@@ -39,13 +39,14 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import IO, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from balancer import notify
 from balancer.accept import bind_sockets, refuse_new_handshakes
 from balancer.admin import AdminServer
 from balancer.aggregate import Totals, join_backends, join_connections
 from balancer.config import Address, Config, ConfigError
+from balancer.observe import SupervisorMetrics
 from balancer.pool import PeerCounts
 from balancer.server import BACKLOG, HANDSHAKES_SETTLE_SECONDS, StartError, bind_failure
 from balancer.tls import TLSSetupError
@@ -189,29 +190,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reloading = asyncio.Lock()
         self.registry = CollectorRegistry()
-        self.reloads = Counter(
-            "balancer_config_reloads",
-            "Reloads asked for (SIGHUP), by result: success, or failure (the file or a "
-            "listener had a problem; the running configuration serves on).",
-            ["result"],
-            registry=self.registry,
-        )
-        self.last_reload = Gauge(
-            "balancer_config_last_reload_success_timestamp_seconds",
-            "When the running configuration was loaded (Unix time).",
-            registry=self.registry,
-        )
-        self.restarts = Counter(
-            "balancer_worker_restarts",
-            "Worker processes that exited unasked and were started again.",
-            registry=self.registry,
-        )
-        self.workers_gauge = Gauge(
-            "balancer_workers", "Worker processes running now.", registry=self.registry
-        )
-        self.workers_gauge.set_function(lambda: len(self._children))
-        for result in ("success", "failure"):
-            self.reloads.labels(result)
+        self.metrics = SupervisorMetrics(self.registry, lambda: len(self._children))
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -233,7 +212,7 @@ class Supervisor:
             log.info("listening: %s on %s:%d", name, host, port)
         if on_started is not None:
             on_started()
-        self.last_reload.set(time.time())
+        self.metrics.last_reload.set(time.time())
         log.info(
             "supervisor (pid %d): %d worker(s) running: %s",
             os.getpid(),
@@ -377,7 +356,7 @@ class Supervisor:
         streak = 0 if lived >= STABLE_SECONDS else self._restarts.get(worker.index, 0)
         delay = RESTART_BACKOFF_SECONDS[min(streak, len(RESTART_BACKOFF_SECONDS) - 1)]
         self._restarts[worker.index] = streak + 1
-        self.restarts.inc()
+        self.metrics.restarts.inc()
         log.error(
             "worker %d (pid %d) exited unasked (%s) after %.1f s; starting it again in %.1f s",
             worker.index, worker.pid, _describe(status), lived, delay,
@@ -436,8 +415,8 @@ class Supervisor:
             return self._reload_failed()
         self.generation = new
         self.retiring.append(old)
-        self.reloads.labels("success").inc()
-        self.last_reload.set(time.time())
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.last_reload.set(time.time())
         for name, (host, port) in self.addresses.items():
             if name != "admin" and name not in new.sockets:
                 continue
@@ -457,7 +436,7 @@ class Supervisor:
             self._retired(old)
 
     def _reload_failed(self) -> None:
-        self.reloads.labels("failure").inc()
+        self.metrics.reloads.labels("failure").inc()
         log.error("reload failed: still serving generation %d", self.generation.number)
         notify.ready(f"reload failed (see the log); serving generation {self.generation.number}")
 
