@@ -43,8 +43,17 @@ def supervisor_pid(running: Running) -> int:
 
 
 def worker_pids(running: Running) -> list[int]:
-    children = run("pgrep", "-P", str(supervisor_pid(running))).stdout.split()
-    return sorted(int(pid) for pid in children)
+    """The supervisor's child processes, from /proc (procps may not be installed)."""
+    parent, children = supervisor_pid(running), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                children.append(int(entry.name))
+    return sorted(children)
 
 
 ACCEPTED = 'balancer_connections_accepted_total{listener="http"}'
