@@ -1,6 +1,6 @@
 """Typed errors of the core, each knowing whose fault it is and the HTTP status it maps to.
 
-The core raises these; the edge (session.py) translates them to a response once, like h11's
+The core raises these; the edge (http_flow.py) translates them to a response once, like h11's
 `error_status_hint`. `reason` is the short token that lands in the connection record.
 """
 
