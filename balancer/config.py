@@ -95,6 +95,25 @@ class Upstream:
     max_requests_per_connection: int = 1000  # nginx's keepalive_requests
 
 
+CHECK_TYPES = ("none", "tcp", "http")
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active checks of every backend (`[health_check]`; HAProxy's check, inter, rise, fall)."""
+
+    type: str = "none"  # "tcp": a connect; "http": a request and its status; "none": no checks
+    interval_seconds: float = 2.0  # between one check's start and the next (jittered)
+    timeout_seconds: float = 1.0  # a check not done by then failed
+    rise: int = 2  # consecutive successes that bring a down backend up
+    fall: int = 3  # consecutive failures that take an up backend down
+    method: str = "GET"
+    path: str = "/"
+    host: str | None = None  # the Host header; the backend's address when not set
+    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)  # ranges, inclusive
+    body_contains: str | None = None  # the response body must hold this text
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
@@ -104,6 +123,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     upstream: Upstream = field(default_factory=Upstream)
+    health_check: HealthCheck = field(default_factory=HealthCheck)
     admin: Address | None = None
     access_log: str | None = None
     request_log: bool = False  # one access-log line per request too (with an access log)
@@ -231,8 +251,8 @@ SECONDS = "a positive number of seconds"
 COUNT = "a positive whole number"
 
 _TOP_KEYS = (
-    "listeners", "backends", "policy", "tls", "timeouts", "limits", "upstream", "admin",
-    "access_log", "request_log", "workers", "event_loop",
+    "listeners", "backends", "policy", "tls", "timeouts", "limits", "upstream", "health_check",
+    "admin", "access_log", "request_log", "workers", "event_loop",
 )  # fmt: skip
 
 
@@ -324,6 +344,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     timeouts = _section(r, data, "timeouts", Timeouts(), _positive_number, SECONDS)
     limits = _section(r, data, "limits", Limits(), _positive_int, COUNT)
     upstream = _upstream(r, data)
+    health_check = _health_check(r, data)
 
     admin = r.get(data, "admin", "admin", parse_address, ADDRESS, None)
     access_log = r.get(data, "access_log", "access_log", _text, "a file path or '-' (stdout)")
@@ -342,6 +363,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         timeouts=timeouts,
         limits=limits,
         upstream=upstream,
+        health_check=health_check,
         admin=admin,
         access_log=access_log,
         request_log=request_log,
@@ -374,6 +396,74 @@ def _upstream(r: _Reader, data: Mapping[str, Any]) -> Upstream:
             _positive_int, COUNT, d.max_requests_per_connection,
         ),
     )  # fmt: skip
+
+
+def _health_check(r: _Reader, data: Mapping[str, Any]) -> HealthCheck:
+    raw = data.get("health_check", {})
+    if not isinstance(raw, dict):
+        r.problem("health_check", raw, "a [health_check] table")
+        return HealthCheck()
+    r.table(raw, "health_check", tuple(HealthCheck.__dataclass_fields__))
+    d = HealthCheck()
+
+    def get(key: str, convert: Callable[[object], Any], expected: str, default: Any) -> Any:
+        return r.get(raw, key, f"health_check.{key}", convert, expected, default)
+
+    kinds = " or ".join(repr(k) for k in CHECK_TYPES)
+    check = HealthCheck(
+        type=get("type", _choice(CHECK_TYPES), kinds, d.type),
+        interval_seconds=get("interval_seconds", _positive_number, SECONDS, d.interval_seconds),
+        timeout_seconds=get("timeout_seconds", _positive_number, SECONDS, d.timeout_seconds),
+        rise=get("rise", _positive_int, COUNT, d.rise),
+        fall=get("fall", _positive_int, COUNT, d.fall),
+        method=get("method", _token, "an HTTP method such as 'GET' or 'HEAD'", d.method),
+        path=get("path", _check_path, "a path starting with '/'", d.path),
+        host=get("host", _text, "a host name for the Host header", d.host),
+        expect_status=get(
+            "expect_status", _status_ranges, "status codes and ranges: '200-399' or '200,204'",
+            d.expect_status,
+        ),
+        body_contains=get("body_contains", _text, "a text the body must hold", d.body_contains),
+    )  # fmt: skip
+    if check.timeout_seconds > check.interval_seconds:
+        r.problem(
+            "health_check.timeout_seconds", check.timeout_seconds,
+            f"at most health_check.interval_seconds ({check.interval_seconds})",
+        )  # fmt: skip
+    return check
+
+
+def _token(value: object) -> str:
+    if not isinstance(value, str) or not value.isascii() or not value.isalpha():
+        raise ValueError(value)
+    return value.upper()
+
+
+def _check_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in " \r\n"):
+        raise ValueError(value)
+    return value
+
+
+def _status_ranges(value: object) -> tuple[tuple[int, int], ...]:
+    """'200-399', '200,204', '2xx' (a class): inclusive ranges of status codes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(value)
+    ranges = []
+    for part in value.replace(" ", "").split(","):
+        if len(part) == 3 and part[0].isdigit() and part[1:].lower() == "xx":
+            low, high = int(part[0]) * 100, int(part[0]) * 100 + 99
+        elif "-" in part:
+            first, _, last = part.partition("-")
+            low, high = int(first), int(last)
+        else:
+            low = high = int(part)
+        if not 100 <= low <= high <= 599:
+            raise ValueError(value)
+        ranges.append((low, high))
+    return tuple(ranges)
 
 
 S = TypeVar("S", Timeouts, Limits)

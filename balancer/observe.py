@@ -423,6 +423,49 @@ class SupervisorMetrics:
         workers.set_function(running)
 
 
+class HealthMetrics:
+    """The active checks' metrics (health.py), kept by whoever runs the checks: the
+    supervisor, or a lone Balancer."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.up = Gauge(
+            "balancer_backend_up",
+            "1 while the active health checks hold the backend up, 0 while down.",
+            ["backend"],
+            registry=registry,
+        )
+        self.checks = Counter(
+            "balancer_health_checks",
+            "Active health checks, by result: ok, or failed (refused, timeout, a status "
+            "outside expect_status, a body without body_contains).",
+            ["backend", "result"],
+            registry=registry,
+        )
+        self.changes = Counter(
+            "balancer_backend_state_changes",
+            "Backends going up or down by the active checks (rise, fall).",
+            ["backend", "state"],
+            registry=registry,
+        )
+        self._checked: set[str] = set()
+
+    def backends(self, names: Iterable[str]) -> None:
+        """The backends checked now (all up until checked down); others are forgotten."""
+        checked = set(names)
+        for gone in self._checked - checked:
+            self.up.remove(gone)
+        self._checked = checked
+        for name in checked:
+            self.up.labels(name).set(1)
+
+    def observed(self, name: str, ok: bool) -> None:
+        self.checks.labels(name, "ok" if ok else "failed").inc()
+
+    def changed(self, name: str, up: bool) -> None:
+        self.up.labels(name).set(1 if up else 0)
+        self.changes.labels(name, "up" if up else "down").inc()
+
+
 # The access-log line: `to_dict()` as compact JSON, written out directly. json.dumps of the
 # nested dict costs about three times as much, per connection; a unit test holds the two equal.
 

@@ -70,11 +70,14 @@ class BackendPool:
         policy: Policy,
         down_seconds: float,
         peers: PeerCounts | None = None,
+        health: memoryview | None = None,
     ) -> None:
         self.states = [BackendState(backend) for backend in backends]
         self.policy = policy
         self.down_seconds = down_seconds
         self.peers = peers  # several workers: least connections counts theirs too
+        # The active checks' verdicts (health.py), a byte per backend: nonzero is up.
+        self.health = health
         self._index = {id(state): i for i, state in enumerate(self.states)}
 
     def publish(self, state: BackendState) -> None:
@@ -87,6 +90,10 @@ class BackendPool:
         Backends marked down by a recent connect failure are skipped, unless every ready backend
         is marked: then all are tried again (nginx does the same) rather than refusing everyone.
         """
+        health = self.health
+        if health is not None:
+            for index, candidate in enumerate(self.states):
+                candidate.ready = health[index] != 0
         ready = [s for s in self.states if s.ready and s not in exclude]
         up = [s for s in ready if s.down_until <= now]
         peers = self.peers

@@ -34,8 +34,9 @@ from balancer.admin import AdminServer
 from balancer.backends import Backend
 from balancer.config import Config
 from balancer.deadlines import DeadlineWheel, Wakeable
+from balancer.health import HealthChecker, checker_for
 from balancer.listener import ListenerContext, ListenerSettings, LoopServices
-from balancer.observe import ListenerTotals, Observer, StateCollector
+from balancer.observe import HealthMetrics, ListenerTotals, Observer, StateCollector
 from balancer.policies import POLICIES
 from balancer.pool import BackendPool, PeerCounts
 from balancer.record import BackendConnectionRecord, ConnectionRecord
@@ -117,26 +118,26 @@ class Balancer:
         clock: Callable[[], float] = time.monotonic,
         ssl_context: ssl.SSLContext | None = None,
         peers: PeerCounts | None = None,
+        health: memoryview | None = None,
     ) -> None:
         """`ssl_context`: built from the config unless given (the supervisor builds it once
         for all its workers, so a session ticket one issues the others resume). `peers`: the
-        other workers' leases per backend, for least connections (pool.PeerCounts)."""
+        other workers' leases per backend, for least connections (pool.PeerCounts).
+        `health`: the supervisor's health table; a lone Balancer with active checks
+        configured runs its own checker."""
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.access_log = access_log
-        backends = [
-            Backend(
-                b.name,
-                b.address.host,
-                b.address.port,
-                b.weight,
-                resolve_once(b.address.host, b.address.port),
-            )
-            for b in config.backends
-        ]
+        backends = backends_of(config)
+        self.checker: HealthChecker | None = None
+        if health is None and config.health_check.type != "none":
+            health = memoryview(bytearray(len(backends)))
+            metrics = HealthMetrics(self.registry)
+            self.checker = checker_for(backends, config.health_check, health, metrics)
         self.pool = BackendPool(
-            backends, POLICIES[config.policy](), config.timeouts.backend_down_seconds, peers
-        )
+            backends, POLICIES[config.policy](), config.timeouts.backend_down_seconds, peers,
+            health,
+        )  # fmt: skip
         self.observer = Observer(self.registry, access_log)
         self.observer.request_log = config.request_log
         self._drained = asyncio.Event()
@@ -279,6 +280,8 @@ class Balancer:
                 log.info("listening: %s on %s:%d", name, host, port)
         if self.access_log is not None:
             self._flusher = asyncio.create_task(self._flush_access_log())
+        if self.checker is not None:
+            self.checker.start()
 
     async def _listen(
         self,
@@ -353,6 +356,8 @@ class Balancer:
                         conn.force_close()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._drained.wait(), timeout=1.0)
+        if self.checker is not None:
+            await self.checker.stop()
         if self.idle is not None:  # the pooled backend connections, by FIN and linger
             await self.idle.close_all(self.config.timeouts.linger_seconds + 0.1)
         if self._flusher is not None:
@@ -419,6 +424,7 @@ class Balancer:
         return 0 if self.idle is None else len(self.idle.idle.get(backend, ()))
 
     def backends_view(self) -> list[dict[str, Any]]:
+        health = self.pool.health  # the active checks' verdicts, if any
         return [
             {
                 "name": s.name,
@@ -428,9 +434,19 @@ class Balancer:
                 "connections_total": s.connections_total,
                 "connect_failures_total": s.connect_failures_total,
                 "idle_connections": self._idle_count(s.name),
+                "state": "up" if health is None or health[index] else "down",
             }
-            for s in self.pool.states
+            for index, s in enumerate(self.pool.states)
         ]
+
+
+def backends_of(config: Config) -> list[Backend]:
+    """The configured backends, their names resolved once (see resolve_once)."""
+    return [
+        Backend(b.name, host, port, b.weight, resolve_once(host, port))
+        for b in config.backends
+        for host, port in [(b.address.host, b.address.port)]
+    ]
 
 
 def build_ssl_context(config: Config) -> ssl.SSLContext | None:

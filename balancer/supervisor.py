@@ -46,9 +46,16 @@ from balancer.accept import bind_sockets, refuse_new_handshakes
 from balancer.admin import AdminServer
 from balancer.aggregate import Totals, join_backends, join_connections
 from balancer.config import Address, Config, ConfigError
-from balancer.observe import SupervisorMetrics
+from balancer.health import HealthChecker, checker_for
+from balancer.observe import HealthMetrics, SupervisorMetrics
 from balancer.pool import PeerCounts
-from balancer.server import BACKLOG, HANDSHAKES_SETTLE_SECONDS, StartError, bind_failure
+from balancer.server import (
+    BACKLOG,
+    HANDSHAKES_SETTLE_SECONDS,
+    StartError,
+    backends_of,
+    bind_failure,
+)
 from balancer.tls import TLSSetupError
 from balancer.worker import CONTROL_LIMIT_BYTES, WorkerSpec, run_worker
 
@@ -153,6 +160,26 @@ class Generation:
         self.counts: mmap.mmap | None = None
         if self.size > 1:
             self.counts = mmap.mmap(-1, 8 * self.size * len(config.backends))
+        # The active checks' verdicts (health.py), run here once for every worker: a byte
+        # per backend, written by the generation's checker, read by its workers' pools.
+        self.health: mmap.mmap | None = None
+        self.checker: HealthChecker | None = None
+        if config.health_check.type != "none":
+            self.health = mmap.mmap(-1, len(config.backends))
+            self.health.write(b"\x01" * len(config.backends))  # up until checked down
+
+    def check(self, metrics: HealthMetrics) -> None:
+        """The generation serves: its checker starts (the metrics now speak of its backends)."""
+        if self.health is not None and self.checker is None:
+            table = memoryview(self.health)
+            self.checker = checker_for(
+                backends_of(self.config), self.config.health_check, table, metrics
+            )
+            self.checker.start()
+
+    async def stop_checking(self) -> None:
+        if self.checker is not None:
+            await self.checker.stop()
 
     def forget(self, index: int) -> None:
         """A worker is gone: its row of leases goes with it."""
@@ -191,6 +218,7 @@ class Supervisor:
         self._reloading = asyncio.Lock()
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry, lambda: len(self._children))
+        self.health_metrics = HealthMetrics(self.registry)
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -208,6 +236,7 @@ class Supervisor:
         except ConnectionError as error:
             self._close_all_sockets()
             raise StartError(f"the workers did not start: {error}") from None
+        generation.check(self.health_metrics)
         for name, (host, port) in self.addresses.items():  # said once served
             log.info("listening: %s on %s:%d", name, host, port)
         if on_started is not None:
@@ -293,7 +322,7 @@ class Supervisor:
         spec = WorkerSpec(
             index, generation.number, generation.config, generation.sockets,
             generation.ssl_context, theirs, self.open_access_log, self.run_loop,
-            generation.size, generation.counts,
+            generation.size, generation.counts, generation.health,
         )  # fmt: skip
         for handler in logging.getLogger().handlers:
             handler.flush()
@@ -415,6 +444,8 @@ class Supervisor:
             return self._reload_failed()
         self.generation = new
         self.retiring.append(old)
+        await old.stop_checking()  # its workers drain on the verdicts they have
+        new.check(self.health_metrics)
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload.set(time.time())
         for name, (host, port) in self.addresses.items():
@@ -480,6 +511,7 @@ class Supervisor:
     async def _stop(self) -> None:
         log.info("shutting down: draining %d worker(s)", len(self._children))
         notify.stopping()
+        await self.generation.stop_checking()
         if self._admin is not None:
             self._admin.close()
         socks = [s for listening in self.bound.values() for s in listening]
@@ -534,7 +566,13 @@ class Supervisor:
         return join_connections((w.pid, view) for w, view in await self._ask_all("connections"))
 
     async def _backends(self) -> list[dict[str, Any]]:
-        return join_backends((w.pid, view) for w, view in await self._ask_all("backends"))
+        joined = join_backends((w.pid, view) for w, view in await self._ask_all("backends"))
+        checker = self.generation.checker
+        if checker is not None:  # the checks' own word: state and last result
+            checks = {entry["name"]: entry for entry in checker.view()}
+            for backend in joined:
+                backend.update(checks.get(backend["name"], {}))
+        return joined
 
 
 def _log_descriptors() -> set[int]:

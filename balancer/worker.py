@@ -63,6 +63,7 @@ class WorkerSpec:
     run_loop: Callable[[Config, Callable[[], Any]], None]
     workers: int = 1  # in the generation
     counts: mmap.mmap | None = None  # every worker's leases per backend (pool.PeerCounts)
+    health: mmap.mmap | None = None  # the supervisor's health checks: a byte per backend
 
     def peers(self) -> PeerCounts | None:
         if self.counts is None:
@@ -79,9 +80,11 @@ def run_worker(spec: WorkerSpec, keep: set[int], supervisor: int) -> int:
     if access_log is sys.stdout and isinstance(sys.stdout, io.TextIOWrapper):
         # A pipe, shared with the other workers: a write per line (under PIPE_BUF) is whole.
         sys.stdout.reconfigure(line_buffering=True)
+    health = memoryview(spec.health) if spec.health is not None else None
     balancer = Balancer(
-        spec.config, access_log=access_log, ssl_context=spec.ssl_context, peers=spec.peers()
-    )
+        spec.config, access_log=access_log, ssl_context=spec.ssl_context, peers=spec.peers(),
+        health=health,
+    )  # fmt: skip
     spec.run_loop(spec.config, lambda: _serve(balancer, spec))
     if access_log is not None and access_log is not sys.stdout:
         access_log.close()

@@ -131,6 +131,17 @@ class BackendProtocol(asyncio.Protocol):
             return
         if path == "/slow":
             return
+        if path == "/health":  # what the active checks ask; Backend.health says the answer
+            if self.backend.health == "hang":
+                return
+            checks = sum(1 for seen in self.backend.seen if seen.path == "/health")
+            ok = self.backend.health == "ok" or (self.backend.health == "flap" and checks % 2)
+            status = "200 OK" if ok else "500 Internal Server Error"
+            self.transport.write(
+                f"HTTP/1.1 {status}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".encode()
+            )
+            self.transport.close()
+            return
         if path.startswith("/delay/"):  # answer after N milliseconds
             delay = int(path.split("/")[2]) / 1000
             body = f"{name} delayed\n".encode()
@@ -182,6 +193,8 @@ class Backend:
     seen: list[SeenRequest] = field(default_factory=list)
     connections: int = 0
     open_connections: set[BackendProtocol] = field(default_factory=set)
+    # How /health answers: "ok" (200), "fail" (500), "hang" (never), "flap" (500, 200, ...).
+    health: str = "ok"
 
     @property
     def address(self) -> str:
@@ -221,6 +234,7 @@ def make_config(
     timeouts: dict[str, float] | None = None,
     limits: dict[str, int] | None = None,
     tls: dict[str, Any] | None = None,
+    health_check: dict[str, Any] | None = None,
 ) -> Config:
     table: dict[str, Any] = {
         "policy": policy,
@@ -239,6 +253,8 @@ def make_config(
     }
     if https:
         table["tls"] = {"cert": str(certs.cert), "key": str(certs.key), **(tls or {})}
+    if health_check is not None:
+        table["health_check"] = health_check
     return parse_config(table, "test")
 
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -383,3 +384,77 @@ def test_sigquit_drains_like_sigterm_and_leaves_no_core(farm_ports, certs_dir, t
     assert running.process.wait(15) == 0
     running.wait_for_log("shutting down: draining 2 worker(s)")
     process.__exit__(None, None, None)
+
+
+class CheckedBackend:
+    """A backend in a thread that counts the health checks it answers (200, or 500 once
+    told to fail) and names itself in every other response."""
+
+    def __init__(self, name: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        backend = self
+        self.name, self.failing, self.checks = name, False, 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/health":
+                    backend.checks += 1
+                    status = 500 if backend.failing else 200
+                else:
+                    status = 200
+                body = backend.name.encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_health_checks_run_once_per_backend_for_all_workers(tmp_path) -> None:
+    """Two workers, one checker (the supervisor's): a backend is checked once per interval,
+    not once per worker, and a backend the checks take down gets nothing from any worker."""
+    backends = [CheckedBackend("good"), CheckedBackend("bad")]
+    config = tmp_path / "balancer.toml"
+    config.write_text(
+        'admin = "127.0.0.1:0"\nworkers = 2\n'
+        '[[listeners]]\nname = "http"\nbind = "127.0.0.1:0"\n'
+        '[health_check]\ntype = "http"\npath = "/health"\ninterval_seconds = 0.2\n'
+        "timeout_seconds = 0.2\nrise = 2\nfall = 2\n"
+        + "".join(
+            f'[[backends]]\nname = "{b.name}"\naddress = "127.0.0.1:{b.port}"\n' for b in backends
+        )
+    )
+    process = BalancerProcess(["-c", str(config)], {"http", "admin"}, tmp_path)
+    try:
+        with process as running:
+            first, started = backends[0].checks, time.monotonic()
+            wait_until(lambda: backends[0].checks >= first + 10)
+            rate = (backends[0].checks - first) / (time.monotonic() - started)
+            assert 3 <= rate <= 7, rate  # 5 a second; two checkers would make it 10
+            backends[1].failing = True
+            wait_until(lambda: scrape(running).get('balancer_backend_up{backend="bad"}') == 0)
+            answers = {
+                run("curl", "-s", running.url("http")).stdout for _ in range(20)
+            }  # over both workers (each connection goes to whichever accepts it)
+            assert answers == {"good"}
+            view = json.loads(
+                run("curl", "-s", f"http://127.0.0.1:{running.ports['admin']}/backends").stdout
+            )
+            bad = next(b for b in view if b["name"] == "bad")
+            assert bad["state"] == "down" and bad["last_check"] == "status 500"
+            assert {w["state"] for w in bad["workers"]} == {"down"}  # what each worker reads
+    finally:
+        for backend in backends:
+            backend.close()
