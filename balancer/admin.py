@@ -1,4 +1,5 @@
-"""The admin listener: /metrics for Prometheus, /connections and /backends as JSON, /healthz.
+"""The admin listener: /metrics for Prometheus, /connections and /backends as JSON, /healthz;
+POST for runtime control when the supervisor serves it (supervisor.py, control.py).
 
 HTTP the balancer speaks itself, so h11 (not the relay's parser) drives it; it is not a hot path.
 """
@@ -19,6 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 T = TypeVar("T")
 View = Callable[[], T | Awaitable[T]]  # a worker's views are direct; the supervisor's ask
 Route = Callable[[], Awaitable[tuple[int, str, bytes]]]
+# POST: the target, the headers (names lowercased) and the body → status, type, body.
+Write = Callable[[str, dict[str, str], bytes], Awaitable[tuple[int, str, bytes]]]
+MAX_BODY_BYTES = 65536
 
 
 class AdminServer:
@@ -27,6 +31,7 @@ class AdminServer:
         metrics: View[bytes],
         connections: View[dict[str, Any]],
         backends: View[list[dict[str, Any]]],
+        write: Write | None = None,
     ) -> None:
         async def metrics_page() -> tuple[int, str, bytes]:
             return 200, CONTENT_TYPE_LATEST, await _now(metrics)
@@ -46,6 +51,7 @@ class AdminServer:
             "/backends": backends_page,
             "/healthz": health,
         }
+        self.write = write  # POST: runtime control (the supervisor's; None: GET only)
 
     @classmethod
     def of_registry(
@@ -66,6 +72,8 @@ class AdminServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
+        request: h11.Request | None = None
+        body = b""
         try:
             while True:
                 event = conn.next_event()
@@ -74,26 +82,28 @@ class AdminServer:
                     conn.receive_data(data)
                     continue
                 if isinstance(event, h11.Request):
-                    target = event.target.decode("ascii", "replace").split("?", 1)[0]
-                    route = self.routes.get(target)
-                    if event.method not in (b"GET", b"HEAD"):
-                        status, kind, body = 405, "text/plain", b"only GET\n"
-                    elif route is None:
-                        status, kind, body = 404, "text/plain", b"not found\n"
-                    else:
-                        status, kind, body = await route()
-                    headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
+                    request, body = event, b""
+                elif isinstance(event, h11.Data):
+                    body = (body + bytes(event.data))[:MAX_BODY_BYTES]
+                elif isinstance(event, h11.EndOfMessage) and request is not None:
+                    status, kind, payload = await self._answer(request, body)
+                    headers = [("Content-Type", kind), ("Content-Length", str(len(payload)))]
                     reason = HTTPStatus(status).phrase.encode()
                     response = h11.Response(status_code=status, headers=headers, reason=reason)
                     writer.write(conn.send(response))
-                    if event.method != b"HEAD":
-                        writer.write(conn.send(h11.Data(data=body)))
+                    if request.method != b"HEAD":
+                        writer.write(conn.send(h11.Data(data=payload)))
                     writer.write(conn.send(h11.EndOfMessage()))
                     await writer.drain()
-                elif isinstance(event, h11.ConnectionClosed) or conn.our_state is h11.MUST_CLOSE:
+                    request = None
+                elif isinstance(event, h11.ConnectionClosed):
                     break
-                elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                if conn.our_state is h11.MUST_CLOSE:
+                    break  # the client asked to close (or spoke HTTP/1.0): answered, done
+                if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
+                elif event is h11.PAUSED:
+                    break  # (cannot happen past the two above; never spin on it)
         except (h11.RemoteProtocolError, TimeoutError, ConnectionError):
             pass
         finally:
@@ -101,9 +111,25 @@ class AdminServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
+    async def _answer(self, request: h11.Request, body: bytes) -> tuple[int, str, bytes]:
+        target = request.target.decode("ascii", "replace")
+        path = target.split("?", 1)[0]
+        if request.method in (b"GET", b"HEAD"):
+            route = self.routes.get(path)
+            if route is None:
+                return 404, "text/plain", b"not found\n"
+            return await route()
+        if request.method == b"POST" and self.write is not None:
+            headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
+            return await self.write(target, headers, body)
+        return 405, "text/plain", b"GET, or POST for control\n" if self.write else b"only GET\n"
 
-def _json(value: object) -> tuple[int, str, bytes]:
-    return 200, "application/json", json.dumps(value, indent=1).encode() + b"\n"
+
+def _json(value: object, status: int = 200) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(value, indent=1).encode() + b"\n"
+
+
+json_answer = _json  # for the supervisor's control answers
 
 
 async def _now(view: View[T]) -> T:

@@ -41,12 +41,14 @@ class BackendState:
         "down_until",
         "peer_active",
         "ready",
+        "weight",
     )
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.active = 0  # this worker's leases
         self.peer_active = 0  # the other workers' (pool.PeerCounts), as last read
+        self.weight = backend.weight  # as configured, or as an operator set it (BackendTable)
         self.ready = True
         self.down_until = 0.0
         self.connections_total = 0
@@ -60,10 +62,6 @@ class BackendState:
     def load(self) -> int:
         """Leases on the backend across every worker: what least connections compares."""
         return self.active + self.peer_active
-
-    @property
-    def weight(self) -> int:
-        return self.backend.weight
 
     def __repr__(self) -> str:
         return f"BackendState({self.name!r}, active={self.active}, ready={self.ready})"

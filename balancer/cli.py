@@ -30,6 +30,7 @@ from balancer.config import (
     apply_overrides,
     parse_config,
 )
+from balancer.control import read_token
 from balancer.policies import POLICIES
 from balancer.server import Balancer, StartError, build_ssl_context
 from balancer.supervisor import Supervisor
@@ -203,11 +204,7 @@ def open_access_log(config: Config) -> IO[str] | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config, _ = load(args)
-    Balancer(config)  # builds the TLS context: cert and key load and match
-    problem = access_log_problem(config)
-    if problem is not None:
-        raise ConfigError([problem])
+    config, *_ = prepare(args)  # what run and every reload check, nothing bound
     tls = sum(1 for x in config.listeners if x.tls)
     print(
         f"config OK: {len(config.listeners)} listener(s) ({tls} TLS), "
@@ -264,6 +261,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, ssl.SSLContext | None, st
     if problem is not None:
         raise ConfigError([problem])
     config, descriptors, level = budget_file_descriptors(config, max_connections_set)
+    read_token(config)  # readable and long enough, if set
     ssl_context = build_ssl_context(config)
     Balancer(config, ssl_context=ssl_context)  # backends resolve; nothing is bound
     return config, ssl_context, descriptors, level

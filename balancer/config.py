@@ -125,6 +125,7 @@ class Config:
     upstream: Upstream = field(default_factory=Upstream)
     health_check: HealthCheck = field(default_factory=HealthCheck)
     admin: Address | None = None
+    admin_token_file: str | None = None  # a bearer token for the admin API's writes
     access_log: str | None = None
     request_log: bool = False  # one access-log line per request too (with an access log)
     workers: int | str = "auto"  # one per CPU (supervisor.worker_count), or a count
@@ -252,7 +253,7 @@ COUNT = "a positive whole number"
 
 _TOP_KEYS = (
     "listeners", "backends", "policy", "tls", "timeouts", "limits", "upstream", "health_check",
-    "admin", "access_log", "request_log", "workers", "event_loop",
+    "admin", "admin_token_file", "access_log", "request_log", "workers", "event_loop",
 )  # fmt: skip
 
 
@@ -347,6 +348,9 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     health_check = _health_check(r, data)
 
     admin = r.get(data, "admin", "admin", parse_address, ADDRESS, None)
+    admin_token_file = r.get(
+        data, "admin_token_file", "admin_token_file", _text, "a file holding the token"
+    )
     access_log = r.get(data, "access_log", "access_log", _text, "a file path or '-' (stdout)")
     request_log = r.get(data, "request_log", "request_log", _boolean, "true or false", False)
     workers = r.get(data, "workers", "workers", _workers, f"{COUNT} up to 256, or 'auto'", "auto")
@@ -365,6 +369,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         upstream=upstream,
         health_check=health_check,
         admin=admin,
+        admin_token_file=admin_token_file,
         access_log=access_log,
         request_log=request_log,
         workers=workers,

@@ -36,6 +36,7 @@ import h11
 from balancer.backends import Backend
 from balancer.config import HealthCheck
 from balancer.observe import HealthMetrics
+from balancer.pool import BackendTable
 
 log = logging.getLogger("balancer")
 
@@ -207,17 +208,17 @@ class HealthChecker:
 
 
 def checker_for(
-    backends: Sequence[Backend], spec: HealthCheck, table: memoryview, metrics: HealthMetrics
+    backends: Sequence[Backend], spec: HealthCheck, table: BackendTable, metrics: HealthMetrics
 ) -> HealthChecker:
-    """A checker that keeps `table` (a byte per backend, nonzero while up: what every
-    worker's pool reads) and the metrics."""
+    """A checker that keeps the verdicts in `table` (what every worker's pool reads) and the
+    metrics."""
     names = [backend.name for backend in backends]
     for index in range(len(names)):
-        table[index] = 1
+        table.set(index, up=True)
     metrics.backends(names)
 
     def changed(index: int, state: str, result: CheckResult) -> None:
-        table[index] = 1 if state == UP else 0
+        table.set(index, up=state == UP)
         metrics.changed(names[index], state == UP)
 
     def observed(index: int, result: CheckResult) -> None:

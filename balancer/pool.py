@@ -43,6 +43,66 @@ class PeerCounts:
             self.table[cell] = 0
 
 
+ENABLED, DRAINING, MAINTENANCE = 0, 1, 2  # the operator's word on a backend
+ADMIN_STATES = {"enabled": ENABLED, "draining": DRAINING, "maintenance": MAINTENANCE}
+_UP, _ADMIN, _WEIGHT = 0, 1, 2  # a backend's cells in a BackendTable
+
+
+class BackendTable:
+    """What the workers of a generation read on every pick and only the supervisor writes:
+    per backend, the active checks' verdict (up or not), the operator's state (enabled,
+    draining, maintenance) and weight. Three uint32 cells a backend, in memory mapped before
+    the fork (a lone Balancer keeps its own). Pure over the memoryview it is given."""
+
+    __slots__ = ("cells", "count")
+
+    CELLS = 3
+
+    def __init__(self, cells: memoryview, backends: Sequence[Backend], fresh: bool = True) -> None:
+        if len(cells) < self.CELLS * len(backends):
+            raise ValueError("the table does not fit the backends")
+        self.cells = cells
+        self.count = len(backends)
+        if fresh:  # up (until checked down), enabled, as configured
+            for index, backend in enumerate(backends):
+                self.set(index, up=True, admin=ENABLED, weight=backend.weight)
+
+    @classmethod
+    def of(cls, backends: Sequence[Backend]) -> BackendTable:
+        size = cls.CELLS * len(backends) * 4
+        return cls(memoryview(bytearray(size)).cast("I"), backends)
+
+    def set(
+        self, index: int, *, up: bool | None = None, admin: int | None = None,
+        weight: int | None = None,
+    ) -> None:  # fmt: skip
+        base = index * self.CELLS
+        if up is not None:
+            self.cells[base + _UP] = 1 if up else 0
+        if admin is not None:
+            self.cells[base + _ADMIN] = admin
+        if weight is not None:
+            self.cells[base + _WEIGHT] = weight
+
+    def up(self, index: int) -> bool:
+        return self.cells[index * self.CELLS + _UP] != 0
+
+    def admin(self, index: int) -> int:
+        return int(self.cells[index * self.CELLS + _ADMIN])
+
+    def weight(self, index: int) -> int:
+        return int(self.cells[index * self.CELLS + _WEIGHT])
+
+    def state(self, index: int) -> str:
+        """What the admin view calls it: maintenance, draining, down or up."""
+        admin = self.admin(index)
+        if admin == MAINTENANCE:
+            return "maintenance"
+        if admin == DRAINING:
+            return "draining"
+        return "up" if self.up(index) else "down"
+
+
 class Lease:
     """A counted claim on one backend for one client connection."""
 
@@ -70,14 +130,14 @@ class BackendPool:
         policy: Policy,
         down_seconds: float,
         peers: PeerCounts | None = None,
-        health: memoryview | None = None,
+        table: BackendTable | None = None,
     ) -> None:
         self.states = [BackendState(backend) for backend in backends]
         self.policy = policy
         self.down_seconds = down_seconds
         self.peers = peers  # several workers: least connections counts theirs too
-        # The active checks' verdicts (health.py), a byte per backend: nonzero is up.
-        self.health = health
+        # The checks' verdicts, the operator's states and weights (BackendTable), if any.
+        self.table = table
         self._index = {id(state): i for i, state in enumerate(self.states)}
 
     def publish(self, state: BackendState) -> None:
@@ -90,10 +150,11 @@ class BackendPool:
         Backends marked down by a recent connect failure are skipped, unless every ready backend
         is marked: then all are tried again (nginx does the same) rather than refusing everyone.
         """
-        health = self.health
-        if health is not None:
+        table = self.table
+        if table is not None:
             for index, candidate in enumerate(self.states):
-                candidate.ready = health[index] != 0
+                candidate.ready = table.up(index) and table.admin(index) == ENABLED
+                candidate.weight = table.weight(index)
         ready = [s for s in self.states if s.ready and s not in exclude]
         up = [s for s in ready if s.down_until <= now]
         peers = self.peers

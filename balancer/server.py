@@ -38,7 +38,7 @@ from balancer.health import HealthChecker, checker_for
 from balancer.listener import ListenerContext, ListenerSettings, LoopServices
 from balancer.observe import HealthMetrics, ListenerTotals, Observer, StateCollector
 from balancer.policies import POLICIES
-from balancer.pool import BackendPool, PeerCounts
+from balancer.pool import BackendPool, BackendTable, PeerCounts
 from balancer.record import BackendConnectionRecord, ConnectionRecord
 from balancer.session import ClientSession
 from balancer.tls import server_context
@@ -118,25 +118,27 @@ class Balancer:
         clock: Callable[[], float] = time.monotonic,
         ssl_context: ssl.SSLContext | None = None,
         peers: PeerCounts | None = None,
-        health: memoryview | None = None,
+        table: BackendTable | None = None,
     ) -> None:
         """`ssl_context`: built from the config unless given (the supervisor builds it once
         for all its workers, so a session ticket one issues the others resume). `peers`: the
         other workers' leases per backend, for least connections (pool.PeerCounts).
-        `health`: the supervisor's health table; a lone Balancer with active checks
-        configured runs its own checker."""
+        `table`: the supervisor's BackendTable (checks' verdicts, operator states and
+        weights); a lone Balancer keeps its own, and runs its own checker if checks are
+        configured."""
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.access_log = access_log
         backends = backends_of(config)
         self.checker: HealthChecker | None = None
-        if health is None and config.health_check.type != "none":
-            health = memoryview(bytearray(len(backends)))
-            metrics = HealthMetrics(self.registry)
-            self.checker = checker_for(backends, config.health_check, health, metrics)
+        if table is None:
+            table = BackendTable.of(backends)
+            if config.health_check.type != "none":
+                metrics = HealthMetrics(self.registry)
+                self.checker = checker_for(backends, config.health_check, table, metrics)
         self.pool = BackendPool(
             backends, POLICIES[config.policy](), config.timeouts.backend_down_seconds, peers,
-            health,
+            table,
         )  # fmt: skip
         self.observer = Observer(self.registry, access_log)
         self.observer.request_log = config.request_log
@@ -424,17 +426,17 @@ class Balancer:
         return 0 if self.idle is None else len(self.idle.idle.get(backend, ()))
 
     def backends_view(self) -> list[dict[str, Any]]:
-        health = self.pool.health  # the active checks' verdicts, if any
+        table = self.pool.table
         return [
             {
                 "name": s.name,
                 "address": s.backend.address,
-                "weight": s.weight,
+                "weight": table.weight(index) if table is not None else s.weight,
                 "active": s.active,
                 "connections_total": s.connections_total,
                 "connect_failures_total": s.connect_failures_total,
                 "idle_connections": self._idle_count(s.name),
-                "state": "up" if health is None or health[index] else "down",
+                "state": table.state(index) if table is not None else "up",
             }
             for index, s in enumerate(self.pool.states)
         ]

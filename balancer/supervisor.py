@@ -46,9 +46,10 @@ from balancer.accept import bind_sockets, refuse_new_handshakes
 from balancer.admin import AdminServer
 from balancer.aggregate import Totals, join_backends, join_connections
 from balancer.config import Address, Config, ConfigError
+from balancer.control import Control, read_token
 from balancer.health import HealthChecker, checker_for
 from balancer.observe import HealthMetrics, SupervisorMetrics
-from balancer.pool import PeerCounts
+from balancer.pool import BackendTable, PeerCounts
 from balancer.server import (
     BACKLOG,
     HANDSHAKES_SETTLE_SECONDS,
@@ -160,21 +161,19 @@ class Generation:
         self.counts: mmap.mmap | None = None
         if self.size > 1:
             self.counts = mmap.mmap(-1, 8 * self.size * len(config.backends))
-        # The active checks' verdicts (health.py), run here once for every worker: a byte
-        # per backend, written by the generation's checker, read by its workers' pools.
-        self.health: mmap.mmap | None = None
+        # What every worker reads on a pick (pool.BackendTable): the checks' verdicts (run
+        # here once for all the workers), the operator's states and weights.
+        self.backends = backends_of(config)
+        self.table_memory = mmap.mmap(-1, 4 * BackendTable.CELLS * len(self.backends))
+        self.table = BackendTable(memoryview(self.table_memory).cast("I"), self.backends)
         self.checker: HealthChecker | None = None
-        if config.health_check.type != "none":
-            self.health = mmap.mmap(-1, len(config.backends))
-            self.health.write(b"\x01" * len(config.backends))  # up until checked down
+        self.token = read_token(config)  # the admin API's, for this configuration
 
     def check(self, metrics: HealthMetrics) -> None:
         """The generation serves: its checker starts (the metrics now speak of its backends)."""
-        if self.health is not None and self.checker is None:
-            table = memoryview(self.health)
-            self.checker = checker_for(
-                backends_of(self.config), self.config.health_check, table, metrics
-            )
+        if self.config.health_check.type != "none" and self.checker is None:
+            spec = self.config.health_check
+            self.checker = checker_for(self.backends, spec, self.table, metrics)
             self.checker.start()
 
     async def stop_checking(self) -> None:
@@ -219,6 +218,11 @@ class Supervisor:
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry, lambda: len(self._children))
         self.health_metrics = HealthMetrics(self.registry)
+        self.control = Control(
+            lambda: (self.generation.config, self.generation.table, self.generation.token),
+            self.registry,
+            lambda name, state: self.health_metrics.changes.labels(name, state).inc(),
+        )
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -283,7 +287,9 @@ class Supervisor:
             return
         server: asyncio.Server | None = None
         if config.admin is not None:
-            admin = AdminServer(self._metrics_page, self._connections, self._backends)
+            admin = AdminServer(
+                self._metrics_page, self._connections, self._backends, self.control.write
+            )
             host, port = config.admin.host, config.admin.port
             try:
                 socks = bind_sockets(host, port, BACKLOG)
@@ -322,7 +328,7 @@ class Supervisor:
         spec = WorkerSpec(
             index, generation.number, generation.config, generation.sockets,
             generation.ssl_context, theirs, self.open_access_log, self.run_loop,
-            generation.size, generation.counts, generation.health,
+            generation.size, generation.counts, generation.table_memory,
         )  # fmt: skip
         for handler in logging.getLogger().handlers:
             handler.flush()
@@ -430,6 +436,7 @@ class Supervisor:
             return self._reload_failed()
         old = self.generation
         new = Generation(old.number + 1, config, ssl_context)
+        self.control.carry(config, new.table)  # the operator's word, where the file kept it
         try:
             self._bind(new)
             await self._start(new)
@@ -567,11 +574,18 @@ class Supervisor:
 
     async def _backends(self) -> list[dict[str, Any]]:
         joined = join_backends((w.pid, view) for w, view in await self._ask_all("backends"))
-        checker = self.generation.checker
-        if checker is not None:  # the checks' own word: state and last result
-            checks = {entry["name"]: entry for entry in checker.view()}
-            for backend in joined:
-                backend.update(checks.get(backend["name"], {}))
+        generation = self.generation
+        names = [backend.name for backend in generation.config.backends]
+        checker = generation.checker
+        checks = {entry["name"]: entry for entry in checker.view()} if checker else {}
+        for backend in joined:
+            if backend["name"] in names:  # the table's word: state and weight
+                index = names.index(backend["name"])
+                backend["state"] = generation.table.state(index)
+                backend["weight"] = generation.table.weight(index)
+            if backend["name"] in checks:
+                backend["last_check"] = checks[backend["name"]]["last_check"]
+                backend["last_check_seconds"] = checks[backend["name"]]["last_check_seconds"]
         return joined
 
 

@@ -40,8 +40,8 @@ from typing import IO, Any
 from prometheus_client import generate_latest
 
 from balancer.config import Config
-from balancer.pool import PeerCounts
-from balancer.server import Balancer
+from balancer.pool import BackendTable, PeerCounts
+from balancer.server import Balancer, backends_of
 
 log = logging.getLogger("balancer")
 
@@ -63,7 +63,7 @@ class WorkerSpec:
     run_loop: Callable[[Config, Callable[[], Any]], None]
     workers: int = 1  # in the generation
     counts: mmap.mmap | None = None  # every worker's leases per backend (pool.PeerCounts)
-    health: mmap.mmap | None = None  # the supervisor's health checks: a byte per backend
+    table: mmap.mmap | None = None  # the generation's pool.BackendTable
 
     def peers(self) -> PeerCounts | None:
         if self.counts is None:
@@ -80,10 +80,13 @@ def run_worker(spec: WorkerSpec, keep: set[int], supervisor: int) -> int:
     if access_log is sys.stdout and isinstance(sys.stdout, io.TextIOWrapper):
         # A pipe, shared with the other workers: a write per line (under PIPE_BUF) is whole.
         sys.stdout.reconfigure(line_buffering=True)
-    health = memoryview(spec.health) if spec.health is not None else None
+    table = None
+    if spec.table is not None:
+        cells = memoryview(spec.table).cast("I")
+        table = BackendTable(cells, backends_of(spec.config), fresh=False)
     balancer = Balancer(
         spec.config, access_log=access_log, ssl_context=spec.ssl_context, peers=spec.peers(),
-        health=health,
+        table=table,
     )  # fmt: skip
     spec.run_loop(spec.config, lambda: _serve(balancer, spec))
     if access_log is not None and access_log is not sys.stdout:

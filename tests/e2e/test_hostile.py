@@ -58,6 +58,8 @@ def test_out_of_descriptors_accepting_backs_off_quietly_and_recovers(
         str(limits),
         "--event-loop",
         event_loop,
+        "--workers",  # one process runs out: HELD connections over several would not
+        "1",
         prefix=["prlimit", f"--nofile={NOFILE}:{NOFILE}"],
     )
     with process as running:

@@ -68,7 +68,8 @@ async def test_all_backends_dead_gives_502(balancer_factory) -> None:
 
 async def test_no_ready_backend_gives_503_with_retry_after(farm, balancer_factory) -> None:
     balancer, _ = await balancer_factory(make_config([farm[0].address]))
-    balancer.pool.states[0].ready = False
+    assert balancer.pool.table is not None
+    balancer.pool.table.set(0, up=False)  # as the active checks say of a backend down
     raw = await raw_exchange(port_of(balancer), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert parse_status(raw) == 503
     assert b"Retry-After: 1" in raw

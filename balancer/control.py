@@ -1,0 +1,160 @@
+"""Runtime control on the admin listener: drain, enable, maintenance and weight, by token.
+
+Theory of operation
+-------------------
+The supervisor serves the admin listener; a POST there is a write:
+
+    POST /backends/<name>/drain         no new connections or requests; those open finish
+    POST /backends/<name>/maintenance   out, as if down (the checks go on, unheeded)
+    POST /backends/<name>/enable        back to what the checks say
+    POST /backends/<name>/weight        body {"weight": N} (1..256), or ?value=N
+
+Each needs `Authorization: Bearer <token>` (the file `admin_token_file` names; without it
+every write is refused): 401 otherwise, counted with every other outcome in
+`balancer_admin_writes_total{result}`. A write lands in the generation's BackendTable (every
+worker reads it at its next pick), says one log line, and is kept as an override: a reload
+carries it to the new generation unless the file changed that backend (its address or
+weight), which then wins.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, unquote
+
+from prometheus_client import CollectorRegistry, Counter
+
+from balancer.admin import json_answer
+from balancer.config import BackendConfig, Config, ConfigError
+from balancer.pool import ADMIN_STATES, DRAINING, ENABLED, MAINTENANCE, BackendTable
+
+log = logging.getLogger("balancer")
+
+ACTIONS = {"drain": DRAINING, "enable": ENABLED, "maintenance": MAINTENANCE}
+STATE_NAMES = {value: name for name, value in ADMIN_STATES.items()}
+MAX_WEIGHT = 256
+Answer = tuple[int, str, bytes]
+
+
+@dataclass
+class Override:
+    """An operator's word on a backend, and the backend as configured when it was said."""
+
+    configured: BackendConfig
+    admin: int | None = None
+    weight: int | None = None
+
+
+class Control:
+    """The writes (see the module docstring). `current` gives the serving generation's
+    configuration, table and token."""
+
+    def __init__(
+        self,
+        current: Callable[[], tuple[Config, BackendTable, str | None]],
+        registry: CollectorRegistry,
+        changed: Callable[[str, str], None],
+    ) -> None:
+        self.current = current
+        self.changed = changed  # backend name, its new state: a metric
+        self.overrides: dict[str, Override] = {}
+        self.writes = Counter(
+            "balancer_admin_writes",
+            "Admin API writes (POST), by result: ok, unauthorized (no or a wrong bearer "
+            "token, or no admin_token_file), not_found, bad_request.",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("ok", "unauthorized", "not_found", "bad_request"):
+            self.writes.labels(result)
+
+    async def write(self, target: str, headers: dict[str, str], body: bytes) -> Answer:
+        config, table, token = self.current()
+        given = headers.get("authorization", "")
+        if token is None or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            self.writes.labels("unauthorized").inc()
+            why = "set admin_token_file to allow writes" if token is None else "a bearer token"
+            return json_answer({"error": f"unauthorized: {why}"}, 401)
+        path, _, query = target.partition("?")
+        parts = [unquote(part) for part in path.strip("/").split("/")]
+        names = [backend.name for backend in config.backends]
+        if len(parts) != 3 or parts[0] != "backends" or parts[1] not in names:
+            self.writes.labels("not_found").inc()
+            return json_answer({"error": f"not found: {path}; backends: {names}"}, 404)
+        name, action = parts[1], parts[2]
+        index = names.index(name)
+        override = self.overrides.get(name)
+        if override is None or override.configured != config.backends[index]:
+            override = self.overrides[name] = Override(config.backends[index])
+        if action in ACTIONS:
+            override.admin = ACTIONS[action]
+            table.set(index, admin=ACTIONS[action])
+            said = STATE_NAMES[ACTIONS[action]]
+        elif action == "weight":
+            weight = _weight(query, body)
+            if weight is None:
+                self.writes.labels("bad_request").inc()
+                return json_answer({"error": f"weight: a whole number, 1 to {MAX_WEIGHT}"}, 400)
+            override.weight = weight
+            table.set(index, weight=weight)
+            said = f"weight {weight}"
+        else:
+            self.writes.labels("not_found").inc()
+            return json_answer({"error": f"no action {action!r}: drain, enable, "
+                                         "maintenance, weight"}, 404)  # fmt: skip
+        self.writes.labels("ok").inc()
+        log.info("backend %s (%s): %s (admin API)", name, config.backends[index].address, said)
+        if action in ACTIONS:
+            self.changed(name, said)
+        return json_answer(
+            {"name": name, "state": table.state(index), "weight": table.weight(index)}
+        )
+
+    def carry(self, config: Config, table: BackendTable) -> None:
+        """A new generation: the overrides whose backend the file left as it was apply to it;
+        the others are dropped (the file changed that backend: its word wins)."""
+        for name, override in list(self.overrides.items()):
+            configured = next((b for b in config.backends if b.name == name), None)
+            if configured != override.configured:
+                log.info("backend %s: the file changed it; its admin override is dropped", name)
+                del self.overrides[name]
+                continue
+            index = config.backends.index(configured)
+            table.set(index, admin=override.admin, weight=override.weight)
+
+
+def read_token(config: Config) -> str | None:
+    """The bearer token (admin_token_file), or None; ConfigError if it cannot serve."""
+    if config.admin_token_file is None:
+        return None
+    where = f"{config.source}: admin_token_file = {config.admin_token_file!r}"
+    try:
+        token = Path(config.admin_token_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ConfigError([f"{where}: cannot read: {reason}"]) from None
+    if len(token) < 16:
+        raise ConfigError([f"{where}: the token is under 16 characters; `openssl rand -hex 32`"])
+    return token
+
+
+def _weight(query: str, body: bytes) -> int | None:
+    value: object = None
+    if query:
+        values = parse_qs(query).get("value")
+        value = values[0] if values else None
+    elif body:
+        try:
+            value = json.loads(body).get("weight")
+        except (ValueError, AttributeError):
+            return None
+    try:
+        weight = int(str(value))
+    except ValueError:
+        return None
+    return weight if 1 <= weight <= MAX_WEIGHT else None
