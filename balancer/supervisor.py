@@ -435,7 +435,12 @@ class Supervisor:
             log.error("reload: %s", error)
             return self._reload_failed()
         old = self.generation
-        new = Generation(old.number + 1, config, ssl_context)
+        try:
+            new = Generation(old.number + 1, config, ssl_context)
+        except ConfigError as error:  # (the token file went between the check and now)
+            for problem in error.problems:
+                log.error("reload: %s", problem)
+            return self._reload_failed()
         self.control.carry(config, new.table)  # the operator's word, where the file kept it
         try:
             self._bind(new)
