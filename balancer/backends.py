@@ -35,10 +35,13 @@ class BackendState:
 
     __slots__ = (
         "active",
+        "back_at",
         "backend",
         "connect_failures_total",
         "connections_total",
         "down_until",
+        "ejections",
+        "failures",
         "peer_active",
         "ready",
         "weight",
@@ -49,6 +52,9 @@ class BackendState:
         self.active = 0  # this worker's leases
         self.peer_active = 0  # the other workers' (pool.PeerCounts), as last read
         self.weight = backend.weight  # as configured, or as an operator set it (BackendTable)
+        self.failures = 0  # requests failed on it in a row (passive checks)
+        self.ejections = 0  # ejections in a row, each twice as long as the one before
+        self.back_at = float("-inf")  # when it came back into service (slow start)
         self.ready = True
         self.down_until = 0.0
         self.connections_total = 0

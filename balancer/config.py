@@ -112,6 +112,12 @@ class HealthCheck:
     host: str | None = None  # the Host header; the backend's address when not set
     expect_status: tuple[tuple[int, int], ...] = ((200, 399),)  # ranges, inclusive
     body_contains: str | None = None  # the response body must hold this text
+    # Passive checks: what each worker's traffic says (nginx's max_fails; HAProxy's observe).
+    passive_fall: int = 3  # requests failed in a row (reset, cut, unanswered) that eject
+    passive_5xx: bool = False  # a 5xx response counts as failed
+    passive_timeouts: bool = True  # no response within backend_response_seconds counts
+    eject_max_seconds: float = 300.0  # an ejection lasts backend_down_seconds, doubling to this
+    slow_start_seconds: float = 0.0  # a backend back in service ramps its weight over this
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +435,13 @@ def _health_check(r: _Reader, data: Mapping[str, Any]) -> HealthCheck:
             d.expect_status,
         ),
         body_contains=get("body_contains", _text, "a text the body must hold", d.body_contains),
+        passive_fall=get("passive_fall", _positive_int, COUNT, d.passive_fall),
+        passive_5xx=get("passive_5xx", _boolean, "true or false", d.passive_5xx),
+        passive_timeouts=get("passive_timeouts", _boolean, "true or false", d.passive_timeouts),
+        eject_max_seconds=get("eject_max_seconds", _positive_number, SECONDS,
+                              d.eject_max_seconds),
+        slow_start_seconds=get("slow_start_seconds", _non_negative_number,
+                               "a number of seconds, 0 for none", d.slow_start_seconds),
     )  # fmt: skip
     if check.timeout_seconds > check.interval_seconds:
         r.problem(
@@ -436,6 +449,12 @@ def _health_check(r: _Reader, data: Mapping[str, Any]) -> HealthCheck:
             f"at most health_check.interval_seconds ({check.interval_seconds})",
         )  # fmt: skip
     return check
+
+
+def _non_negative_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(value)
+    return float(value)
 
 
 def _token(value: object) -> str:

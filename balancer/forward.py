@@ -259,6 +259,26 @@ class Forwarder:
         self.connect(lease)  # the same backend first, on a new connection
         return True
 
+    # ---- passive checks: what the traffic says of the backend ------------------------------
+
+    def answered(self, statuses: list[int]) -> None:
+        """Responses completed on the active backend (before their lease is given back)."""
+        lease = self.lease
+        if lease is None:
+            return
+        pool = self.ctx.services.pool
+        for status in statuses:
+            if status >= 500 and pool.count_5xx:
+                pool.failed(lease.state, self.ctx.services.clock())
+            else:
+                pool.succeeded(lease.state)
+
+    def failed(self, timeout: bool = False) -> None:
+        """The active backend failed a request: reset, cut, unanswered, or (`timeout`) silent."""
+        lease, pool = self.lease, self.ctx.services.pool
+        if lease is not None and (pool.count_timeouts or not timeout):
+            pool.failed(lease.state, self.ctx.services.clock())
+
     # ---- ending ----------------------------------------------------------------------------
 
     def close(self) -> None:

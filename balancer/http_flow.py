@@ -185,6 +185,7 @@ class HttpFlow:
             self._switch_to_tunnel()
             return
         if framer.completed != completed:
+            session.fwd.answered(framer.statuses)
             session.exchanges.completed(framer.statuses)
             self._responses_completed()
         elif framer.awaiting:
@@ -244,13 +245,16 @@ class HttpFlow:
         session, framer = self.session, self.framer
         assert framer is not None
         if not framer.eof():
+            session.fwd.failed()
             session.fail(BackendError("backend closed mid-response"))
             return
+        session.fwd.answered(framer.statuses)
         session.exchanges.completed(framer.statuses)
         if session.fwd.dispatch and not framer.awaiting:
             self._responses_completed()  # a close-delimited body ended
         elif framer.awaiting and not session.client_eof:
             # It closed with requests unanswered: they were never processed.
+            session.fwd.failed()
             session.fail(BackendUnreachable("backend closed with requests unanswered"))
         else:
             session.close_client(BACKEND_CLOSED)

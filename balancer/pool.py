@@ -121,8 +121,19 @@ class Lease:
                 self.pool.publish(self.state)
 
 
+SLOW_START_SCALE = 64  # weights are scaled by this while slow start is on: a ramp needs steps
+
+
 class BackendPool:
-    """Backends, their states and a policy. `now` is passed in, so this stays pure."""
+    """Backends, their states and a policy. `now` is passed in, so this stays pure.
+
+    Passive checks (per worker, nginx's max_fails): a refused or timed-out connect ejects a
+    backend at once; `fall` failed requests in a row (reset, cut, unanswered; 5xx and
+    timeouts as configured) eject it too. An ejection lasts `down_seconds`, doubling (to
+    `max_down_seconds`) while the backend keeps failing as it comes back; a success ends the
+    streak. With `slow_start_seconds`, a backend back in service (ejection over, checks up,
+    enabled again) ramps its weight from almost nothing to whole over that time.
+    """
 
     def __init__(
         self,
@@ -131,10 +142,18 @@ class BackendPool:
         down_seconds: float,
         peers: PeerCounts | None = None,
         table: BackendTable | None = None,
+        fall: int = 3,
+        max_down_seconds: float = 300.0,
+        slow_start_seconds: float = 0.0,
     ) -> None:
         self.states = [BackendState(backend) for backend in backends]
         self.policy = policy
         self.down_seconds = down_seconds
+        self.fall = fall
+        self.max_down_seconds = max(max_down_seconds, down_seconds)
+        self.slow_start_seconds = slow_start_seconds
+        self.count_5xx = False  # a 5xx response is a failed request ([health_check])
+        self.count_timeouts = True  # so is no response in time
         self.peers = peers  # several workers: least connections counts theirs too
         # The checks' verdicts, the operator's states and weights (BackendTable), if any.
         self.table = table
@@ -153,8 +172,13 @@ class BackendPool:
         table = self.table
         if table is not None:
             for index, candidate in enumerate(self.states):
-                candidate.ready = table.up(index) and table.admin(index) == ENABLED
+                serving = table.up(index) and table.admin(index) == ENABLED
+                if serving and not candidate.ready:
+                    candidate.back_at = now  # back in service: slow start from here
+                candidate.ready = serving
                 candidate.weight = table.weight(index)
+        if self.slow_start_seconds:
+            self._slow_start(now)
         ready = [s for s in self.states if s.ready and s not in exclude]
         up = [s for s in ready if s.down_until <= now]
         peers = self.peers
@@ -171,10 +195,38 @@ class BackendPool:
         return Lease(state, self)
 
     def connect_failed(self, lease: Lease, now: float) -> None:
-        """The lease's backend refused or timed out a connect: mark it down and release."""
+        """The lease's backend refused or timed out a connect: eject it and release."""
         lease.state.connect_failures_total += 1
-        lease.state.down_until = now + self.down_seconds
+        self._eject(lease.state, now)
         lease.release()
+
+    def failed(self, state: BackendState, now: float) -> None:
+        """A request failed on the backend (passive checks): `fall` in a row eject it."""
+        state.failures += 1
+        if state.failures >= self.fall:
+            self._eject(state, now)
+
+    def succeeded(self, state: BackendState) -> None:
+        """A response came whole: the failure streak and the ejection streak end."""
+        state.failures = 0
+        state.ejections = 0
+
+    def _eject(self, state: BackendState, now: float) -> None:
+        seconds = min(self.down_seconds * 2**state.ejections, self.max_down_seconds)
+        state.ejections += 1
+        state.failures = 0
+        state.down_until = now + seconds
+        state.back_at = state.down_until
+
+    def _slow_start(self, now: float) -> None:
+        """Weights, scaled; a backend back in service for less than slow_start_seconds gets
+        its share of that time (never nothing)."""
+        ramp = self.slow_start_seconds
+        for state in self.states:
+            whole = state.weight if self.table is not None else state.backend.weight
+            since = now - state.back_at
+            share = 1.0 if since >= ramp else max(0.0, since) / ramp
+            state.weight = max(1, int(whole * SLOW_START_SCALE * share))
 
     def connect_succeeded(self, lease: Lease) -> None:
         lease.state.down_until = 0.0

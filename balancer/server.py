@@ -136,10 +136,13 @@ class Balancer:
             if config.health_check.type != "none":
                 metrics = HealthMetrics(self.registry)
                 self.checker = checker_for(backends, config.health_check, table, metrics)
+        check = config.health_check
         self.pool = BackendPool(
             backends, POLICIES[config.policy](), config.timeouts.backend_down_seconds, peers,
-            table,
+            table, check.passive_fall, check.eject_max_seconds, check.slow_start_seconds,
         )  # fmt: skip
+        self.pool.count_5xx = check.passive_5xx
+        self.pool.count_timeouts = check.passive_timeouts
         self.observer = Observer(self.registry, access_log)
         self.observer.request_log = config.request_log
         self._drained = asyncio.Event()

@@ -298,17 +298,21 @@ class ClientSession(asyncio.Protocol):
         if backend is not fwd.backend:
             return  # an attempt that was given up (timed out as it connected)
         reset = backend.leg.lost(exc)
+        if fwd.dispatch and reset and not self.closing and fwd.retry(backend):
+            return  # (a reused connection found dead: not the backend's failure)
+        http = self.http
+        # A reset with a response owed or under way (else: between responses, or a tunnel).
+        cut = not (self.phase == TUNNEL or (http is not None and http.at_response_boundary))
+        if reset and cut and not self.closing:
+            fwd.failed()  # passive checks, before the lease goes with the connection
         if fwd.dispatch:
-            if reset and not self.closing and fwd.retry(backend):
-                return
             fwd.drop(backend)
         if reset:
             if not self.closing:
-                http = self.http
-                if self.phase == TUNNEL or (http is not None and http.at_response_boundary):
-                    self.close_client(BACKEND_RESET)
-                else:
+                if cut:
                     self.fail(BackendError("backend reset the connection"))
+                else:
+                    self.close_client(BACKEND_RESET)
         elif not self.backend_eof and not self.closing:
             self.on_backend_eof(backend)
         self._maybe_finish()
@@ -449,6 +453,7 @@ class ClientSession(asyncio.Protocol):
             self.close_client(HEADER)
 
     def _response_timed_out(self) -> None:
+        self.fwd.failed(timeout=True)
         self.fail(BackendTimeout("no response in time"))
 
     def _idle_timed_out(self) -> None:

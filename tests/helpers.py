@@ -122,7 +122,7 @@ class BackendProtocol(asyncio.Protocol):
         request = self.current
         request.complete = True
         name = self.backend.name
-        head = f"HTTP/1.1 200 OK\r\nX-Backend: {name}\r\n"
+        head = f"HTTP/1.1 {self.backend.status}\r\nX-Backend: {name}\r\n"
         path = request.path
         keep_alive = self.parser.should_keep_alive()
         if not keep_alive:
@@ -195,6 +195,7 @@ class Backend:
     open_connections: set[BackendProtocol] = field(default_factory=set)
     # How /health answers: "ok" (200), "fail" (500), "hang" (never), "flap" (500, 200, ...).
     health: str = "ok"
+    status: str = "200 OK"  # the status line of every other answer
 
     @property
     def address(self) -> str:

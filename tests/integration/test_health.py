@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from typing import Any
 
 from balancer.server import Balancer
-from tests.helpers import Backend, get, make_config, port_of, scrape
+from tests.helpers import Backend, get, make_config, port_of, raw_exchange, scrape
 
 # Fast checks: a verdict in a few tenths of a second.
 FAST = {"type": "http", "path": "/health", "interval_seconds": 0.05, "timeout_seconds": 0.05,
@@ -97,3 +98,40 @@ async def test_tcp_checks_take_out_a_backend_that_refuses(
     farm[0].close()  # refuses from now on
     await until(lambda: states(balancer)["b0"] == "down")
     assert states(balancer) == {"b0": "down", "b1": "up", "b2": "up"}
+
+
+async def test_passive_5xx_responses_eject_a_backend_for_a_while(
+    farm: list[Backend], balancer_factory
+) -> None:
+    """Counting 5xx as failures (passive_5xx): two in a row take web1 out of rotation for
+    backend_down_seconds, in this worker, without any active check."""
+    farm[0].status = "500 Internal Server Error"
+    config = make_config(
+        [b.address for b in farm],
+        timeouts={"backend_down_seconds": 30},
+        health_check={"passive_5xx": True, "passive_fall": 2},
+    )
+    balancer, _ = await balancer_factory(config)
+    port = port_of(balancer)
+    first = [await get(port) for _ in range(6)]  # round robin: web1 answers 500 twice
+    assert [r.status for r in first if r.backend == "web1"] == [500, 500]
+    assert set((await served(port, 6)).keys()) == {"web2", "web3"}
+    (web1,) = [s for s in balancer.pool.states if s.name == "b0"]
+    assert web1.down_until > 0 and web1.ejections == 1
+
+
+async def test_a_reset_mid_response_ejects_the_backend(
+    farm: list[Backend], balancer_factory
+) -> None:
+    config = make_config(
+        [farm[0].address, farm[1].address],
+        timeouts={"backend_down_seconds": 30},
+        health_check={"passive_fall": 1},
+    )
+    balancer, _ = await balancer_factory(config)
+    port = port_of(balancer)
+    with contextlib.suppress(ConnectionError):  # web1 resets mid-response: so is the client
+        await raw_exchange(port, b"GET /reset HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert set((await served(port, 4)).keys()) == {"web2"}
+    (web1,) = [s for s in balancer.pool.states if s.name == "b0"]
+    assert web1.down_until > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from balancer.backends import Backend, BackendState
@@ -179,3 +181,42 @@ def test_a_backend_connects_to_its_host_unless_given_resolved_addresses() -> Non
     assert Backend("a", "127.0.0.1", 1).connect_hosts == ("127.0.0.1",)
     named = Backend("b", "localhost", 2, connect_hosts=("::1", "127.0.0.1"))
     assert named.connect_hosts == ("::1", "127.0.0.1") and named.address == "localhost:2"
+
+
+def test_passive_failures_in_a_row_eject_and_ejections_double_until_a_success() -> None:
+    pool = BackendPool([s.backend for s in states(("a", 1), ("b", 1))], RoundRobin(), 10,
+                       fall=2, max_down_seconds=35)  # fmt: skip
+    a = pool.states[0]
+    pool.failed(a, now=0)
+    pool.succeeded(a)  # a success between: the streak starts over
+    pool.failed(a, now=1)
+    assert a.down_until == 0.0
+    pool.failed(a, now=2)
+    assert a.down_until == 12  # ejected: down_seconds
+    for now, until in ((20, 40), (50, 85), (90, 125)):  # failing again as it comes back
+        pool.failed(a, now)
+        pool.failed(a, now)
+        assert a.down_until == until  # 20 s, 35 s (the cap), 35 s
+    pool.succeeded(a)
+    pool.failed(a, 200)
+    pool.failed(a, 200)
+    assert a.down_until == 210  # a success ended the doubling
+    assert {pool.acquire(now=205).state.name for _ in range(3)} == {"b"}
+
+
+def test_a_refused_connect_ejects_at_once() -> None:
+    pool = BackendPool([s.backend for s in states(("a", 1), ("b", 1))], RoundRobin(), 10)
+    lease = pool.acquire(now=0)
+    pool.connect_failed(lease, now=0)
+    assert lease.state.down_until == 10 and lease.state.active == 0
+
+
+def test_slow_start_ramps_a_returning_backends_share() -> None:
+    pool = BackendPool([s.backend for s in states(("a", 1), ("b", 1))], RoundRobin(), 10,
+                       slow_start_seconds=10)  # fmt: skip
+    b = pool.states[1]
+    b.back_at = 100.0  # back in service at 100 s (an ejection over, or checks up)
+    picks = Counter(pool.acquire(now=101).state.name for _ in range(70))
+    assert picks == {"a": 64, "b": 6}  # a tenth of its weight (scaled by 64) after a tenth
+    picks = Counter(pool.acquire(now=110).state.name for _ in range(100))
+    assert picks == {"a": 50, "b": 50}
