@@ -1,4 +1,5 @@
-"""The admin listener: /metrics for Prometheus, /connections and /backends as JSON, /healthz;
+"""The admin listener: the status page at /, /metrics for Prometheus, /connections and
+/backends as JSON, /healthz;
 POST for runtime control when the supervisor serves it (supervisor.py, control.py).
 
 HTTP the balancer speaks itself, so h11 (not the relay's parser) drives it; it is not a hot path.
@@ -11,11 +12,14 @@ import contextlib
 import inspect
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any, TypeVar
 
 import h11
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from balancer import status_page
 
 T = TypeVar("T")
 View = Callable[[], T | Awaitable[T]]  # a worker's views are direct; the supervisor's ask
@@ -45,11 +49,17 @@ class AdminServer:
         async def health() -> tuple[int, str, bytes]:
             return 200, "text/plain; charset=utf-8", b"ok\n"
 
+        async def status() -> tuple[int, str, bytes]:
+            now = datetime.now(UTC)
+            page = status_page.render((await _now(metrics)).decode(), await _now(backends), now)
+            return 200, "text/html; charset=utf-8", page
+
         self.routes: dict[str, Route] = {
             "/metrics": metrics_page,
             "/connections": connections_page,
             "/backends": backends_page,
             "/healthz": health,
+            "/": status,
         }
         self.write = write  # POST: runtime control (the supervisor's; None: GET only)
 

@@ -62,8 +62,13 @@ def render(families: Iterable[Family]) -> str:
     lines: list[str] = []
     for family in families:
         help_text = family.help.replace("\\", "\\\\").replace("\n", "\\n")
-        lines.append(f"# HELP {family.name} {help_text}")
-        lines.append(f"# TYPE {family.name} {family.kind}")
+        # The parser names a counter without its _total; its samples keep it, as the page
+        # prometheus_client writes names the family by them.
+        name = family.name
+        if family.kind == "counter" and not name.endswith("_total"):
+            name += "_total"
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {family.kind}")
         for (name, labels), value in family.samples.items():
             shown = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
             sample = f"{name}{{{shown}}}" if shown else name

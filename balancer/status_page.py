@@ -1,0 +1,143 @@
+"""The status page at the admin root: the farm at a glance, one HTML page. Pure.
+
+Built from what the admin API already serves: the /metrics page (summed over the workers)
+and the /backends list. No external assets, no script: it refreshes itself every
+REFRESH_SECONDS (a meta refresh) and reads on a phone (a viewport, tables that scroll).
+Shown: listeners (accepted, open), backends (state, weight, in flight, totals, the last
+check and its time), the TLS handshake-duration distribution, and how connections ended on
+each leg (who closed first; FIN, RST or close_notify).
+"""
+
+from __future__ import annotations
+
+import html
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from balancer.aggregate import Family, parse
+
+REFRESH_SECONDS = 2
+_STATE_COLOURS = {"up": "#1a7f37", "down": "#cf222e", "draining": "#9a6700",
+                  "maintenance": "#6e7781"}  # fmt: skip
+_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1em;color:#1f2328}
+h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.4em}
+.scroll{overflow-x:auto}table{border-collapse:collapse;min-width:60%}
+th,td{padding:.25em .6em;border-bottom:1px solid #d0d7de;text-align:right;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}
+.state{font-weight:600}.bar{background:#0969da;height:.8em;display:inline-block}
+.muted{color:#656d76}
+"""
+
+
+def render(metrics_page: str, backends: list[dict[str, Any]], now: datetime) -> bytes:
+    families = parse(metrics_page)
+    shown = now.strftime("%Y-%m-%d %H:%M:%S UTC")
+    parts = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        '<meta name=viewport content="width=device-width,initial-scale=1">',
+        f'<meta http-equiv=refresh content="{REFRESH_SECONDS}">',
+        f"<title>balancer status</title><style>{_STYLE}</style></head><body>",
+        f"<h1>balancer</h1><p class=muted>{shown}; refreshes every {REFRESH_SECONDS} s</p>",
+        _listeners(families),
+        _backends(backends),
+        _handshakes(families),
+        _closes(families),
+        "</body></html>\n",
+    ]
+    return "".join(parts).encode()
+
+
+def _table(caption: str, ident: str, head: Iterable[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return f"<h2>{caption}</h2><p class=muted id={ident}>none yet</p>"
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return (
+        f"<h2>{caption}</h2><div class=scroll><table id={ident}>"
+        f"<thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>"
+    )
+
+
+def _by(family: Family | None, label: str) -> dict[str, float]:
+    totals: dict[str, float] = defaultdict(float)
+    if family is not None:
+        for (_, labels), value in family.samples.items():
+            totals[dict(labels).get(label, "")] += value
+    return totals
+
+
+def _listeners(families: dict[str, Family]) -> str:
+    accepted = _by(families.get("balancer_connections_accepted"), "listener")
+    active = _by(families.get("balancer_connections_active"), "listener")
+    rows = [
+        [html.escape(name), f"{accepted[name]:.0f}", f"{active.get(name, 0):.0f}"]
+        for name in sorted(accepted)
+    ]
+    return _table("Listeners", "listeners", ("listener", "accepted", "open now"), rows)
+
+
+def _backends(backends: list[dict[str, Any]]) -> str:
+    rows = []
+    for backend in backends:
+        state = str(backend.get("state", "up"))
+        colour = _STATE_COLOURS.get(state, "#1f2328")
+        seconds = backend.get("last_check_seconds")
+        check = backend.get("last_check")
+        rows.append([
+            html.escape(str(backend["name"])),
+            html.escape(str(backend.get("address", ""))),
+            f'<span class=state style="color:{colour}" data-state="{html.escape(state)}">'
+            f"{html.escape(state)}</span>",
+            str(backend.get("weight", "")),
+            str(backend.get("active", 0)),
+            str(backend.get("connections_total", 0)),
+            str(backend.get("connect_failures_total", 0)),
+            "&ndash;" if check is None else html.escape(str(check)),
+            "&ndash;" if seconds is None else f"{1000 * float(seconds):.1f} ms",
+        ])  # fmt: skip
+    head = ("backend", "address", "state", "weight", "in flight", "total", "connect failures",
+            "last check", "check time")  # fmt: skip
+    return _table("Backends", "backends", head, rows)
+
+
+def _handshakes(families: dict[str, Family]) -> str:
+    """The TLS handshake-duration histogram, summed over listeners, versions and ciphers."""
+    family = families.get("balancer_tls_handshake_seconds")
+    cumulative: dict[float, float] = defaultdict(float)
+    if family is not None:
+        for (name, labels), value in family.samples.items():
+            if name.endswith("_bucket"):
+                cumulative[float(dict(labels)["le"])] += value
+    bounds, below = sorted(cumulative), 0.0
+    counts = []
+    for bound in bounds:
+        counts.append(cumulative[bound] - below)
+        below = cumulative[bound]
+    seen = [i for i, count in enumerate(counts) if count]
+    total = sum(counts)
+    rows = []
+    for i in range(seen[0], seen[-1] + 1) if seen else ():  # the buckets that hold any
+        width = int(200 * counts[i] / total)
+        shown = "more" if bounds[i] == float("inf") else f"&le; {1000 * bounds[i]:g} ms"
+        bar = f'<span class=bar style="width:{width}px"></span>'
+        rows.append([shown, f"{counts[i]:.0f}", bar])
+    return _table("TLS handshake durations", "handshakes", ("duration", "handshakes", ""), rows)
+
+
+def _closes(families: dict[str, Family]) -> str:
+    """Who closed first and how, per leg (balancer_closes_total)."""
+    family = families.get("balancer_closes")
+    counts: dict[tuple[str, str, str], float] = defaultdict(float)
+    if family is not None:
+        for (_, labels), value in family.samples.items():
+            found = dict(labels)
+            counts[(found["leg"], found["initiator"], found["kind"])] += value
+    rows = [
+        [html.escape(leg), html.escape(initiator), html.escape(kind), f"{count:.0f}"]
+        for (leg, initiator, kind), count in sorted(counts.items())
+    ]
+    head = ("leg", "closed first by", "how", "count")
+    return _table("How connections ended", "closes", head, rows)
