@@ -16,6 +16,7 @@ class Backend:
     # The addresses `host` resolved to at start-up, in the resolver's order, tried in turn on
     # each connect (as create_connection does with a name). Not given: `host` itself.
     connect_hosts: tuple[str, ...] = ()
+    backup: bool = False  # picked only while no other backend is up
     # "host:port" ("[v6]:port"), made once: every connection's record holds it.
     address: str = field(init=False, repr=False, compare=False)
 

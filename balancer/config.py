@@ -61,6 +61,7 @@ class BackendConfig:
     name: str
     address: Address
     weight: int = 1
+    backup: bool = False  # used only while no other backend is up
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +208,15 @@ def parse_address(value: object) -> Address:
     return Address(host, port)
 
 
+def _admin_address(value: object) -> Address:
+    """The admin listener: an address, or a port alone (8404, ":8404"): loopback."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f":{value}"
+    if isinstance(value, str) and value.startswith(":"):
+        value = "127.0.0.1" + value
+    return parse_address(value)
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
     def convert(value: object) -> str:
         if value not in options:
@@ -300,14 +310,15 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         if not isinstance(item, dict):
             r.problem(path, item, "a table with address (and name, weight)")
             continue
-        r.table(item, path, ("name", "address", "weight"))
+        r.table(item, path, ("name", "address", "weight", "backup"))
         address = r.get(item, "address", f"{path}.address", parse_address, ADDRESS, _REQUIRED)
         weight = r.get(item, "weight", f"{path}.weight", _positive_int, COUNT, 1)
         name = r.get(item, "name", f"{path}.name", _text, "a non-empty string", str(address))
+        backup = r.get(item, "backup", f"{path}.backup", _boolean, "true or false", False)
         if isinstance(address, Address):
             if address.port == 0:
                 r.problem(f"{path}.address", str(address), "a backend port from 1 to 65535")
-            backends.append(BackendConfig(name, address, weight or 1))
+            backends.append(BackendConfig(name, address, weight or 1, bool(backup)))
     if not backends and not r.problems:
         r.problem("backends", _MISSING, "at least one [[backends]] table (or --backend)")
     _unique(r, "backends", [b.name for b in backends])
@@ -353,7 +364,9 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     upstream = _upstream(r, data)
     health_check = _health_check(r, data)
 
-    admin = r.get(data, "admin", "admin", parse_address, ADDRESS, None)
+    admin = r.get(
+        data, "admin", "admin", _admin_address, f"{ADDRESS}, or a port alone (loopback)", None
+    )
     admin_token_file = r.get(
         data, "admin_token_file", "admin_token_file", _text, "a file holding the token"
     )

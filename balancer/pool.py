@@ -181,11 +181,18 @@ class BackendPool:
             self._slow_start(now)
         ready = [s for s in self.states if s.ready and s not in exclude]
         up = [s for s in ready if s.down_until <= now]
+        # Backups only while no other backend is up; all marked: try them all, others first.
+        candidates = (
+            [s for s in up if not s.backend.backup]
+            or up
+            or [s for s in ready if not s.backend.backup]
+            or ready
+        )
         peers = self.peers
         if peers is not None:
-            for candidate in up or ready:
+            for candidate in candidates:
                 candidate.peer_active = peers.others(self._index[id(candidate)])
-        state = self.policy.pick(up or ready)
+        state = self.policy.pick(candidates)
         if state is None:
             return None
         state.active += 1

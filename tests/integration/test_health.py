@@ -135,3 +135,31 @@ async def test_a_reset_mid_response_ejects_the_backend(
     assert set((await served(port, 4)).keys()) == {"web2"}
     (web1,) = [s for s in balancer.pool.states if s.name == "b0"]
     assert web1.down_until > 0
+
+
+async def test_a_backup_serves_only_while_no_primary_is_up(
+    farm: list[Backend], balancer_factory
+) -> None:
+    from balancer.config import parse_config
+
+    config = parse_config(
+        {
+            "listeners": [{"bind": "127.0.0.1:0"}],
+            "admin": "127.0.0.1:0",
+            "backends": [
+                {"name": "b0", "address": farm[0].address},
+                {"name": "b1", "address": farm[1].address, "backup": True},
+            ],
+            "health_check": FAST,
+        },
+        "test",
+    )
+    balancer, _ = await balancer_factory(config)
+    port = port_of(balancer)
+    assert set((await served(port, 4)).keys()) == {"web1"}
+    farm[0].health = "fail"
+    await until(lambda: states(balancer)["b0"] == "down")
+    assert set((await served(port, 4)).keys()) == {"web2"}
+    farm[0].health = "ok"
+    await until(lambda: states(balancer)["b0"] == "up")
+    assert set((await served(port, 4)).keys()) == {"web1"}

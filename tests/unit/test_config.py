@@ -115,7 +115,7 @@ def test_each_bad_key_is_named_with_what_was_expected(change, key, expected) -> 
 
 
 def test_all_problems_are_reported_at_once() -> None:
-    found = problems({**MINIMAL, "policy": "x", "workers": 0, "admin": 5})
+    found = problems({**MINIMAL, "policy": "x", "workers": 0, "admin": "nowhere"})
     assert len(found) == 3
 
 
@@ -164,3 +164,15 @@ def test_shipped_config_files_are_valid() -> None:
 def test_demo_toml_is_what_balancer_demo_runs() -> None:
     table = tomllib.loads((ROOT / "config" / "demo.toml").read_text())
     assert parse_config(table, "demo") == replace(demo_config(), source="demo")
+
+
+def test_an_admin_port_alone_listens_on_loopback() -> None:
+    for value in (8404, ":8404"):
+        config = parse_config({**MINIMAL, "admin": value}, "ok.toml")
+        assert config.admin == Address("127.0.0.1", 8404)
+
+
+def test_a_backend_may_be_a_backup() -> None:
+    table = {**MINIMAL, "backends": [{"address": "127.0.0.1:1"},
+                                     {"address": "127.0.0.1:2", "backup": True}]}  # fmt: skip
+    assert [b.backup for b in parse_config(table, "ok.toml").backends] == [False, True]

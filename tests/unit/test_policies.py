@@ -220,3 +220,18 @@ def test_slow_start_ramps_a_returning_backends_share() -> None:
     assert picks == {"a": 64, "b": 6}  # a tenth of its weight (scaled by 64) after a tenth
     picks = Counter(pool.acquire(now=110).state.name for _ in range(100))
     assert picks == {"a": 50, "b": 50}
+
+
+def test_a_backup_is_picked_only_while_no_other_backend_is_up() -> None:
+    primary = Backend("a", "127.0.0.1", 1)
+    backup = Backend("spare", "127.0.0.1", 2, backup=True)
+    pool = BackendPool([primary, backup], RoundRobin(), 10)
+    assert {pool.acquire(now=0).state.name for _ in range(4)} == {"a"}
+    a = pool.states[0]
+    a.down_until = 5.0  # ejected (a refused connect, or failed requests)
+    assert {pool.acquire(now=1).state.name for _ in range(4)} == {"spare"}
+    assert pool.acquire(now=1, exclude=[pool.states[1]]).state.name == "a"  # all else tried
+    a.ready = False  # down by the checks, or drained: the backup carries on
+    assert pool.acquire(now=6).state.name == "spare"
+    a.ready = True
+    assert pool.acquire(now=6).state.name == "a"  # back: the backup rests again
