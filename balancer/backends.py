@@ -42,6 +42,7 @@ class BackendState:
         "connections_total",
         "down_until",
         "ejections",
+        "ejections_total",
         "failures",
         "peer_active",
         "ready",
@@ -55,6 +56,7 @@ class BackendState:
         self.weight = backend.weight  # as configured, or as an operator set it (BackendTable)
         self.failures = 0  # requests failed on it in a row (passive checks)
         self.ejections = 0  # ejections in a row, each twice as long as the one before
+        self.ejections_total = 0
         self.back_at = float("-inf")  # when it came back into service (slow start)
         self.ready = True
         self.down_until = 0.0

@@ -25,8 +25,11 @@ exchange until one is its.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from typing import TYPE_CHECKING
 
+from balancer.backends import BackendState
 from balancer.errors import BackendError, NoBackendAvailable
 from balancer.exchange import Exchange
 from balancer.http1 import ResponseFramer
@@ -36,6 +39,8 @@ from balancer.upstream import DEAD_ON_REUSE, NOT_REUSABLE, BackendConnection
 
 if TYPE_CHECKING:
     from balancer.session import ClientSession
+
+log = logging.getLogger("balancer")
 
 
 class Forwarder:
@@ -269,7 +274,7 @@ class Forwarder:
         pool = self.ctx.services.pool
         for status in statuses:
             if status >= 500 and pool.count_5xx:
-                pool.failed(lease.state, self.ctx.services.clock())
+                _said(lease.state, pool.failed(lease.state, self.ctx.services.clock()), "5xx")
             else:
                 pool.succeeded(lease.state)
 
@@ -277,7 +282,8 @@ class Forwarder:
         """The active backend failed a request: reset, cut, unanswered, or (`timeout`) silent."""
         lease, pool = self.lease, self.ctx.services.pool
         if lease is not None and (pool.count_timeouts or not timeout):
-            pool.failed(lease.state, self.ctx.services.clock())
+            seconds = pool.failed(lease.state, self.ctx.services.clock())
+            _said(lease.state, seconds, "timeouts" if timeout else "failed requests")
 
     # ---- ending ----------------------------------------------------------------------------
 
@@ -302,3 +308,12 @@ class Forwarder:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
+
+
+def _said(state: BackendState, seconds: float | None, what: str) -> None:
+    """An ejection by the passive checks: one log line (the metric is the pool's count)."""
+    if seconds is not None:
+        log.warning(
+            "backend %s (%s) ejected for %.0f s by this worker (pid %d): %s in a row",
+            state.name, state.backend.address, seconds, os.getpid(), what,
+        )  # fmt: skip

@@ -387,12 +387,19 @@ class StateCollector(Collector):
             "Backend connects refused or timed out (each one is retried on another backend).",
             labels=["backend"],
         )
+        ejections = CounterMetricFamily(
+            "balancer_backend_ejections",
+            "Backends ejected by the passive checks (a refused or timed-out connect; "
+            "passive_fall failed requests in a row), per worker, summed.",
+            labels=["backend"],
+        )
         for state in self._backends():
+            ejections.add_metric([state.name], state.ejections_total)
             backend_active.add_metric([state.name], state.active)
             backend_total.add_metric([state.name], state.connections_total)
             backend_failures.add_metric([state.name], state.connect_failures_total)
             backend_idle.add_metric([state.name], self._idle(state.name))
-        yield from (backend_active, backend_total, backend_failures, backend_idle)
+        yield from (backend_active, backend_total, backend_failures, backend_idle, ejections)
 
 
 class SupervisorMetrics:

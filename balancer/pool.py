@@ -201,29 +201,35 @@ class BackendPool:
             self.publish(state)
         return Lease(state, self)
 
-    def connect_failed(self, lease: Lease, now: float) -> None:
-        """The lease's backend refused or timed out a connect: eject it and release."""
+    def connect_failed(self, lease: Lease, now: float) -> float:
+        """The lease's backend refused or timed out a connect: eject it and release. Returns
+        the ejection's seconds."""
         lease.state.connect_failures_total += 1
-        self._eject(lease.state, now)
+        seconds = self._eject(lease.state, now)
         lease.release()
+        return seconds
 
-    def failed(self, state: BackendState, now: float) -> None:
-        """A request failed on the backend (passive checks): `fall` in a row eject it."""
+    def failed(self, state: BackendState, now: float) -> float | None:
+        """A request failed on the backend (passive checks): `fall` in a row eject it. Returns
+        the ejection's seconds if this one ejected it."""
         state.failures += 1
         if state.failures >= self.fall:
-            self._eject(state, now)
+            return self._eject(state, now)
+        return None
 
     def succeeded(self, state: BackendState) -> None:
         """A response came whole: the failure streak and the ejection streak end."""
         state.failures = 0
         state.ejections = 0
 
-    def _eject(self, state: BackendState, now: float) -> None:
-        seconds = min(self.down_seconds * 2**state.ejections, self.max_down_seconds)
+    def _eject(self, state: BackendState, now: float) -> float:
+        seconds = min(self.down_seconds * 2.0**state.ejections, self.max_down_seconds)
         state.ejections += 1
+        state.ejections_total += 1
         state.failures = 0
         state.down_until = now + seconds
         state.back_at = state.down_until
+        return seconds
 
     def _slow_start(self, now: float) -> None:
         """Weights, scaled; a backend back in service for less than slow_start_seconds gets

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -28,6 +29,8 @@ from balancer.legs import Leg
 from balancer.pool import BackendPool, Lease
 from balancer.record import BackendConnectionRecord
 from balancer.writebatch import WriteBatch
+
+log = logging.getLogger("balancer")
 
 
 class ConnectAttempts(Protocol):
@@ -192,7 +195,12 @@ class Connector:
                     conn.connect_task = None
             except (OSError, TimeoutError) as failure:
                 attempts.connect_failures += 1
-                pool.connect_failed(lease, clock())
+                seconds = pool.connect_failed(lease, clock())
+                log.warning(
+                    "backend %s (%s) ejected for %.0f s by this worker (pid %d): connect %s",
+                    backend.name, backend.address, seconds, self.worker_pid,
+                    "timed out" if isinstance(failure, TimeoutError) else "refused",
+                )  # fmt: skip
                 error = BackendUnreachable(f"{backend.address}: {failure!r}")
                 continue
             except BaseException:

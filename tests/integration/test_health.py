@@ -118,6 +118,7 @@ async def test_passive_5xx_responses_eject_a_backend_for_a_while(
     assert set((await served(port, 6)).keys()) == {"web2", "web3"}
     (web1,) = [s for s in balancer.pool.states if s.name == "b0"]
     assert web1.down_until > 0 and web1.ejections == 1
+    assert 'balancer_backend_ejections_total{backend="b0"} 1.0' in await scrape(balancer)
 
 
 async def test_a_reset_mid_response_ejects_the_backend(
