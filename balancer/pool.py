@@ -158,6 +158,7 @@ class BackendPool:
         # The checks' verdicts, the operator's states and weights (BackendTable), if any.
         self.table = table
         self._index = {id(state): i for i, state in enumerate(self.states)}
+        self._backups = any(backend.backup for backend in backends)
 
     def publish(self, state: BackendState) -> None:
         assert self.peers is not None
@@ -181,13 +182,14 @@ class BackendPool:
             self._slow_start(now)
         ready = [s for s in self.states if s.ready and s not in exclude]
         up = [s for s in ready if s.down_until <= now]
-        # Backups only while no other backend is up; all marked: try them all, others first.
-        candidates = (
-            [s for s in up if not s.backend.backup]
-            or up
-            or [s for s in ready if not s.backend.backup]
-            or ready
-        )
+        candidates = up or ready
+        if self._backups:  # backups only while no other is up; all marked: others first
+            candidates = (
+                [s for s in up if not s.backend.backup]
+                or up
+                or [s for s in ready if not s.backend.backup]
+                or ready
+            )
         peers = self.peers
         if peers is not None:
             for candidate in candidates:
