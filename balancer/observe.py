@@ -379,7 +379,8 @@ class StateCollector(Collector):
         backend_total = CounterMetricFamily(
             "balancer_backend_connections",
             "Leases given on each backend: client connections (reuse never), requests (safe, "
-            "always).",
+            "always); a failed connect is counted in balancer_backend_connect_failures_total "
+            "only.",
             labels=["backend"],
         )
         backend_failures = CounterMetricFamily(

@@ -207,6 +207,7 @@ class BackendPool:
         """The lease's backend refused or timed out a connect: eject it and release. Returns
         the ejection's seconds."""
         lease.state.connect_failures_total += 1
+        lease.state.connections_total -= 1  # a failure, not a connection (counted above)
         seconds = self._eject(lease.state, now)
         lease.release()
         return seconds

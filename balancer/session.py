@@ -77,13 +77,13 @@ class ClientSession(asyncio.Protocol):
     __slots__ = (
         "_backend_closes",
         "_deadline",
-        "_deadline_kind",
         "_loop",
         "_wake",
         "backend_eof",
         "client",
         "client_eof",
         "ctx",
+        "deadline_kind",
         "exchanges",
         "fwd",
         "http",
@@ -110,7 +110,7 @@ class ClientSession(asyncio.Protocol):
         self.backend_eof = False
         self._backend_closes = False  # the backend said it closes: wait for its FIN
         self._deadline = 0.0
-        self._deadline_kind = ""
+        self.deadline_kind = ""
         self._wake: float | None = None  # when the deadline wheel wakes us (None: it will not)
 
     @property
@@ -121,10 +121,6 @@ class ClientSession(asyncio.Protocol):
     @property
     def tunnel(self) -> bool:
         return self.phase == TUNNEL
-
-    @property
-    def deadline_kind(self) -> str:
-        return self._deadline_kind
 
     # ---- client leg ------------------------------------------------------------------------
 
@@ -229,6 +225,8 @@ class ClientSession(asyncio.Protocol):
             return
         self.client_eof = True
         if self.phase == TUNNEL:
+            if not self.backend_eof:  # the client's end came first: why it ended
+                self.record.close_cause = self.record.close_cause or CLIENT_CLOSED
             backend = self.fwd.backend
             if backend is not None and backend.leg.usable:
                 if self.backend_eof:
@@ -285,6 +283,8 @@ class ClientSession(asyncio.Protocol):
         if self.fwd.dispatch and self.fwd.retry(backend):
             return
         if self.phase == TUNNEL:
+            if not self.client_eof:  # the backend's end came first: why it ended
+                self.record.close_cause = self.record.close_cause or BACKEND_CLOSED
             if self.client_eof:
                 self.close_client(BACKEND_CLOSED)
             else:  # pass the half-close on
@@ -416,7 +416,7 @@ class ClientSession(asyncio.Protocol):
         if seconds is None:
             seconds = self.ctx.settings.deadline_seconds[kind]
         at = services.clock() + seconds
-        self._deadline_kind = kind
+        self.deadline_kind = kind
         self._deadline = at
         if self._wake is None or self._wake > at:  # a later deadline: checked when woken
             self._wake = at
@@ -436,7 +436,7 @@ class ClientSession(asyncio.Protocol):
             self._wake = self._deadline
             services.deadlines.schedule(self, self._deadline)
             return
-        kind = self._deadline_kind
+        kind = self.deadline_kind
         if kind == LINGER:
             self._linger_over()
         elif self.phase < CLOSING:
@@ -460,9 +460,9 @@ class ClientSession(asyncio.Protocol):
         """IDLE, TUNNEL_IDLE: ends the connection, unless a connect (with its own timeout) is
         under way."""
         if self.fwd.connect_task is not None:
-            self.set_deadline(self._deadline_kind, self.ctx.settings.timeouts.connect_seconds)
+            self.set_deadline(self.deadline_kind, self.ctx.settings.timeouts.connect_seconds)
         else:
-            self.close_client(self._deadline_kind)
+            self.close_client(self.deadline_kind)
 
     # ---- shutdown, admin -------------------------------------------------------------------
 

@@ -179,3 +179,25 @@ async def test_slow_reader_holds_bounded_memory(farm, balancer_factory) -> None:
         assert conn.record.backend_bytes_in < 32 * MIB  # the rest waits in the backend
     finally:
         writer.close()
+
+
+async def test_tcp_mode_records_the_backend_closing_first(balancer_factory) -> None:
+    """A server that ends the session (an XMPP logout, a killed server's kernel FIN): the
+    record says the backend closed, though the client's FIN ends the connection."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"bye\n")
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    try:
+        address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        balancer, recorder = await balancer_factory(make_config([address], mode="tcp"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(balancer))
+        assert await asyncio.wait_for(reader.read(), 5) == b"bye\n"  # to the passed-on FIN
+        writer.close()
+        (record,) = await recorder.wait_for(1)
+        assert record.close_cause == "backend_closed"
+        assert record.backend_leg.initiator == "peer" and record.client_leg.initiator == "balancer"
+    finally:
+        server.close()

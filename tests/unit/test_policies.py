@@ -235,3 +235,10 @@ def test_a_backup_is_picked_only_while_no_other_backend_is_up() -> None:
     assert pool.acquire(now=6).state.name == "spare"
     a.ready = True
     assert pool.acquire(now=6).state.name == "a"  # back: the backup rests again
+
+
+def test_a_failed_connect_is_a_failure_not_a_connection() -> None:
+    pool = BackendPool([Backend("a", "127.0.0.1", 1)], RoundRobin(), 10)
+    pool.connect_failed(pool.acquire(now=0), now=0)
+    state = pool.states[0]
+    assert (state.connections_total, state.connect_failures_total) == (0, 1)
