@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import Counter
 
 from balancer.admin import json_answer
 from balancer.config import BackendConfig, Config, ConfigError
@@ -57,21 +57,13 @@ class Control:
     def __init__(
         self,
         current: Callable[[], tuple[Config, BackendTable, str | None]],
-        registry: CollectorRegistry,
+        writes: Counter,
         changed: Callable[[str, str], None],
     ) -> None:
         self.current = current
+        self.writes = writes  # by result (observe.SupervisorMetrics.admin_writes)
         self.changed = changed  # backend name, its new state: a metric
         self.overrides: dict[str, Override] = {}
-        self.writes = Counter(
-            "balancer_admin_writes",
-            "Admin API writes (POST), by result: ok, unauthorized (no or a wrong bearer "
-            "token, or no admin_token_file), not_found, bad_request.",
-            ["result"],
-            registry=registry,
-        )
-        for result in ("ok", "unauthorized", "not_found", "bad_request"):
-            self.writes.labels(result)
 
     async def write(self, target: str, headers: dict[str, str], body: bytes) -> Answer:
         config, table, token = self.current()

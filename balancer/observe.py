@@ -429,6 +429,15 @@ class SupervisorMetrics:
         )
         workers = Gauge("balancer_workers", "Worker processes running now.", registry=registry)
         workers.set_function(running)
+        self.admin_writes = Counter(
+            "balancer_admin_writes",
+            "Admin API writes (POST), by result: ok, unauthorized (no or a wrong bearer "
+            "token, or no admin_token_file), not_found, bad_request.",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("ok", "unauthorized", "not_found", "bad_request"):
+            self.admin_writes.labels(result)
 
 
 class HealthMetrics:

@@ -220,7 +220,7 @@ class Supervisor:
         self.health_metrics = HealthMetrics(self.registry)
         self.control = Control(
             lambda: (self.generation.config, self.generation.table, self.generation.token),
-            self.registry,
+            self.metrics.admin_writes,
             lambda name, state: self.health_metrics.changes.labels(name, state).inc(),
         )
 
