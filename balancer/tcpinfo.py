@@ -62,8 +62,8 @@ def borrow(sock: HasFileno) -> _socket.socket:
 
     The transports' own socket objects refuse shutdown() (uvloop) or build a socket object for
     every call, whose constructor asks the kernel to check the descriptor (a getsockname each).
-    A leg borrows once and keeps it (legs.py), so each TCP_INFO read or shutdown is one
-    syscall. Named here, the family and type are not asked for; the C type (`_socket.socket`)
+    A leg borrows once to read its handshake and once to end (legs.py) and keeps the second
+    until it is lost, so each TCP_INFO read or shutdown on the way is one syscall. Named here, the family and type are not asked for; the C type (`_socket.socket`)
     skips socket.socket's Python-level __init__.
     """
     return _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, sock.fileno())
@@ -85,20 +85,6 @@ def info(kernel: Any) -> TCPInfo | None:
         return TCPInfo(state, unacked, rtt_us / 1e6, retrans, acked, received)
     sent, resent = _BYTES.unpack_from(raw, _SENT_AT)
     return TCPInfo(state, unacked, rtt_us / 1e6, retrans, acked, received, sent - resent)
-
-
-def read(sock: HasFileno | None) -> TCPInfo | None:
-    """TCP_INFO of any socket object, borrowing for the one read (legs keep theirs)."""
-    if sock is None:
-        return None
-    try:
-        borrowed = borrow(sock)
-    except (OSError, ValueError, AttributeError):  # closed: fileno() is -1
-        return None
-    try:
-        return info(borrowed)
-    finally:
-        borrowed.detach()
 
 
 def shutdown_write(kernel: Any) -> bool:
