@@ -63,8 +63,9 @@ def borrow(sock: HasFileno) -> _socket.socket:
     The transports' own socket objects refuse shutdown() (uvloop) or build a socket object for
     every call, whose constructor asks the kernel to check the descriptor (a getsockname each).
     A leg borrows once to read its handshake and once to end (legs.py) and keeps the second
-    until it is lost, so each TCP_INFO read or shutdown on the way is one syscall. Named here, the family and type are not asked for; the C type (`_socket.socket`)
-    skips socket.socket's Python-level __init__.
+    until it is lost, so each TCP_INFO read or shutdown on the way is one syscall. Named
+    here, the family and type are not asked for; the C type (`_socket.socket`) skips
+    socket.socket's Python-level __init__.
     """
     return _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, sock.fileno())
 
