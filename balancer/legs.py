@@ -275,6 +275,12 @@ class Leg:
         if info is not None:
             facts.retransmits = info.total_retrans
         buffered = bool(transport.get_write_buffer_size())
+        if facts.peer_fin_at is not None and info is not None and info.state == tcpinfo.CLOSE:
+            # Its FIN, then its RST (not CLOSE_WAIT): bytes relayed after its FIN reached a
+            # socket it had closed (a tcp-mode server that hung up). No FIN can leave.
+            self.peer_reset()
+            transport.close()
+            return False
         if facts.peer_fin_at is None and not buffered and transport.can_write_eof():
             # Nothing left to send: read the state and send our FIN back to back, so whose
             # FIN came first is exact (write_eof() would send it a loop iteration later).

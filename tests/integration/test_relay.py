@@ -201,3 +201,35 @@ async def test_tcp_mode_records_the_backend_closing_first(balancer_factory) -> N
         assert record.backend_leg.initiator == "peer" and record.client_leg.initiator == "balancer"
     finally:
         server.close()
+
+
+async def test_tcp_mode_records_the_reset_a_closed_server_answers_with(balancer_factory) -> None:
+    """The server hung up (FIN); the client sends its last bytes anyway (an XMPP client's
+    </stream:stream>): relayed, they reach a closed socket, whose kernel answers RST. The
+    backend leg ended by that reset, not by a FIN of ours (issue #14's capture)."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"bye\n")
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    try:
+        address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        balancer, recorder = await balancer_factory(make_config([address], mode="tcp"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(balancer))
+        assert await asyncio.wait_for(reader.read(), 5) == b"bye\n"
+        writer.write(b"</stream:stream>")  # after the server's FIN
+        await writer.drain()
+        async with asyncio.timeout(5):  # the server's RST is in before the client closes
+            while not any(
+                c.fwd.backend is not None and (c.fwd.backend.leg.tcp_info() or (0,))[0] == 7
+                for c in balancer.contexts[0].connections
+            ):
+                await asyncio.sleep(0.01)
+        writer.close()
+        (record,) = await recorder.wait_for(1)
+        leg = record.backend_leg
+        assert (leg.kind, leg.rst_received, leg.fin_sent) == ("rst", True, False)
+        assert record.close_cause == "backend_closed"
+    finally:
+        server.close()

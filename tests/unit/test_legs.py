@@ -165,6 +165,19 @@ def test_peer_closes_first_and_our_fin_then_closes_at_once() -> None:
     assert facts.peer_fin_at == 100.0 and facts.fin_sent_at == 100.5
 
 
+def test_a_reset_after_the_peers_fin_is_the_fact_and_no_fin_leaves() -> None:
+    """A tcp-mode server hung up (its FIN); the client's last bytes, relayed after it, drew
+    its RST: the socket is CLOSE, not CLOSE_WAIT, when we would send our FIN."""
+    leg, _, sock, _, _ = make_leg()
+    leg.peer_fin()
+    sock.state = tcpinfo.CLOSE
+    assert leg.shutdown() is False
+    assert sock.log == ["close"]  # no shutdown(): nothing can leave a reset socket
+    facts = leg.facts
+    assert (facts.rst_received, facts.fin_sent, facts.kind) == (True, False, "rst")
+    assert (facts.initiator, facts.first_fin) == (PEER, PEER)
+
+
 def test_peer_closing_first_while_we_close_gets_our_fin_and_a_teardown() -> None:
     """The backend said it closes; its FIN arrives while the session is ending: our FIN
     goes then, so the leg has both FIN times and a retransmit count."""
