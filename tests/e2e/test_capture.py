@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -315,3 +316,110 @@ def check_backend_leg(
     assert leg["teardown_seconds"] is not None, (where, leg)
     assert leg["retransmits"] is not None, (where, leg)
     assert not stream.resets, (where, stream)
+
+
+TCP_SERVER = """
+import asyncio, sys
+async def serve(reader, writer):
+    writer.write(b"hello\\n")
+    line = await reader.readline()
+    if line == b"bye\\n":  # an XMPP server's logout: its FIN first
+        writer.write(b"bye\\n")
+        writer.close()
+        return
+    await asyncio.sleep(3600)  # held open until the process is killed
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+def test_tcp_mode_records_agree_with_a_capture(tmp_path: Path) -> None:
+    """A tcp-mode service whose server closes first (the client's last bytes then draw its
+    RST), and one whose server is killed with connections open: each record's close cause,
+    and each leg's first FIN, resets and bytes, against the wire."""
+    tshark = need("tshark")
+    server = subprocess.Popen([sys.executable, "-c", TCP_SERVER], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    assert server.stdout is not None
+    backend_port = int(server.stdout.readline())
+    config = tmp_path / "tcp.toml"
+    config.write_text(
+        '[[listeners]]\nname = "xmpp"\nbind = "127.0.0.1:0"\nmode = "tcp"\n'
+        f'[[backends]]\nname = "xmpp1"\naddress = "127.0.0.1:{backend_port}"\n'
+    )
+    args = ["-c", str(config), "--workers", "1", "--access-log", str(tmp_path / "access.log")]
+    pcap = tmp_path / "capture.pcap"
+    try:
+        with BalancerProcess(args, {"xmpp"}, tmp_path) as running:
+            port = running.ports["xmpp"]
+            capture = start_capture(tshark, pcap, [port, backend_port])
+            try:
+                for _ in range(2):  # the server closes first; the client's last bytes follow
+                    with socket.create_connection(("127.0.0.1", port), 5) as client:
+                        assert client.recv(100) == b"hello\n"
+                        client.sendall(b"bye\n")
+                        assert read_to_eof(client) == b"bye\n"
+                        client.sendall(b"</stream:stream>")  # after the server's FIN
+                        time.sleep(0.2)  # its RST comes back before the client closes
+                held = [socket.create_connection(("127.0.0.1", port), 5) for _ in range(2)]
+                for client in held:
+                    assert client.recv(100) == b"hello\n"
+                server.kill()  # its kernel closes every socket it held: FINs
+                server.wait(5)
+                for client in held:
+                    assert read_to_eof(client) == b""
+                    client.close()
+            finally:
+                time.sleep(0.5)  # the last FINs and RSTs reach the capture
+                capture.send_signal(signal.SIGINT)
+                capture.wait(20)
+                if capture.stderr is not None:
+                    capture.stderr.close()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(5)
+        server.stdout.close()
+    records = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
+    assert len(records) == 4
+    streams = read_capture(pcap, 0, {port}, {backend_port})
+    for record in records:
+        where = f"connection {record['id']} from port {record['client']['port']}"
+        assert record["close_cause"] == "backend_closed", where  # it ended first, every time
+        client = streams[(record["client"]["port"], record["local_port"])]
+        backend = streams[(record["backend"]["local_port"], backend_port)]
+        for leg, stream in ((record["client_leg"], client), (record["backend_leg"], backend)):
+            assert stream.fins and leg["first_fin"] == stream.fins[0], (where, leg, stream)
+            assert leg["rst_received"] == ("peer" in stream.resets), (where, leg, stream)
+            assert leg["rst_sent"] == ("balancer" in stream.resets), (where, leg, stream)
+            assert leg["kind"] == ("rst" if stream.resets else "fin"), (where, leg, stream)
+        assert record["backend_leg"]["first_fin"] == "peer", where
+        wire = (client.payload["peer"], client.payload["balancer"])
+        assert (record["bytes"]["client_in"], record["bytes"]["client_out"]) == wire, where
+
+
+def start_capture(tshark: str, pcap: Path, ports: list[int]) -> subprocess.Popen[str]:
+    capture = subprocess.Popen(
+        [tshark, "-i", "lo", "-w", str(pcap), "-f", " or ".join(f"tcp port {p}" for p in ports)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert capture.stderr is not None
+    started, line = time.monotonic(), ""
+    while "Capture started" not in line:  # "Capturing on" comes before it really does
+        line = capture.stderr.readline()
+        if not line or time.monotonic() - started > 20:
+            capture.kill()
+            capture.wait()
+            capture.stderr.close()
+            pytest.skip(f"tshark cannot capture on lo here: {line.strip()}")
+    return capture
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
