@@ -288,9 +288,18 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         if not isinstance(item, dict):
             r.problem(path, item, "a table with bind, protocol, mode")
             continue
-        r.table(item, path, ("name", "bind", "protocol", "mode"))
+        r.table(item, path, ("name", "bind", "tls", "mode", "protocol"))
         protocol = r.get(item, "protocol", f"{path}.protocol", _choice(PROTOCOLS),
                          "'http' or 'https'", "http")  # fmt: skip
+        # TLS and the application protocol said apart: tls = true|false, mode = http|tcp.
+        # `protocol = "https"` is the older word for tls = true, read as it.
+        tls = r.get(item, "tls", f"{path}.tls", _boolean, "true or false", None)
+        if tls is not None:
+            if "protocol" in item and (protocol == "https") != tls:
+                r.problem(f"{path}.protocol", protocol,
+                          f"to agree with tls = {str(tls).lower()}, or no protocol key: "
+                          "tls says it")  # fmt: skip
+            protocol = "https" if tls else "http"
         bind = r.get(item, "bind", f"{path}.bind", parse_address, ADDRESS, _REQUIRED)
         name = r.get(item, "name", f"{path}.name", _text, "a non-empty string", protocol)
         mode = r.get(item, "mode", f"{path}.mode", _choice(MODES), "'http' or 'tcp'", "http")

@@ -176,3 +176,18 @@ def test_a_backend_may_be_a_backup() -> None:
     table = {**MINIMAL, "backends": [{"address": "127.0.0.1:1"},
                                      {"address": "127.0.0.1:2", "backup": True}]}  # fmt: skip
     assert [b.backup for b in parse_config(table, "ok.toml").backends] == [False, True]
+
+
+def test_a_listener_says_tls_and_mode_apart_and_protocol_still_reads() -> None:
+    def listener(**keys: object) -> object:
+        table = {**MINIMAL, "listeners": [{"bind": "127.0.0.1:5223", **keys}],
+                 "tls": {"cert": "c.pem", "key": "k.pem"}}  # fmt: skip
+        return parse_config(table, "ok.toml").listeners[0]
+
+    direct_tls = listener(tls=True, mode="tcp")  # XMPP's 5223: TLS, then a TCP relay
+    assert (direct_tls.tls, direct_tls.mode) == (True, "tcp")
+    assert listener(mode="tcp").tls is False  # a plain TCP listener says nothing of http
+    assert listener(protocol="https").tls is True  # the older word
+    with pytest.raises(ConfigError) as caught:
+        listener(tls=False, protocol="https")
+    assert "listeners[0].protocol" in caught.value.problems[0]
