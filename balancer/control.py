@@ -80,25 +80,25 @@ class Control:
             return json_answer({"error": f"not found: {path}; backends: {names}"}, 404)
         name, action = parts[1], parts[2]
         index = names.index(name)
+        if action not in ACTIONS and action != "weight":
+            self.writes.labels("not_found").inc()
+            return json_answer({"error": f"no action {action!r}: drain, enable, "
+                                         "maintenance, weight"}, 404)  # fmt: skip
+        weight = _weight(query, body) if action == "weight" else None
+        if action == "weight" and weight is None:
+            self.writes.labels("bad_request").inc()
+            return json_answer({"error": f"weight: a whole number, 1 to {MAX_WEIGHT}"}, 400)
         override = self.overrides.get(name)
         if override is None or override.configured != config.backends[index]:
             override = self.overrides[name] = Override(config.backends[index])
-        if action in ACTIONS:
-            override.admin = ACTIONS[action]
-            table.set(index, admin=ACTIONS[action])
-            said = STATE_NAMES[ACTIONS[action]]
-        elif action == "weight":
-            weight = _weight(query, body)
-            if weight is None:
-                self.writes.labels("bad_request").inc()
-                return json_answer({"error": f"weight: a whole number, 1 to {MAX_WEIGHT}"}, 400)
+        if weight is not None:
             override.weight = weight
             table.set(index, weight=weight)
             said = f"weight {weight}"
         else:
-            self.writes.labels("not_found").inc()
-            return json_answer({"error": f"no action {action!r}: drain, enable, "
-                                         "maintenance, weight"}, 404)  # fmt: skip
+            override.admin = ACTIONS[action]
+            table.set(index, admin=ACTIONS[action])
+            said = STATE_NAMES[ACTIONS[action]]
         self.writes.labels("ok").inc()
         log.info("backend %s (%s): %s (admin API)", name, config.backends[index].address, said)
         if action in ACTIONS:
