@@ -45,21 +45,24 @@ class PeerCounts:
 
 ENABLED, DRAINING, MAINTENANCE = 0, 1, 2  # the operator's word on a backend
 ADMIN_STATES = {"enabled": ENABLED, "draining": DRAINING, "maintenance": MAINTENANCE}
-_UP, _ADMIN, _WEIGHT = 0, 1, 2  # a backend's cells in a BackendTable
+_UP, _ADMIN, _WEIGHT = 1, 2, 3  # a backend's cells in a BackendTable (cell 0: the version)
 
 
 class BackendTable:
     """What the workers of a generation read on every pick and only the supervisor writes:
     per backend, the active checks' verdict (up or not), the operator's state (enabled,
-    draining, maintenance) and weight. Three uint32 cells a backend, in memory mapped before
-    the fork (a lone Balancer keeps its own). Pure over the memoryview it is given."""
+    draining, maintenance) and weight. Three uint32 cells a backend after one version cell,
+    in memory mapped before the fork (a lone Balancer keeps its own). Every write bumps the
+    version after its cells, so a reader that saw the version saw the writes before it: a
+    pool reads the backends' cells again only when it moved, not on every pick. Pure over
+    the memoryview it is given."""
 
     __slots__ = ("cells", "count")
 
     CELLS = 3
 
     def __init__(self, cells: memoryview, backends: Sequence[Backend], fresh: bool = True) -> None:
-        if len(cells) < self.CELLS * len(backends):
+        if len(cells) < 1 + self.CELLS * len(backends):
             raise ValueError("the table does not fit the backends")
         self.cells = cells
         self.count = len(backends)
@@ -68,9 +71,16 @@ class BackendTable:
                 self.set(index, up=True, admin=ENABLED, weight=backend.weight)
 
     @classmethod
+    def bytes_for(cls, count: int) -> int:
+        return 4 * (1 + cls.CELLS * count)
+
+    @classmethod
     def of(cls, backends: Sequence[Backend]) -> BackendTable:
-        size = cls.CELLS * len(backends) * 4
-        return cls(memoryview(bytearray(size)).cast("I"), backends)
+        return cls(memoryview(bytearray(cls.bytes_for(len(backends)))).cast("I"), backends)
+
+    @property
+    def version(self) -> int:
+        return int(self.cells[0])
 
     def set(
         self, index: int, *, up: bool | None = None, admin: int | None = None,
@@ -83,6 +93,7 @@ class BackendTable:
             self.cells[base + _ADMIN] = admin
         if weight is not None:
             self.cells[base + _WEIGHT] = weight
+        self.cells[0] = (self.cells[0] + 1) & 0xFFFFFFFF  # after the cells: see the docstring
 
     def up(self, index: int) -> bool:
         return self.cells[index * self.CELLS + _UP] != 0
@@ -159,6 +170,7 @@ class BackendPool:
         self.table = table
         self._index = {id(state): i for i, state in enumerate(self.states)}
         self._backups = any(backend.backup for backend in backends)
+        self._seen = -1  # the table's version last read into the states
 
     def publish(self, state: BackendState) -> None:
         assert self.peers is not None
@@ -171,7 +183,8 @@ class BackendPool:
         is marked: then all are tried again (nginx does the same) rather than refusing everyone.
         """
         table = self.table
-        if table is not None:
+        if table is not None and table.version != self._seen:
+            self._seen = table.version  # (read first: a write after it is seen next pick)
             for index, candidate in enumerate(self.states):
                 serving = table.up(index) and table.admin(index) == ENABLED
                 if serving and not candidate.ready:
@@ -237,9 +250,9 @@ class BackendPool:
     def _slow_start(self, now: float) -> None:
         """Weights, scaled; a backend back in service for less than slow_start_seconds gets
         its share of that time (never nothing)."""
-        ramp = self.slow_start_seconds
-        for state in self.states:
-            whole = state.weight if self.table is not None else state.backend.weight
+        ramp, table = self.slow_start_seconds, self.table
+        for index, state in enumerate(self.states):
+            whole = table.weight(index) if table is not None else state.backend.weight
             since = now - state.back_at
             share = 1.0 if since >= ramp else max(0.0, since) / ramp
             state.weight = max(1, int(whole * SLOW_START_SCALE * share))

@@ -164,7 +164,7 @@ class Generation:
         # What every worker reads on a pick (pool.BackendTable): the checks' verdicts (run
         # here once for all the workers), the operator's states and weights.
         self.backends = backends_of(config)
-        self.table_memory = mmap.mmap(-1, 4 * BackendTable.CELLS * len(self.backends))
+        self.table_memory = mmap.mmap(-1, BackendTable.bytes_for(len(self.backends)))
         self.table = BackendTable(memoryview(self.table_memory).cast("I"), self.backends)
         self.checker: HealthChecker | None = None
         self.token = read_token(config)  # the admin API's, for this configuration

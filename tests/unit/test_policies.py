@@ -8,7 +8,7 @@ import pytest
 
 from balancer.backends import Backend, BackendState
 from balancer.policies import POLICIES, LeastConnections, RoundRobin
-from balancer.pool import BackendPool, PeerCounts
+from balancer.pool import DRAINING, BackendPool, BackendTable, PeerCounts
 
 
 def states(*spec: tuple[str, int]) -> list[BackendState]:
@@ -242,3 +242,26 @@ def test_a_failed_connect_is_a_failure_not_a_connection() -> None:
     pool.connect_failed(pool.acquire(now=0), now=0)
     state = pool.states[0]
     assert (state.connections_total, state.connect_failures_total) == (0, 1)
+
+
+class CountingTable(BackendTable):
+    __slots__ = ()
+    reads = 0
+
+    def up(self, index: int) -> bool:
+        CountingTable.reads += 1
+        return super().up(index)
+
+
+def test_the_pool_reads_the_backend_table_again_only_when_it_changed() -> None:
+    """Every pick on every connection: the shared table is read whole only after a write."""
+    backends = [s.backend for s in states(("a", 1), ("b", 1))]
+    table = CountingTable(memoryview(bytearray(BackendTable.bytes_for(2))).cast("I"), backends)
+    pool = BackendPool(backends, RoundRobin(), 10, table=table)
+    CountingTable.reads = 0
+    pool.acquire(now=0)
+    pool.acquire(now=0)
+    assert CountingTable.reads == 2  # the first pick read both backends; the second, nothing
+    table.set(1, admin=DRAINING)  # the supervisor's write (from another process as well)
+    assert {pool.acquire(now=0).state.name for _ in range(3)} == {"a"}
+    assert CountingTable.reads == 4
