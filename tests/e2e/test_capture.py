@@ -175,31 +175,7 @@ def test_records_agree_with_a_packet_capture(farm_ports, tmp_path: Path, reuse: 
     process = BalancerProcess(args, {"http", "https"}, tmp_path)
     with process as running:
         http, https = running.ports["http"], running.ports["https"]
-        ports = [http, https, *farm_ports]
-        capture = subprocess.Popen(
-            [
-                tshark,
-                "-i",
-                "lo",
-                "-w",
-                str(pcap),
-                "-f",
-                " or ".join(f"tcp port {p}" for p in ports),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert capture.stderr is not None
-        started = time.monotonic()
-        line = ""
-        while "Capture started" not in line:  # "Capturing on" comes before it really does
-            line = capture.stderr.readline()
-            if not line or time.monotonic() - started > 20:
-                capture.kill()
-                capture.wait()
-                capture.stderr.close()
-                pytest.skip(f"tshark cannot capture on lo here: {line.strip()}")
+        capture = start_capture(tshark, pcap, [http, https, *farm_ports])
         try:
             assert run(ab, "-n", "3", "-c", "1", running.url("http")).returncode == 0
             assert (
@@ -237,6 +213,7 @@ def test_records_agree_with_a_packet_capture(farm_ports, tmp_path: Path, reuse: 
     time.sleep(0.5)
     capture.send_signal(signal.SIGINT)
     capture.wait(20)
+    assert capture.stderr is not None
     capture.stderr.close()
 
     lines = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]

@@ -181,14 +181,15 @@ async def test_slow_reader_holds_bounded_memory(farm, balancer_factory) -> None:
         writer.close()
 
 
+async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A tcp server that says bye and closes (an XMPP logout; its FIN first)."""
+    writer.write(b"bye\n")
+    writer.close()
+
+
 async def test_tcp_mode_records_the_backend_closing_first(balancer_factory) -> None:
     """A server that ends the session (an XMPP logout, a killed server's kernel FIN): the
     record says the backend closed, though the client's FIN ends the connection."""
-
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"bye\n")
-        writer.close()
-
     server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
     try:
         address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
@@ -207,11 +208,6 @@ async def test_tcp_mode_records_the_reset_a_closed_server_answers_with(balancer_
     """The server hung up (FIN); the client sends its last bytes anyway (an XMPP client's
     </stream:stream>): relayed, they reach a closed socket, whose kernel answers RST. The
     backend leg ended by that reset, not by a FIN of ours (issue #14's capture)."""
-
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"bye\n")
-        writer.close()
-
     server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
     try:
         address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
