@@ -287,8 +287,9 @@ class Supervisor:
             return
         server: asyncio.Server | None = None
         if config.admin is not None:
+            views = Views(self)
             admin = AdminServer(
-                self._metrics_page, self._connections, self._backends, self.control.write
+                views.metrics_page, views.connections, views.backends, self.control.write
             )
             host, port = config.admin.host, config.admin.port
             try:
@@ -552,17 +553,24 @@ class Supervisor:
         self._tasks.add(task)  # held: the loop keeps only a weak reference
         task.add_done_callback(self._tasks.discard)
 
-    # ---- one view across workers -----------------------------------------------------------
+
+class Views:
+    """One view across workers, for the admin listener: each worker asked over its control
+    channel, the answers joined (aggregate.py), the supervisor's own word added."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
 
     def _live(self) -> list[Worker]:
-        return [w for w in self._children.values() if w.ready.done() and not w.ready.exception()]
+        children = self.supervisor._children.values()
+        return [w for w in children if w.ready.done() and not w.ready.exception()]
 
     async def _ask_all(self, what: str) -> list[tuple[Worker, Any]]:
         workers = self._live()
         answers = await asyncio.gather(*(w.ask(what) for w in workers))
         return [(w, a) for w, a in zip(workers, answers, strict=True) if a is not None]
 
-    async def _metrics_page(self) -> bytes:
+    async def metrics_page(self) -> bytes:
         """Every worker's page summed. A worker too busy to answer in time is counted by its
         last page, so no sum goes backwards because one was slow."""
         workers = self._live()
@@ -571,15 +579,15 @@ class Supervisor:
             if page is not None:
                 worker.last_metrics = page
         live = [w.last_metrics for w in workers if w.last_metrics is not None]
-        own = generate_latest(self.registry).decode()
-        return self.totals.merged(live, own).encode()
+        own = generate_latest(self.supervisor.registry).decode()
+        return self.supervisor.totals.merged(live, own).encode()
 
-    async def _connections(self) -> dict[str, Any]:
+    async def connections(self) -> dict[str, Any]:
         return join_connections((w.pid, view) for w, view in await self._ask_all("connections"))
 
-    async def _backends(self) -> list[dict[str, Any]]:
+    async def backends(self) -> list[dict[str, Any]]:
         joined = join_backends((w.pid, view) for w, view in await self._ask_all("backends"))
-        generation = self.generation
+        generation = self.supervisor.generation
         names = [backend.name for backend in generation.config.backends]
         checker = generation.checker
         checks = {entry["name"]: entry for entry in checker.view()} if checker else {}
