@@ -208,7 +208,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     tls = sum(1 for x in config.listeners if x.tls)
     print(
         f"config OK: {len(config.listeners)} listener(s) ({tls} TLS), "
-        f"{len(config.backends)} backend(s), policy {config.policy}"
+        + ", ".join(
+            f"{len(g.backends)} backend(s), policy {g.policy}"
+            if len(config.groups) == 1
+            else f"group {g.name}: {len(g.backends)} backend(s), policy {g.policy}"
+            for g in config.groups
+        )
     )
     return EXIT_OK
 

@@ -8,11 +8,33 @@ by whoever opens them, like HAProxy).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from balancer.config_values import (
+    ADDRESS,
+    COUNT,
+    MISSING,
+    REQUIRED,
+    SECONDS,
+    Address,
+    Reader,
+    admin_address,
+    boolean,
+    check_path,
+    choice,
+    host_pattern,
+    non_negative_number,
+    parse_address,
+    positive_int,
+    positive_number,
+    status_ranges,
+    text,
+    token,
+    unique,
+    worker_count_value,
+)
 from balancer.policies import POLICIES
 
 T = TypeVar("T")
@@ -26,12 +48,15 @@ DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 @dataclass(frozen=True, slots=True)
-class Address:
-    host: str
-    port: int
+class RouteConfig:
+    """One routing rule of a listener: requests (http mode) whose Host and path match, or
+    TLS connections (tcp mode, passthrough) whose SNI matches, go to `group`. A rule without
+    a condition is not allowed; with two, both must match. Rules are tried in file order."""
 
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+    group: str
+    host: str | None = None  # "example.com" or "*.example.com" (any subdomain); no port
+    path_prefix: str | None = None  # "/api/": the request target's path starts with it
+    sni: str | None = None  # tcp listeners without TLS: the ClientHello's server name
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +65,8 @@ class ListenerConfig:
     bind: Address
     protocol: str = "http"
     mode: str = "http"
+    group: str = "default"  # the backend group of every request (connection) no route takes
+    routes: tuple[RouteConfig, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -62,6 +89,9 @@ class BackendConfig:
     address: Address
     weight: int = 1
     backup: bool = False  # used only while no other backend is up
+
+
+DEFAULT_GROUP = "default"  # the group top-level [[backends]] (and policy) make
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +151,30 @@ class HealthCheck:
     slow_start_seconds: float = 0.0  # a backend back in service ramps its weight over this
 
 
+SEND_PROXY = ("none", "v1", "v2")
+# A group's own timeouts: the [timeouts] keys that speak of its backends (the rest are the
+# listener's). Unset in a group, they are [timeouts]'s.
+GROUP_TIMEOUTS = ("connect_seconds", "backend_response_seconds", "backend_down_seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupConfig:
+    """A named set of backends with its own policy, reuse mode, timeouts and checks (HAProxy's
+    `backend` section, nginx's `upstream`). What a group leaves unset is the file's top level:
+    [upstream] reuse, [timeouts], [health_check]."""
+
+    name: str
+    backends: tuple[BackendConfig, ...]
+    policy: str = "round_robin"
+    reuse: str = "never"
+    timeouts: Timeouts = field(default_factory=lambda: Timeouts())
+    health_check: HealthCheck = field(default_factory=lambda: HealthCheck())
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
-    backends: tuple[BackendConfig, ...]
-    policy: str = "round_robin"
+    groups: tuple[GroupConfig, ...]
     tls: TLSConfig | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
@@ -139,6 +188,19 @@ class Config:
     event_loop: str = "uvloop"
     source: str = "<defaults>"
 
+    @property
+    def backends(self) -> tuple[BackendConfig, ...]:
+        """Every group's backends, group after group: the order of the shared tables."""
+        return tuple(backend for group in self.groups for backend in group.backends)
+
+    def group_of(self, backend_index: int) -> GroupConfig:
+        """The group of the backend at this place in `backends`."""
+        for group in self.groups:
+            if backend_index < len(group.backends):
+                return group
+            backend_index -= len(group.backends)
+        raise IndexError(backend_index)
+
 
 class ConfigError(Exception):
     """Every problem found, one per line: `source: key = value: expected ...`."""
@@ -148,135 +210,23 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-class _Reader:
-    """Collects problems instead of stopping at the first, so one run shows them all."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.problems: list[str] = []
-
-    def problem(self, key: str, value: object, expected: str) -> None:
-        shown = "(missing)" if value is _MISSING else repr(value)
-        self.problems.append(f"{self.source}: {key} = {shown}: expected {expected}")
-
-    def table(self, data: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> None:
-        for name in data:
-            if name not in allowed:
-                path = f"{key}.{name}" if key else name
-                self.problem(path, data[name], f"one of the known keys ({', '.join(allowed)})")
-
-    def get(
-        self,
-        data: Mapping[str, Any],
-        key: str,
-        path: str,
-        convert: Callable[[object], T],
-        expected: str,
-        default: T | object = None,
-    ) -> Any:
-        value = data.get(key, _MISSING)
-        if value is _MISSING:
-            if default is _REQUIRED:
-                self.problem(path, value, expected)
-            return default
-        try:
-            return convert(value)
-        except (TypeError, ValueError):
-            self.problem(path, value, expected)
-            return default
-
-
-_MISSING = object()
-_REQUIRED = object()
-
-
-def parse_address(value: object) -> Address:
-    """`host:port` or `[v6]:port`; the host must be an IP address or `localhost`; port 0..65535."""
-    if not isinstance(value, str):
-        raise TypeError(value)
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(value)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        ipaddress.IPv6Address(host)
-    elif host != "localhost":
-        ipaddress.IPv4Address(host)
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(value)
-    return Address(host, port)
-
-
-def _admin_address(value: object) -> Address:
-    """The admin listener: an address, or a port alone (8404, ":8404"): loopback."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = f":{value}"
-    if isinstance(value, str) and value.startswith(":"):
-        value = "127.0.0.1" + value
-    return parse_address(value)
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
-    def convert(value: object) -> str:
-        if value not in options:
-            raise ValueError(value)
-        return str(value)
-
-    return convert
-
-
-def _positive_number(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError(value)
-    return float(value)
-
-
-def _positive_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(value)
-    return value
-
-
-MAX_WORKERS = 256
-
-
-def _workers(value: object) -> int | str:
-    """A worker count, or "auto" (one per CPU: resolved where the machine is known)."""
-    if value == "auto":
-        return "auto"
-    count = _positive_int(value)
-    if count > MAX_WORKERS:
-        raise ValueError(value)
-    return count
-
-
-def _text(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(value)
-    return value
-
-
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(value)
-    return value
-
-
-ADDRESS = "an address like '127.0.0.1:8080', '[::1]:443' or 'localhost:80'"
-SECONDS = "a positive number of seconds"
-COUNT = "a positive whole number"
-
 _TOP_KEYS = (
-    "listeners", "backends", "policy", "tls", "timeouts", "limits", "upstream", "health_check",
-    "admin", "admin_token_file", "access_log", "request_log", "workers", "event_loop",
+    "listeners", "backends", "policy", "groups", "tls", "timeouts", "limits", "upstream",
+    "health_check", "admin", "admin_token_file", "access_log", "request_log", "workers",
+    "event_loop",
 )  # fmt: skip
 
 
 def parse_config(data: Mapping[str, Any], source: str) -> Config:
     """Validate a parsed TOML table; raise ConfigError naming every bad key."""
-    r = _Reader(source)
+    r = Reader(source)
     r.table(data, "", _TOP_KEYS)
+
+    upstream = _upstream(r, data)
+    timeouts = _section(r, data, "timeouts", Timeouts(), positive_number, SECONDS)
+    health_check = _health_check(r, data.get("health_check", {}), "health_check")
+    groups = _groups(r, data, upstream, timeouts, health_check)
+    group_names = [group.name for group in groups]
 
     listeners = []
     raw_listeners = data.get("listeners", [])
@@ -288,52 +238,30 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         if not isinstance(item, dict):
             r.problem(path, item, "a table with bind, protocol, mode")
             continue
-        r.table(item, path, ("name", "bind", "tls", "mode", "protocol"))
-        protocol = r.get(item, "protocol", f"{path}.protocol", _choice(PROTOCOLS),
+        r.table(item, path, ("name", "bind", "tls", "mode", "protocol", "group", "routes"))
+        protocol = r.get(item, "protocol", f"{path}.protocol", choice(PROTOCOLS),
                          "'http' or 'https'", "http")  # fmt: skip
         # TLS and the application protocol said apart: tls = true|false, mode = http|tcp.
         # `protocol = "https"` is the older word for tls = true, read as it.
-        tls = r.get(item, "tls", f"{path}.tls", _boolean, "true or false", None)
+        tls = r.get(item, "tls", f"{path}.tls", boolean, "true or false", None)
         if tls is not None:
             if "protocol" in item and (protocol == "https") != tls:
                 r.problem(f"{path}.protocol", protocol,
                           f"to agree with tls = {str(tls).lower()}, or no protocol key: "
                           "tls says it")  # fmt: skip
             protocol = "https" if tls else "http"
-        bind = r.get(item, "bind", f"{path}.bind", parse_address, ADDRESS, _REQUIRED)
-        name = r.get(item, "name", f"{path}.name", _text, "a non-empty string", protocol)
-        mode = r.get(item, "mode", f"{path}.mode", _choice(MODES), "'http' or 'tcp'", "http")
+        bind = r.get(item, "bind", f"{path}.bind", parse_address, ADDRESS, REQUIRED)
+        name = r.get(item, "name", f"{path}.name", text, "a non-empty string", protocol)
+        mode = r.get(item, "mode", f"{path}.mode", choice(MODES), "'http' or 'tcp'", "http")
+        group = _listener_group(r, item, path, group_names)
+        routes = _routes(r, item, path, group_names, mode or "http", protocol == "https")
         if isinstance(bind, Address):
-            listeners.append(ListenerConfig(name, bind, protocol or "http", mode or "http"))
+            listeners.append(
+                ListenerConfig(name, bind, protocol or "http", mode or "http", group, routes)
+            )
     if not listeners and not r.problems:
-        r.problem("listeners", _MISSING, "at least one [[listeners]] table (or --http / --https)")
-    _unique(r, "listeners", [x.name for x in listeners])
-
-    backends = []
-    raw_backends = data.get("backends", [])
-    if not isinstance(raw_backends, list):
-        r.problem("backends", raw_backends, "an array of tables: [[backends]]")
-        raw_backends = []
-    for i, item in enumerate(raw_backends):
-        path = f"backends[{i}]"
-        if not isinstance(item, dict):
-            r.problem(path, item, "a table with address (and name, weight)")
-            continue
-        r.table(item, path, ("name", "address", "weight", "backup"))
-        address = r.get(item, "address", f"{path}.address", parse_address, ADDRESS, _REQUIRED)
-        weight = r.get(item, "weight", f"{path}.weight", _positive_int, COUNT, 1)
-        name = r.get(item, "name", f"{path}.name", _text, "a non-empty string", str(address))
-        backup = r.get(item, "backup", f"{path}.backup", _boolean, "true or false", False)
-        if isinstance(address, Address):
-            if address.port == 0:
-                r.problem(f"{path}.address", str(address), "a backend port from 1 to 65535")
-            backends.append(BackendConfig(name, address, weight or 1, bool(backup)))
-    if not backends and not r.problems:
-        r.problem("backends", _MISSING, "at least one [[backends]] table (or --backend)")
-    _unique(r, "backends", [b.name for b in backends])
-
-    policy = r.get(data, "policy", "policy", _choice(tuple(POLICIES)),
-                   " or ".join(repr(p) for p in POLICIES), "round_robin")  # fmt: skip
+        r.problem("listeners", MISSING, "at least one [[listeners]] table (or --http / --https)")
+    unique(r, "listeners", [x.name for x in listeners])
 
     tls = None
     raw_tls = data.get("tls")
@@ -345,52 +273,50 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         d = TLSConfig()
         versions = " or ".join(repr(v) for v in TLS_VERSIONS)
         tls = TLSConfig(
-            cert=r.get(raw_tls, "cert", "tls.cert", _text, "a certificate file path", d.cert),
-            key=r.get(raw_tls, "key", "tls.key", _text, "a private key file path", d.key),
+            cert=r.get(raw_tls, "cert", "tls.cert", text, "a certificate file path", d.cert),
+            key=r.get(raw_tls, "key", "tls.key", text, "a private key file path", d.key),
             min_version=r.get(
                 raw_tls,
                 "min_version",
                 "tls.min_version",
-                _choice(TLS_VERSIONS),
+                choice(TLS_VERSIONS),
                 versions,
                 d.min_version,
             ),
             max_version=r.get(
-                raw_tls, "max_version", "tls.max_version", _choice(TLS_VERSIONS), versions, None
+                raw_tls, "max_version", "tls.max_version", choice(TLS_VERSIONS), versions, None
             ),
             ciphers=r.get(
-                raw_tls, "ciphers", "tls.ciphers", _text, "an OpenSSL cipher list", d.ciphers
+                raw_tls, "ciphers", "tls.ciphers", text, "an OpenSSL cipher list", d.ciphers
             ),
             session_tickets=r.get(
-                raw_tls, "session_tickets", "tls.session_tickets", _boolean, "true or false", True
+                raw_tls, "session_tickets", "tls.session_tickets", boolean, "true or false", True
             ),
         )
         if tls.max_version and tls.min_version and tls.max_version < tls.min_version:
             r.problem("tls.max_version", tls.max_version, f">= tls.min_version ({tls.min_version})")
 
-    timeouts = _section(r, data, "timeouts", Timeouts(), _positive_number, SECONDS)
-    limits = _section(r, data, "limits", Limits(), _positive_int, COUNT)
-    upstream = _upstream(r, data)
-    health_check = _health_check(r, data)
+    limits = _section(r, data, "limits", Limits(), positive_int, COUNT)
 
     admin = r.get(
-        data, "admin", "admin", _admin_address, f"{ADDRESS}, or a port alone (loopback)", None
+        data, "admin", "admin", admin_address, f"{ADDRESS}, or a port alone (loopback)", None
     )
     admin_token_file = r.get(
-        data, "admin_token_file", "admin_token_file", _text, "a file holding the token"
+        data, "admin_token_file", "admin_token_file", text, "a file holding the token"
     )
-    access_log = r.get(data, "access_log", "access_log", _text, "a file path or '-' (stdout)")
-    request_log = r.get(data, "request_log", "request_log", _boolean, "true or false", False)
-    workers = r.get(data, "workers", "workers", _workers, f"{COUNT} up to 256, or 'auto'", "auto")
-    event_loop = r.get(data, "event_loop", "event_loop", _choice(EVENT_LOOPS),
+    access_log = r.get(data, "access_log", "access_log", text, "a file path or '-' (stdout)")
+    request_log = r.get(data, "request_log", "request_log", boolean, "true or false", False)
+    workers = r.get(
+        data, "workers", "workers", worker_count_value, f"{COUNT} up to 256, or 'auto'", "auto"
+    )
+    event_loop = r.get(data, "event_loop", "event_loop", choice(EVENT_LOOPS),
                        "'uvloop' or 'asyncio'", "uvloop")  # fmt: skip
 
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
         listeners=tuple(listeners),
-        backends=tuple(backends),
-        policy=policy,
+        groups=tuple(groups),
         tls=tls,
         timeouts=timeouts,
         limits=limits,
@@ -406,7 +332,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     )
 
 
-def _upstream(r: _Reader, data: Mapping[str, Any]) -> Upstream:
+def _upstream(r: Reader, data: Mapping[str, Any]) -> Upstream:
     raw = data.get("upstream", {})
     if not isinstance(raw, dict):
         r.problem("upstream", raw, "an [upstream] table")
@@ -415,134 +341,238 @@ def _upstream(r: _Reader, data: Mapping[str, Any]) -> Upstream:
     d = Upstream()
     modes = " or ".join(repr(m) for m in REUSE_MODES)
     return Upstream(
-        reuse=r.get(raw, "reuse", "upstream.reuse", _choice(REUSE_MODES), modes, d.reuse),
+        reuse=r.get(raw, "reuse", "upstream.reuse", choice(REUSE_MODES), modes, d.reuse),
         idle_per_backend=r.get(
-            raw, "idle_per_backend", "upstream.idle_per_backend", _positive_int, COUNT,
+            raw, "idle_per_backend", "upstream.idle_per_backend", positive_int, COUNT,
             d.idle_per_backend,
         ),
         idle_timeout_seconds=r.get(
-            raw, "idle_timeout_seconds", "upstream.idle_timeout_seconds", _positive_number,
+            raw, "idle_timeout_seconds", "upstream.idle_timeout_seconds", positive_number,
             SECONDS, d.idle_timeout_seconds,
         ),
         max_requests_per_connection=r.get(
             raw, "max_requests_per_connection", "upstream.max_requests_per_connection",
-            _positive_int, COUNT, d.max_requests_per_connection,
+            positive_int, COUNT, d.max_requests_per_connection,
         ),
     )  # fmt: skip
 
 
-def _health_check(r: _Reader, data: Mapping[str, Any]) -> HealthCheck:
-    raw = data.get("health_check", {})
+def _health_check(r: Reader, raw: object, path: str, d: HealthCheck | None = None) -> HealthCheck:
+    """[health_check] (path "health_check"), or a group's (over the file's, `d`)."""
+    d = d or HealthCheck()
     if not isinstance(raw, dict):
-        r.problem("health_check", raw, "a [health_check] table")
-        return HealthCheck()
-    r.table(raw, "health_check", tuple(HealthCheck.__dataclass_fields__))
-    d = HealthCheck()
+        r.problem(path, raw, f"a [{path}] table")
+        return d
+    r.table(raw, path, tuple(HealthCheck.__dataclass_fields__))
 
     def get(key: str, convert: Callable[[object], Any], expected: str, default: Any) -> Any:
-        return r.get(raw, key, f"health_check.{key}", convert, expected, default)
+        return r.get(raw, key, f"{path}.{key}", convert, expected, default)
 
     kinds = " or ".join(repr(k) for k in CHECK_TYPES)
     check = HealthCheck(
-        type=get("type", _choice(CHECK_TYPES), kinds, d.type),
-        interval_seconds=get("interval_seconds", _positive_number, SECONDS, d.interval_seconds),
-        timeout_seconds=get("timeout_seconds", _positive_number, SECONDS, d.timeout_seconds),
-        rise=get("rise", _positive_int, COUNT, d.rise),
-        fall=get("fall", _positive_int, COUNT, d.fall),
-        method=get("method", _token, "an HTTP method such as 'GET' or 'HEAD'", d.method),
-        path=get("path", _check_path, "a path starting with '/'", d.path),
-        host=get("host", _text, "a host name for the Host header", d.host),
+        type=get("type", choice(CHECK_TYPES), kinds, d.type),
+        interval_seconds=get("interval_seconds", positive_number, SECONDS, d.interval_seconds),
+        timeout_seconds=get("timeout_seconds", positive_number, SECONDS, d.timeout_seconds),
+        rise=get("rise", positive_int, COUNT, d.rise),
+        fall=get("fall", positive_int, COUNT, d.fall),
+        method=get("method", token, "an HTTP method such as 'GET' or 'HEAD'", d.method),
+        path=get("path", check_path, "a path starting with '/'", d.path),
+        host=get("host", text, "a host name for the Host header", d.host),
         expect_status=get(
-            "expect_status", _status_ranges, "status codes and ranges: '200-399' or '200,204'",
+            "expect_status", status_ranges, "status codes and ranges: '200-399' or '200,204'",
             d.expect_status,
         ),
-        body_contains=get("body_contains", _text, "a text the body must hold", d.body_contains),
-        passive_fall=get("passive_fall", _positive_int, COUNT, d.passive_fall),
-        passive_5xx=get("passive_5xx", _boolean, "true or false", d.passive_5xx),
-        passive_timeouts=get("passive_timeouts", _boolean, "true or false", d.passive_timeouts),
-        eject_max_seconds=get("eject_max_seconds", _positive_number, SECONDS,
+        body_contains=get("body_contains", text, "a text the body must hold", d.body_contains),
+        passive_fall=get("passive_fall", positive_int, COUNT, d.passive_fall),
+        passive_5xx=get("passive_5xx", boolean, "true or false", d.passive_5xx),
+        passive_timeouts=get("passive_timeouts", boolean, "true or false", d.passive_timeouts),
+        eject_max_seconds=get("eject_max_seconds", positive_number, SECONDS,
                               d.eject_max_seconds),
-        slow_start_seconds=get("slow_start_seconds", _non_negative_number,
+        slow_start_seconds=get("slow_start_seconds", non_negative_number,
                                "a number of seconds, 0 for none", d.slow_start_seconds),
     )  # fmt: skip
     if check.timeout_seconds > check.interval_seconds:
         r.problem(
-            "health_check.timeout_seconds", check.timeout_seconds,
+            f"{path}.timeout_seconds", check.timeout_seconds,
             f"at most health_check.interval_seconds ({check.interval_seconds})",
         )  # fmt: skip
     return check
 
 
-def _non_negative_number(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(value)
-    return float(value)
+GROUP_KEYS = ("name", "backends", "policy", "reuse", "timeouts", "health_check")
 
 
-def _token(value: object) -> str:
-    if not isinstance(value, str) or not value.isascii() or not value.isalpha():
-        raise ValueError(value)
-    return value.upper()
+def _groups(
+    r: Reader,
+    data: Mapping[str, Any],
+    upstream: Upstream,
+    timeouts: Timeouts,
+    check: HealthCheck,
+) -> list[GroupConfig]:
+    """[[groups]], and the group "default" that top-level [[backends]] and policy make (the
+    single-farm files of before groups). Backend names are unique across groups: the admin
+    API and the metrics name a backend alone."""
+    groups = []
+    policies = " or ".join(repr(p) for p in POLICIES)
+    if "backends" in data or "groups" not in data:
+        backends = _backends(r, data.get("backends", []), "backends")
+        policy = r.get(data, "policy", "policy", choice(tuple(POLICIES)), policies,
+                       "round_robin")  # fmt: skip
+        if not backends and not r.problems:
+            r.problem("backends", MISSING, "at least one [[backends]] table (or --backend), "
+                      "or [[groups]] with their backends")  # fmt: skip
+        groups.append(
+            GroupConfig(DEFAULT_GROUP, tuple(backends), policy, upstream.reuse, timeouts, check)
+        )
+    elif "policy" in data:
+        r.problem("policy", data["policy"], "no top-level policy beside [[groups]]: each group "
+                  "says its own (groups[n].policy)")  # fmt: skip
+    raw_groups = data.get("groups", [])
+    if not isinstance(raw_groups, list):
+        r.problem("groups", raw_groups, "an array of tables: [[groups]]")
+        raw_groups = []
+    modes = " or ".join(repr(m) for m in REUSE_MODES)
+    for i, item in enumerate(raw_groups):
+        path = f"groups[{i}]"
+        if not isinstance(item, dict):
+            r.problem(path, item, "a table with name and backends")
+            continue
+        r.table(item, path, GROUP_KEYS)
+        name = r.get(item, "name", f"{path}.name", text, "a non-empty string", REQUIRED)
+        backends = _backends(r, item.get("backends", MISSING), f"{path}.backends")
+        policy = r.get(item, "policy", f"{path}.policy", choice(tuple(POLICIES)), policies,
+                       "round_robin")  # fmt: skip
+        reuse = r.get(item, "reuse", f"{path}.reuse", choice(REUSE_MODES), modes,
+                      upstream.reuse)  # fmt: skip
+        raw_timeouts = item.get("timeouts", {})
+        if isinstance(raw_timeouts, dict):
+            r.table(raw_timeouts, f"{path}.timeouts", GROUP_TIMEOUTS)
+        group_timeouts = _section(r, item, "timeouts", timeouts, positive_number, SECONDS,
+                                  path=f"{path}.timeouts")  # fmt: skip
+        group_check = check
+        if "health_check" in item:
+            group_check = _health_check(r, item["health_check"], f"{path}.health_check", check)
+        if isinstance(name, str):
+            groups.append(GroupConfig(
+                name, tuple(backends), policy or "round_robin", reuse or upstream.reuse,
+                group_timeouts, group_check,
+            ))  # fmt: skip
+    unique(r, "groups", [group.name for group in groups])
+    unique(r, "backends", [b.name for group in groups for b in group.backends])
+    return groups
 
 
-def _check_path(value: object) -> str:
-    if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in " \r\n"):
-        raise ValueError(value)
-    return value
+def _backends(r: Reader, raw: object, path: str) -> list[BackendConfig]:
+    if raw is MISSING:
+        r.problem(path, raw, "at least one backend: [[groups.backends]] with an address")
+        return []
+    if not isinstance(raw, list):
+        r.problem(path, raw, f"an array of tables: [[{path.split('[')[0]}]]")
+        return []
+    backends = []
+    for i, item in enumerate(raw):
+        at = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            r.problem(at, item, "a table with address (and name, weight)")
+            continue
+        r.table(item, at, ("name", "address", "weight", "backup"))
+        address = r.get(item, "address", f"{at}.address", parse_address, ADDRESS, REQUIRED)
+        weight = r.get(item, "weight", f"{at}.weight", positive_int, COUNT, 1)
+        name = r.get(item, "name", f"{at}.name", text, "a non-empty string", str(address))
+        backup = r.get(item, "backup", f"{at}.backup", boolean, "true or false", False)
+        if isinstance(address, Address):
+            if address.port == 0:
+                r.problem(f"{at}.address", str(address), "a backend port from 1 to 65535")
+            backends.append(BackendConfig(name, address, weight or 1, bool(backup)))
+    return backends
 
 
-def _status_ranges(value: object) -> tuple[tuple[int, int], ...]:
-    """'200-399', '200,204', '2xx' (a class): inclusive ranges of status codes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(value)
-    ranges = []
-    for part in value.replace(" ", "").split(","):
-        if len(part) == 3 and part[0].isdigit() and part[1:].lower() == "xx":
-            low, high = int(part[0]) * 100, int(part[0]) * 100 + 99
-        elif "-" in part:
-            first, _, last = part.partition("-")
-            low, high = int(first), int(last)
-        else:
-            low = high = int(part)
-        if not 100 <= low <= high <= 599:
-            raise ValueError(value)
-        ranges.append((low, high))
-    return tuple(ranges)
+def _listener_group(r: Reader, item: Mapping[str, Any], path: str, names: list[str]) -> str:
+    """The listener's default group: as named; else "default" (top-level [[backends]]), or
+    the only group there is."""
+    known = ", ".join(names) or "none"
+    if "group" in item:
+        group = item["group"]
+        if group not in names:
+            r.problem(f"{path}.group", group, f"the name of a group ({known})")
+        return str(group)
+    if DEFAULT_GROUP in names or len(names) != 1:
+        if DEFAULT_GROUP not in names and names:
+            r.problem(f"{path}.group", MISSING,
+                      f"the group it sends to, one of {known}: with several groups each "
+                      "listener names its own")  # fmt: skip
+        return DEFAULT_GROUP
+    return names[0]
+
+
+ROUTE_KEYS = ("group", "host", "path_prefix", "sni")
+
+
+def _routes(
+    r: Reader, item: Mapping[str, Any], path: str, names: list[str], mode: str, tls: bool
+) -> tuple[RouteConfig, ...]:
+    raw = item.get("routes", [])
+    if not isinstance(raw, list):
+        r.problem(f"{path}.routes", raw, "an array of tables: [[listeners.routes]]")
+        return ()
+    routes = []
+    for i, rule in enumerate(raw):
+        at = f"{path}.routes[{i}]"
+        if not isinstance(rule, dict):
+            r.problem(at, rule, "a table with group and host, path_prefix or sni")
+            continue
+        r.table(rule, at, ROUTE_KEYS)
+        group = rule.get("group", MISSING)
+        if group not in names:
+            r.problem(f"{at}.group", group, f"the name of a group ({', '.join(names)})")
+        host = r.get(rule, "host", f"{at}.host", host_pattern,
+                     "a host name like 'example.com' or '*.example.com', no port")  # fmt: skip
+        prefix = r.get(rule, "path_prefix", f"{at}.path_prefix", check_path,
+                       "a path starting with '/'")  # fmt: skip
+        sni = r.get(rule, "sni", f"{at}.sni", host_pattern,
+                    "a server name like 'example.com' or '*.example.com'")  # fmt: skip
+        if mode == "http" and sni is not None:
+            r.problem(f"{at}.sni", sni, "host (and path_prefix) in an http listener: sni "
+                      "routes TLS passed through a tcp listener")  # fmt: skip
+        elif mode == "tcp" and (host is not None or prefix is not None):
+            r.problem(f"{at}.host", host or prefix, "sni in a tcp listener (it sees no HTTP "
+                      "request): or mode = 'http'")  # fmt: skip
+        elif mode == "tcp" and tls:
+            r.problem(f"{at}.sni", sni, "a tcp listener without tls: routing by SNI passes "
+                      "TLS through; with tls = true the balancer terminates it")  # fmt: skip
+        elif host is None and prefix is None and sni is None:
+            r.problem(at, rule, "a condition: host, path_prefix (http) or sni (tcp)")
+        routes.append(RouteConfig(str(group), host, prefix, sni))
+    return tuple(routes)
 
 
 S = TypeVar("S", Timeouts, Limits)
 
 
 def _section(
-    r: _Reader,
+    r: Reader,
     data: Mapping[str, Any],
     name: str,
     defaults: S,
     convert: Callable[[object], object],
     expected: str,
+    path: str | None = None,
 ) -> S:
+    """A table of like values over `defaults`; `path` says where it is (a group's)."""
+    path = path or name
     raw = data.get(name, {})
     if not isinstance(raw, dict):
-        r.problem(name, raw, f"a [{name}] table")
+        r.problem(path, raw, f"a [{path}] table")
         return defaults
     keys = tuple(defaults.__dataclass_fields__)
-    r.table(raw, name, keys)
+    if path == name:
+        r.table(raw, name, keys)
     values = {}
     for key in keys:
-        value = r.get(raw, key, f"{name}.{key}", convert, expected, _MISSING)
-        if value is not _MISSING and value is not None:
+        value = r.get(raw, key, f"{path}.{key}", convert, expected, MISSING)
+        if value is not MISSING and value is not None:
             values[key] = value
     return replace(defaults, **values)
-
-
-def _unique(r: _Reader, key: str, names: list[str]) -> None:
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            r.problem(f"{key}.name", name, "names that differ from each other")
-        seen.add(name)
 
 
 @dataclass(frozen=True, slots=True)

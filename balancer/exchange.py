@@ -13,9 +13,13 @@ fresh connection.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from balancer.http1 import RequestHead
 from balancer.record import BackendConnectionRecord, ConnectionRecord, RequestRecord
+
+if TYPE_CHECKING:
+    from balancer.groups import Group
 
 # RFC 9110 §9.2.2; CONNECT is refused before it gets here.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
@@ -25,10 +29,11 @@ REPLAY_MAX_BYTES = 16384  # a request larger than this is not kept for a retry
 class Exchange:
     """One request and its response: its record, and its bytes while no backend has them."""
 
-    __slots__ = ("pending", "record", "replay", "request_done")
+    __slots__ = ("group", "pending", "record", "replay", "request_done")
 
     def __init__(self, record: RequestRecord) -> None:
         self.record = record
+        self.group: Group | None = None  # routed (dispatch): the group that serves it
         self.request_done = False  # every byte of the request has been read
         # Reuse modes only (see Exchanges.open): the bytes waiting for a backend connection
         # (None once they go straight to one), and a copy kept for a retry.

@@ -6,14 +6,16 @@ Reuse `never` (and tcp listeners): one backend connection for the whole client c
 picked and connected with the first request head (tcp: at accept or after the TLS handshake).
 Bytes that arrive meanwhile wait in `pending`; client reads pause while connecting.
 
-Reuse `safe` / `always` (HTTP listeners; `ListenerSettings.dispatch`): each exchange gets a
-backend connection of its own, one exchange at a time.
+Dispatch (HTTP listeners whose requests are routed to groups, or whose group reuses backend
+connections; `ListenerSettings.dispatch`): each exchange gets a backend connection of its
+own, from the group its route names, one exchange at a time.
 
-    head ──► activate(): a lease from the pool (the policy's pick) ──► an idle connection to
-             that backend (always; safe: after this client's first request) ──► use()
-                                    └─ none idle: connect ──────────────────────► use()
+    head ──► activate(): a lease from the group's pool (the policy's pick) ──► an idle
+             connection to that backend (always; safe: after this client's first request)
+                                    └─ none idle, or reuse never: connect ──────► use()
     response done ──► hand_back(): the lease is released, the connection goes to the idle
-                      pool (or is closed, if its response said so or it sent stray bytes)
+                      pool (or is closed: reuse never, its response said so, or it sent
+                      stray bytes)
     dead before any response byte, reused, idempotent, replayable ──► retry(): once, on a
                       new connection to the same backend first
 
@@ -35,9 +37,10 @@ from balancer.exchange import Exchange
 from balancer.http1 import ResponseFramer
 from balancer.listener import TUNNEL_IDLE, ListenerContext
 from balancer.pool import Lease
-from balancer.upstream import DEAD_ON_REUSE, NOT_REUSABLE, BackendConnection
+from balancer.upstream import DEAD_ON_REUSE, NOT_REUSABLE, REUSE_NEVER, BackendConnection
 
 if TYPE_CHECKING:
+    from balancer.groups import Group
     from balancer.session import ClientSession
 
 log = logging.getLogger("balancer")
@@ -46,10 +49,11 @@ log = logging.getLogger("balancer")
 class Forwarder:
     """The backend side of one client session (see the module docstring)."""
 
-    __slots__ = ("backend", "connect_task", "lease", "pending", "served", "session")
+    __slots__ = ("backend", "chosen", "connect_task", "lease", "pending", "served", "session")
 
     def __init__(self, session: ClientSession) -> None:
         self.session = session
+        self.chosen: Group | None = None  # routed (request, SNI); None: the listener's group
         self.lease: Lease | None = None
         self.backend: BackendConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -60,6 +64,11 @@ class Forwarder:
     @property
     def ctx(self) -> ListenerContext:
         return self.session.ctx
+
+    @property
+    def group(self) -> Group:
+        """The group the backend connection is (to be) from."""
+        return self.chosen or self.session.ctx.router.default
 
     @property
     def dispatch(self) -> bool:
@@ -83,7 +92,8 @@ class Forwarder:
         # Connect attempts count on the connection's record, or (reuse modes) the request's.
         attempts = session.exchanges.queue[0].record if self.dispatch else session.record
         try:
-            lease, backend = await services.connector.connect(session, attempts, task, loop, first)
+            connector = self.group.connector
+            lease, backend = await connector.connect(session, attempts, task, loop, first)
         except BackendError as error:
             self.connect_task = None
             if not session.closing:
@@ -92,7 +102,7 @@ class Forwarder:
         self.connect_task = None
         if session.closing:  # the client went away while we connected
             lease.release()
-            if services.idle is not None and self.dispatch:
+            if services.idle is not None and self.dispatch and self.group.reuse != "never":
                 services.idle.put(backend)  # fresh and clean: another request may have it
             else:
                 backend.leg.transport.abort()
@@ -177,14 +187,16 @@ class Forwarder:
             return
         if not session.exchanges.queue:
             return
-        ctx = self.ctx
-        services = ctx.services
-        lease = services.pool.acquire(services.clock())
+        services = self.ctx.services
+        group = self.chosen = session.exchanges.queue[0].group
+        group = group or self.group
+        lease = group.pool.acquire(services.clock())
         if lease is None:
-            session.fail(NoBackendAvailable("no backend is ready"))
+            session.fail(NoBackendAvailable(f"no backend of group {group.name} is ready"))
             return
         backend = None
-        if services.idle is not None and (ctx.settings.reuse == "always" or self.served):
+        reuse = group.reuse
+        if services.idle is not None and (reuse == "always" or (reuse == "safe" and self.served)):
             backend = services.idle.take(lease.state.name)
         if backend is None:
             self.connect(lease)
@@ -218,7 +230,9 @@ class Forwarder:
             reusable = False  # it sent more than its response: not to be trusted again
         self.backend = None
         self.release_lease()
-        if reusable and backend.leg.usable:
+        if self.group.reuse == "never":
+            idle.close(backend, REUSE_NEVER)
+        elif reusable and backend.leg.usable:
             idle.put(backend)
         else:
             idle.close(backend, NOT_REUSABLE)
@@ -271,7 +285,7 @@ class Forwarder:
         lease = self.lease
         if lease is None:
             return
-        pool = self.ctx.services.pool
+        pool = lease.pool
         for status in statuses:
             if status >= 500 and pool.count_5xx:
                 _said(lease.state, pool.failed(lease.state, self.ctx.services.clock()), "5xx")
@@ -280,9 +294,9 @@ class Forwarder:
 
     def failed(self, timeout: bool = False) -> None:
         """The active backend failed a request: reset, cut, unanswered, or (`timeout`) silent."""
-        lease, pool = self.lease, self.ctx.services.pool
-        if lease is not None and (pool.count_timeouts or not timeout):
-            seconds = pool.failed(lease.state, self.ctx.services.clock())
+        lease = self.lease
+        if lease is not None and (lease.pool.count_timeouts or not timeout):
+            seconds = lease.pool.failed(lease.state, self.ctx.services.clock())
             _said(lease.state, seconds, "timeouts" if timeout else "failed requests")
 
     # ---- ending ----------------------------------------------------------------------------

@@ -145,25 +145,29 @@ class HealthChecker:
     def __init__(
         self,
         backends: Sequence[Backend],
-        spec: HealthCheck,
+        specs: Sequence[HealthCheck],
         changed: Changed,
         observed: Observed = lambda index, result: None,
         rng: random.Random | None = None,
     ) -> None:
         self.backends = list(backends)
-        self.spec = spec
+        self.specs = list(specs)  # each backend's (its group's); type "none": not checked
         self.changed = changed
         self.observed = observed
         self.rng = rng or random.Random()
-        self.health = [Health(spec.rise, spec.fall) for _ in self.backends]
+        self.health = [Health(spec.rise, spec.fall) for spec in self.specs]
         self.last: list[CheckResult | None] = [None] * len(self.backends)
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        if self.spec.type == "none" or self._tasks:
+        if self._tasks:
             return
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._run(i)) for i in range(len(self.backends))]
+        self._tasks = [
+            loop.create_task(self._run(i))
+            for i, spec in enumerate(self.specs)
+            if spec.type != "none"
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -174,7 +178,7 @@ class HealthChecker:
         self._tasks = []
 
     async def _run(self, index: int) -> None:
-        backend, spec, health = self.backends[index], self.spec, self.health[index]
+        backend, spec, health = self.backends[index], self.specs[index], self.health[index]
         loop = asyncio.get_running_loop()
         next_at = loop.time() + self.rng.uniform(0, spec.interval_seconds)
         while True:
@@ -208,7 +212,10 @@ class HealthChecker:
 
 
 def checker_for(
-    backends: Sequence[Backend], spec: HealthCheck, table: BackendTable, metrics: HealthMetrics
+    backends: Sequence[Backend],
+    specs: Sequence[HealthCheck],
+    table: BackendTable,
+    metrics: HealthMetrics,
 ) -> HealthChecker:
     """A checker that keeps the verdicts in `table` (what every worker's pool reads) and the
     metrics."""
@@ -224,4 +231,4 @@ def checker_for(
     def observed(index: int, result: CheckResult) -> None:
         metrics.observed(names[index], result.ok)
 
-    return HealthChecker(backends, spec, changed, observed)
+    return HealthChecker(backends, specs, changed, observed)

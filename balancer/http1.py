@@ -58,6 +58,7 @@ class RequestHead(NamedTuple):
     keep_alive: bool
     upgrade: bool
     target: bytes  # as the client sent it
+    host: bytes | None  # the Host header's value, or the absolute-form target's authority
 
 
 # RequestHead(...) runs a Python-level __new__; this is the same tuple at half the cost.
@@ -94,6 +95,7 @@ class RequestReader:
         "_framing_line_bytes",
         "_head_bytes",
         "_headers",
+        "_host",
         "_in_framing",
         "_in_trailers",
         "_limits",
@@ -121,6 +123,7 @@ class RequestReader:
         self._parser = httptools.HttpRequestParser(self)
         self._out: list[bytes] = []
         self._url = b""
+        self._host: bytes | None = None  # the head's, for routing (RequestHead.host)
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._pending_head_bytes = 0
@@ -310,7 +313,9 @@ class RequestReader:
         self.in_head = False
         self.in_body = True
         self._closing_request = not keep_alive and not upgrade
-        self.heads.append(_new_head(RequestHead, (method, keep_alive, upgrade, self._url)))
+        self.heads.append(
+            _new_head(RequestHead, (method, keep_alive, upgrade, self._url, self._host))
+        )
 
     def _enter_framing(self) -> None:
         self._read_has_chunking = True
@@ -369,6 +374,7 @@ class RequestReader:
         length: bytes | None = None
         target, authority = _origin_form(self._url)
         lines = [b"%b %b %b" % (method, target, _REQUEST_LINE_ENDS[version])]
+        self._host = authority
         if authority is not None:  # RFC 9112 §3.2.2: the target's host replaces Host
             lines.append(b"Host: %b\r\n" % authority)
             hosts = 1
@@ -398,6 +404,7 @@ class RequestReader:
                 if authority is not None:
                     continue
                 hosts += 1
+                self._host = value
             elif lower == b"content-length":
                 length = value  # llhttp has checked it is one valid number
             if lower in _DROPPED:

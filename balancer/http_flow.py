@@ -105,11 +105,13 @@ class HttpFlow:
         record = session.record
         if record.first_request_at is None:
             record.first_request_at = self.ctx.services.clock()
-        exchanges = session.exchanges
+        exchanges, router = session.exchanges, self.ctx.router
         for head in reader.heads:
             record.requests += 1
             framer.expect(head.method == b"HEAD", not head.keep_alive)
-            exchanges.open(head)
+            exchange = exchanges.open(head)
+            if router.rules:
+                exchange.group = router.for_request(head.host, head.target)
         reader.heads.clear()
         fwd = session.fwd
         if fwd.dispatch:
@@ -127,7 +129,7 @@ class HttpFlow:
             if session.deadline_kind != HEADER:  # a total deadline, set when the head began
                 session.set_deadline(HEADER)
         elif framer.awaiting and not (reader is not None and reader.in_body):
-            session.set_deadline(RESPONSE)
+            session.set_deadline(RESPONSE, session.fwd.group.response_seconds)
         else:
             session.set_deadline(IDLE)
             if reader is not None and len(self.ctx.state.connections) > READER_POOL_ABOVE:
@@ -189,7 +191,7 @@ class HttpFlow:
             session.exchanges.completed(framer.statuses)
             self._responses_completed()
         elif framer.awaiting:
-            session.extend_deadline(self.ctx.settings.timeouts.backend_response_seconds)
+            session.extend_deadline(session.fwd.group.response_seconds)
 
     def _responses_completed(self) -> None:
         framer, reader, session = self.framer, self.reader, self.session

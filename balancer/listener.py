@@ -2,10 +2,10 @@
 
 Three objects, each with one kind of content, so a reader knows what may change under them:
 - `ListenerSettings`: frozen once built from the configuration (timeouts resolved per
-  deadline kind, head limits, the reuse mode as it applies to this listener).
+  deadline kind, head limits, whether requests are dispatched one by one).
 - `LoopServices`: one per event loop (per worker), shared by every listener: the clock, the
-  deadline wheel, the write batch, the backend pool and connector, the idle backend
-  connections, the publishers and id counters.
+  deadline wheel, the write batch, the backend groups (pool and connector each), the idle
+  backend connections, the publishers and id counters.
 - `ListenerState`: what changes as the listener runs: its open sessions, its counters,
   whether it is draining.
 Built by server.py; read by session.py and the objects a session is made of.
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 from balancer.config import Limits, ListenerConfig, Timeouts
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.exchange import ExchangeSettings
+from balancer.groups import Group, Router
 from balancer.http1 import HeadLimits, RequestReader
-from balancer.pool import BackendPool
 from balancer.record import (
     BACKEND_TIMEOUT,
     HEADER_TIMEOUT,
@@ -34,7 +34,7 @@ from balancer.record import (
     ConnectionRecord,
     RequestRecord,
 )
-from balancer.upstream import Connector, IdlePool
+from balancer.upstream import IdlePool
 from balancer.writebatch import WriteBatch
 
 if TYPE_CHECKING:
@@ -70,12 +70,12 @@ class ListenerSettings:
     timeouts: Timeouts
     limits: Limits
     ssl_context: ssl.SSLContext | None
-    reuse: str = "never"  # [upstream] reuse: never, safe, always
+    # Each request is given a backend connection of its own (from the idle pool or new): an
+    # http listener whose requests are routed, or whose group reuses connections. Otherwise
+    # (and in tcp mode) one backend connection serves the whole client connection.
+    dispatch: bool = False
     head_limits: HeadLimits = field(init=False)
     deadline_seconds: dict[str, float] = field(init=False)  # DEADLINE_TIMEOUTS, resolved
-    # Reuse modes on an HTTP listener: each request is given a backend connection of its own
-    # (from the idle pool or new); never (and tcp mode): one for the whole connection.
-    dispatch: bool = field(init=False)
 
     def __post_init__(self) -> None:
         limits = self.limits
@@ -87,15 +87,13 @@ class ListenerSettings:
         seconds = {kind: getattr(self.timeouts, key) for kind, key in DEADLINE_TIMEOUTS.items()}
         object.__setattr__(self, "head_limits", head_limits)
         object.__setattr__(self, "deadline_seconds", seconds)
-        object.__setattr__(self, "dispatch", self.reuse != "never" and self.listener.mode == "http")
 
 
 @dataclass
 class LoopServices:
     """What one event loop gives every session, whatever its listener."""
 
-    pool: BackendPool
-    connector: Connector
+    groups: dict[str, Group]  # by name
     deadlines: DeadlineWheel[Wakeable]  # one deadline per session, on one wheel
     writes: WriteBatch  # relayed bytes go out when the loop's round ends
     publish: Callable[[ConnectionRecord], None]
@@ -124,10 +122,10 @@ class ListenerState:
 
 
 class ListenerContext:
-    """A session's view of its listener: the three objects above, and what is derived from
-    them once per listener rather than per connection."""
+    """A session's view of its listener: the three objects above, its router over the loop's
+    groups, and what is derived from them once per listener rather than per connection."""
 
-    __slots__ = ("exchanges", "services", "settings", "state")
+    __slots__ = ("exchanges", "router", "services", "settings", "state")
 
     def __init__(
         self, settings: ListenerSettings, services: LoopServices, state: ListenerState | None = None
@@ -135,6 +133,10 @@ class ListenerContext:
         self.settings = settings
         self.services = services
         self.state = state if state is not None else ListenerState()
+        listener, groups = settings.listener, services.groups
+        self.router = Router(
+            [(route, groups[route.group]) for route in listener.routes], groups[listener.group]
+        )
         self.exchanges = ExchangeSettings(
             services.next_request_id, services.clock, services.publish_request, settings.dispatch
         )

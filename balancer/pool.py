@@ -144,6 +144,9 @@ class BackendPool:
     `max_down_seconds`) while the backend keeps failing as it comes back; a success ends the
     streak. With `slow_start_seconds`, a backend back in service (ejection over, checks up,
     enabled again) ramps its weight from almost nothing to whole over that time.
+
+    One pool per backend group; its backends' cells in the shared tables start at `first`
+    (groups sit one after another there).
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class BackendPool:
         fall: int = 3,
         max_down_seconds: float = 300.0,
         slow_start_seconds: float = 0.0,
+        first: int = 0,
     ) -> None:
         self.states = [BackendState(backend) for backend in backends]
         self.policy = policy
@@ -168,7 +172,8 @@ class BackendPool:
         self.peers = peers  # several workers: least connections counts theirs too
         # The checks' verdicts, the operator's states and weights (BackendTable), if any.
         self.table = table
-        self._index = {id(state): i for i, state in enumerate(self.states)}
+        self.first = first  # the place of its first backend in the shared tables
+        self._index = {id(state): first + i for i, state in enumerate(self.states)}
         self._backups = any(backend.backup for backend in backends)
         self._seen = -1  # the table's version last read into the states
 
@@ -185,7 +190,7 @@ class BackendPool:
         table = self.table
         if table is not None and table.version != self._seen:
             self._seen = table.version  # (read first: a write after it is seen next pick)
-            for index, candidate in enumerate(self.states):
+            for index, candidate in enumerate(self.states, self.first):
                 serving = table.up(index) and table.admin(index) == ENABLED
                 if serving and not candidate.ready:
                     candidate.back_at = now  # back in service: slow start from here
@@ -251,7 +256,7 @@ class BackendPool:
         """Weights, scaled; a backend back in service for less than slow_start_seconds gets
         its share of that time (never nothing)."""
         ramp, table = self.slow_start_seconds, self.table
-        for index, state in enumerate(self.states):
+        for index, state in enumerate(self.states, self.first):
             whole = table.weight(index) if table is not None else state.backend.weight
             since = now - state.back_at
             share = 1.0 if since >= ramp else max(0.0, since) / ramp

@@ -31,9 +31,10 @@ from balancer.accept import (
     take_waiting,
 )
 from balancer.admin import AdminServer
-from balancer.backends import Backend
-from balancer.config import Config
+from balancer.backends import Backend, BackendState
+from balancer.config import Config, HealthCheck, ListenerConfig
 from balancer.deadlines import DeadlineWheel, Wakeable
+from balancer.groups import Group
 from balancer.health import HealthChecker, checker_for
 from balancer.listener import ListenerContext, ListenerSettings, LoopServices
 from balancer.observe import HealthMetrics, ListenerTotals, Observer, StateCollector
@@ -133,16 +134,10 @@ class Balancer:
         self.checker: HealthChecker | None = None
         if table is None:
             table = BackendTable.of(backends)
-            if config.health_check.type != "none":
+            specs = checks_of(config)
+            if any(spec.type != "none" for spec in specs):
                 metrics = HealthMetrics(self.registry)
-                self.checker = checker_for(backends, config.health_check, table, metrics)
-        check = config.health_check
-        self.pool = BackendPool(
-            backends, POLICIES[config.policy](), config.timeouts.backend_down_seconds, peers,
-            table, check.passive_fall, check.eject_max_seconds, check.slow_start_seconds,
-        )  # fmt: skip
-        self.pool.count_5xx = check.passive_5xx
-        self.pool.count_timeouts = check.passive_timeouts
+                self.checker = checker_for(backends, specs, table, metrics)
         self.observer = Observer(self.registry, access_log)
         self.observer.request_log = config.request_log
         self._drained = asyncio.Event()
@@ -154,21 +149,18 @@ class Balancer:
         ids = itertools.count(1)
         if ssl_context is None:
             ssl_context = build_ssl_context(config)
-        # Backend connections between exchanges (reuse modes), one pool for the worker.
+        worker_pid = os.getpid()
+        self.groups = self._groups(backends, peers, table, worker_pid)
+        dispatch = {x.name: dispatches(config, x) for x in config.listeners}
+        # Backend connections between exchanges (dispatching listeners), one pool a worker.
         self.idle: IdlePool | None = None
-        if config.upstream.reuse != "never":
+        if any(dispatch.values()):
             self.idle = IdlePool(
                 config.upstream, config.timeouts.linger_seconds, self.deadlines, clock,
                 self._publish_backend_connection, self._call_later,
             )  # fmt: skip
-        worker_pid = os.getpid()
-        connector = Connector(
-            self.pool, config.timeouts, config.limits, self.deadlines, self.writes, clock,
-            itertools.count(1).__next__, worker_pid,
-        )  # fmt: skip
         self.services = LoopServices(
-            pool=self.pool,
-            connector=connector,
+            groups=self.groups,
             deadlines=self.deadlines,
             writes=self.writes,
             publish=self._publish,
@@ -186,14 +178,14 @@ class Balancer:
                     timeouts=config.timeouts,
                     limits=config.limits,
                     ssl_context=ssl_context if listener.tls else None,
-                    reuse=config.upstream.reuse,
+                    dispatch=dispatch[listener.name],
                 ),
                 self.services,
             )
             for listener in config.listeners
         ]
         self.registry.register(
-            StateCollector(self._listener_totals, lambda: self.pool.states, self._idle_count)
+            StateCollector(self._listener_totals, self.backend_states, self._idle_count)
         )
         self.servers: list[Listening] = []
         # The client listeners' own sockets and session factories: at shutdown the connections
@@ -205,6 +197,38 @@ class Balancer:
         self.addresses: dict[str, tuple[str, int]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self.draining = False  # shutdown has begun (a flag: _publish reads it per connection)
+
+    def _groups(
+        self,
+        backends: list[Backend],
+        peers: PeerCounts | None,
+        table: BackendTable,
+        worker_pid: int,
+    ) -> dict[str, Group]:
+        """Each configured group's pool and connector; their backends sit one group after
+        another in `backends` and the shared tables."""
+        groups, first, next_id = {}, 0, itertools.count(1).__next__  # (backend connection ids)
+        for config in self.config.groups:
+            mine, check, timeouts = backends[first : first + len(config.backends)], \
+                config.health_check, config.timeouts  # fmt: skip
+            pool = BackendPool(
+                mine, POLICIES[config.policy](), timeouts.backend_down_seconds, peers, table,
+                check.passive_fall, check.eject_max_seconds, check.slow_start_seconds, first,
+            )  # fmt: skip
+            pool.count_5xx = check.passive_5xx
+            pool.count_timeouts = check.passive_timeouts
+            connector = Connector(
+                pool, timeouts, self.config.limits, self.deadlines, self.writes, self._clock,
+                next_id, worker_pid,
+            )  # fmt: skip
+            groups[config.name] = Group(
+                config.name, pool, connector, config.reuse, timeouts.backend_response_seconds
+            )
+            first += len(mine)
+        return groups
+
+    def backend_states(self) -> list[BackendState]:
+        return [state for group in self.groups.values() for state in group.pool.states]
 
     def _arm_deadlines(self, at: float) -> None:
         """The one loop timer behind every connection's deadline (see balancer.deadlines)."""
@@ -429,20 +453,22 @@ class Balancer:
         return 0 if self.idle is None else len(self.idle.idle.get(backend, ()))
 
     def backends_view(self) -> list[dict[str, Any]]:
-        table = self.pool.table
-        return [
-            {
-                "name": s.name,
-                "address": s.backend.address,
-                "weight": table.weight(index) if table is not None else s.weight,
-                "active": s.active,
-                "connections_total": s.connections_total,
-                "connect_failures_total": s.connect_failures_total,
-                "idle_connections": self._idle_count(s.name),
-                "state": table.state(index) if table is not None else "up",
-            }
-            for index, s in enumerate(self.pool.states)
-        ]
+        view = []
+        for group in self.groups.values():
+            table = group.pool.table
+            for index, s in enumerate(group.pool.states, group.pool.first):
+                view.append({
+                    "name": s.name,
+                    "group": group.name,
+                    "address": s.backend.address,
+                    "weight": table.weight(index) if table is not None else s.weight,
+                    "active": s.active,
+                    "connections_total": s.connections_total,
+                    "connect_failures_total": s.connect_failures_total,
+                    "idle_connections": self._idle_count(s.name),
+                    "state": table.state(index) if table is not None else "up",
+                })  # fmt: skip
+        return view
 
 
 def backends_of(config: Config) -> list[Backend]:
@@ -452,6 +478,21 @@ def backends_of(config: Config) -> list[Backend]:
         for b in config.backends
         for host, port in [(b.address.host, b.address.port)]
     ]
+
+
+def checks_of(config: Config) -> list[HealthCheck]:
+    """Each backend's active check (its group's), in the order of `backends_of`."""
+    return [group.health_check for group in config.groups for _ in group.backends]
+
+
+def dispatches(config: Config, listener: ListenerConfig) -> bool:
+    """Whether the listener gives each request a backend connection of its own: an http
+    listener that routes requests (each may go to another group), or whose group reuses
+    connections. Otherwise one backend connection serves a whole client connection."""
+    if listener.mode != "http":
+        return False
+    group = next(group for group in config.groups if group.name == listener.group)
+    return bool(listener.routes) or group.reuse != "never"
 
 
 def build_ssl_context(config: Config) -> ssl.SSLContext | None:

@@ -45,7 +45,8 @@ from balancer import notify
 from balancer.accept import bind_sockets, refuse_new_handshakes
 from balancer.admin import AdminServer
 from balancer.aggregate import Totals, join_backends, join_connections
-from balancer.config import Address, Config, ConfigError
+from balancer.config import Config, ConfigError
+from balancer.config_values import Address
 from balancer.control import Control, read_token
 from balancer.health import HealthChecker, checker_for
 from balancer.observe import HealthMetrics, SupervisorMetrics
@@ -56,6 +57,7 @@ from balancer.server import (
     StartError,
     backends_of,
     bind_failure,
+    checks_of,
 )
 from balancer.tls import TLSSetupError
 from balancer.worker import CONTROL_LIMIT_BYTES, WorkerSpec, run_worker
@@ -171,9 +173,9 @@ class Generation:
 
     def check(self, metrics: HealthMetrics) -> None:
         """The generation serves: its checker starts (the metrics now speak of its backends)."""
-        if self.config.health_check.type != "none" and self.checker is None:
-            spec = self.config.health_check
-            self.checker = checker_for(self.backends, spec, self.table, metrics)
+        specs = checks_of(self.config)
+        if any(spec.type != "none" for spec in specs) and self.checker is None:
+            self.checker = checker_for(self.backends, specs, self.table, metrics)
             self.checker.start()
 
     async def stop_checking(self) -> None:

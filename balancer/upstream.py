@@ -223,6 +223,7 @@ class Connector:
 # Why a pooled backend connection was closed (BackendConnectionRecord.close_cause).
 IDLE_TIMEOUT = "idle_timeout"
 POOL_FULL = "pool_full"
+REUSE_NEVER = "reuse_never"  # its group does not reuse: one request (routed listeners)
 MAX_REQUESTS = "max_requests"
 BACKEND_CLOSED = "backend_closed"
 BACKEND_RESET = "backend_reset"

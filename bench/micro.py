@@ -71,7 +71,7 @@ def main() -> None:
         framer.feed(RESPONSE)
         framer.statuses.clear()
 
-    request_head = RequestHead(b"GET", True, False, b"/index.html")
+    request_head = RequestHead(b"GET", True, False, b"/index.html", b"localhost")
     upstream = BackendConnectionRecord("b0", "x:1", 0.0, 1)
     exchanges = Exchanges(
         rec,

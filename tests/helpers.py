@@ -6,7 +6,7 @@ assert what the balancer forwarded. Paths choose behaviours:
   /size/N        N bytes of a repeating pattern (Content-Length)
   /chunked/N     N bytes in chunks of 10000 (Transfer-Encoding: chunked)
   /close         answers with `Connection: close` and closes
-  /slow          never answers
+  /slow          never answers (also under a prefix: /static/slow)
   /delay/MS      answers after MS milliseconds
   /die/N         promises N bytes, sends 100, then closes
   /reset         promises 100000 bytes, sends 100, then resets (RST)
@@ -129,7 +129,7 @@ class BackendProtocol(asyncio.Protocol):
             head += "Connection: close\r\n"
         if path == "/ws":
             return
-        if path == "/slow":
+        if path.endswith("/slow"):  # (under any prefix: a route may need one)
             return
         if path == "/health":  # what the active checks ask; Backend.health says the answer
             if self.backend.health == "hang":
@@ -348,8 +348,9 @@ class Client:
         body: bytes | None = None,
         headers: list[tuple[str, str]] | None = None,
         chunked: bool = False,
+        host: str = "localhost",
     ) -> Response:
-        hdrs = [("Host", "localhost"), *(headers or [])]
+        hdrs = [("Host", host), *(headers or [])]
         if body is not None and not chunked:
             hdrs.append(("Content-Length", str(len(body))))
         if chunked:

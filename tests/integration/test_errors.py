@@ -26,7 +26,7 @@ async def test_dead_backend_is_skipped(farm, balancer_factory) -> None:
     assert statuses == [200] * 6
     records = await recorder.wait_for(6)
     assert sum(r.connect_failures for r in records) == 1  # then marked down, not retried
-    assert balancer.pool.states[0].connect_failures_total == 1
+    assert balancer.backend_states()[0].connect_failures_total == 1
 
 
 async def test_a_backend_that_never_completes_the_handshake_times_out_to_the_next(
@@ -63,13 +63,15 @@ async def test_all_backends_dead_gives_502(balancer_factory) -> None:
     assert record.connect_attempts == 2
     assert record.close_cause == "backend_connect_failed"
     assert record.error_status == 502
-    assert all(s.active == 0 for s in balancer.pool.states)
+    assert all(s.active == 0 for s in balancer.backend_states())
 
 
 async def test_no_ready_backend_gives_503_with_retry_after(farm, balancer_factory) -> None:
     balancer, _ = await balancer_factory(make_config([farm[0].address]))
-    assert balancer.pool.table is not None
-    balancer.pool.table.set(0, up=False)  # as the active checks say of a backend down
+    assert balancer.groups["default"].pool.table is not None
+    balancer.groups["default"].pool.table.set(
+        0, up=False
+    )  # as the active checks say of a backend down
     raw = await raw_exchange(port_of(balancer), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert parse_status(raw) == 503
     assert b"Retry-After: 1" in raw
@@ -355,7 +357,7 @@ async def test_with_few_connections_open_an_idle_one_keeps_its_reader(farm, bala
 
 async def test_a_named_backend_is_resolved_once_at_start(farm, balancer_factory) -> None:
     balancer, recorder = await balancer_factory(make_config([f"localhost:{farm[0].port}"]))
-    backend = balancer.pool.states[0].backend
+    backend = balancer.backend_states()[0].backend
     assert "127.0.0.1" in backend.connect_hosts  # numeric: nothing to look up per connect
     assert [(await get(port_of(balancer))).status for _ in range(3)] == [200] * 3
     records = await recorder.wait_for(3)
@@ -367,7 +369,7 @@ async def test_each_resolved_address_is_tried_in_turn_within_one_attempt(
     farm, balancer_factory
 ) -> None:
     balancer, recorder = await balancer_factory(make_config([farm[0].address]))
-    state = balancer.pool.states[0]
+    state = balancer.backend_states()[0]
     # As if the name had resolved to an address that refuses (nothing listens on 127.0.0.2
     # at that port) ahead of the one that serves, as `localhost` does with ::1 first.
     state.backend = dataclasses.replace(state.backend, connect_hosts=("127.0.0.2", "127.0.0.1"))

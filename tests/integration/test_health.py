@@ -116,7 +116,7 @@ async def test_passive_5xx_responses_eject_a_backend_for_a_while(
     first = [await get(port) for _ in range(6)]  # round robin: web1 answers 500 twice
     assert [r.status for r in first if r.backend == "web1"] == [500, 500]
     assert set((await served(port, 6)).keys()) == {"web2", "web3"}
-    (web1,) = [s for s in balancer.pool.states if s.name == "b0"]
+    (web1,) = [s for s in balancer.backend_states() if s.name == "b0"]
     assert web1.down_until > 0 and web1.ejections == 1
     assert 'balancer_backend_ejections_total{backend="b0"} 1.0' in await scrape(balancer)
 
@@ -134,7 +134,7 @@ async def test_a_reset_mid_response_ejects_the_backend(
     with contextlib.suppress(ConnectionError):  # web1 resets mid-response: so is the client
         await raw_exchange(port, b"GET /reset HTTP/1.1\r\nHost: x\r\n\r\n")
     assert set((await served(port, 4)).keys()) == {"web2"}
-    (web1,) = [s for s in balancer.pool.states if s.name == "b0"]
+    (web1,) = [s for s in balancer.backend_states() if s.name == "b0"]
     assert web1.down_until > 0
 
 

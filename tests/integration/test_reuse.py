@@ -266,7 +266,7 @@ async def test_a_dead_reused_connection_is_retried_once_for_a_get_never_for_a_po
     assert (post["method"], post["retries"], post["status"]) == ("POST", 0, 502)
     assert "dead_on_reuse" in {x["close_cause"] for x in lines(log, "backend_connection")}
     # A dead idle connection says nothing of the backend's health.
-    (state,) = balancer.pool.states
+    (state,) = balancer.backend_states()
     assert state.connect_failures_total == 0
 
 
@@ -339,9 +339,9 @@ async def test_least_connections_counts_requests_in_flight_per_request(farm) -> 
         slow = await Client.connect(port_of(balancer))
         pending = asyncio.ensure_future(slow.request("GET", "/delay/500"))
         async with asyncio.timeout(5):  # the slow request is in flight on one backend
-            while not any(s.active for s in balancer.pool.states):
+            while not any(s.active for s in balancer.backend_states()):
                 await asyncio.sleep(0.01)
-        (busy,) = [s.name for s in balancer.pool.states if s.active]
+        (busy,) = [s.name for s in balancer.backend_states() if s.active]
         others = [(await get(port_of(balancer))).backend for _ in range(6)]
         assert (await pending).status == 200
         await slow.close()

@@ -63,7 +63,7 @@ async def test_client_reset_mid_response(farm, balancer_factory) -> None:
     assert record.client_leg.kind == "rst"
     assert record.close_cause == "client_reset"
     assert record.backend_leg.initiator == "balancer"
-    assert all(s.active == 0 for s in balancer.pool.states)
+    assert all(s.active == 0 for s in balancer.backend_states())
 
 
 async def test_linger_is_bounded_when_the_client_never_closes(farm, balancer_factory) -> None:

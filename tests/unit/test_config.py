@@ -33,7 +33,7 @@ def test_minimal_config_gets_production_defaults() -> None:
     assert config.listeners[0].bind == Address("127.0.0.1", 8080)
     assert config.listeners[0].protocol == "http" and config.listeners[0].mode == "http"
     assert config.backends[0].name == "127.0.0.1:9001"
-    assert config.policy == "round_robin"
+    assert config.groups[0].policy == "round_robin"
     assert config.tls is None
     assert config.timeouts.client_header_seconds == 10
     assert config.timeouts.tls_handshake_seconds == 10
@@ -150,7 +150,7 @@ def test_flags_override_the_file() -> None:
         ("https", "127.0.0.1:8443", "https", "http"),
     ]
     assert [str(b.address) for b in config.backends] == ["127.0.0.1:9001", "127.0.0.1:9002"]
-    assert config.policy == "least_connections"
+    assert config.groups[0].policy == "least_connections"
     assert config.tls is not None and config.tls.cert == "c.pem"
     assert table["policy"] == "round_robin"  # the file's table is not modified
 

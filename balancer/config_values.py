@@ -1,0 +1,208 @@
+"""Reading configuration values: the converters each key uses, and the reader that collects
+every problem with its source, key path, value and what was expected.
+
+Pure, like config.py, which uses it: a converter raises ValueError or TypeError for a value it
+does not take, and the reader turns that into one line of `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Reader:
+    """Collects problems instead of stopping at the first, so one run shows them all."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    def problem(self, key: str, value: object, expected: str) -> None:
+        shown = "(missing)" if value is MISSING else repr(value)
+        self.problems.append(f"{self.source}: {key} = {shown}: expected {expected}")
+
+    def table(self, data: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> None:
+        for name in data:
+            if name not in allowed:
+                path = f"{key}.{name}" if key else name
+                self.problem(path, data[name], f"one of the known keys ({', '.join(allowed)})")
+
+    def get(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: str,
+        convert: Callable[[object], T],
+        expected: str,
+        default: T | object = None,
+    ) -> Any:
+        value = data.get(key, MISSING)
+        if value is MISSING:
+            if default is REQUIRED:
+                self.problem(path, value, expected)
+            return default
+        try:
+            return convert(value)
+        except (TypeError, ValueError):
+            self.problem(path, value, expected)
+            return default
+
+
+MISSING = object()
+
+
+REQUIRED = object()
+
+
+def parse_address(value: object) -> Address:
+    """`host:port` or `[v6]:port`; the host must be an IP address or `localhost`; port 0..65535."""
+    if not isinstance(value, str):
+        raise TypeError(value)
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(value)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif host != "localhost":
+        ipaddress.IPv4Address(host)
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(value)
+    return Address(host, port)
+
+
+def admin_address(value: object) -> Address:
+    """The admin listener: an address, or a port alone (8404, ":8404"): loopback."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f":{value}"
+    if isinstance(value, str) and value.startswith(":"):
+        value = "127.0.0.1" + value
+    return parse_address(value)
+
+
+def choice(options: tuple[str, ...]) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if value not in options:
+            raise ValueError(value)
+        return str(value)
+
+    return convert
+
+
+def positive_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(value)
+    return float(value)
+
+
+def positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(value)
+    return value
+
+
+MAX_WORKERS = 256
+
+
+def worker_count_value(value: object) -> int | str:
+    """A worker count, or "auto" (one per CPU: resolved where the machine is known)."""
+    if value == "auto":
+        return "auto"
+    count = positive_int(value)
+    if count > MAX_WORKERS:
+        raise ValueError(value)
+    return count
+
+
+def text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(value)
+    return value
+
+
+def boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(value)
+    return value
+
+
+ADDRESS = "an address like '127.0.0.1:8080', '[::1]:443' or 'localhost:80'"
+
+
+SECONDS = "a positive number of seconds"
+
+
+COUNT = "a positive whole number"
+
+
+def host_pattern(value: object) -> str:
+    """A host name, or '*.' and a domain (its subdomains); lower case, no port."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(value)
+    name = value.lower().removeprefix("*.")
+    labels = name.split(".")
+    if not all(label and all(c.isalnum() or c == "-" for c in label) for label in labels):
+        raise ValueError(value)
+    return value.lower()
+
+
+def non_negative_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(value)
+    return float(value)
+
+
+def token(value: object) -> str:
+    if not isinstance(value, str) or not value.isascii() or not value.isalpha():
+        raise ValueError(value)
+    return value.upper()
+
+
+def check_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in " \r\n"):
+        raise ValueError(value)
+    return value
+
+
+def status_ranges(value: object) -> tuple[tuple[int, int], ...]:
+    """'200-399', '200,204', '2xx' (a class): inclusive ranges of status codes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(value)
+    ranges = []
+    for part in value.replace(" ", "").split(","):
+        if len(part) == 3 and part[0].isdigit() and part[1:].lower() == "xx":
+            low, high = int(part[0]) * 100, int(part[0]) * 100 + 99
+        elif "-" in part:
+            first, _, last = part.partition("-")
+            low, high = int(first), int(last)
+        else:
+            low = high = int(part)
+        if not 100 <= low <= high <= 599:
+            raise ValueError(value)
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def unique(r: Reader, key: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            r.problem(f"{key}.name", name, "names that differ from each other")
+        seen.add(name)

@@ -1,0 +1,116 @@
+"""Backend groups as a worker runs them, and the routing rules that choose one.
+
+A `Group` is one named set of backends (config.GroupConfig): its pool (policy, leases,
+passive checks), its connector (connect timeout, attempts) and its reuse mode. Every group's
+backends sit in the worker's shared tables (pool.PeerCounts, pool.BackendTable) one group
+after another, so a backend has one place whatever group it is in.
+
+A `Router` is one listener's rules, tried in file order, first match wins, and the
+listener's default group otherwise (HAProxy's `use_backend ... if` and `default_backend`;
+nginx's `server_name` and `location` prefixes). Pure: it sees bytes and names, never sockets.
+- http listeners route each request by its Host (the authority of an absolute-form target,
+  or the Host header; port dropped, case folded) and its target's path prefix;
+- tcp listeners without TLS route each connection by the SNI of its ClientHello
+  (passthrough: the bytes go on untouched; see sni.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from balancer.config import RouteConfig
+from balancer.pool import BackendPool
+from balancer.upstream import Connector
+
+
+class Group:
+    """One backend group in one worker."""
+
+    __slots__ = ("connector", "name", "pool", "response_seconds", "reuse")
+
+    def __init__(
+        self, name: str, pool: BackendPool, connector: Connector, reuse: str,
+        response_seconds: float,
+    ) -> None:  # fmt: skip
+        self.name = name
+        self.pool = pool
+        self.connector = connector
+        self.reuse = reuse  # never, safe, always (HAProxy's http-reuse)
+        self.response_seconds = response_seconds  # backend silence while a response is due
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r}, reuse={self.reuse!r})"
+
+
+def host_of(host_header: bytes) -> bytes:
+    """The host part of a Host header value (or an authority), lower case, without the port:
+    `Example.COM:8080` → `example.com`, `[::1]:80` → `[::1]`."""
+    host = host_header.strip().lower()
+    if host.startswith(b"["):
+        end = host.find(b"]")
+        return host[: end + 1] if end >= 0 else host
+    name, colon, port = host.rpartition(b":")
+    return name if colon and port.isdigit() else host
+
+
+def path_of(target: bytes) -> bytes:
+    """The path of a request target: itself in origin form; after the authority in absolute
+    form (`http://h/x?y` → `/x?y`); `*` (OPTIONS) as it is."""
+    if target.startswith(b"/") or b"://" not in target:
+        return target
+    rest = target.split(b"://", 1)[1]
+    slash = rest.find(b"/")
+    return rest[slash:] if slash >= 0 else b"/"
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """`example.com` matches itself; `*.example.com` any name under it (not itself)."""
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:])
+    return name == pattern
+
+
+class Router:
+    """One listener's routing rules over its groups (see the module docstring)."""
+
+    __slots__ = ("default", "rules")
+
+    def __init__(self, rules: Sequence[tuple[RouteConfig, Group]], default: Group) -> None:
+        self.default = default
+        self.rules = [
+            (
+                rule.host,
+                None if rule.path_prefix is None else rule.path_prefix.encode(),
+                rule.sni,
+                group,
+            )
+            for rule, group in rules
+        ]
+
+    @property
+    def routes(self) -> bool:
+        return bool(self.rules)
+
+    def for_request(self, host_header: bytes | None, target: bytes) -> Group:
+        if not self.rules:
+            return self.default
+        host = None
+        path = path_of(target)
+        for pattern, prefix, _sni, group in self.rules:
+            if prefix is not None and not path.startswith(prefix):
+                continue
+            if pattern is not None:
+                if host is None:
+                    host = host_of(host_header or b"").decode("latin-1")
+                if not name_matches(pattern, host):
+                    continue
+            return group
+        return self.default
+
+    def for_server_name(self, server_name: str | None) -> Group:
+        """A tcp connection's group by the SNI of its ClientHello (None: none sent)."""
+        name = (server_name or "").lower()
+        for _host, _prefix, pattern, group in self.rules:
+            if pattern is not None and server_name is not None and name_matches(pattern, name):
+                return group
+        return self.default

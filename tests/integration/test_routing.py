@@ -1,0 +1,130 @@
+"""Backend groups and routing over real sockets: requests on one client connection go to the
+group their Host and path name, each group with its own policy and reuse mode."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from balancer.config import parse_config
+from tests.helpers import Backend, Client, admin_json, port_of
+
+
+def routed_config(web: list[Backend], api: list[Backend], static: list[Backend],
+                  api_reuse: str = "never") -> Any:  # fmt: skip
+    def group(name: str, farm: list[Backend], **more: Any) -> dict[str, Any]:
+        backends = [{"name": b.name, "address": b.address} for b in farm]
+        return {"name": name, "backends": backends, **more}
+
+    return parse_config(
+        {
+            "groups": [
+                group("web", web),
+                group("api", api, policy="least_connections", reuse=api_reuse),
+                group("static", static, timeouts={"backend_response_seconds": 0.5}),
+            ],
+            "listeners": [
+                {
+                    "name": "http",
+                    "bind": "127.0.0.1:0",
+                    "group": "web",
+                    "routes": [
+                        {"host": "api.example.com", "group": "api"},
+                        {"host": "*.example.com", "path_prefix": "/static/", "group": "static"},
+                        {"path_prefix": "/assets/", "group": "static"},
+                    ],
+                },
+                {"name": "raw", "bind": "127.0.0.1:0", "mode": "tcp", "group": "api"},
+            ],
+            "admin": "127.0.0.1:0",
+        },
+        "routes.toml",
+    )
+
+
+async def start_farms() -> tuple[list[Backend], list[Backend], list[Backend]]:
+    web = [await Backend(f"web{i}").start() for i in (1, 2)]
+    api = [await Backend(f"api{i}").start() for i in (1, 2)]
+    static = [await Backend("static1").start()]
+    return web, api, static
+
+
+async def test_requests_on_one_connection_go_where_their_host_and_path_say(
+    balancer_factory: Callable[..., Any],
+) -> None:
+    web, api, static = await start_farms()
+    try:
+        balancer, _ = await balancer_factory(routed_config(web, api, static))
+        client = await Client.connect(port_of(balancer, "http"))
+        asked = [
+            ("localhost", "/", "web"),
+            ("API.Example.com:8080", "/x", "api"),  # case and port do not matter
+            ("www.example.com", "/static/a.css", "static"),
+            ("www.example.com", "/other", "web"),  # the host alone is not the rule
+            ("example.com", "/static/a.css", "web"),  # *.example.com: subdomains only
+            ("elsewhere", "/assets/logo.png", "static"),
+            ("api.example.com", "/assets/x", "api"),  # rules in file order: the first wins
+            ("localhost", "http://api.example.com/abs", "api"),  # absolute form's authority
+        ]
+        for host, path, group in asked:
+            response = await client.request(path=path, host=host)
+            assert response.status == 200, (host, path)
+            assert response.backend is not None and response.backend.startswith(group), (
+                host, path, response.backend,
+            )  # fmt: skip
+        # Each group's own rotation: web1, web2 in turn over the web requests.
+        spread = Counter()
+        for _ in range(4):
+            spread[(await client.request(path="/")).backend] += 1
+        assert spread == Counter({"web1": 2, "web2": 2})
+        await client.close()
+        view = await admin_json(balancer, "/backends")
+        assert {(b["name"], b["group"]) for b in view} == {
+            ("web1", "web"), ("web2", "web"), ("api1", "api"), ("api2", "api"),
+            ("static1", "static"),
+        }  # fmt: skip
+    finally:
+        for backend in web + api + static:
+            backend.close()
+
+
+async def test_a_group_keeps_its_own_reuse_mode_and_timeouts(
+    balancer_factory: Callable[..., Any],
+) -> None:
+    web, api, static = await start_farms()
+    try:
+        balancer, _ = await balancer_factory(routed_config(web, api, static, api_reuse="safe"))
+        client = await Client.connect(port_of(balancer, "http"))
+        for _ in range(3):
+            assert (await client.request(path="/", host="api.example.com")).status == 200
+            assert (await client.request(path="/")).status == 200
+        # api reuses its connections (safe: after the client's first request): api1, api2
+        # (least connections' tie broken in turn), then api1's again. web does not: a new
+        # backend connection per routed request, closed after it, as nginx's default.
+        assert [b.connections for b in api] == [1, 1]
+        assert sum(b.connections for b in web) == 3
+        # static's own response timeout (0.5 s, not the file's 60): a 504 in time.
+        response = await client.request(path="/static/slow", host="a.example.com")
+        assert response.status == 504
+        await client.close()
+    finally:
+        for backend in web + api + static:
+            backend.close()
+
+
+async def test_a_tcp_listener_sends_to_its_own_group(
+    balancer_factory: Callable[..., Any],
+) -> None:
+    web, api, static = await start_farms()
+    try:
+        balancer, _ = await balancer_factory(routed_config(web, api, static))
+        seen = Counter()
+        for _ in range(4):
+            client = await Client.connect(port_of(balancer, "raw"))
+            seen[(await client.request(path="/")).backend] += 1
+            await client.close()
+        assert set(seen) <= {"api1", "api2"} and sum(seen.values()) == 4
+    finally:
+        for backend in web + api + static:
+            backend.close()
