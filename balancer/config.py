@@ -8,6 +8,7 @@ by whoever opens them, like HAProxy).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from balancer.config_values import (
     check_path,
     choice,
     host_pattern,
+    networks,
     non_negative_number,
     parse_address,
     positive_int,
@@ -67,6 +69,9 @@ class ListenerConfig:
     mode: str = "http"
     group: str = "default"  # the backend group of every request (connection) no route takes
     routes: tuple[RouteConfig, ...] = ()
+    # Behind an L4 balancer: every connection from these networks starts with a PROXY header
+    # (v1 or v2) naming the real client; connections from elsewhere are refused.
+    accept_proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -81,6 +86,9 @@ class TLSConfig:
     max_version: str | None = None
     ciphers: str = DEFAULT_CIPHERS
     session_tickets: bool = True
+    # More certificate/key pairs, chosen by the ClientHello's SNI among the names each
+    # certificate holds; cert/key above is the default (no SNI, or a name none holds).
+    certificates: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +177,7 @@ class GroupConfig:
     reuse: str = "never"
     timeouts: Timeouts = field(default_factory=lambda: Timeouts())
     health_check: HealthCheck = field(default_factory=lambda: HealthCheck())
+    send_proxy: str = "none"  # a PROXY header (v1, v2) first on every backend connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +247,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         if not isinstance(item, dict):
             r.problem(path, item, "a table with bind, protocol, mode")
             continue
-        r.table(item, path, ("name", "bind", "tls", "mode", "protocol", "group", "routes"))
+        r.table(item, path, LISTENER_KEYS)
         protocol = r.get(item, "protocol", f"{path}.protocol", choice(PROTOCOLS),
                          "'http' or 'https'", "http")  # fmt: skip
         # TLS and the application protocol said apart: tls = true|false, mode = http|tcp.
@@ -255,10 +264,13 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         mode = r.get(item, "mode", f"{path}.mode", choice(MODES), "'http' or 'tcp'", "http")
         group = _listener_group(r, item, path, group_names)
         routes = _routes(r, item, path, group_names, mode or "http", protocol == "https")
+        proxy_from = r.get(item, "accept_proxy_from", f"{path}.accept_proxy_from", networks,
+                           "a list of addresses or networks ('10.0.0.0/8', '127.0.0.1') of "
+                           "the L4 balancers that send PROXY headers", ())  # fmt: skip
         if isinstance(bind, Address):
-            listeners.append(
-                ListenerConfig(name, bind, protocol or "http", mode or "http", group, routes)
-            )
+            listeners.append(ListenerConfig(
+                name, bind, protocol or "http", mode or "http", group, routes, proxy_from
+            ))  # fmt: skip
     if not listeners and not r.problems:
         r.problem("listeners", MISSING, "at least one [[listeners]] table (or --http / --https)")
     unique(r, "listeners", [x.name for x in listeners])
@@ -292,6 +304,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
             session_tickets=r.get(
                 raw_tls, "session_tickets", "tls.session_tickets", boolean, "true or false", True
             ),
+            certificates=_certificates(r, raw_tls.get("certificates", [])),
         )
         if tls.max_version and tls.min_version and tls.max_version < tls.min_version:
             r.problem("tls.max_version", tls.max_version, f">= tls.min_version ({tls.min_version})")
@@ -399,7 +412,30 @@ def _health_check(r: Reader, raw: object, path: str, d: HealthCheck | None = Non
     return check
 
 
-GROUP_KEYS = ("name", "backends", "policy", "reuse", "timeouts", "health_check")
+def _certificates(r: Reader, raw: object) -> tuple[tuple[str, str], ...]:
+    """[[tls.certificates]]: cert and key, each pair served to the names its certificate
+    holds (tls.py reads them)."""
+    if not isinstance(raw, list):
+        r.problem("tls.certificates", raw, "an array of tables: [[tls.certificates]]")
+        return ()
+    pairs = []
+    for i, item in enumerate(raw):
+        path = f"tls.certificates[{i}]"
+        if not isinstance(item, dict):
+            r.problem(path, item, "a table with cert and key")
+            continue
+        r.table(item, path, ("cert", "key"))
+        cert = r.get(item, "cert", f"{path}.cert", text, "a certificate file path", REQUIRED)
+        key = r.get(item, "key", f"{path}.key", text, "a private key file path", REQUIRED)
+        if isinstance(cert, str) and isinstance(key, str):
+            pairs.append((cert, key))
+    return tuple(pairs)
+
+
+GROUP_KEYS = ("name", "backends", "policy", "reuse", "timeouts", "health_check", "send_proxy")
+LISTENER_KEYS = (
+    "name", "bind", "tls", "mode", "protocol", "group", "routes", "accept_proxy_from",
+)  # fmt: skip
 
 
 def _groups(
@@ -452,10 +488,15 @@ def _groups(
         group_check = check
         if "health_check" in item:
             group_check = _health_check(r, item["health_check"], f"{path}.health_check", check)
+        send_proxy = r.get(item, "send_proxy", f"{path}.send_proxy", choice(SEND_PROXY),
+                           "'none', 'v1' or 'v2'", "none")  # fmt: skip
+        if send_proxy != "none" and reuse not in (None, "never"):
+            r.problem(f"{path}.reuse", reuse, "'never' with send_proxy: a PROXY header names "
+                      "one client, so its connection cannot serve another")  # fmt: skip
         if isinstance(name, str):
             groups.append(GroupConfig(
                 name, tuple(backends), policy or "round_robin", reuse or upstream.reuse,
-                group_timeouts, group_check,
+                group_timeouts, group_check, send_proxy or "none",
             ))  # fmt: skip
     unique(r, "groups", [group.name for group in groups])
     unique(r, "backends", [b.name for group in groups for b in group.backends])

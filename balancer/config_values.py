@@ -150,6 +150,13 @@ SECONDS = "a positive number of seconds"
 COUNT = "a positive whole number"
 
 
+def networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of addresses or networks: '10.0.0.0/8', '127.0.0.1', '::1'."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(value)
+    return tuple(ipaddress.ip_network(item, strict=False) for item in value)
+
+
 def host_pattern(value: object) -> str:
     """A host name, or '*.' and a domain (its subdomains); lower case, no port."""
     if not isinstance(value, str) or not value:

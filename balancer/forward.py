@@ -37,6 +37,7 @@ from balancer.exchange import Exchange
 from balancer.http1 import ResponseFramer
 from balancer.listener import TUNNEL_IDLE, ListenerContext
 from balancer.pool import Lease
+from balancer.proxy_protocol import TLSFacts, encode_v1, encode_v2
 from balancer.upstream import DEAD_ON_REUSE, NOT_REUSABLE, REUSE_NEVER, BackendConnection
 
 if TYPE_CHECKING:
@@ -107,10 +108,31 @@ class Forwarder:
             else:
                 backend.leg.transport.abort()
             return
+        if self.group.send_proxy != "none":  # before any byte of the client's
+            backend.leg.write(self._proxy_header(self.group.send_proxy))
         if self.dispatch:
             self.use(lease, backend, reused=False)
         else:
             self._connected(lease, backend)
+
+    def _proxy_header(self, version: str) -> bytes:
+        """The PROXY header that names this session's client (and, v2, its TLS) to a
+        backend: the real client and the address it connected to, as a PROXY header it
+        came with said, else as the client leg's socket says."""
+        session, record = self.session, self.session.record
+        source = (record.client_ip, record.client_port)
+        destination = session.destination
+        if destination is None:
+            transport = session.client.transport
+            sockname = transport.get_extra_info("sockname") if transport is not None else None
+            destination = (sockname[0], sockname[1]) if sockname else ("0.0.0.0", 0)
+        if version == "v1":
+            return encode_v1(source, destination)
+        tls = None
+        if session.tls is not None:
+            named = None if record.tls_version is None else f"TLSv{record.tls_version}"
+            tls = TLSFacts(named, record.tls_cipher, record.tls_sni, record.tls_alpn)
+        return encode_v2(source, destination, tls)
 
     def _connected(self, lease: Lease, backend: BackendConnection) -> None:
         """Reuse never: the connection's one backend connection is up."""

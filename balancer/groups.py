@@ -26,13 +26,14 @@ from balancer.upstream import Connector
 class Group:
     """One backend group in one worker."""
 
-    __slots__ = ("connector", "name", "pool", "response_seconds", "reuse")
+    __slots__ = ("connector", "name", "pool", "response_seconds", "reuse", "send_proxy")
 
     def __init__(
         self, name: str, pool: BackendPool, connector: Connector, reuse: str,
-        response_seconds: float,
+        response_seconds: float, send_proxy: str = "none",
     ) -> None:  # fmt: skip
         self.name = name
+        self.send_proxy = send_proxy  # none, v1, v2: a PROXY header on each connection
         self.pool = pool
         self.connector = connector
         self.reuse = reuse  # never, safe, always (HAProxy's http-reuse)

@@ -26,8 +26,10 @@ from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.exchange import ExchangeSettings
 from balancer.groups import Group, Router
 from balancer.http1 import HeadLimits, RequestReader
+from balancer.prelude import Network
 from balancer.record import (
     BACKEND_TIMEOUT,
+    FIRST_BYTES_TIMEOUT,
     HEADER_TIMEOUT,
     IDLE_TIMEOUT,
     TUNNEL_IDLE_TIMEOUT,
@@ -48,7 +50,9 @@ IDLE = IDLE_TIMEOUT
 RESPONSE = BACKEND_TIMEOUT
 TUNNEL_IDLE = TUNNEL_IDLE_TIMEOUT
 LINGER = "linger"
+FIRST_BYTES = FIRST_BYTES_TIMEOUT  # a PROXY header, or a ClientHello to route by SNI
 DEADLINE_TIMEOUTS: dict[str, str] = {
+    FIRST_BYTES: "client_header_seconds",
     TLS_HANDSHAKE: "tls_handshake_seconds",
     HEADER: "client_header_seconds",
     IDLE: "keepalive_idle_seconds",
@@ -87,6 +91,15 @@ class ListenerSettings:
         seconds = {kind: getattr(self.timeouts, key) for kind, key in DEADLINE_TIMEOUTS.items()}
         object.__setattr__(self, "head_limits", head_limits)
         object.__setattr__(self, "deadline_seconds", seconds)
+
+    @property
+    def accept_proxy_from(self) -> tuple[Network, ...]:
+        return self.listener.accept_proxy_from
+
+    @property
+    def routes_by_sni(self) -> bool:
+        """A tcp listener that routes TLS by the ClientHello's SNI (passed through)."""
+        return any(route.sni is not None for route in self.listener.routes)
 
 
 @dataclass

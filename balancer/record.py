@@ -31,6 +31,9 @@ TLS_FAILED = "tls_failed"
 TLS_ERROR = "tls_error"
 SHUTDOWN = "shutdown"
 MAX_CONNECTIONS = "max_connections"
+FIRST_BYTES_TIMEOUT = "first_bytes_timeout"
+PROXY_REFUSED = "proxy_refused"
+PROXY_INVALID = "proxy_header_invalid"
 CLOSE_CAUSES: dict[str, str] = {
     CLIENT_CLOSED: "the client closed (FIN or close_notify) at a request boundary",
     CLIENT_RESET: "the client reset the connection (RST)",
@@ -45,6 +48,10 @@ CLOSE_CAUSES: dict[str, str] = {
     TLS_ERROR: "a TLS record could not be read after the handshake",
     SHUTDOWN: "the balancer is shutting down",
     MAX_CONNECTIONS: "over limits.max_connections: closed at once",
+    FIRST_BYTES_TIMEOUT: "no PROXY header (or ClientHello, SNI routing) within "
+    "client_header_seconds",
+    PROXY_REFUSED: "a listener accepting PROXY headers: a client outside accept_proxy_from",
+    PROXY_INVALID: "a listener accepting PROXY headers: the first bytes were not a valid one",
 }
 
 
@@ -142,6 +149,7 @@ class ConnectionRecord:
         "id",
         "listener",
         "local_port",
+        "proxied_by",
         "requests",
         "tcp_handshake_rtt_seconds",
         "tls_alpn",
@@ -162,8 +170,9 @@ class ConnectionRecord:
         self.listener = listener
         self.accepted_at = accepted_at
         self.accepted_unix = accepted_unix
-        self.client_ip = ""
+        self.client_ip = ""  # the client's: the TCP peer's, or as a PROXY header named it
         self.client_port = 0
+        self.proxied_by: str | None = None  # "ip:port": the TCP peer that sent a PROXY header
         self.local_port = 0
         # TCP, client leg: SYN-ACK → ACK round trip (tcpi_rtt right after accept).
         self.tcp_handshake_rtt_seconds: float | None = None
@@ -264,7 +273,11 @@ class ConnectionRecord:
             "listener": self.listener,
             "start": self.accepted_unix,
             "time": rfc3339(self.accepted_unix),
-            "client": {"ip": self.client_ip, "port": self.client_port},
+            "client": {
+                "ip": self.client_ip,
+                "port": self.client_port,
+                "proxied_by": self.proxied_by,
+            },
             "local_port": self.local_port,
             "tcp_handshake_rtt_seconds": self.tcp_handshake_rtt_seconds,
             "tls": None

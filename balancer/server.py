@@ -222,8 +222,9 @@ class Balancer:
                 next_id, worker_pid,
             )  # fmt: skip
             groups[config.name] = Group(
-                config.name, pool, connector, config.reuse, timeouts.backend_response_seconds
-            )
+                config.name, pool, connector, config.reuse, timeouts.backend_response_seconds,
+                config.send_proxy,
+            )  # fmt: skip
             first += len(mine)
         return groups
 

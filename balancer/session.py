@@ -38,12 +38,14 @@ import sys
 from collections.abc import Callable
 from typing import cast
 
+from balancer import prelude
 from balancer.errors import BackendError, BackendTimeout, BalancerError, HeaderTimeout
 from balancer.exchange import Exchanges
 from balancer.forward import Forwarder
 from balancer.http_flow import HttpFlow
 from balancer.legs import Leg
 from balancer.listener import (
+    FIRST_BYTES,
     HEADER,
     IDLE,
     LINGER,
@@ -52,6 +54,7 @@ from balancer.listener import (
     TUNNEL_IDLE,
     ListenerContext,
 )
+from balancer.prelude import Prelude
 from balancer.record import (
     BACKEND_CLOSED,
     BACKEND_RESET,
@@ -84,10 +87,12 @@ class ClientSession(asyncio.Protocol):
         "client_eof",
         "ctx",
         "deadline_kind",
+        "destination",
         "exchanges",
         "fwd",
         "http",
         "phase",
+        "prelude",
         "record",
         "tls",
     )  # a few hundred bytes less per connection than an instance dict
@@ -112,6 +117,8 @@ class ClientSession(asyncio.Protocol):
         self._deadline = 0.0
         self.deadline_kind = ""
         self._wake: float | None = None  # when the deadline wheel wakes us (None: it will not)
+        self.prelude: Prelude | None = None  # reading a PROXY header or a ClientHello's SNI
+        self.destination: tuple[str, int] | None = None  # as a PROXY header said
 
     @property
     def closing(self) -> bool:
@@ -148,7 +155,13 @@ class ClientSession(asyncio.Protocol):
             record.close_cause = MAX_CONNECTIONS
             self.abort_client()
             return
-        ssl_context = ctx.settings.ssl_context
+        if not prelude.awaited(self):
+            self.begin()
+
+    def begin(self) -> None:
+        """The session proper begins: a TLS handshake, a request, or (tcp) the tunnel."""
+        services = self.ctx.services
+        ssl_context = self.ctx.settings.ssl_context
         if ssl_context is not None:
             self.phase = HANDSHAKING
             tls = self.tls = TLSFront(self, ssl_context)
@@ -165,6 +178,11 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.record.client_leg.bytes_in += len(data)
+        if self.prelude is not None:
+            rest = prelude.read(self, data)
+            if not rest:
+                return
+            data = rest
         phase, tls = self.phase, self.tls
         if phase >= CLOSING:
             if tls is not None:
@@ -442,28 +460,6 @@ class ClientSession(asyncio.Protocol):
         elif self.phase < CLOSING:
             _ON_DEADLINE[kind](self)
 
-    def _tls_handshake_timed_out(self) -> None:
-        if self.tls is not None:
-            self.tls.timed_out()
-
-    def _header_timed_out(self) -> None:
-        if self.http is not None and self.http.head_under_way:
-            self.fail(HeaderTimeout("request head not complete in time"))
-        else:  # connected but silent: nothing to answer, just close (nginx does the same)
-            self.close_client(HEADER)
-
-    def _response_timed_out(self) -> None:
-        self.fwd.failed(timeout=True)
-        self.fail(BackendTimeout("no response in time"))
-
-    def _idle_timed_out(self) -> None:
-        """IDLE, TUNNEL_IDLE: ends the connection, unless a connect (with its own timeout) is
-        under way."""
-        if self.fwd.connect_task is not None:
-            self.set_deadline(self.deadline_kind, self.ctx.settings.timeouts.connect_seconds)
-        else:
-            self.close_client(self.deadline_kind)
-
     # ---- shutdown, admin -------------------------------------------------------------------
 
     def drain(self) -> None:
@@ -500,12 +496,43 @@ class ClientSession(asyncio.Protocol):
         return PHASE_STATES[phase]
 
 
+def _tls_handshake_timed_out(session: ClientSession) -> None:
+    if session.tls is not None:
+        session.tls.timed_out()
+
+
+def _header_timed_out(session: ClientSession) -> None:
+    if session.http is not None and session.http.head_under_way:
+        session.fail(HeaderTimeout("request head not complete in time"))
+    else:  # connected but silent: nothing to answer, just close (nginx does the same)
+        session.close_client(HEADER)
+
+
+def _response_timed_out(session: ClientSession) -> None:
+    session.fwd.failed(timeout=True)
+    session.fail(BackendTimeout("no response in time"))
+
+
+def _first_bytes_timed_out(session: ClientSession) -> None:
+    session.close_client(FIRST_BYTES)
+
+
+def _idle_timed_out(session: ClientSession) -> None:
+    """IDLE, TUNNEL_IDLE: ends the connection, unless a connect (with its own timeout) is
+    under way."""
+    if session.fwd.connect_task is not None:
+        session.set_deadline(session.deadline_kind, session.ctx.settings.timeouts.connect_seconds)
+    else:
+        session.close_client(session.deadline_kind)
+
+
 # What each deadline kind does when it passes (LINGER is handled before: it acts even while
 # closing).
 _ON_DEADLINE: dict[str, Callable[[ClientSession], None]] = {
-    TLS_HANDSHAKE: ClientSession._tls_handshake_timed_out,
-    HEADER: ClientSession._header_timed_out,
-    RESPONSE: ClientSession._response_timed_out,
-    IDLE: ClientSession._idle_timed_out,
-    TUNNEL_IDLE: ClientSession._idle_timed_out,
+    TLS_HANDSHAKE: _tls_handshake_timed_out,
+    HEADER: _header_timed_out,
+    RESPONSE: _response_timed_out,
+    IDLE: _idle_timed_out,
+    TUNNEL_IDLE: _idle_timed_out,
+    FIRST_BYTES: _first_bytes_timed_out,
 }

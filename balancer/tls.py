@@ -12,6 +12,9 @@ import contextlib
 import ssl
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from balancer.config import TLSConfig
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -58,7 +61,59 @@ def failure_reason(error: ssl.SSLError) -> str:
 
 def server_context(config: TLSConfig, alpn: list[str] | None = None) -> ssl.SSLContext:
     """A server context: TLS 1.2+ (configurable), AEAD ECDHE suites, no compression or
-    renegotiation. Raises TLSSetupError naming the file and the fix."""
+    renegotiation. With `tls.certificates`, one context more per pair, chosen by the
+    ClientHello's SNI among the names its certificate holds (exact names first, then
+    wildcards; a name two hold is the first's, cert/key first); cert/key is the default.
+    Raises TLSSetupError naming the file and the fix."""
+    context = _context(config, config.cert, config.key, "tls", alpn)
+    by_name: dict[str, ssl.SSLContext] = {}
+    pairs = [("tls", config.cert, config.key)] if config.certificates else []
+    pairs += [(f"tls.certificates[{i}]", *pair) for i, pair in enumerate(config.certificates)]
+    for where, cert, key in pairs:
+        other = context if where == "tls" else _context(config, cert, key, where, alpn)
+        try:
+            names = certificate_names(cert)
+        except ValueError as error:
+            raise TLSSetupError(
+                f"{where}.cert = {cert!r}: not a PEM certificate ({error})"
+            ) from None
+        if not names:
+            raise TLSSetupError(f"{where}.cert = {cert!r}: holds no DNS name (subjectAltName "
+                                "or CN) to be chosen by")  # fmt: skip
+        for name in names:
+            by_name.setdefault(name, other)  # the first pair to hold a name (cert/key first)
+
+    def choose(obj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        obj.balancer_sni = name  # type: ignore[attr-defined]
+        if name is None or not by_name:
+            return
+        name = name.lower()
+        chosen = by_name.get(name) or by_name.get("*." + name.partition(".")[2])
+        if chosen is not None:
+            obj.context = chosen
+
+    context.sni_callback = choose
+    return context
+
+
+def certificate_names(path: str) -> list[str]:
+    """The DNS names a PEM certificate is for: its subjectAltName entries, else its CN."""
+    with open(path, "rb") as file:
+        certificate = x509.load_pem_x509_certificate(file.read())
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = [str(name).lower() for name in san.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = [
+            str(attribute.value).lower()
+            for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
+    return names
+
+
+def _context(
+    config: TLSConfig, cert: str, key: str, where: str, alpn: list[str] | None
+) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[config.min_version]
     if config.max_version:
@@ -73,19 +128,19 @@ def server_context(config: TLSConfig, alpn: list[str] | None = None) -> ssl.SSLC
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     if not config.session_tickets:
         context.options |= ssl.OP_NO_TICKET
-    for key, path in (("tls.cert", config.cert), ("tls.key", config.key)):
+    for name, path in (("cert", cert), ("key", key)):
         problem = unreadable(path)
         if problem is not None:
             raise TLSSetupError(
-                f"{key} = {path!r}: cannot read: {problem}. "
+                f"{where}.{name} = {path!r}: cannot read: {problem}. "
                 "Run `balancer certs` to make a local CA and server certificate in certs/, "
                 "or set tls.cert and tls.key (--cert/--key) to yours."
             )
     try:
-        context.load_cert_chain(config.cert, config.key)
+        context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as error:
         raise TLSSetupError(
-            f"tls: cert {config.cert!r} and key {config.key!r} do not load as a matching PEM "
+            f"{where}: cert {cert!r} and key {key!r} do not load as a matching PEM "
             f"pair ({error}). Run `balancer certs` for a fresh pair, or fix the paths."
         ) from None
     if alpn:

@@ -127,7 +127,7 @@ def test_access_log_line_is_one_json_object_with_the_facts() -> None:
     (line,) = log.getvalue().splitlines()
     entry = json.loads(line)
     assert entry["id"] == 7 and entry["listener"] == "https"
-    assert entry["client"] == {"ip": "198.51.100.4", "port": 50000}
+    assert entry["client"] == {"ip": "198.51.100.4", "port": 50000, "proxied_by": None}
     assert entry["tls"]["version"] == "1.2" and entry["tls"]["resumed"] is True
     assert abs(entry["tls"]["handshake_seconds"] - 0.003) < 1e-9
     assert abs(entry["backend"]["connect_wait_seconds"] - 0.0002) < 1e-9

@@ -1,0 +1,236 @@
+"""PROXY protocol sent and accepted, certificates chosen by SNI, and TLS passed through by SNI:
+over real sockets, with Python's ssl as the client and small servers as backends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from balancer.certs import CertPaths, make_certs
+from balancer.config import parse_config
+from balancer.proxy_protocol import PP2_SUBTYPE_SSL_VERSION, PP2_TYPE_SSL, HeaderReader, _tlvs
+from tests.helpers import port_of
+
+
+class ProxyReadingServer:
+    """A backend that expects a PROXY header, then answers one HTTP request (or, tcp, a
+    line) with what the header said, as JSON."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> ProxyReadingServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        header_reader, done = HeaderReader(), None
+        while done is None:
+            data = await reader.read(4096)
+            if not data:
+                writer.close()
+                return
+            done = header_reader.feed(data)
+        header, rest = done
+        while b"\n" not in rest:
+            rest += await reader.read(4096)
+        ssl_tlv = header.tlvs.get(PP2_TYPE_SSL)
+        said = {
+            "version": header.version,
+            "source": header.source,
+            "tls_version": None
+            if ssl_tlv is None
+            else _tlvs(ssl_tlv[5:])[PP2_SUBTYPE_SSL_VERSION].decode(),
+            "first_line": rest.split(b"\r\n")[0].decode(),
+            "forwarded_for": [
+                line.split(b":", 1)[1].strip().decode()
+                for line in rest.split(b"\r\n")
+                if line.lower().startswith(b"x-forwarded-for:")
+            ],
+        }
+        body = json.dumps(said).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture
+async def proxy_reader() -> AsyncIterator[ProxyReadingServer]:
+    server = await ProxyReadingServer().start()
+    yield server
+    server.close()
+
+
+def config_with(listeners: list[dict[str, Any]], groups: list[dict[str, Any]],
+                tls: dict[str, Any] | None = None) -> Any:  # fmt: skip
+    table: dict[str, Any] = {"listeners": listeners, "groups": groups, "admin": "127.0.0.1:0"}
+    if tls is not None:
+        table["tls"] = tls
+    return parse_config(table, "test")
+
+
+async def ask(port: int, data: bytes, context: ssl.SSLContext | None = None,
+              name: str | None = None) -> bytes:  # fmt: skip
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname=name if context else None
+    )
+    writer.write(data)
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    return answer
+
+
+def said_by(answer: bytes) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    return result
+
+
+async def test_the_client_a_proxy_header_names_is_the_one_sent_on(
+    balancer_factory: Callable[..., Any], proxy_reader: ProxyReadingServer
+) -> None:
+    """Behind an L4 balancer (accept) and in front of a server that wants PROXY v1 (send): the
+    server sees the client the first header named, not the balancer or the L4 balancer."""
+    config = config_with(
+        [{"name": "http", "bind": "127.0.0.1:0", "accept_proxy_from": ["127.0.0.0/8"]}],
+        [{"name": "app", "send_proxy": "v1",
+          "backends": [{"name": "app1", "address": f"127.0.0.1:{proxy_reader.port}"}]}],
+    )  # fmt: skip
+    balancer, recorder = await balancer_factory(config)
+    answer = await ask(
+        port_of(balancer, "http"),
+        b"PROXY TCP4 203.0.113.7 192.0.2.1 50123 80\r\n"
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    said = said_by(answer)
+    assert said["version"] == 1 and said["source"] == ["203.0.113.7", 50123]
+    assert said["first_line"] == "GET /x HTTP/1.1" and said["forwarded_for"] == ["203.0.113.7"]
+    (record,) = await recorder.wait_for(1)
+    assert (record.client_ip, record.client_port) == ("203.0.113.7", 50123)
+    assert record.proxied_by is not None and record.proxied_by.startswith("127.0.0.1:")
+
+
+async def test_v2_tells_the_server_its_client_came_over_tls(
+    balancer_factory: Callable[..., Any], proxy_reader: ProxyReadingServer, certs: CertPaths
+) -> None:
+    config = config_with(
+        [{"name": "xmpps", "bind": "127.0.0.1:0", "tls": True, "mode": "tcp"}],
+        [{"name": "app", "send_proxy": "v2",
+          "backends": [{"name": "app1", "address": f"127.0.0.1:{proxy_reader.port}"}]}],
+        {"cert": str(certs.cert), "key": str(certs.key), "max_version": "1.2"},
+    )  # fmt: skip
+    balancer, _ = await balancer_factory(config)
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    answer = await ask(port_of(balancer, "xmpps"), b"<stream>\r\n", context, "localhost")
+    said = said_by(answer)
+    assert said["version"] == 2 and said["source"][0] == "127.0.0.1"
+    assert said["tls_version"] == "TLSv1.2" and said["first_line"] == "<stream>"
+
+
+async def test_a_proxy_header_from_elsewhere_or_malformed_is_refused(
+    balancer_factory: Callable[..., Any], proxy_reader: ProxyReadingServer
+) -> None:
+    config = config_with(
+        [{"name": "lan", "bind": "127.0.0.1:0", "accept_proxy_from": ["10.0.0.0/8"]},
+         {"name": "lo", "bind": "127.0.0.1:0", "accept_proxy_from": ["127.0.0.1"]}],
+        [{"name": "app", "backends": [{"address": f"127.0.0.1:{proxy_reader.port}"}]}],
+    )  # fmt: skip
+    balancer, recorder = await balancer_factory(config)
+    header = b"PROXY TCP4 203.0.113.7 192.0.2.1 50123 80\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert await ask(port_of(balancer, "lan"), header) == b""
+    assert await ask(port_of(balancer, "lo"), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") == b""
+    records = await recorder.wait_for(2)
+    assert sorted(r.close_cause or "" for r in records) == [
+        "proxy_header_invalid", "proxy_refused",
+    ]  # fmt: skip
+    assert all(r.backend is None for r in records)  # nothing reached a backend
+
+
+def names_in(der: bytes | None) -> list[str]:
+    assert der is not None
+    certificate = x509.load_der_x509_certificate(der)
+    san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    return [str(n) for n in san.value.get_values_for_type(x509.DNSName)]
+
+
+async def peer_names(port: int, name: str) -> list[str]:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    _reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname=name
+    )
+    names = names_in(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
+    writer.close()
+    return names
+
+
+async def test_each_name_gets_its_certificate(
+    balancer_factory: Callable[..., Any], certs: CertPaths, tmp_path: Path
+) -> None:
+    a = make_certs(tmp_path / "a", hosts=["a.test"])
+    wild = make_certs(tmp_path / "b", hosts=["*.b.test"])
+    config = config_with(
+        [{"name": "https", "bind": "127.0.0.1:0", "tls": True}],
+        [{"name": "web", "backends": [{"address": "127.0.0.1:9"}]}],
+        {"cert": str(certs.cert), "key": str(certs.key),
+         "certificates": [{"cert": str(a.cert), "key": str(a.key)},
+                          {"cert": str(wild.cert), "key": str(wild.key)}]},
+    )  # fmt: skip
+    balancer, _ = await balancer_factory(config)
+    port = port_of(balancer, "https")
+    assert "a.test" in await peer_names(port, "A.test")
+    assert "*.b.test" in await peer_names(port, "eu.b.test")
+    for default in ("localhost", "b.test", "other.test"):  # the default: cert/key
+        assert await peer_names(port, default) == ["localhost"]
+
+
+async def tls_server(name: str, paths: CertPaths) -> asyncio.Server:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(paths.cert), str(paths.key))
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(name.encode())
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+
+
+async def test_tls_passed_through_goes_where_its_sni_says(
+    balancer_factory: Callable[..., Any], certs: CertPaths
+) -> None:
+    servers = {name: await tls_server(name, certs) for name in ("A", "B", "C")}
+    try:
+        port_of_server = {n: s.sockets[0].getsockname()[1] for n, s in servers.items()}
+        config = config_with(
+            [{"name": "tls", "bind": "127.0.0.1:0", "mode": "tcp", "group": "c",
+              "routes": [{"sni": "a.test", "group": "a"}, {"sni": "*.b.test", "group": "b"}]}],
+            [{"name": n.lower(), "backends": [{"address": f"127.0.0.1:{p}"}]}
+             for n, p in port_of_server.items()],
+        )  # fmt: skip
+        balancer, recorder = await balancer_factory(config)
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        context.check_hostname = False  # the backends' certificate says localhost
+        port = port_of(balancer, "tls")
+        for name, expected in (("a.test", b"A"), ("x.b.test", b"B"), ("localhost", b"C")):
+            assert await ask(port, b"", context, name) == expected, name
+        records = await recorder.wait_for(3)
+        assert sorted(r.tls_sni or "" for r in records) == ["a.test", "localhost", "x.b.test"]
+        assert all(r.tls_version is None for r in records)  # not terminated here
+    finally:
+        for server in servers.values():
+            server.close()
