@@ -178,6 +178,7 @@ class GroupConfig:
     timeouts: Timeouts = field(default_factory=lambda: Timeouts())
     health_check: HealthCheck = field(default_factory=lambda: HealthCheck())
     send_proxy: str = "none"  # a PROXY header (v1, v2) first on every backend connection
+    drain_seconds: float = 0.0  # a drained backend's tunnels are closed over this; 0: left
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,7 +433,10 @@ def _certificates(r: Reader, raw: object) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-GROUP_KEYS = ("name", "backends", "policy", "reuse", "timeouts", "health_check", "send_proxy")
+GROUP_KEYS = (
+    "name", "backends", "policy", "reuse", "timeouts", "health_check", "send_proxy",
+    "drain_seconds",
+)  # fmt: skip
 LISTENER_KEYS = (
     "name", "bind", "tls", "mode", "protocol", "group", "routes", "accept_proxy_from",
 )  # fmt: skip
@@ -493,10 +497,12 @@ def _groups(
         if send_proxy != "none" and reuse not in (None, "never"):
             r.problem(f"{path}.reuse", reuse, "'never' with send_proxy: a PROXY header names "
                       "one client, so its connection cannot serve another")  # fmt: skip
+        drain = r.get(item, "drain_seconds", f"{path}.drain_seconds", non_negative_number,
+                      "seconds, 0 to leave a drained backend's tunnels", 0.0)  # fmt: skip
         if isinstance(name, str):
             groups.append(GroupConfig(
                 name, tuple(backends), policy or "round_robin", reuse or upstream.reuse,
-                group_timeouts, group_check, send_proxy or "none",
+                group_timeouts, group_check, send_proxy or "none", drain or 0.0,
             ))  # fmt: skip
     unique(r, "groups", [group.name for group in groups])
     unique(r, "backends", [b.name for group in groups for b in group.backends])

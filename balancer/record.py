@@ -34,6 +34,7 @@ MAX_CONNECTIONS = "max_connections"
 FIRST_BYTES_TIMEOUT = "first_bytes_timeout"
 PROXY_REFUSED = "proxy_refused"
 PROXY_INVALID = "proxy_header_invalid"
+BACKEND_DRAINED = "backend_drained"
 CLOSE_CAUSES: dict[str, str] = {
     CLIENT_CLOSED: "the client closed (FIN or close_notify) at a request boundary",
     CLIENT_RESET: "the client reset the connection (RST)",
@@ -52,6 +53,7 @@ CLOSE_CAUSES: dict[str, str] = {
     "client_header_seconds",
     PROXY_REFUSED: "a listener accepting PROXY headers: a client outside accept_proxy_from",
     PROXY_INVALID: "a listener accepting PROXY headers: the first bytes were not a valid one",
+    BACKEND_DRAINED: "its backend was drained, and its group closes tunnels (drain_seconds)",
 }
 
 

@@ -34,6 +34,7 @@ from balancer.admin import AdminServer
 from balancer.backends import Backend, BackendState
 from balancer.config import Config, HealthCheck, ListenerConfig
 from balancer.deadlines import DeadlineWheel, Wakeable
+from balancer.drain import Drainer, watch
 from balancer.groups import Group
 from balancer.health import HealthChecker, checker_for
 from balancer.listener import ListenerContext, ListenerSettings, LoopServices
@@ -196,6 +197,12 @@ class Balancer:
         self._owns_sockets = True  # bound here, not handed over by a supervisor
         self.addresses: dict[str, tuple[str, int]] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self.drainer = Drainer(
+            [(self.groups[g.name], g.drain_seconds) for g in config.groups],
+            lambda: (s for ctx in self.contexts for s in ctx.connections),
+            self._call_later,
+        )
+        self._watcher: asyncio.Task[None] | None = None
         self.draining = False  # shutdown has begun (a flag: _publish reads it per connection)
 
     def _groups(
@@ -312,6 +319,8 @@ class Balancer:
             self._flusher = asyncio.create_task(self._flush_access_log())
         if self.checker is not None:
             self.checker.start()
+        if self.drainer.groups:
+            self._watcher = asyncio.create_task(watch(self.drainer))
 
     async def _listen(
         self,
@@ -392,6 +401,8 @@ class Balancer:
             await self.idle.close_all(self.config.timeouts.linger_seconds + 0.1)
         if self._flusher is not None:
             self._flusher.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
         if self.access_log is not None:
