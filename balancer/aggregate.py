@@ -124,7 +124,8 @@ def join_backends(views: Iterable[tuple[int, list[dict[str, Any]]]]) -> list[dic
         for backend in backends:
             entry = joined.setdefault(
                 backend["name"],
-                {"name": backend["name"], "address": backend["address"],
+                {"name": backend["name"], "group": backend.get("group"),
+                 "address": backend["address"],
                  "weight": backend["weight"], "active": 0, "connections_total": 0,
                  "connect_failures_total": 0, "idle_connections": 0, "workers": []},
             )  # fmt: skip
