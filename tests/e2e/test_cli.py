@@ -191,6 +191,25 @@ def test_check_accepts_the_shipped_config(certs_dir: Path, tmp_path: Path) -> No
     assert result.stdout.startswith("config OK")
 
 
+def test_check_accepts_the_xmpp_config_and_names_a_missing_sni_certificate(
+    certs_dir: Path, tmp_path: Path
+) -> None:
+    root = Path(__file__).resolve().parents[2]
+    keys = ["--cert", str(certs_dir / "server.crt"), "--key", str(certs_dir / "server.key")]
+    result = check("-c", str(root / "config" / "xmpp.toml"), *keys)
+    assert result.returncode == 0, result.stderr
+    assert "group c2s: 2 backend(s), policy least_connections" in result.stdout
+    more = tmp_path / "sni.toml"
+    more.write_text(
+        (root / "config" / "xmpp.toml").read_text()
+        + '\n[[tls.certificates]]\ncert = "missing.crt"\nkey = "missing.key"\n'
+    )
+    result = check("-c", str(more), *keys, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "tls.certificates[0].cert = 'missing.crt': cannot read: no such file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_run_refuses_a_bad_config_before_binding(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "balancer", "run", "--http", "127.0.0.1:1", "--policy", "x"],

@@ -3,12 +3,13 @@ group their Host and path name, each group with its own policy and reuse mode.""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from balancer.config import parse_config
-from tests.helpers import Backend, Client, admin_json, port_of
+from tests.helpers import Backend, Client, admin_json, dead_port, port_of
 
 
 def routed_config(web: list[Backend], api: list[Backend], static: list[Backend],
@@ -128,3 +129,38 @@ async def test_a_tcp_listener_sends_to_its_own_group(
     finally:
         for backend in web + api + static:
             backend.close()
+
+
+async def test_each_group_checks_its_backends_its_own_way(
+    balancer_factory: Callable[..., Any],
+) -> None:
+    """Checks are a group's: one group's tcp checks take its dead backend down; the other
+    group, with checks off, leaves its own dead backend up (passive checks alone judge it)."""
+
+    live = await Backend("live").start()
+    try:
+        config = parse_config(
+            {
+                "groups": [
+                    {"name": "checked", "health_check": {
+                        "type": "tcp", "interval_seconds": 0.05, "timeout_seconds": 0.05,
+                        "rise": 1, "fall": 1},
+                     "backends": [{"name": "gone", "address": f"127.0.0.1:{dead_port()}"},
+                                  {"name": "live", "address": live.address}]},
+                    {"name": "unchecked",
+                     "backends": [{"name": "gone2", "address": f"127.0.0.1:{dead_port()}"}]},
+                ],
+                "listeners": [{"name": "http", "bind": "127.0.0.1:0", "group": "checked"}],
+            },
+            "checks.toml",
+        )  # fmt: skip
+        balancer, _ = await balancer_factory(config)
+        assert balancer.checker is not None
+        async with asyncio.timeout(5):
+            while {b["name"]: b["state"] for b in balancer.backends_view()}["gone"] != "down":
+                await asyncio.sleep(0.01)
+        states = {b["name"]: b["state"] for b in balancer.backends_view()}
+        assert states == {"gone": "down", "live": "up", "gone2": "up"}
+        assert [spec.type for spec in balancer.checker.specs] == ["tcp", "tcp", "none"]
+    finally:
+        live.close()
