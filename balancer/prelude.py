@@ -111,5 +111,5 @@ def read(session: ClientSession, data: bytes) -> bytes | None:
     session.destination = prelude.settle(session.record)
     if prelude.peek is not None:  # a tcp listener routing TLS by SNI (passthrough)
         session.fwd.chosen = session.ctx.router.for_server_name(prelude.peek.server_name)
-    session.begin()
+    session.begin(hello_read=bool(rest))
     return rest

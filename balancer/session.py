@@ -158,16 +158,19 @@ class ClientSession(asyncio.Protocol):
         if not prelude.awaited(self):
             self.begin()
 
-    def begin(self) -> None:
-        """The session proper begins: a TLS handshake, a request, or (tcp) the tunnel."""
+    def begin(self, hello_read: bool = False) -> None:
+        """The session proper begins: a TLS handshake, a request, or (tcp) the tunnel.
+        `hello_read`: bytes of the ClientHello were read already (after a PROXY header)."""
         services = self.ctx.services
         ssl_context = self.ctx.settings.ssl_context
         if ssl_context is not None:
             self.phase = HANDSHAKING
             tls = self.tls = TLSFront(self, ssl_context)
             self.set_deadline(TLS_HANDSHAKE)
-            # The ClientHello's arrival, from the kernel (see Leg.stamp_first_bytes).
-            self.client.stamp_first_bytes(self._loop, services.wall_clock, tls.hello_arrived)
+            # The ClientHello's arrival, from the kernel (see Leg.stamp_first_bytes); once
+            # read, the kernel's next stamp would be a later flight's: reading time stands.
+            if not hello_read:
+                self.client.stamp_first_bytes(self._loop, services.wall_clock, tls.hello_arrived)
         elif self.http is not None:
             self.set_deadline(HEADER)
         else:

@@ -15,8 +15,14 @@ from cryptography import x509
 
 from balancer.certs import CertPaths, make_certs
 from balancer.config import parse_config
-from balancer.proxy_protocol import PP2_SUBTYPE_SSL_VERSION, PP2_TYPE_SSL, HeaderReader, _tlvs
-from tests.helpers import port_of
+from balancer.proxy_protocol import (
+    PP2_SUBTYPE_SSL_VERSION,
+    PP2_TYPE_SSL,
+    HeaderReader,
+    _tlvs,
+    encode_v1,
+)
+from tests.helpers import Backend, port_of
 
 
 class ProxyReadingServer:
@@ -234,3 +240,67 @@ async def test_tls_passed_through_goes_where_its_sni_says(
     finally:
         for server in servers.values():
             server.close()
+
+
+async def tls_over_proxy(port: int, header: bytes, ca: str, together: bool) -> bytes:
+    """A PROXY header, then a TLS handshake and one request, by hand over memory BIOs:
+    `together` sends the header and the ClientHello in one write (one segment)."""
+    context = ssl.create_default_context(cafile=ca)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if not together:
+        writer.write(header)
+        await writer.drain()
+        header = b""
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                writer.write(header + outgoing.read())
+                header = b""
+                incoming.write(await reader.read(65536))
+        tls.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        writer.write(outgoing.read())
+        answer = b""
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            incoming.write(data)
+            try:
+                while chunk := tls.read(65536):
+                    answer += chunk
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                pass
+    writer.close()
+    return answer
+
+
+async def test_tls_behind_an_l4_balancer_whether_or_not_the_hello_came_with_the_header(
+    balancer_factory: Callable[..., Any], certs: CertPaths
+) -> None:
+    backend = await Backend("web1").start()
+    try:
+        config = config_with(
+            [{"name": "https", "bind": "127.0.0.1:0", "tls": True,
+              "accept_proxy_from": ["127.0.0.1"]}],
+            [{"name": "web", "backends": [{"address": backend.address}]}],
+            {"cert": str(certs.cert), "key": str(certs.key)},
+        )  # fmt: skip
+        balancer, recorder = await balancer_factory(config)
+        port = port_of(balancer, "https")
+        for n, together in enumerate((False, True), 1):
+            header = encode_v1((f"198.51.100.{n}", 40000 + n), ("127.0.0.1", port))
+            answer = await tls_over_proxy(port, header, str(certs.ca), together)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+            assert backend.seen[-1].header("x-forwarded-for") == f"198.51.100.{n}"
+        records = await recorder.wait_for(2)
+        assert [r.client_ip for r in records] == ["198.51.100.1", "198.51.100.2"]
+        for record in records:
+            assert record.tls_version is not None and record.tls_handshake_seconds is not None
+            assert 0 <= record.tls_handshake_seconds < 1
+    finally:
+        backend.close()
