@@ -73,7 +73,7 @@ class Forwarder:
 
     @property
     def dispatch(self) -> bool:
-        """Reuse modes on an HTTP listener: a backend connection per exchange."""
+        """A backend connection per exchange (see the module docstring)."""
         return self.session.ctx.settings.dispatch
 
     # ---- connecting ------------------------------------------------------------------------
@@ -210,8 +210,8 @@ class Forwarder:
         if not session.exchanges.queue:
             return
         services = self.ctx.services
-        group = self.chosen = session.exchanges.queue[0].group
-        group = group or self.group
+        self.chosen = session.exchanges.queue[0].group  # its route's (None: the listener's)
+        group = self.group
         lease = group.pool.acquire(services.clock())
         if lease is None:
             session.fail(NoBackendAvailable(f"no backend of group {group.name} is ready"))

@@ -88,10 +88,6 @@ class Router:
             for rule, group in rules
         ]
 
-    @property
-    def routes(self) -> bool:
-        return bool(self.rules)
-
     def for_request(self, host_header: bytes | None, target: bytes) -> Group:
         if not self.rules:
             return self.default

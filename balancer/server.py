@@ -214,10 +214,12 @@ class Balancer:
     ) -> dict[str, Group]:
         """Each configured group's pool and connector; their backends sit one group after
         another in `backends` and the shared tables."""
-        groups, first, next_id = {}, 0, itertools.count(1).__next__  # (backend connection ids)
+        groups: dict[str, Group] = {}
+        first = 0
+        next_id = itertools.count(1).__next__  # backend connection ids, one series a worker
         for config in self.config.groups:
-            mine, check, timeouts = backends[first : first + len(config.backends)], \
-                config.health_check, config.timeouts  # fmt: skip
+            mine = backends[first : first + len(config.backends)]
+            check, timeouts = config.health_check, config.timeouts
             pool = BackendPool(
                 mine, POLICIES[config.policy](), timeouts.backend_down_seconds, peers, table,
                 check.passive_fall, check.eject_max_seconds, check.slow_start_seconds, first,
