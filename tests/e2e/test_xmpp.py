@@ -60,30 +60,13 @@ class Prosody:
         accounts.mkdir(parents=True)
         for n in range(USERS):
             (accounts / f"user{n}.dat").write_text('return {\n\t["password"] = "secret";\n};\n')
-        # c2s_require_encryption off: the direct-TLS listener's sessions arrive decrypted (TLS
-        # ends at the balancer), and Debian's Prosody has no mod_net_proxy to learn otherwise.
+        # The servers' file, as config/xmpp-demo.sh writes it from the same template.
         self.config = directory / "prosody.cfg.lua"
-        self.config.write_text(f'''
-run_as_root = true
-pidfile = "{directory}/prosody.pid"
-data_path = "{directory}/data"
-log = {{ info = "{directory}/prosody.log" }}
-interfaces = {{ "127.0.0.1" }}
-c2s_ports = {{ {self.c2s} }}
-c2s_direct_tls_ports = {{}}
-s2s_ports = {{}}
-http_ports = {{ {self.http} }}
-http_interfaces = {{ "127.0.0.1" }}
-https_ports = {{}}
-modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "bosh" }}
-modules_disabled = {{ "s2s" }}
-authentication = "internal_plain"
-c2s_require_encryption = false
-allow_unencrypted_plain_auth = true
-consider_bosh_secure = true
-VirtualHost "localhost"
-  ssl = {{ certificate = "{certs}/server.crt"; key = "{certs}/server.key" }}
-''')
+        template = (ROOT / "config" / "prosody" / "server.cfg.lua.in").read_text()
+        self.config.write_text(
+            template.replace("@DIR@", str(directory)).replace("@C2S_PORT@", str(self.c2s))
+            .replace("@HTTP_PORT@", str(self.http)).replace("@CERTS@", str(certs))
+        )  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
