@@ -152,8 +152,9 @@ def test_xmpp_clients_log_in_spread_move_on_drain_and_survive_a_killed_server(
         )
         with urllib.request.urlopen(request, timeout=5) as response:
             assert b"sid=" in response.read()
-        # The clients run in a process of their own: slixmpp's loop leaves this interpreter
-        # unable to compile (CPython 3.11's "AST constructor recursion depth mismatch").
+        # The clients run in a process of their own: after slixmpp's session this interpreter
+        # could compile nothing more ("AST constructor recursion depth mismatch": CPython
+        # 3.11's AST recursion tracking, python/cpython#106905), failing later tests.
         scenario = {
             "ports": running.ports, "ca": str(certs_dir / "ca.crt"), "token": TOKEN,
             "users": USERS, "killed_pid": servers[1].process.pid if servers[1].process else 0,
