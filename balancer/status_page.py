@@ -88,6 +88,7 @@ def _backends(backends: list[dict[str, Any]]) -> str:
         check = backend.get("last_check")
         rows.append([
             html.escape(str(backend["name"])),
+            html.escape(str(backend.get("group", ""))),
             html.escape(str(backend.get("address", ""))),
             f'<span class=state style="color:{colour}" data-state="{html.escape(state)}">'
             f"{html.escape(state)}</span>",
@@ -98,8 +99,8 @@ def _backends(backends: list[dict[str, Any]]) -> str:
             "&ndash;" if check is None else html.escape(str(check)),
             "&ndash;" if seconds is None else f"{1000 * float(seconds):.1f} ms",
         ])  # fmt: skip
-    head = ("backend", "address", "state", "weight", "in flight", "total", "connect failures",
-            "last check", "check time")  # fmt: skip
+    head = ("backend", "group", "address", "state", "weight", "in flight", "total",
+            "connect failures", "last check", "check time")  # fmt: skip
     return _table("Backends", "backends", head, rows)
 
 

@@ -13,7 +13,8 @@ NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 def test_backends_show_their_state_and_names_are_escaped() -> None:
     backends = [
-        {"name": "web1", "address": "10.0.0.1:80", "state": "up", "weight": 2, "active": 3,
+        {"name": "web1", "group": "api", "address": "10.0.0.1:80", "state": "up", "weight": 2,
+         "active": 3,
          "connections_total": 40, "connect_failures_total": 1, "last_check": "ok",
          "last_check_seconds": 0.0042},
         {"name": "<web2>", "state": "draining"},
@@ -21,6 +22,7 @@ def test_backends_show_their_state_and_names_are_escaped() -> None:
     page = render("", backends, NOW).decode()
     assert 'data-state="up">up</span>' in page and 'data-state="draining"' in page
     assert "&lt;web2&gt;" in page and "<web2>" not in page
+    assert "<th>group</th>" in page and "<td>web1</td><td>api</td>" in page
     assert "4.2 ms" in page and "2026-11-30 12:00:00 UTC" in page
     assert page.count("none yet") == 3  # listeners, handshakes, closes: nothing counted yet
 
