@@ -240,14 +240,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
 
     listeners = []
     raw_listeners = data.get("listeners", [])
-    if not isinstance(raw_listeners, list):
-        r.problem("listeners", raw_listeners, "an array of tables: [[listeners]]")
-        raw_listeners = []
-    for i, item in enumerate(raw_listeners):
-        path = f"listeners[{i}]"
-        if not isinstance(item, dict):
-            r.problem(path, item, "a table with bind, protocol, mode")
-            continue
+    for path, item in r.tables(raw_listeners, "listeners", "listeners",
+                               "a table with name, bind, tls, mode"):  # fmt: skip
         r.table(item, path, LISTENER_KEYS)
         protocol = r.get(item, "protocol", f"{path}.protocol", choice(PROTOCOLS),
                          "'http' or 'https'", "http")  # fmt: skip
@@ -416,15 +410,9 @@ def _health_check(r: Reader, raw: object, path: str, d: HealthCheck | None = Non
 def _certificates(r: Reader, raw: object) -> tuple[tuple[str, str], ...]:
     """[[tls.certificates]]: cert and key, each pair served to the names its certificate
     holds (tls.py reads them)."""
-    if not isinstance(raw, list):
-        r.problem("tls.certificates", raw, "an array of tables: [[tls.certificates]]")
-        return ()
     pairs = []
-    for i, item in enumerate(raw):
-        path = f"tls.certificates[{i}]"
-        if not isinstance(item, dict):
-            r.problem(path, item, "a table with cert and key")
-            continue
+    for path, item in r.tables(raw, "tls.certificates", "tls.certificates",
+                               "a table with cert and key"):  # fmt: skip
         r.table(item, path, ("cert", "key"))
         cert = r.get(item, "cert", f"{path}.cert", text, "a certificate file path", REQUIRED)
         key = r.get(item, "key", f"{path}.key", text, "a private key file path", REQUIRED)
@@ -455,7 +443,7 @@ def _groups(
     groups = []
     policies = " or ".join(repr(p) for p in POLICIES)
     if "backends" in data or "groups" not in data:
-        backends = _backends(r, data.get("backends", []), "backends")
+        backends = _backends(r, data.get("backends", []), "backends", "backends")
         policy = r.get(data, "policy", "policy", choice(tuple(POLICIES)), policies,
                        "round_robin")  # fmt: skip
         if not backends and not r.problems:
@@ -467,19 +455,13 @@ def _groups(
     elif "policy" in data:
         r.problem("policy", data["policy"], "no top-level policy beside [[groups]]: each group "
                   "says its own (groups[n].policy)")  # fmt: skip
-    raw_groups = data.get("groups", [])
-    if not isinstance(raw_groups, list):
-        r.problem("groups", raw_groups, "an array of tables: [[groups]]")
-        raw_groups = []
     modes = " or ".join(repr(m) for m in REUSE_MODES)
-    for i, item in enumerate(raw_groups):
-        path = f"groups[{i}]"
-        if not isinstance(item, dict):
-            r.problem(path, item, "a table with name and backends")
-            continue
+    raw_groups = data.get("groups", [])
+    for path, item in r.tables(raw_groups, "groups", "groups", "a table with name and backends"):
         r.table(item, path, GROUP_KEYS)
         name = r.get(item, "name", f"{path}.name", text, "a non-empty string", REQUIRED)
-        backends = _backends(r, item.get("backends", MISSING), f"{path}.backends")
+        backends = _backends(r, item.get("backends", MISSING), f"{path}.backends",
+                             "groups.backends")  # fmt: skip
         policy = r.get(item, "policy", f"{path}.policy", choice(tuple(POLICIES)), policies,
                        "round_robin")  # fmt: skip
         reuse = r.get(item, "reuse", f"{path}.reuse", choice(REUSE_MODES), modes,
@@ -509,19 +491,13 @@ def _groups(
     return groups
 
 
-def _backends(r: Reader, raw: object, path: str) -> list[BackendConfig]:
+def _backends(r: Reader, raw: object, path: str, shape: str) -> list[BackendConfig]:
+    """[[backends]] (shape "backends") or a group's ("groups.backends")."""
     if raw is MISSING:
-        r.problem(path, raw, "at least one backend: [[groups.backends]] with an address")
-        return []
-    if not isinstance(raw, list):
-        r.problem(path, raw, f"an array of tables: [[{path.split('[')[0]}]]")
+        r.problem(path, raw, f"at least one backend: [[{shape}]] with an address")
         return []
     backends = []
-    for i, item in enumerate(raw):
-        at = f"{path}[{i}]"
-        if not isinstance(item, dict):
-            r.problem(at, item, "a table with address (and name, weight)")
-            continue
+    for at, item in r.tables(raw, path, shape, "a table with address (and name, weight)"):
         r.table(item, at, ("name", "address", "weight", "backup"))
         address = r.get(item, "address", f"{at}.address", parse_address, ADDRESS, REQUIRED)
         weight = r.get(item, "weight", f"{at}.weight", positive_int, COUNT, 1)
@@ -559,15 +535,9 @@ def _routes(
     r: Reader, item: Mapping[str, Any], path: str, names: list[str], mode: str, tls: bool
 ) -> tuple[RouteConfig, ...]:
     raw = item.get("routes", [])
-    if not isinstance(raw, list):
-        r.problem(f"{path}.routes", raw, "an array of tables: [[listeners.routes]]")
-        return ()
     routes = []
-    for i, rule in enumerate(raw):
-        at = f"{path}.routes[{i}]"
-        if not isinstance(rule, dict):
-            r.problem(at, rule, "a table with group and host, path_prefix or sni")
-            continue
+    for at, rule in r.tables(raw, f"{path}.routes", "listeners.routes",
+                             "a table with group and host, path_prefix or sni"):  # fmt: skip
         r.table(rule, at, ROUTE_KEYS)
         group = rule.get("group", MISSING)
         if group not in names:

@@ -8,7 +8,7 @@ does not take, and the reader turns that into one line of `ConfigError`.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -40,6 +40,20 @@ class Reader:
             if name not in allowed:
                 path = f"{key}.{name}" if key else name
                 self.problem(path, data[name], f"one of the known keys ({', '.join(allowed)})")
+
+    def tables(
+        self, raw: object, path: str, shape: str, what: str
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Each table of an array of tables (`[[shape]]` in the file) with its key path; a
+        value that is not one (`what` says what an item should be) is a problem."""
+        if not isinstance(raw, list):
+            self.problem(path, raw, f"an array of tables: [[{shape}]]")
+            return
+        for i, item in enumerate(raw):
+            if isinstance(item, dict):
+                yield f"{path}[{i}]", item
+            else:
+                self.problem(f"{path}[{i}]", item, what)
 
     def get(
         self,

@@ -129,3 +129,18 @@ def test_the_first_matching_rule_wins_else_the_default() -> None:
     sni = Router([(RouteConfig("api", sni="*.api.test"), api)], web)
     assert sni.for_server_name("eu.API.test") is api
     assert sni.for_server_name("api.test") is web and sni.for_server_name(None) is web
+
+
+def test_arrays_of_tables_that_are_not_say_their_shape() -> None:
+    said = problems({
+        "listeners": [LISTENER, "x"],
+        "groups": [{"name": "web", "backends": {"address": "127.0.0.1:1"}},
+                   {"name": "api", "backends": ["127.0.0.1:2"]}],
+        "tls": {"certificates": {"cert": "c"}},
+    })  # fmt: skip
+    assert "listeners[1] = 'x': expected a table with name, bind, tls, mode" in said
+    assert "groups[0].backends = {'address': '127.0.0.1:1'}: expected an array of tables: " \
+        "[[groups.backends]]" in said  # fmt: skip
+    assert "groups[1].backends[0] = '127.0.0.1:2': expected a table with address" in said
+    assert "tls.certificates = {'cert': 'c'}: expected an array of tables: " \
+        "[[tls.certificates]]" in said  # fmt: skip
