@@ -514,7 +514,7 @@ def json_line(r: ConnectionRecord) -> str:
     """One line of JSON (with its newline): the record as `to_dict()` has it."""
     tls = (
         "null"
-        if r.tls_started_at is None
+        if r.tls_started_at is None and r.tls_sni is None  # (SNI alone: passed through)
         else f'{{"handshake_seconds":{_number(r.tls_handshake_seconds)},'
         f'"version":{_text(r.tls_version)},"cipher":{_text(r.tls_cipher)},'
         f'"sni":{_text(r.tls_sni)},"alpn":{_text(r.tls_alpn)},'

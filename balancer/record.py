@@ -283,7 +283,7 @@ class ConnectionRecord:
             "local_port": self.local_port,
             "tcp_handshake_rtt_seconds": self.tcp_handshake_rtt_seconds,
             "tls": None
-            if self.tls_started_at is None
+            if self.tls_started_at is None and self.tls_sni is None  # SNI alone: passed through
             else {
                 "handshake_seconds": self.tls_handshake_seconds,
                 "version": self.tls_version,

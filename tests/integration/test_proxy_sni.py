@@ -15,6 +15,7 @@ from cryptography import x509
 
 from balancer.certs import CertPaths, make_certs
 from balancer.config import parse_config
+from balancer.observe import json_line
 from balancer.proxy_protocol import (
     PP2_SUBTYPE_SSL_VERSION,
     PP2_TYPE_SSL,
@@ -237,6 +238,9 @@ async def test_tls_passed_through_goes_where_its_sni_says(
         records = await recorder.wait_for(3)
         assert sorted(r.tls_sni or "" for r in records) == ["a.test", "localhost", "x.b.test"]
         assert all(r.tls_version is None for r in records)  # not terminated here
+        line = json.loads(json_line(records[0]))  # the access log says the name too
+        assert line["tls"]["sni"] == records[0].tls_sni and line["tls"]["version"] is None
+        assert line == json.loads(json.dumps(records[0].to_dict()))
     finally:
         for server in servers.values():
             server.close()
