@@ -1,6 +1,7 @@
 """What a client connection says before its session begins: a PROXY header (listeners behind
 an L4 balancer, `accept_proxy_from`), then, on tcp listeners routing by SNI, the ClientHello's
-server name. Pure: bytes in, a verdict out.
+server name. `Prelude` is pure (bytes in, a verdict out); `awaited` and `read`, at the end,
+are the session's side of it.
 
     accept ──► source trusted? (else refused) ──► PROXY header ──► ClientHello peeked (SNI
                routing only; its bytes kept) ──► the session begins with what is left
@@ -18,6 +19,7 @@ from balancer.sni import ClientHelloReader, Peek
 
 if TYPE_CHECKING:
     from balancer.session import ClientSession
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 

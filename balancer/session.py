@@ -15,6 +15,8 @@ flow (http_flow.py: request reader, response framer, error answers) and the forw
                                  tcp listeners, or after 101: bytes both ways
     end:    either side's FIN/RST/close_notify, a deadline, an error, or shutdown ──► each leg
             closes by FIN and linger (legs.py) ──► both closed: `_maybe_finish` publishes
+    before: on listeners behind an L4 balancer, or routing TLS by SNI, the phase begins
+            (`begin`) only once the prelude (prelude.py: PROXY header, ClientHello) is in
 
 Invariants:
 - The phase only moves forward, and nothing else says what the session is doing; within
