@@ -203,14 +203,6 @@ class Config:
         """Every group's backends, group after group: the order of the shared tables."""
         return tuple(backend for group in self.groups for backend in group.backends)
 
-    def group_of(self, backend_index: int) -> GroupConfig:
-        """The group of the backend at this place in `backends`."""
-        for group in self.groups:
-            if backend_index < len(group.backends):
-                return group
-            backend_index -= len(group.backends)
-        raise IndexError(backend_index)
-
 
 class ConfigError(Exception):
     """Every problem found, one per line: `source: key = value: expected ...`."""

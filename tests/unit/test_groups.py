@@ -8,6 +8,7 @@ import pytest
 
 from balancer.config import ConfigError, RouteConfig, parse_config
 from balancer.groups import Group, Router, host_of, path_of
+from balancer.server import checks_of
 
 LISTENER = {"name": "http", "bind": "127.0.0.1:8080"}
 
@@ -58,7 +59,7 @@ def test_groups_take_the_files_defaults_and_override_them() -> None:
     check = api.health_check
     assert (check.type, check.rise, check.fall, check.path) == ("tcp", 1, 5, "/health")
     assert [b.name for b in config.backends] == ["web9001", "web9002", "api9003"]
-    assert config.group_of(2).name == "api" and config.group_of(1).name == "web"
+    assert [spec.type for spec in checks_of(config)] == ["http", "http", "tcp"]  # per backend
 
 
 def test_group_mistakes_are_named_with_their_fix() -> None:
