@@ -77,7 +77,7 @@ def server_context(config: TLSConfig, alpn: list[str] | None = None) -> ssl.SSLC
             raise TLSSetupError(
                 f"{where}.cert = {cert!r}: not a PEM certificate ({error})"
             ) from None
-        if not names:
+        if not names and where != "tls":  # (the default needs none: it is the default)
             raise TLSSetupError(f"{where}.cert = {cert!r}: holds no DNS name (subjectAltName "
                                 "or CN) to be chosen by")  # fmt: skip
         for name in names:
