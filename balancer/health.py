@@ -74,12 +74,17 @@ class CheckResult:
     seconds: float
 
 
-async def check(backend: Backend, spec: HealthCheck) -> CheckResult:
-    """One check of `backend`, bounded by spec.timeout_seconds."""
+async def check(backend: Backend, spec: HealthCheck, first: bytes = b"") -> CheckResult:
+    """One check of `backend`, bounded by spec.timeout_seconds. `first`: bytes sent before
+    anything else (a PROXY header, for a group whose servers expect one on every
+    connection)."""
     started = time.monotonic()
     try:
         async with asyncio.timeout(spec.timeout_seconds):
-            reason = await (_http(backend, spec) if spec.type == "http" else _tcp(backend))
+            if spec.type == "http":
+                reason = await _http(backend, spec, first)
+            else:
+                reason = await _tcp(backend, first)
     except TimeoutError:
         reason = "timeout"
     except ConnectionRefusedError:
@@ -89,15 +94,16 @@ async def check(backend: Backend, spec: HealthCheck) -> CheckResult:
     return CheckResult(reason == "ok", reason, time.monotonic() - started)
 
 
-async def _tcp(backend: Backend) -> str:
+async def _tcp(backend: Backend, first: bytes) -> str:
     _, writer = await asyncio.open_connection(backend.connect_hosts[0], backend.port)
+    writer.write(first)
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return "ok"
 
 
-async def _http(backend: Backend, spec: HealthCheck) -> str:
+async def _http(backend: Backend, spec: HealthCheck, first: bytes) -> str:
     reader, writer = await asyncio.open_connection(backend.connect_hosts[0], backend.port)
     try:
         conn = h11.Connection(h11.CLIENT)
@@ -107,7 +113,7 @@ async def _http(backend: Backend, spec: HealthCheck) -> str:
             ("Connection", "close"),
         ]
         request = h11.Request(method=spec.method, target=spec.path, headers=headers)
-        writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
+        writer.write(first + conn.send(request) + conn.send(h11.EndOfMessage()))
         status: int | None = None
         body = b""
         while True:
@@ -149,9 +155,12 @@ class HealthChecker:
         changed: Changed,
         observed: Observed = lambda index, result: None,
         rng: random.Random | None = None,
+        firsts: Sequence[bytes] = (),
     ) -> None:
         self.backends = list(backends)
         self.specs = list(specs)  # each backend's (its group's); type "none": not checked
+        # What each backend's checks send first (its group's PROXY header for checks, or b"").
+        self.firsts = list(firsts) or [b""] * len(self.backends)
         self.changed = changed
         self.observed = observed
         self.rng = rng or random.Random()
@@ -184,7 +193,7 @@ class HealthChecker:
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             next_at += spec.interval_seconds
-            result = await check(backend, spec)
+            result = await check(backend, spec, self.firsts[index])
             self.last[index] = result
             self.observed(index, result)
             state = health.observe(result.ok)
@@ -216,6 +225,7 @@ def checker_for(
     specs: Sequence[HealthCheck],
     table: BackendTable,
     metrics: HealthMetrics,
+    firsts: Sequence[bytes] = (),
 ) -> HealthChecker:
     """A checker that keeps the verdicts in `table` (what every worker's pool reads) and the
     metrics."""
@@ -231,4 +241,4 @@ def checker_for(
     def observed(index: int, result: CheckResult) -> None:
         metrics.observed(names[index], result.ok)
 
-    return HealthChecker(backends, specs, changed, observed)
+    return HealthChecker(backends, specs, changed, observed, firsts=firsts)

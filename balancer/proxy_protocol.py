@@ -92,6 +92,15 @@ def encode_v2(
     return V2_SIGNATURE + struct.pack("!BBH", _V2_PROXY, kind, len(body)) + body
 
 
+def encode_local(version: str) -> bytes:
+    """The header of a connection the balancer makes for itself (a health check) to a server
+    that expects one on every connection: v1 `PROXY UNKNOWN`, v2's LOCAL command (HAProxy's
+    `check-send-proxy`). The server keeps the connection's own addresses."""
+    if version == "v1":
+        return b"PROXY UNKNOWN\r\n"
+    return V2_SIGNATURE + struct.pack("!BBH", _V2_LOCAL, _UNSPEC, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyHeader:
     """What a received header says. `source` None: a LOCAL (v2) or UNKNOWN (v1) header,

@@ -41,6 +41,7 @@ from balancer.listener import ListenerContext, ListenerSettings, LoopServices
 from balancer.observe import HealthMetrics, ListenerTotals, Observer, StateCollector
 from balancer.policies import POLICIES
 from balancer.pool import BackendPool, BackendTable, PeerCounts
+from balancer.proxy_protocol import encode_local
 from balancer.record import BackendConnectionRecord, ConnectionRecord
 from balancer.session import ClientSession
 from balancer.tls import server_context
@@ -138,7 +139,7 @@ class Balancer:
             specs = checks_of(config)
             if any(spec.type != "none" for spec in specs):
                 metrics = HealthMetrics(self.registry)
-                self.checker = checker_for(backends, specs, table, metrics)
+                self.checker = checker_for(backends, specs, table, metrics, check_firsts(config))
         self.observer = Observer(self.registry, access_log)
         self.observer.request_log = config.request_log
         self._drained = asyncio.Event()
@@ -497,6 +498,17 @@ def backends_of(config: Config) -> list[Backend]:
 def checks_of(config: Config) -> list[HealthCheck]:
     """Each backend's active check (its group's), in the order of `backends_of`."""
     return [group.health_check for group in config.groups for _ in group.backends]
+
+
+def check_firsts(config: Config) -> list[bytes]:
+    """What each backend's checks send first: a group that sends PROXY headers sends its
+    servers one on checks too (v1 UNKNOWN, v2 LOCAL), or a server that requires them on every
+    connection would fail every check."""
+    return [
+        encode_local(group.send_proxy) if group.send_proxy != "none" else b""
+        for group in config.groups
+        for _ in group.backends
+    ]
 
 
 def dispatches(config: Config, listener: ListenerConfig) -> bool:

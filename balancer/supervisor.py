@@ -57,6 +57,7 @@ from balancer.server import (
     StartError,
     backends_of,
     bind_failure,
+    check_firsts,
     checks_of,
 )
 from balancer.tls import TLSSetupError
@@ -175,7 +176,8 @@ class Generation:
         """The generation serves: its checker starts (the metrics now speak of its backends)."""
         specs = checks_of(self.config)
         if any(spec.type != "none" for spec in specs) and self.checker is None:
-            self.checker = checker_for(self.backends, specs, self.table, metrics)
+            firsts = check_firsts(self.config)
+            self.checker = checker_for(self.backends, specs, self.table, metrics, firsts)
             self.checker.start()
 
     async def stop_checking(self) -> None:

@@ -20,6 +20,7 @@ from balancer.proxy_protocol import (
     PP2_SUBTYPE_SSL_VERSION,
     PP2_TYPE_SSL,
     HeaderReader,
+    ProxyHeaderError,
     _tlvs,
     encode_v1,
 )
@@ -33,6 +34,7 @@ class ProxyReadingServer:
     def __init__(self) -> None:
         self.server: asyncio.Server | None = None
         self.port = 0
+        self.headers: list[Any] = []  # every header it read, in order
 
     async def start(self) -> ProxyReadingServer:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -43,11 +45,15 @@ class ProxyReadingServer:
         header_reader, done = HeaderReader(), None
         while done is None:
             data = await reader.read(4096)
-            if not data:
+            try:
+                if not data:
+                    raise ProxyHeaderError("closed")
+                done = header_reader.feed(data)
+            except ProxyHeaderError:  # as nginx's `listen ... proxy_protocol`: no header, no answer
                 writer.close()
                 return
-            done = header_reader.feed(data)
         header, rest = done
+        self.headers.append(header)
         while b"\n" not in rest:
             rest += await reader.read(4096)
         ssl_tlv = header.tlvs.get(PP2_TYPE_SSL)
@@ -308,3 +314,26 @@ async def test_tls_behind_an_l4_balancer_whether_or_not_the_hello_came_with_the_
             assert 0 <= record.tls_handshake_seconds < 1
     finally:
         backend.close()
+
+
+async def test_a_group_that_sends_proxy_headers_sends_them_on_its_checks(
+    balancer_factory: Callable[..., Any], proxy_reader: ProxyReadingServer
+) -> None:
+    """Servers that want a PROXY header on every connection (nginx's `proxy_protocol`, Prosody's
+    mod_net_proxy) answer the checks too: v2's LOCAL command (HAProxy's check-send-proxy)."""
+    config = config_with(
+        [{"name": "http", "bind": "127.0.0.1:0"}],
+        [{"name": "app", "send_proxy": "v2",
+          "health_check": {"type": "http", "interval_seconds": 0.05, "timeout_seconds": 0.05,
+                           "rise": 1, "fall": 1},
+          "backends": [{"name": "app1", "address": f"127.0.0.1:{proxy_reader.port}"}]}],
+    )  # fmt: skip
+    balancer, _ = await balancer_factory(config)
+    checker = balancer.checker
+    assert checker is not None
+    async with asyncio.timeout(5):
+        while len(proxy_reader.headers) < 3:
+            await asyncio.sleep(0.01)
+    assert all(h.version == 2 and h.source is None for h in proxy_reader.headers)  # LOCAL
+    assert checker.last[0] is not None and checker.last[0].ok
+    assert balancer.backends_view()[0]["state"] == "up"

@@ -17,6 +17,7 @@ from balancer.proxy_protocol import (
     ProxyHeaderError,
     TLSFacts,
     _tlvs,
+    encode_local,
     encode_v1,
     encode_v2,
 )
@@ -71,6 +72,9 @@ def test_what_is_not_a_header_is_refused() -> None:
             HeaderReader().feed(bad)
     header, rest = HeaderReader().feed(b"PROXY UNKNOWN\r\nx")  # type: ignore[misc]
     assert header.source is None and rest == b"x"
+    for version, number in (("v1", 1), ("v2", 2)):  # what health checks send
+        header, rest = HeaderReader().feed(encode_local(version) + b"GET")  # type: ignore[misc]
+        assert (header.version, header.source, rest) == (number, None, b"GET")
 
 
 def client_hello(name: str | None) -> bytes:
