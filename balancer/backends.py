@@ -17,6 +17,7 @@ class Backend:
     # each connect (as create_connection does with a name). Not given: `host` itself.
     connect_hosts: tuple[str, ...] = ()
     backup: bool = False  # picked only while no other backend is up
+    group: str = "default"  # the group it serves in (config.GroupConfig)
     # "host:port" ("[v6]:port"), made once: every connection's record holds it.
     address: str = field(init=False, repr=False, compare=False)
 

@@ -523,7 +523,8 @@ def json_line(r: ConnectionRecord) -> str:
     backend = (
         "null"
         if r.backend is None
-        else f'{{"name":{_text(r.backend)},"address":{_text(r.backend_address)},'
+        else f'{{"name":{_text(r.backend)},"group":{_text(r.backend_group)},'
+        f'"address":{_text(r.backend_address)},'
         f'"local_port":{_number(r.backend_local_port)},'
         f'"connect_wait_seconds":{_number(r.connect_wait_seconds)},'
         f'"tcp_handshake_rtt_seconds":{_number(r.backend_tcp_handshake_rtt_seconds)}}}'
@@ -559,7 +560,7 @@ def request_json_line(r: RequestRecord) -> str:
         f'"worker_pid":{connection.worker_pid},"listener":{_text(connection.listener)},'
         f'"time":"{rfc3339(r.head_unix)}","method":{_text(r.method.decode("latin-1"))},'
         f'"target":{_text(r.target_shown)},"status":{_number(r.status)},'
-        f'"backend":{_text(r.backend)},'
+        f'"backend":{_text(r.backend)},"group":{_text(r.backend_group)},'
         f'"backend_connection_id":{_number(r.backend_connection_id)},'
         f'"reused":{_flag(r.reused)},"retries":{r.retries},'
         f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'

@@ -139,6 +139,7 @@ class ConnectionRecord:
         "accepted_unix",
         "backend",
         "backend_address",
+        "backend_group",
         "client_ip",
         "client_leg",
         "client_port",
@@ -194,6 +195,7 @@ class ConnectionRecord:
         # Backend: the last one tried, the attempts, and the connection that served.
         self.backend: str | None = None
         self.backend_address: str | None = None
+        self.backend_group: str | None = None
         self.connect_attempts = 0
         self.connect_failures = 0
         self.upstream: BackendConnectionRecord | None = None
@@ -297,6 +299,7 @@ class ConnectionRecord:
             if self.backend is None
             else {
                 "name": self.backend,
+                "group": self.backend_group,
                 "address": self.backend_address,
                 "local_port": self.backend_local_port,
                 "connect_wait_seconds": self.connect_wait_seconds,
@@ -386,6 +389,7 @@ class RequestRecord:
         "backend",
         "backend_address",
         "backend_connection_id",
+        "backend_group",
         "connect_attempts",
         "connect_failures",
         "connect_wait_seconds",
@@ -413,6 +417,7 @@ class RequestRecord:
         self.status: int | None = None  # the response's, or the balancer's own error status
         self.backend: str | None = None
         self.backend_address: str | None = None
+        self.backend_group: str | None = None
         self.connect_attempts = 0  # reuse modes: connects made for this request
         self.connect_failures = 0
         # Its backend connection's connect wait, if that connection was made for it; None on

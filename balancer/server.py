@@ -489,8 +489,9 @@ class Balancer:
 def backends_of(config: Config) -> list[Backend]:
     """The configured backends, their names resolved once (see resolve_once)."""
     return [
-        Backend(b.name, host, port, b.weight, resolve_once(host, port), b.backup)
-        for b in config.backends
+        Backend(b.name, host, port, b.weight, resolve_once(host, port), b.backup, group.name)
+        for group in config.groups
+        for b in group.backends
         for host, port in [(b.address.host, b.address.port)]
     ]
 

@@ -38,6 +38,7 @@ class ConnectAttempts(Protocol):
 
     backend: str | None
     backend_address: str | None
+    backend_group: str | None
     connect_attempts: int
     connect_failures: int
 
@@ -173,6 +174,7 @@ class Connector:
             tried.append(lease.state)
             attempts.backend = backend.name
             attempts.backend_address = backend.address
+            attempts.backend_group = backend.group
             attempts.connect_attempts += 1
             started = clock()
             record = BackendConnectionRecord(backend.name, backend.address, started, self.next_id())

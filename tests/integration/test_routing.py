@@ -4,11 +4,13 @@ group their Host and path name, each group with its own policy and reuse mode.""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from balancer.config import parse_config
+from balancer.observe import json_line
 from tests.helpers import Backend, Client, admin_json, dead_port, port_of
 
 
@@ -119,13 +121,16 @@ async def test_a_tcp_listener_sends_to_its_own_group(
 ) -> None:
     web, api, static = await start_farms()
     try:
-        balancer, _ = await balancer_factory(routed_config(web, api, static))
+        balancer, recorder = await balancer_factory(routed_config(web, api, static))
         seen = Counter()
         for _ in range(4):
             client = await Client.connect(port_of(balancer, "raw"))
             seen[(await client.request(path="/")).backend] += 1
             await client.close()
         assert set(seen) <= {"api1", "api2"} and sum(seen.values()) == 4
+        records = await recorder.wait_for(4)
+        assert {r.backend_group for r in records} == {"api"}  # the record says the group
+        assert json.loads(json_line(records[0]))["backend"]["group"] == "api"
     finally:
         for backend in web + api + static:
             backend.close()

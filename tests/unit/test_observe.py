@@ -160,6 +160,7 @@ def records(draw: st.DrawFn) -> ConnectionRecord:
     record.tls_sni, record.tls_alpn = draw(_maybe_text), draw(_maybe_text)
     record.tls_resumed, record.tls_failure = draw(_maybe_flag), draw(_maybe_text)
     record.backend, record.backend_address = draw(_maybe_text), draw(_maybe_text)
+    record.backend_group = draw(_maybe_text)
     if draw(st.booleans()):
         upstream = record.upstream = BackendConnectionRecord(
             draw(st.text()), draw(st.text()), draw(st.floats(0, 1e6))
@@ -216,6 +217,7 @@ def test_publish_request_counts_responses_by_class_and_times_them() -> None:
     connection = ConnectionRecord(7, "http", accepted_at=9.0, accepted_unix=1.7e9)
     request = RequestRecord(3, connection, b"GET", b"/p" + b"x" * 300, head_at=10.0)
     request.backend, request.backend_connection_id, request.reused = "web1", 12, True
+    request.backend_group = "web"
     request.forwarded_at, request.first_byte_at, request.done_at = 10.001, 10.004, 10.02
     request.status = 503
     observer.publish_request(request)
@@ -233,6 +235,7 @@ def test_publish_request_counts_responses_by_class_and_times_them() -> None:
         "request", 7, 12,
     )  # fmt: skip
     assert abs(line["first_byte_seconds"] - 0.004) < 1e-9 and line["reused"] is True
+    assert (line["backend"], line["group"]) == ("web1", "web")
     assert line["target"] == "/p" + "x" * 195 + "..." and line["method"] == "GET"
     assert line["time"] == "2023-11-14T22:13:21.000000Z"  # accepted_unix + 1 s
     observer.request_log = False
