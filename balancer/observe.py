@@ -440,6 +440,27 @@ class SupervisorMetrics:
             self.admin_writes.labels(result)
 
 
+class BackendInfo(Collector):
+    """`balancer_backend_info{backend, group, address} 1` for each configured backend, read
+    from the running configuration at scrape time: the join that lets a query sum the
+    per-backend families by group (Prometheus's `_info` idiom). Kept by the supervisor, so
+    it is not summed across the workers."""
+
+    def __init__(self, backends: Callable[[], Iterable[tuple[str, str, str]]]) -> None:
+        self._backends = backends  # (name, group, address)
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "balancer_backend_info",
+            "1 for each configured backend, labelled with its group and address; join on "
+            "backend to sum any balancer_backend_* or per-backend family by group.",
+            labels=["backend", "group", "address"],
+        )
+        for name, group, address in self._backends():
+            info.add_metric([name, group, address], 1)
+        yield info
+
+
 class HealthMetrics:
     """The active checks' metrics (health.py), kept by whoever runs the checks: the
     supervisor, or a lone Balancer."""

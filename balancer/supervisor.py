@@ -49,7 +49,7 @@ from balancer.config import Config, ConfigError
 from balancer.config_values import Address
 from balancer.control import Control, read_token
 from balancer.health import HealthChecker, checker_for
-from balancer.observe import HealthMetrics, SupervisorMetrics
+from balancer.observe import BackendInfo, HealthMetrics, SupervisorMetrics
 from balancer.pool import BackendTable, PeerCounts
 from balancer.server import (
     BACKLOG,
@@ -222,6 +222,11 @@ class Supervisor:
         self.registry = CollectorRegistry()
         self.metrics = SupervisorMetrics(self.registry, lambda: len(self._children))
         self.health_metrics = HealthMetrics(self.registry)
+        self.registry.register(BackendInfo(lambda: (
+            (backend.name, group.name, str(backend.address))
+            for group in self.generation.config.groups
+            for backend in group.backends
+        )))  # fmt: skip
         self.control = Control(
             lambda: (self.generation.config, self.generation.table, self.generation.token),
             self.metrics.admin_writes,
