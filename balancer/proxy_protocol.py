@@ -50,8 +50,18 @@ def _family(host: str) -> int:
     return 6 if ":" in host else 4
 
 
+def _unmapped(address: tuple[str, int]) -> tuple[str, int]:
+    """An IPv4-mapped IPv6 address (a dual-stack listener's IPv4 client) as the IPv4 one."""
+    if address[0].startswith("::ffff:"):
+        mapped = ipaddress.IPv6Address(address[0]).ipv4_mapped
+        if mapped is not None:
+            return str(mapped), address[1]
+    return address
+
+
 def encode_v1(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
     """`PROXY TCP4 192.0.2.1 198.51.100.1 56324 443\\r\\n` (TCP6 for IPv6)."""
+    source, destination = _unmapped(source), _unmapped(destination)
     family = _family(source[0])
     if family != _family(destination[0]):
         return b"PROXY UNKNOWN\r\n"
@@ -68,6 +78,7 @@ def encode_v2(
     source: tuple[str, int], destination: tuple[str, int], tls: TLSFacts | None = None
 ) -> bytes:
     """A binary v2 PROXY header for a TCP connection; with `tls`, its TLVs."""
+    source, destination = _unmapped(source), _unmapped(destination)
     family = _family(source[0])
     if family != _family(destination[0]):
         addresses, kind = b"", _UNSPEC

@@ -59,6 +59,13 @@ def test_v2_carries_addresses_and_the_tls_facts() -> None:
     assert sub[PP2_SUBTYPE_SSL_CIPHER] == b"ECDHE-ECDSA-AES128-GCM-SHA256"
 
 
+def test_a_dual_stack_listeners_ipv4_clients_are_sent_as_ipv4() -> None:
+    mapped = (("::ffff:203.0.113.7", 5000), ("::ffff:192.0.2.1", 443))
+    assert encode_v1(*mapped) == b"PROXY TCP4 203.0.113.7 192.0.2.1 5000 443\r\n"
+    header, _ = HeaderReader().feed(encode_v2(*mapped))  # type: ignore[misc]
+    assert header.source == ("203.0.113.7", 5000)
+
+
 def test_what_is_not_a_header_is_refused() -> None:
     for bad in (
         b"GET / HTTP/1.1\r\n",
