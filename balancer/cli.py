@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import resource
-import ssl
 import sys
 import tomllib
 from collections.abc import Callable, Coroutine, Sequence
@@ -32,7 +31,7 @@ from balancer.config import (
 )
 from balancer.control import read_token
 from balancer.policies import POLICIES
-from balancer.server import Balancer, StartError, build_ssl_context
+from balancer.server import Balancer, SSLContexts, StartError, build_ssl_contexts
 from balancer.supervisor import Supervisor
 from balancer.tls import TLSSetupError
 
@@ -257,7 +256,7 @@ def budget_file_descriptors(config: Config, max_connections_set: bool) -> tuple[
     return config, message, logging.WARNING
 
 
-def prepare(args: argparse.Namespace) -> tuple[Config, ssl.SSLContext | None, str, int]:
+def prepare(args: argparse.Namespace) -> tuple[Config, SSLContexts, str, int]:
     """Everything `check` checks, for `run` and for each reload: the configuration to run,
     the TLS context (built once, for every worker), and the descriptor budget's log line and
     level. Raises ConfigError or TLSSetupError."""
@@ -267,16 +266,16 @@ def prepare(args: argparse.Namespace) -> tuple[Config, ssl.SSLContext | None, st
         raise ConfigError([problem])
     config, descriptors, level = budget_file_descriptors(config, max_connections_set)
     read_token(config)  # readable and long enough, if set
-    ssl_context = build_ssl_context(config)
-    Balancer(config, ssl_context=ssl_context)  # backends resolve; nothing is bound
-    return config, ssl_context, descriptors, level
+    ssl_contexts = build_ssl_contexts(config)
+    Balancer(config, ssl_contexts=ssl_contexts)  # backends resolve; nothing is bound
+    return config, ssl_contexts, descriptors, level
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config, ssl_context, descriptors, level = prepare(args)
+    config, ssl_contexts, descriptors, level = prepare(args)
     supervisor = Supervisor(
         config,
-        ssl_context,
+        ssl_contexts,
         prepare=lambda: prepare(args)[:2],
         open_access_log=open_access_log,
         run_loop=run_loop,

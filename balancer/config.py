@@ -72,6 +72,9 @@ class ListenerConfig:
     # Behind an L4 balancer: every connection from these networks starts with a PROXY header
     # (v1 or v2) naming the real client; connections from elsewhere are refused.
     accept_proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # A TLS listener's own certificate/key pairs (the first its default, the rest chosen by
+    # SNI), in place of [tls] cert/key and [[tls.certificates]]; versions, ciphers as [tls].
+    certificates: tuple[tuple[str, str], ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -254,9 +257,15 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         proxy_from = r.get(item, "accept_proxy_from", f"{path}.accept_proxy_from", networks,
                            "a list of addresses or networks ('10.0.0.0/8', '127.0.0.1') of "
                            "the L4 balancers that send PROXY headers", ())  # fmt: skip
+        certificates = _certificates(r, item.get("certificates", []), f"{path}.certificates",
+                                     "listeners.certificates")  # fmt: skip
+        if certificates and protocol != "https":
+            r.problem(f"{path}.certificates", item["certificates"], "tls = true on this "
+                      "listener: certificates are for a listener that terminates TLS")  # fmt: skip
         if isinstance(bind, Address):
             listeners.append(ListenerConfig(
-                name, bind, protocol or "http", mode or "http", group, routes, proxy_from
+                name, bind, protocol or "http", mode or "http", group, routes, proxy_from,
+                certificates,
             ))  # fmt: skip
     if not listeners and not r.problems:
         r.problem("listeners", MISSING, "at least one [[listeners]] table (or --http / --https)")
@@ -399,12 +408,13 @@ def _health_check(r: Reader, raw: object, path: str, d: HealthCheck | None = Non
     return check
 
 
-def _certificates(r: Reader, raw: object) -> tuple[tuple[str, str], ...]:
-    """[[tls.certificates]]: cert and key, each pair served to the names its certificate
-    holds (tls.py reads them)."""
+def _certificates(
+    r: Reader, raw: object, where: str = "tls.certificates", shape: str = "tls.certificates"
+) -> tuple[tuple[str, str], ...]:
+    """[[tls.certificates]] (or a listener's `certificates`, at `where`): cert and key, each
+    pair served to the names its certificate holds (tls.py reads them)."""
     pairs = []
-    for path, item in r.tables(raw, "tls.certificates", "tls.certificates",
-                               "a table with cert and key"):  # fmt: skip
+    for path, item in r.tables(raw, where, shape, "a table with cert and key"):
         r.table(item, path, ("cert", "key"))
         cert = r.get(item, "cert", f"{path}.cert", text, "a certificate file path", REQUIRED)
         key = r.get(item, "key", f"{path}.key", text, "a private key file path", REQUIRED)
@@ -419,6 +429,7 @@ GROUP_KEYS = (
 )  # fmt: skip
 LISTENER_KEYS = (
     "name", "bind", "tls", "mode", "protocol", "group", "routes", "accept_proxy_from",
+    "certificates",
 )  # fmt: skip
 
 

@@ -119,7 +119,7 @@ class Balancer:
         registry: CollectorRegistry | None = None,
         access_log: IO[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_contexts: SSLContexts | None = None,
         peers: PeerCounts | None = None,
         table: BackendTable | None = None,
     ) -> None:
@@ -149,8 +149,8 @@ class Balancer:
         self.deadlines: DeadlineWheel[Wakeable] = DeadlineWheel(self._arm_deadlines)
         self.writes = WriteBatch(self._call_soon)
         ids = itertools.count(1)
-        if ssl_context is None:
-            ssl_context = build_ssl_context(config)
+        if ssl_contexts is None:
+            ssl_contexts = build_ssl_contexts(config)
         worker_pid = os.getpid()
         self.groups = self._groups(backends, peers, table, worker_pid)
         dispatch = {x.name: dispatches(config, x) for x in config.listeners}
@@ -179,7 +179,7 @@ class Balancer:
                     listener=listener,
                     timeouts=config.timeouts,
                     limits=config.limits,
-                    ssl_context=ssl_context if listener.tls else None,
+                    ssl_context=ssl_contexts.get(listener.name),
                     dispatch=dispatch[listener.name],
                 ),
                 self.services,
@@ -522,12 +522,30 @@ def dispatches(config: Config, listener: ListenerConfig) -> bool:
     return bool(listener.routes) or group.reuse != "never"
 
 
-def build_ssl_context(config: Config) -> ssl.SSLContext | None:
-    """The TLS listeners' context (None without one); raises what loading cert and key do."""
-    if config.tls is None or not any(x.tls for x in config.listeners):
-        return None
-    alpn = ["http/1.1"] if any(x.tls and x.mode == "http" for x in config.listeners) else None
-    return server_context(config.tls, alpn)
+SSLContexts = dict[str, ssl.SSLContext]  # TLS listeners' contexts, by listener name
+
+
+def build_ssl_contexts(config: Config) -> SSLContexts:
+    """Each TLS listener's context: [tls]'s, shared, or (a listener with certificates of its
+    own) one of its own. Raises what loading the certificates and keys does."""
+    tls = config.tls
+    listeners = [x for x in config.listeners if x.tls]
+    if tls is None or not listeners:
+        return {}
+    shared = [x for x in listeners if not x.certificates]
+    contexts: SSLContexts = {}
+    if shared:  # ALPN http/1.1 if any of them speaks HTTP (as one context, as before)
+        context = server_context(
+            tls, ["http/1.1"] if any(x.mode == "http" for x in shared) else None
+        )
+        contexts = {x.name: context for x in shared}
+    for index, listener in enumerate(config.listeners):
+        if listener.tls and listener.certificates:
+            where = f"listeners[{index}].certificates"
+            pairs = [(f"{where}[{i}]", *pair) for i, pair in enumerate(listener.certificates)]
+            alpn = ["http/1.1"] if listener.mode == "http" else None
+            contexts[listener.name] = server_context(tls, alpn, pairs)
+    return contexts
 
 
 def _bound(server: Listening) -> tuple[str, int]:

@@ -33,7 +33,6 @@ import mmap
 import os
 import signal
 import socket
-import ssl
 import time
 import traceback
 from collections.abc import Callable, Coroutine
@@ -54,6 +53,7 @@ from balancer.pool import BackendTable, PeerCounts
 from balancer.server import (
     BACKLOG,
     HANDSHAKES_SETTLE_SECONDS,
+    SSLContexts,
     StartError,
     backends_of,
     bind_failure,
@@ -70,7 +70,7 @@ STABLE_SECONDS = 30.0  # a worker that lived this long starts the backoff over
 READY_TIMEOUT_SECONDS = 15.0
 ASK_TIMEOUT_SECONDS = 3.0
 
-Prepare = Callable[[], tuple[Config, ssl.SSLContext | None]]
+Prepare = Callable[[], tuple[Config, SSLContexts]]
 
 
 def worker_count(config: Config) -> int:
@@ -152,10 +152,10 @@ class Worker:
 class Generation:
     """Workers started together on one configuration."""
 
-    def __init__(self, number: int, config: Config, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, number: int, config: Config, ssl_contexts: SSLContexts) -> None:
         self.number = number
         self.config = config
-        self.ssl_context = ssl_context
+        self.ssl_contexts = ssl_contexts
         self.sockets: dict[str, list[socket.socket]] = {}  # listener name → bound sockets
         self.workers: dict[int, Worker] = {}  # by index; a restarted worker takes the slot
         self.size = worker_count(config)
@@ -196,7 +196,7 @@ class Supervisor:
     def __init__(
         self,
         config: Config,
-        ssl_context: ssl.SSLContext | None,
+        ssl_contexts: SSLContexts,
         *,
         prepare: Prepare,
         open_access_log: Callable[[Config], IO[str] | None],
@@ -205,7 +205,7 @@ class Supervisor:
         self.prepare = prepare  # read and check the file again (reload)
         self.open_access_log = open_access_log
         self.run_loop = run_loop
-        self.generation = Generation(1, config, ssl_context)
+        self.generation = Generation(1, config, ssl_contexts)
         self.retiring: list[Generation] = []
         # By configured address (host, port, and the listener's name if the port is 0).
         self.bound: dict[tuple[str, int, str], list[socket.socket]] = {}
@@ -337,7 +337,7 @@ class Supervisor:
                                      for s in socks)}  # fmt: skip
         spec = WorkerSpec(
             index, generation.number, generation.config, generation.sockets,
-            generation.ssl_context, theirs, self.open_access_log, self.run_loop,
+            generation.ssl_contexts, theirs, self.open_access_log, self.run_loop,
             generation.size, generation.counts, generation.table_memory,
         )  # fmt: skip
         for handler in logging.getLogger().handlers:
@@ -436,7 +436,7 @@ class Supervisor:
         log.info("reload: checking the configuration")
         notify.reloading()
         try:
-            config, ssl_context = self.prepare()
+            config, ssl_contexts = self.prepare()
         except ConfigError as error:
             for problem in error.problems:
                 log.error("reload: %s", problem)
@@ -446,7 +446,7 @@ class Supervisor:
             return self._reload_failed()
         old = self.generation
         try:
-            new = Generation(old.number + 1, config, ssl_context)
+            new = Generation(old.number + 1, config, ssl_contexts)
         except ConfigError as error:  # (the token file went between the check and now)
             for problem in error.problems:
                 log.error("reload: %s", problem)

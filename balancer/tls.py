@@ -59,25 +59,35 @@ def failure_reason(error: ssl.SSLError) -> str:
     return "other"
 
 
-def server_context(config: TLSConfig, alpn: list[str] | None = None) -> ssl.SSLContext:
+def server_context(
+    config: TLSConfig,
+    alpn: list[str] | None = None,
+    pairs: list[tuple[str, str, str]] | None = None,
+) -> ssl.SSLContext:
     """A server context: TLS 1.2+ (configurable), AEAD ECDHE suites, no compression or
-    renegotiation. With `tls.certificates`, one context more per pair, chosen by the
+    renegotiation. With more than one certificate, one context more per pair, chosen by the
     ClientHello's SNI among the names its certificate holds (exact names first, then
-    wildcards; a name two hold is the first's, cert/key first); cert/key is the default.
-    Raises TLSSetupError naming the file and the fix."""
-    context = _context(config, config.cert, config.key, "tls", alpn)
+    wildcards; a name two hold is the first's, the default first). The pairs are [tls]
+    cert/key (the default) and [[tls.certificates]], or `pairs` (where each is configured,
+    cert, key; the first the default): a listener's own. Raises TLSSetupError naming the
+    file and the fix."""
+    if pairs is None:
+        pairs = [("tls", config.cert, config.key)]
+        pairs += [(f"tls.certificates[{i}]", *pair) for i, pair in enumerate(config.certificates)]
+    (default, cert, key), more = pairs[0], pairs[1:]
+    context = _context(config, cert, key, default, alpn)
+    if not more:  # one certificate: served whatever the SNI
+        return context
     by_name: dict[str, ssl.SSLContext] = {}
-    pairs = [("tls", config.cert, config.key)] if config.certificates else []
-    pairs += [(f"tls.certificates[{i}]", *pair) for i, pair in enumerate(config.certificates)]
     for where, cert, key in pairs:
-        other = context if where == "tls" else _context(config, cert, key, where, alpn)
+        other = context if where == default else _context(config, cert, key, where, alpn)
         try:
             names = certificate_names(cert)
         except ValueError as error:
             raise TLSSetupError(
                 f"{where}.cert = {cert!r}: not a PEM certificate ({error})"
             ) from None
-        if not names and where != "tls":  # (the default needs none: it is the default)
+        if not names and where != default:  # (the default needs none: it is the default)
             raise TLSSetupError(f"{where}.cert = {cert!r}: holds no DNS name (subjectAltName "
                                 "or CN) to be chosen by")  # fmt: skip
         for name in names:
@@ -85,7 +95,7 @@ def server_context(config: TLSConfig, alpn: list[str] | None = None) -> ssl.SSLC
 
     def choose(obj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
         obj.balancer_sni = name  # type: ignore[attr-defined]
-        if name is None or not by_name:
+        if name is None:
             return
         name = name.lower()
         chosen = by_name.get(name) or by_name.get("*." + name.partition(".")[2])

@@ -31,7 +31,6 @@ import os
 import resource
 import signal
 import socket
-import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from prometheus_client import generate_latest
 
 from balancer.config import Config
 from balancer.pool import BackendTable, PeerCounts
-from balancer.server import Balancer, backends_of
+from balancer.server import Balancer, SSLContexts, backends_of
 
 log = logging.getLogger("balancer")
 
@@ -57,7 +56,7 @@ class WorkerSpec:
     generation: int
     config: Config
     sockets: dict[str, list[socket.socket]]  # listener name → bound listening sockets
-    ssl_context: ssl.SSLContext | None
+    ssl_contexts: SSLContexts  # by listener name
     control: socket.socket  # the worker's end of the control channel
     open_access_log: Callable[[Config], IO[str] | None]
     run_loop: Callable[[Config, Callable[[], Any]], None]
@@ -85,7 +84,7 @@ def run_worker(spec: WorkerSpec, keep: set[int], supervisor: int) -> int:
         cells = memoryview(spec.table).cast("I")
         table = BackendTable(cells, backends_of(spec.config), fresh=False)
     balancer = Balancer(
-        spec.config, access_log=access_log, ssl_context=spec.ssl_context, peers=spec.peers(),
+        spec.config, access_log=access_log, ssl_contexts=spec.ssl_contexts, peers=spec.peers(),
         table=table,
     )  # fmt: skip
     spec.run_loop(spec.config, lambda: _serve(balancer, spec))

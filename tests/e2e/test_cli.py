@@ -208,6 +208,19 @@ def test_check_accepts_the_xmpp_config_and_names_a_missing_sni_certificate(
     assert result.returncode == 2
     assert "tls.certificates[0].cert = 'missing.crt': cannot read: no such file" in result.stderr
     assert "Traceback" not in result.stderr
+    own = tmp_path / "own.toml"
+    own.write_text(
+        (root / "config" / "xmpp.toml")
+        .read_text()
+        .replace(
+            'group = "c2s"\n\n[[listeners]]\nname = "bosh"',
+            'group = "c2s"\ncertificates = [{ cert = "gone.crt", key = "gone.key" }]\n\n'
+            '[[listeners]]\nname = "bosh"',
+        )
+    )
+    result = check("-c", str(own), *keys, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout
+    assert "listeners[1].certificates[0].cert = 'gone.crt': cannot read" in result.stderr
 
 
 def test_run_refuses_a_bad_config_before_binding(tmp_path: Path) -> None:

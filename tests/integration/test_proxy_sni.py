@@ -337,3 +337,25 @@ async def test_a_group_that_sends_proxy_headers_sends_them_on_its_checks(
     assert all(h.version == 2 and h.source is None for h in proxy_reader.headers)  # LOCAL
     assert checker.last[0] is not None and checker.last[0].ok
     assert balancer.backends_view()[0]["state"] == "up"
+
+
+async def test_a_listener_with_certificates_of_its_own_serves_them_and_its_default(
+    balancer_factory: Callable[..., Any], certs: CertPaths, tmp_path: Path
+) -> None:
+    """The XMPP port with the XMPP domain's certificates, the web port with [tls]'s: each
+    listener's own default for clients that send no name it knows."""
+    chat = make_certs(tmp_path / "chat", hosts=["chat.example.org"])
+    conference = make_certs(tmp_path / "conference", hosts=["conference.example.org"])
+    config = config_with(
+        [{"name": "https", "bind": "127.0.0.1:0", "tls": True},
+         {"name": "xmpps", "bind": "127.0.0.1:0", "tls": True, "mode": "tcp",
+          "certificates": [{"cert": str(chat.cert), "key": str(chat.key)},
+                           {"cert": str(conference.cert), "key": str(conference.key)}]}],
+        [{"name": "web", "backends": [{"address": "127.0.0.1:9"}]}],
+        {"cert": str(certs.cert), "key": str(certs.key)},
+    )  # fmt: skip
+    balancer, _ = await balancer_factory(config)
+    web, xmpp = port_of(balancer, "https"), port_of(balancer, "xmpps")
+    assert "chat.example.org" in await peer_names(xmpp, "other.test")  # its own default
+    assert "conference.example.org" in await peer_names(xmpp, "conference.example.org")
+    assert await peer_names(web, "chat.example.org") == ["localhost"]  # [tls]'s, the web's

@@ -145,3 +145,22 @@ def test_arrays_of_tables_that_are_not_say_their_shape() -> None:
     assert "groups[1].backends[0] = '127.0.0.1:2': expected a table with address" in said
     assert "tls.certificates = {'cert': 'c'}: expected an array of tables: " \
         "[[tls.certificates]]" in said  # fmt: skip
+
+
+def test_a_listeners_own_certificates_are_for_a_tls_listener() -> None:
+    said = problems({
+        "listeners": [{**LISTENER, "certificates": [{"cert": "c.pem", "key": "k.pem"}]},
+                      {"name": "s", "bind": "127.0.0.1:81", "tls": True,
+                       "certificates": {"cert": "c.pem"}}],
+        "backends": [{"address": "127.0.0.1:9001"}],
+    })  # fmt: skip
+    assert "listeners[0].certificates = [{'cert': 'c.pem', 'key': 'k.pem'}]: expected " \
+        "tls = true on this listener" in said  # fmt: skip
+    assert "listeners[1].certificates = {'cert': 'c.pem'}: expected an array of tables: " \
+        "[[listeners.certificates]]" in said  # fmt: skip
+    config = parse_config({
+        "listeners": [{**LISTENER, "tls": True,
+                       "certificates": [{"cert": "a.pem", "key": "a.key"}]}],
+        "backends": [{"address": "127.0.0.1:9001"}],
+    }, "ok.toml")  # fmt: skip
+    assert config.listeners[0].certificates == (("a.pem", "a.key"),)
