@@ -5,6 +5,8 @@ from __future__ import annotations
 import ssl
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from balancer.config_values import networks
 from balancer.prelude import Prelude, trusted
@@ -13,6 +15,7 @@ from balancer.proxy_protocol import (
     PP2_SUBTYPE_SSL_VERSION,
     PP2_TYPE_AUTHORITY,
     PP2_TYPE_SSL,
+    V2_SIGNATURE,
     HeaderReader,
     ProxyHeaderError,
     TLSFacts,
@@ -117,3 +120,30 @@ def test_a_prelude_reads_a_proxy_header_then_keeps_the_hello() -> None:
     assert trusted("127.0.0.1", networks(["127.0.0.0/8"]))
     assert trusted("::ffff:10.1.2.3", networks(["10.0.0.0/8"]))
     assert not trusted("192.0.2.1", networks(["10.0.0.0/8", "::1"]))
+
+
+@given(
+    st.lists(st.binary(max_size=64), max_size=8), st.sampled_from([b"", b"PROXY ", V2_SIGNATURE])
+)
+def test_any_first_bytes_give_a_header_a_wait_or_a_refusal(
+    chunks: list[bytes], start: bytes
+) -> None:
+    """Whatever a client sends first, reading it never raises anything but ProxyHeaderError
+    (the connection is closed, no traceback)."""
+    reader = HeaderReader()
+    try:
+        for chunk in [start, *chunks]:
+            if reader.feed(chunk) is not None:
+                break
+    except ProxyHeaderError:
+        pass
+
+
+@given(st.binary(max_size=600), st.integers(1, 64))
+def test_any_bytes_peeked_for_sni_give_a_name_a_wait_or_not_tls(data: bytes, step: int) -> None:
+    reader = ClientHelloReader()
+    hello = b"\x16\x03\x01" + data  # looks like a handshake record, then anything
+    for at in range(0, len(hello), step):
+        if reader.feed(hello[at : at + step]) is not None:
+            break
+    server_name(data)  # any ClientHello body: a name or None, never an exception
