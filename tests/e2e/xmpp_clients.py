@@ -26,7 +26,9 @@ TOKEN = ""
 class Client(slixmpp.ClientXMPP):  # type: ignore[misc]
     """A user that logs in through a listener, and logs in again whenever it is cut off."""
 
-    def __init__(self, n: int, port: int, direct_tls: bool, ca: Path) -> None:
+    def __init__(
+        self, n: int, port: int, direct_tls: bool, ca: Path, changed: asyncio.Event
+    ) -> None:
         super().__init__(f"user{n}@localhost", "secret")
         self.port = port
         self.enable_direct_tls = direct_tls  # TLS at the balancer (5223)
@@ -35,7 +37,7 @@ class Client(slixmpp.ClientXMPP):  # type: ignore[misc]
         self.ssl_context = ssl.create_default_context(cafile=str(ca))
         self.sessions = 0
         self.keep = True
-        self.changed = asyncio.Event()
+        self.changed = changed  # set at every login, any user's
         self.add_event_handler("session_start", self._started)
         self.add_event_handler("disconnected", self._lost)
 
@@ -69,22 +71,39 @@ def admin_post(path: str) -> None:
         assert response.status == 200
 
 
-async def until(condition: Any, timeout: float, what: str) -> None:
+async def until(condition: Any, changed: asyncio.Event, timeout: float, what: str) -> None:
+    """Wait for logins (`changed`) until `condition` holds; bounded."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        changed.clear()
+        left = deadline - time.monotonic()
+        assert left > 0, f"not within {timeout} s: {what}"
+        try:
+            await asyncio.wait_for(changed.wait(), left)
+        except TimeoutError:
+            raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
+async def settled(expected: dict[str, int], timeout: float = 5) -> None:
+    """The admin API's count of sessions per server, once the balancer has released the
+    ended ones (another process: asked again until it agrees, bounded)."""
+    deadline = time.monotonic() + timeout
+    while (seen := backends()) != expected:
+        assert time.monotonic() < deadline, f"/backends says {seen}, not {expected}"
         await asyncio.sleep(0.05)
 
 
 async def scenario(users: int, ca: Path, killed_pid: int) -> None:
+    changed = asyncio.Event()
     clients = [
-        Client(n, PORTS["c2s"] if n < 8 else PORTS["c2s-direct-tls"], direct_tls=n >= 8, ca=ca)
+        Client(n, PORTS["c2s"] if n < 8 else PORTS["c2s-direct-tls"], n >= 8, ca, changed)
         for n in range(users)
     ]
     try:
         for client in clients:
             client.login()
-        await until(lambda: all(c.sessions == 1 for c in clients), 30, "every user logged in")
+        await until(lambda: all(c.sessions == 1 for c in clients), changed, 30,
+                    "every user logged in")  # fmt: skip
         # STARTTLS negotiated with Prosody through the c2s listener; not on direct TLS.
         assert all("starttls" in c.features for c in clients[:8])
         assert not any("starttls" in c.features for c in clients[8:])
@@ -94,16 +113,16 @@ async def scenario(users: int, ca: Path, killed_pid: int) -> None:
         # Drain xmpp1: its sessions are closed over the window and log in again on xmpp2.
         on_first = spread["xmpp1"]
         admin_post("/backends/xmpp1/drain")
-        await until(lambda: sum(c.sessions for c in clients) == users + on_first, 15,
+        await until(lambda: sum(c.sessions for c in clients) == users + on_first, changed, 15,
                     "the drained server's users logged in again")  # fmt: skip
-        assert backends() == {"xmpp1": 0, "xmpp2": users}
+        await settled({"xmpp1": 0, "xmpp2": users})
         admin_post("/backends/xmpp1/enable")
         # Kill xmpp2, where every user is now: all log in again, on xmpp1.
         before = sum(c.sessions for c in clients)
         os.kill(killed_pid, signal.SIGKILL)
-        await until(lambda: sum(c.sessions for c in clients) >= before + users, 30,
+        await until(lambda: sum(c.sessions for c in clients) >= before + users, changed, 30,
                     "every user back after the kill")  # fmt: skip
-        assert backends() == {"xmpp1": users, "xmpp2": 0}
+        await settled({"xmpp1": users, "xmpp2": 0})
         print("after the kill:", backends())
     finally:
         for client in clients:
