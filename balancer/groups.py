@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from balancer.config import RouteConfig
+from balancer.http1 import origin_form
 from balancer.pool import BackendPool
 from balancer.upstream import Connector
 
@@ -54,16 +55,6 @@ def host_of(host_header: bytes) -> bytes:
     return name if colon and port.isdigit() else host
 
 
-def path_of(target: bytes) -> bytes:
-    """The path of a request target: itself in origin form; after the authority in absolute
-    form (`http://h/x?y` → `/x?y`); `*` (OPTIONS) as it is."""
-    if target.startswith(b"/") or b"://" not in target:
-        return target
-    rest = target.split(b"://", 1)[1]
-    slash = rest.find(b"/")
-    return rest[slash:] if slash >= 0 else b"/"
-
-
 def name_matches(pattern: str, name: str) -> bool:
     """`example.com` matches itself; `*.example.com` any name under it (not itself)."""
     if pattern.startswith("*."):
@@ -92,7 +83,7 @@ class Router:
         if not self.rules:
             return self.default
         host = None
-        path = path_of(target)
+        path = origin_form(target)[0]  # (the head was read: a bad target never gets here)
         for pattern, prefix, _sni, group in self.rules:
             if prefix is not None and not path.startswith(prefix):
                 continue

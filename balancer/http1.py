@@ -372,7 +372,7 @@ class RequestReader:
         upgrade_value = b""
         forwarded_for = b""
         length: bytes | None = None
-        target, authority = _origin_form(self._url)
+        target, authority = origin_form(self._url)
         lines = [b"%b %b %b" % (method, target, _REQUEST_LINE_ENDS[version])]
         self._host = authority
         if authority is not None:  # RFC 9112 §3.2.2: the target's host replaces Host
@@ -441,7 +441,7 @@ class RequestReader:
         return b"".join(lines), chunked
 
 
-def _origin_form(url: bytes) -> tuple[bytes, bytes | None]:
+def origin_form(url: bytes) -> tuple[bytes, bytes | None]:
     """An absolute-form target (`http://host:port/path?q`) as (origin-form, authority); any
     other target as (itself, None). A proxy must take the Host from such a target and ignore
     the Host header (RFC 9112 §3.2.2); the backend gets the origin form, as nginx sends it."""
@@ -463,4 +463,7 @@ def _origin_form(url: bytes) -> tuple[bytes, bytes | None]:
     return path, authority
 
 
-__all__ = ["HeadLimits", "RequestHead", "RequestReader", "ResponseFramer", "error_response"]
+__all__ = [
+    "HeadLimits", "RequestHead", "RequestReader", "ResponseFramer", "error_response",
+    "origin_form",
+]  # fmt: skip

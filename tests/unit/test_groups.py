@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from balancer.config import ConfigError, RouteConfig, parse_config
-from balancer.groups import Group, Router, host_of, path_of
+from balancer.groups import Group, Router, host_of
 from balancer.server import checks_of
 
 LISTENER = {"name": "http", "bind": "127.0.0.1:8080"}
@@ -103,12 +103,10 @@ def test_route_mistakes_are_named() -> None:
     assert "listeners[2].routes[0].sni = 'a.example': expected a tcp listener without tls" in said
 
 
-def test_host_and_path_of_what_a_client_sends() -> None:
+def test_the_host_of_what_a_client_sends() -> None:
     assert host_of(b"Example.COM:8080") == b"example.com"
     assert host_of(b"[::1]:80") == b"[::1]" and host_of(b"[::1]") == b"[::1]"
     assert host_of(b"example.com") == b"example.com"
-    assert path_of(b"/a?b") == b"/a?b" and path_of(b"*") == b"*"
-    assert path_of(b"http://h:1/x/y?z") == b"/x/y?z" and path_of(b"http://h") == b"/"
 
 
 def test_the_first_matching_rule_wins_else_the_default() -> None:
