@@ -92,9 +92,9 @@ class Forwarder:
         loop = services.loop or asyncio.get_running_loop()
         # Connect attempts count on the connection's record, or (reuse modes) the request's.
         attempts = session.exchanges.queue[0].record if self.dispatch else session.record
+        group = self.group  # (a retry's: the same; set before the connect began)
         try:
-            connector = self.group.connector
-            lease, backend = await connector.connect(session, attempts, task, loop, first)
+            lease, backend = await group.connector.connect(session, attempts, task, loop, first)
         except BackendError as error:
             self.connect_task = None
             if not session.closing:
@@ -103,13 +103,13 @@ class Forwarder:
         self.connect_task = None
         if session.closing:  # the client went away while we connected
             lease.release()
-            if services.idle is not None and self.dispatch and self.group.reuse != "never":
+            if services.idle is not None and self.dispatch and group.reuse != "never":
                 services.idle.put(backend)  # fresh and clean: another request may have it
             else:
                 backend.leg.transport.abort()
             return
-        if self.group.send_proxy != "none":  # before any byte of the client's
-            backend.leg.write(self._proxy_header(self.group.send_proxy))
+        if group.send_proxy != "none":  # before any byte of the client's
+            backend.leg.write(self._proxy_header(group.send_proxy))
         if self.dispatch:
             self.use(lease, backend, reused=False)
         else:
