@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import BalancerProcess
+from tests.helpers import dead_port
 
 pytest.importorskip("slixmpp", reason="slixmpp is not installed (.ci/run installs it)")
 if shutil.which("prosody") is None:
@@ -32,12 +33,6 @@ if shutil.which("prosody") is None:
 ROOT = Path(__file__).resolve().parents[2]
 USERS = 12  # 8 on the c2s listener, 4 on the direct-TLS one
 TOKEN = "xmpp-e2e-token-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float = 10) -> None:
@@ -54,7 +49,7 @@ class Prosody:
     """One Prosody server: its own config, data (accounts written as its files), ports."""
 
     def __init__(self, directory: Path, certs: Path) -> None:
-        self.c2s, self.http = free_port(), free_port()
+        self.c2s, self.http = dead_port(), dead_port()  # free now: Prosody's to take
         directory.mkdir()
         accounts = directory / "data" / "localhost" / "accounts"
         accounts.mkdir(parents=True)

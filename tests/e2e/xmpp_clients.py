@@ -127,8 +127,8 @@ async def scenario(users: int, ca: Path, killed_pid: int) -> None:
     finally:
         for client in clients:
             client.keep = False
-            client.disconnect()
-        await asyncio.sleep(0.1)
+        ends = [client.disconnect(wait=1.0) for client in clients]
+        await asyncio.wait_for(asyncio.gather(*ends, return_exceptions=True), 10)
 
 
 def main() -> None:

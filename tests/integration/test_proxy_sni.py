@@ -24,7 +24,7 @@ from balancer.proxy_protocol import (
     _tlvs,
     encode_v1,
 )
-from tests.helpers import Backend, port_of
+from tests.helpers import Backend, port_of, raw_exchange
 
 
 class ProxyReadingServer:
@@ -35,6 +35,7 @@ class ProxyReadingServer:
         self.server: asyncio.Server | None = None
         self.port = 0
         self.headers: list[Any] = []  # every header it read, in order
+        self.header_read = asyncio.Event()
 
     async def start(self) -> ProxyReadingServer:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -54,6 +55,7 @@ class ProxyReadingServer:
                 return
         header, rest = done
         self.headers.append(header)
+        self.header_read.set()
         while b"\n" not in rest:
             rest += await reader.read(4096)
         ssl_tlv = header.tlvs.get(PP2_TYPE_SSL)
@@ -95,10 +97,10 @@ def config_with(listeners: list[dict[str, Any]], groups: list[dict[str, Any]],
     return parse_config(table, "test")
 
 
-async def ask(port: int, data: bytes, context: ssl.SSLContext | None = None,
-              name: str | None = None) -> bytes:  # fmt: skip
+async def tls_exchange(port: int, data: bytes, context: ssl.SSLContext, name: str) -> bytes:
+    """raw_exchange over TLS: send, read until the other side closes."""
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=context, server_hostname=name if context else None
+        "127.0.0.1", port, ssl=context, server_hostname=name
     )
     writer.write(data)
     async with asyncio.timeout(5):
@@ -123,7 +125,7 @@ async def test_the_client_a_proxy_header_names_is_the_one_sent_on(
           "backends": [{"name": "app1", "address": f"127.0.0.1:{proxy_reader.port}"}]}],
     )  # fmt: skip
     balancer, recorder = await balancer_factory(config)
-    answer = await ask(
+    answer = await raw_exchange(
         port_of(balancer, "http"),
         b"PROXY TCP4 203.0.113.7 192.0.2.1 50123 80\r\n"
         b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
@@ -147,7 +149,7 @@ async def test_v2_tells_the_server_its_client_came_over_tls(
     )  # fmt: skip
     balancer, _ = await balancer_factory(config)
     context = ssl.create_default_context(cafile=str(certs.ca))
-    answer = await ask(port_of(balancer, "xmpps"), b"<stream>\r\n", context, "localhost")
+    answer = await tls_exchange(port_of(balancer, "xmpps"), b"<stream>\r\n", context, "localhost")
     said = said_by(answer)
     assert said["version"] == 2 and said["source"][0] == "127.0.0.1"
     assert said["tls_version"] == "TLSv1.2" and said["first_line"] == "<stream>"
@@ -163,8 +165,8 @@ async def test_a_proxy_header_from_elsewhere_or_malformed_is_refused(
     )  # fmt: skip
     balancer, recorder = await balancer_factory(config)
     header = b"PROXY TCP4 203.0.113.7 192.0.2.1 50123 80\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"
-    assert await ask(port_of(balancer, "lan"), header) == b""
-    assert await ask(port_of(balancer, "lo"), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") == b""
+    assert await raw_exchange(port_of(balancer, "lan"), header) == b""
+    assert await raw_exchange(port_of(balancer, "lo"), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") == b""
     records = await recorder.wait_for(2)
     assert sorted(r.close_cause or "" for r in records) == [
         "proxy_header_invalid", "proxy_refused",
@@ -240,7 +242,7 @@ async def test_tls_passed_through_goes_where_its_sni_says(
         context.check_hostname = False  # the backends' certificate says localhost
         port = port_of(balancer, "tls")
         for name, expected in (("a.test", b"A"), ("x.b.test", b"B"), ("localhost", b"C")):
-            assert await ask(port, b"", context, name) == expected, name
+            assert await tls_exchange(port, b"", context, name) == expected, name
         records = await recorder.wait_for(3)
         assert sorted(r.tls_sni or "" for r in records) == ["a.test", "localhost", "x.b.test"]
         assert all(r.tls_version is None for r in records)  # not terminated here
@@ -332,8 +334,9 @@ async def test_a_group_that_sends_proxy_headers_sends_them_on_its_checks(
     checker = balancer.checker
     assert checker is not None
     async with asyncio.timeout(5):
-        while len(proxy_reader.headers) < 3:
-            await asyncio.sleep(0.01)
+        while len(proxy_reader.headers) < 3:  # three checks
+            proxy_reader.header_read.clear()
+            await proxy_reader.header_read.wait()
     assert all(h.version == 2 and h.source is None for h in proxy_reader.headers)  # LOCAL
     assert checker.last[0] is not None and checker.last[0].ok
     assert balancer.backends_view()[0]["state"] == "up"
