@@ -1,0 +1,263 @@
+"""Per new connection, what does not drift with a noisy machine: Python calls, C calls from
+Python, object allocations, objects left to the cyclic GC, and syscalls.
+
+    python bench/counts.py                  # reuse never and always, 2000 connections each
+    python bench/counts.py --reuse never --connections 5000 --json
+
+The balancer runs in this process (uvloop, access log on, one worker), a small HTTP/1.1 farm
+in another, and `ab -c 8` (a new HTTP/1.0 connection per request; a Python client where ab is
+missing) in a third, so what is counted here is the balancer's alone. Each count is its own
+pass over the same traffic (a profiler changes timing, so it is not stacked on the others):
+
+- calls: `sys.setprofile` events, Python functions ("call") and C functions called from
+  Python ("c_call"), divided by the connections;
+- allocations: every allocation of CPython's object domain (bench/alloccount.c, built here
+  with the C compiler and Python's headers; "n/a" without them);
+- gc_only: objects that only the cyclic GC would free (gc disabled, `gc.DEBUG_SAVEALL`, one
+  collection after the traffic: what it finds in `gc.garbage`);
+- syscalls: `strace -c` attached to this process (not its children) for the pass ("n/a"
+  without strace).
+
+A warm-up of 300 connections precedes every pass (caches, pools, interned strings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import gc
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import uvloop  # noqa: E402
+
+from balancer.config import parse_config  # noqa: E402
+from balancer.server import Balancer  # noqa: E402
+
+WARMUP = 300
+CONCURRENCY = 8
+
+FARM = r"""
+import asyncio, sys, uvloop
+BODY = b"x" * 100
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n"
+class Farm(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buffer = transport, b""
+    def data_received(self, data):
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            close = head.split(b"\r\n", 1)[0].endswith(b"1.0") and b"keep-alive" not in head.lower()
+            self.transport.write(HEAD + (b"Connection: close\r\n\r\n" if close else b"\r\n") + BODY)
+            if close:
+                self.transport.close()
+                return
+async def main():
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_server(Farm, "127.0.0.1", 0) for _ in range(2)]
+    print(" ".join(str(s.sockets[0].getsockname()[1]) for s in servers), flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+CLIENT = r"""
+import socket, sys
+from concurrent.futures import ThreadPoolExecutor
+port, count = int(sys.argv[1]), int(sys.argv[2])
+def one(_):
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+        while sock.recv(65536):
+            pass
+with ThreadPoolExecutor(8) as pool:
+    list(pool.map(one, range(count)))
+"""
+
+
+def load_command(port: int, count: int) -> list[str]:
+    if shutil.which("ab"):
+        return ["ab", "-q", "-n", str(count), "-c", str(CONCURRENCY), f"http://127.0.0.1:{port}/"]
+    return [sys.executable, "-c", CLIENT, str(port), str(count)]
+
+
+async def drive(port: int, count: int) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *load_command(port, count), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 120)
+    if process.returncode != 0:
+        raise RuntimeError(f"load generator failed: {err.decode(errors='replace')[-400:]}")
+
+
+def build_alloc_counter(workdir: Path) -> Any:
+    """bench/alloccount.c as a shared library, loaded; None without a compiler or headers."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    include = sysconfig.get_paths().get("include")
+    if compiler is None or include is None or not (Path(include) / "Python.h").exists():
+        return None
+    library = workdir / "alloccount.so"
+    built = subprocess.run(
+        [compiler, "-O2", "-shared", "-fPIC", f"-I{include}", "-o", str(library),
+         str(ROOT / "bench" / "alloccount.c")],
+        capture_output=True,
+    )  # fmt: skip
+    if built.returncode != 0:
+        return None
+    counter = ctypes.PyDLL(str(library))
+    counter.alloccount_total.restype = ctypes.c_ulonglong
+    counter.alloccount_install()
+    return counter
+
+
+class Profile:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.c_calls = 0
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            self.calls += 1
+        elif event == "c_call":
+            self.c_calls += 1
+
+
+async def count_syscalls(pass_: Callable[[], Awaitable[None]], workdir: Path) -> float | None:
+    """Total syscalls of this process during `pass_` (strace -c), or None without strace."""
+    if shutil.which("strace") is None:
+        return None
+    out = workdir / "strace.txt"
+    strace = subprocess.Popen(
+        ["strace", "-c", "-o", str(out), "-p", str(os.getpid())],
+        stderr=subprocess.PIPE,
+    )
+    assert strace.stderr is not None
+    # strace says on stderr when it is attached; wait for that (bounded) before the traffic.
+    loop = asyncio.get_running_loop()
+    line = await asyncio.wait_for(loop.run_in_executor(None, strace.stderr.readline), 10)
+    if b"attached" not in line:
+        strace.kill()
+        return None
+    await pass_()
+    strace.send_signal(2)
+    strace.wait(10)
+    table = out.read_text()
+    total = re.search(r"^-+.*\n\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?total", table, re.M)
+    return float(total.group(1)) if total else None
+
+
+async def measure(reuse: str, connections: int, workdir: Path, counter: Any) -> dict[str, Any]:
+    farm = subprocess.Popen(
+        [sys.executable, "-c", FARM], stdout=subprocess.PIPE, text=True
+    )  # fmt: skip
+    try:
+        assert farm.stdout is not None
+        ports = farm.stdout.readline().split()
+        log = open(workdir / f"access-{reuse}.log", "w")  # noqa: SIM115 (closed below)
+        config = parse_config(
+            {
+                "listeners": [{"name": "http", "bind": "127.0.0.1:0"}],
+                "backends": [
+                    {"name": f"web{i}", "address": f"127.0.0.1:{port}"}
+                    for i, port in enumerate(ports)
+                ],
+                "upstream": {"reuse": reuse},
+                "workers": 1,
+            },
+            "bench",
+        )
+        balancer = Balancer(config, access_log=log)
+        await balancer.start()
+        port = balancer.addresses["http"][1]
+        await drive(port, WARMUP)
+        result: dict[str, Any] = {"reuse": reuse, "connections": connections}
+
+        profile = Profile()
+        sys.setprofile(profile)
+        try:
+            await drive(port, connections)
+        finally:
+            sys.setprofile(None)
+        result["python_calls"] = round(profile.calls / connections, 1)
+        result["c_calls"] = round(profile.c_calls / connections, 1)
+
+        if counter is not None:
+            before = counter.alloccount_total()
+            await drive(port, connections)
+            result["allocations"] = round((counter.alloccount_total() - before) / connections, 1)
+        else:
+            result["allocations"] = "n/a"
+
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            await drive(port, connections)
+            gc.collect()
+            result["gc_only"] = round(len(gc.garbage) / connections, 2)
+            kinds: dict[str, int] = {}
+            for thing in gc.garbage:
+                kinds[type(thing).__name__] = kinds.get(type(thing).__name__, 0) + 1
+            result["gc_only_kinds"] = dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:8])
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+
+        syscalls = await count_syscalls(lambda: drive(port, connections), workdir)
+        result["syscalls"] = "n/a" if syscalls is None else round(syscalls / connections, 1)
+
+        await balancer.shutdown(1.0)
+        log.close()
+        lines = (workdir / f"access-{reuse}.log").read_text().count('"type":"connection"')
+        result["access_log_lines"] = lines
+        return result
+    finally:
+        farm.kill()
+        farm.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reuse", action="append", choices=["never", "safe", "always"])
+    parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--json", action="store_true", help="one JSON object per mode")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        counter = build_alloc_counter(workdir)
+        rows = []
+        for reuse in args.reuse or ["never", "always"]:
+            started = time.monotonic()
+            row = uvloop.run(measure(reuse, args.connections, workdir, counter))
+            row["seconds"] = round(time.monotonic() - started, 1)
+            rows.append(row)
+            print(json.dumps(row) if args.json else _line(row), flush=True)
+    return 0
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (
+        f"reuse {row['reuse']}: per connection {row['python_calls']} Python calls, "
+        f"{row['c_calls']} C calls, {row['allocations']} allocations, "
+        f"{row['gc_only']} GC-only objects {row['gc_only_kinds']}, {row['syscalls']} syscalls "
+        f"({row['connections']} connections a pass, {row['seconds']} s)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
