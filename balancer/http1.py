@@ -67,10 +67,6 @@ _REQUEST_LINE_ENDS = {"1.1": b"HTTP/1.1\r\n", "1.0": b"HTTP/1.0\r\n"}  # version
 _CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade"))
 
 
-class _LastRequest(Exception):
-    """Raised from on_message_complete to stop llhttp after a request that closes."""
-
-
 class RequestReader:
     """Parses a client's request stream and produces the stream to send to the backend.
 
@@ -175,14 +171,18 @@ class RequestReader:
         except httptools.HttpParserUpgrade as upgrade:
             self.upgrade_rest = data[upgrade.args[0] :]
         except httptools.HttpParserError as error:
-            # httptools wraps what our callbacks raise; unwrap our own typed errors.
-            cause = error.__cause__ or error.__context__
-            if isinstance(cause, _LastRequest):
-                self.finished = True
-            else:
+            # After a request that closes, llhttp refuses what follows ("Data after
+            # Connection: close") before any callback: those bytes are dropped, not an error.
+            if not self.finished:
+                # httptools wraps what our callbacks raise; unwrap our own typed errors.
+                cause = error.__cause__ or error.__context__
                 self.error = cause if isinstance(cause, ClientError) else BadRequest(str(error))
         except ClientError as error:
             self.error = error
+        if self.error is not None:
+            # Kept, an error's traceback would hold this frame, which holds the reader: a
+            # reference cycle. Its type and message are all that is read.
+            self.error.__traceback__ = None
         if self.in_head:
             # An incomplete head is at most what arrived since it began: this read less what
             # earlier messages in it used (a slight over-estimate), plus later reads.
@@ -249,6 +249,11 @@ class RequestReader:
             self.error = BadRequest(
                 f"chunk-size lines over {MAX_CHUNK_LINE_BYTES} bytes on average in one read"
             )
+
+    def close(self) -> None:
+        """The connection is over: let go of the parser, which holds this reader's callbacks
+        (a reference cycle the cyclic GC would otherwise have to find)."""
+        del self._parser
 
     def resume_after_declined_upgrade(self) -> bytes:
         """The backend answered an Upgrade request without 101: parse what followed as HTTP."""
@@ -359,8 +364,11 @@ class RequestReader:
         self.messages_completed += 1
         if self.split_messages:
             self._ends_at_item.append(len(self._out))
+        # A request that closes the connection is the last one read. A flag, not an exception
+        # out of the callback: an exception's traceback holds this frame and the caller's,
+        # a reference cycle left to the cyclic GC on every HTTP/1.0 connection.
         if self._closing_request:
-            raise _LastRequest
+            self.finished = True
 
     def _rewrite(
         self, method: bytes, version: str, upgrade: bool, keep_alive: bool

@@ -43,7 +43,7 @@ from balancer.policies import POLICIES
 from balancer.pool import BackendPool, BackendTable, PeerCounts
 from balancer.proxy_protocol import encode_local
 from balancer.record import BackendConnectionRecord, ConnectionRecord
-from balancer.session import ClientSession
+from balancer.session import ClientSession, state_of
 from balancer.tls import server_context
 from balancer.upstream import Connector, IdlePool
 from balancer.writebatch import WriteBatch
@@ -449,7 +449,7 @@ class Balancer:
             {
                 "id": conn.record.id,
                 "listener": conn.record.listener,
-                "state": conn.state,
+                "state": state_of(conn),
                 "client": f"{conn.record.client_ip}:{conn.record.client_port}",
                 "backend": conn.record.backend,
                 "age_seconds": now - conn.record.accepted_at,

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from balancer.config import Limits, Timeouts, Upstream
 from balancer.deadlines import DeadlineWheel, Wakeable
-from balancer.errors import BackendError, BackendUnreachable, NoBackendAvailable
+from balancer.errors import BackendUnreachable, NoBackendAvailable
 from balancer.legs import Leg
 from balancer.pool import BackendPool, Lease
 from balancer.record import BackendConnectionRecord
@@ -165,7 +165,9 @@ class Connector:
         """
         pool, clock = self.pool, self.clock
         tried: list[Any] = []
-        error: BackendError = NoBackendAvailable("no backend is ready")
+        # Why the last attempt failed; the error is made as it is raised, since one kept in a
+        # local would hold its own traceback, which holds this frame: a reference cycle.
+        unreachable: str | None = None
         for _ in range(self.limits.max_connect_attempts):
             lease, first = first or pool.acquire(clock(), tried), None
             if lease is None:
@@ -203,7 +205,7 @@ class Connector:
                     backend.name, backend.address, seconds, self.worker_pid,
                     "timed out" if isinstance(failure, TimeoutError) else "refused",
                 )  # fmt: skip
-                error = BackendUnreachable(f"{backend.address}: {failure!r}")
+                unreachable = f"{backend.address}: {failure!r}"
                 continue
             except BaseException:
                 lease.release()
@@ -219,7 +221,9 @@ class Connector:
             if info is not None:
                 record.tcp_handshake_rtt_seconds = info.rtt_seconds
             return lease, conn
-        raise error
+        if unreachable is None:
+            raise NoBackendAvailable("no backend is ready")
+        raise BackendUnreachable(unreachable)
 
 
 # Why a pooled backend connection was closed (BackendConnectionRecord.close_cause).
