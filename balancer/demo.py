@@ -15,7 +15,7 @@ from typing import Any
 
 from balancer.config import Config, parse_config
 from balancer.farm import start_farm
-from balancer.observe import connection_line
+from balancer.loglines import connection_line
 from balancer.server import Balancer, StartError, bind_failure
 
 FARM = ("web1", "web2", "web3")

@@ -15,7 +15,7 @@ from cryptography import x509
 
 from balancer.certs import CertPaths, make_certs
 from balancer.config import parse_config
-from balancer.observe import json_line
+from balancer.loglines import json_line
 from balancer.proxy_protocol import (
     PP2_SUBTYPE_SSL_VERSION,
     PP2_TYPE_SSL,

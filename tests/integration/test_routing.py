@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from balancer.config import parse_config
-from balancer.observe import json_line
+from balancer.loglines import json_line
 from tests.helpers import Backend, Client, admin_json, dead_port, port_of
 
 

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from balancer.observe import Observer, json_line
+from balancer.loglines import json_line
+from balancer.observe import Observer
 from balancer.record import (
     BALANCER,
     PEER,
@@ -208,7 +209,7 @@ def test_a_privileged_port_refused_says_how_to_get_the_privilege() -> None:
 
 
 def test_publish_request_counts_responses_by_class_and_times_them() -> None:
-    from balancer.observe import request_json_line
+    from balancer.loglines import request_json_line
     from balancer.record import RequestRecord
 
     registry, log = CollectorRegistry(), io.StringIO()
