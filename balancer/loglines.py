@@ -14,7 +14,6 @@ from balancer.record import (
     LegTeardown,
     RequestRecord,
     rfc3339,
-    teardown_seconds,
 )
 
 _LEG_PEER = {"client": "client", "backend": "backend"}
@@ -45,8 +44,29 @@ def connection_line(r: ConnectionRecord) -> str:
     return " | ".join(parts)
 
 
-# The access-log line: `to_dict()` as compact JSON, written out directly. json.dumps of the
-# nested dict costs about three times as much, per connection; a unit test holds the two equal.
+# The access-log line: `to_dict()` as compact JSON, written out directly from the records'
+# fields (no property calls). json.dumps of the nested dict costs about three times as much,
+# per connection; a unit test holds the two equal.
+
+
+class _JSONNames(dict[str | None, str]):
+    """JSON strings of the names every line repeats (listeners, backends, groups, addresses,
+    close causes, who closed first), encoded once: a lookup is a dict hit, not a call.
+    Only values from the configuration and the vocabularies go through it (a client's
+    address or SNI never does); emptied past NAMES_KEPT all the same."""
+
+    def __missing__(self, value: str | None) -> str:
+        if len(self) > _NAMES_KEPT:
+            self.clear()
+            self[None] = "null"
+        text = self[value] = "null" if value is None else encode_basestring_ascii(value)
+        return text
+
+
+_NAMES_KEPT = 4096
+_name = _JSONNames({None: "null"})
+_FLAG = {None: "null", True: "true", False: "false"}
+_EMPTY_LEG = LegTeardown()  # a backend leg that never connected
 
 
 def _text(value: str | None) -> str:
@@ -57,46 +77,61 @@ def _number(value: float | None) -> str:
     return "null" if value is None else repr(value)
 
 
-def _flag(value: bool | None) -> str:
-    return "null" if value is None else "true" if value else "false"
-
-
-def _leg_json(leg: LegTeardown, teardown: float | None) -> str:
+def _leg_json(leg: LegTeardown) -> str:
+    fin_sent_at, peer_fin_at = leg.fin_sent_at, leg.peer_fin_at
+    teardown = (
+        None if fin_sent_at is None or peer_fin_at is None else abs(peer_fin_at - fin_sent_at)
+    )
     return (
-        f'{{"initiator":{_text(leg.initiator)},"first_fin":{_text(leg.first_fin)},'
-        f'"kind":"{leg.kind}","rst_received":{_flag(leg.rst_received)},'
-        f'"rst_sent":{_flag(leg.rst_sent)},'
-        f'"close_notify_received":{_flag(leg.close_notify_received)},'
-        f'"close_notify_sent":{_flag(leg.close_notify_sent)},'
-        f'"retransmits":{_number(leg.retransmits)},"teardown_seconds":{_number(teardown)}}}'
+        f'{{"initiator":{_name[leg.initiator]},"first_fin":{_name[leg.first_fin]},'
+        f'"kind":"{leg.kind}","rst_received":{_FLAG[leg.rst_received]},'
+        f'"rst_sent":{_FLAG[leg.rst_sent]},'
+        f'"close_notify_received":{_FLAG[leg.close_notify_received]},'
+        f'"close_notify_sent":{_FLAG[leg.close_notify_sent]},'
+        f'"retransmits":{"null" if leg.retransmits is None else leg.retransmits},'
+        f'"teardown_seconds":{"null" if teardown is None else repr(teardown)}}}'
     )
 
 
 def json_line(r: ConnectionRecord) -> str:
     """One line of JSON (with its newline): the record as `to_dict()` has it."""
-    tls = (
-        "null"
-        if r.tls_started_at is None and r.tls_sni is None  # (SNI alone: passed through)
-        else f'{{"handshake_seconds":{_number(r.tls_handshake_seconds)},'
-        f'"version":{_text(r.tls_version)},"cipher":{_text(r.tls_cipher)},'
-        f'"sni":{_text(r.tls_sni)},"alpn":{_text(r.tls_alpn)},'
-        f'"resumed":{_flag(r.tls_resumed)},"failure":{_text(r.tls_failure)}}}'
-    )
-    backend = (
-        "null"
-        if r.backend is None
-        else f'{{"name":{_text(r.backend)},"group":{_text(r.backend_group)},'
-        f'"address":{_text(r.backend_address)},'
-        f'"local_port":{_number(r.backend_local_port)},'
-        f'"connect_wait_seconds":{_number(r.connect_wait_seconds)},'
-        f'"tcp_handshake_rtt_seconds":{_number(r.backend_tcp_handshake_rtt_seconds)}}}'
-    )
-    backend_leg = (
-        "null" if r.backend is None else _leg_json(r.backend_leg, r.backend_teardown_seconds)
-    )
+    if r.tls_started_at is None and r.tls_sni is None:  # (SNI alone: passed through)
+        tls = "null"
+    else:
+        started, finished = r.tls_started_at, r.tls_finished_at
+        handshake = None if started is None or finished is None else finished - started
+        tls = (
+            f'{{"handshake_seconds":{_number(handshake)},'
+            f'"version":{_name[r.tls_version]},"cipher":{_name[r.tls_cipher]},'
+            f'"sni":{_text(r.tls_sni)},"alpn":{_text(r.tls_alpn)},'
+            f'"resumed":{_FLAG[r.tls_resumed]},"failure":{_text(r.tls_failure)}}}'
+        )
+    upstream = r.upstream
+    backend_leg = _EMPTY_LEG if upstream is None else upstream.leg
+    if r.backend is None:
+        backend = leg = "null"
+    else:
+        if upstream is None:
+            local_port = connect_wait = rtt = None
+        else:
+            connected_at, local_port = upstream.connected_at, upstream.local_port
+            connect_wait = (
+                None if connected_at is None else connected_at - upstream.connect_started_at
+            )
+            rtt = upstream.tcp_handshake_rtt_seconds
+        backend = (
+            f'{{"name":{_name[r.backend]},"group":{_name[r.backend_group]},'
+            f'"address":{_name[r.backend_address]},'
+            f'"local_port":{"null" if local_port is None else local_port},'
+            f'"connect_wait_seconds":{_number(connect_wait)},'
+            f'"tcp_handshake_rtt_seconds":{_number(rtt)}}}'
+        )
+        leg = _leg_json(backend_leg)
+    first_request_at, closed_at = r.first_request_at, r.closed_at
+    client_leg = r.client_leg
     return (
         f'{{"type":"connection","id":{r.id},"worker_pid":{r.worker_pid},'
-        f'"listener":{_text(r.listener)},'
+        f'"listener":{_name[r.listener]},'
         f'"start":{r.accepted_unix!r},"time":"{rfc3339(r.accepted_unix)}",'
         f'"client":{{"ip":{_text(r.client_ip)},"port":{r.client_port},'
         f'"proxied_by":{_text(r.proxied_by)}}},'
@@ -104,13 +139,14 @@ def json_line(r: ConnectionRecord) -> str:
         f'"tcp_handshake_rtt_seconds":{_number(r.tcp_handshake_rtt_seconds)},'
         f'"tls":{tls},"backend":{backend},'
         f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'
-        f'"requests":{r.requests},"first_request_seconds":{_number(r.first_request_seconds)},'
-        f'"error_status":{_number(r.error_status)},'
-        f'"bytes":{{"client_in":{r.client_bytes_in},"client_out":{r.client_bytes_out},'
-        f'"backend_in":{r.backend_bytes_in},"backend_out":{r.backend_bytes_out}}},'
-        f'"close_cause":{_text(r.close_cause)},'
-        f'"client_leg":{_leg_json(r.client_leg, r.client_teardown_seconds)},'
-        f'"backend_leg":{backend_leg},"lifetime_seconds":{_number(r.lifetime_seconds)}}}\n'
+        f'"requests":{r.requests},"first_request_seconds":'
+        f"{'null' if first_request_at is None else repr(first_request_at - r.accepted_at)},"
+        f'"error_status":{"null" if r.error_status is None else r.error_status},'
+        f'"bytes":{{"client_in":{client_leg.bytes_in},"client_out":{client_leg.bytes_out},'
+        f'"backend_in":{backend_leg.bytes_in},"backend_out":{backend_leg.bytes_out}}},'
+        f'"close_cause":{_name[r.close_cause]},'
+        f'"client_leg":{_leg_json(client_leg)},"backend_leg":{leg},"lifetime_seconds":'
+        f"{'null' if closed_at is None else repr(closed_at - r.accepted_at)}}}\n"
     )
 
 
@@ -124,7 +160,7 @@ def request_json_line(r: RequestRecord) -> str:
         f'"target":{_text(r.target_shown)},"status":{_number(r.status)},'
         f'"backend":{_text(r.backend)},"group":{_text(r.backend_group)},'
         f'"backend_connection_id":{_number(r.backend_connection_id)},'
-        f'"reused":{_flag(r.reused)},"retries":{r.retries},'
+        f'"reused":{_FLAG[r.reused]},"retries":{r.retries},'
         f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'
         f'"connect_wait_seconds":{_number(r.connect_wait_seconds)},'
         f'"forward_seconds":{_number(r.forward_seconds)},'
@@ -144,6 +180,6 @@ def backend_connection_json_line(r: BackendConnectionRecord, unix_now: float) ->
         f'"requests":{r.requests},"idle_seconds":{r.idle_seconds!r},'
         f'"bytes":{{"in":{r.leg.bytes_in},"out":{r.leg.bytes_out}}},'
         f'"close_cause":{_text(r.close_cause)},'
-        f'"leg":{_leg_json(r.leg, teardown_seconds(r.leg))},'
+        f'"leg":{_leg_json(r.leg)},'
         f'"lifetime_seconds":{_number(r.lifetime_seconds)}}}\n'
     )

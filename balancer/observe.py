@@ -14,7 +14,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, NamedTuple, cast
+from typing import IO, Any, NamedTuple, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
@@ -141,12 +141,85 @@ FAMILIES = (CLOSED, TCP_RTT, TLS_HANDSHAKE, TLS_FAILURES, TLS_RESUMED, CONNECT_W
             TEARDOWN, BYTES, REQUESTS, ERROR_RESPONSES)  # fmt: skip
 
 
+class _Cell:
+    """One counter's value (a label set of a family), updated in place."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: float = 0
+
+
+class _Cells(dict[Any, Any]):
+    """Metric cells (or nested _Cells) by one label value, each made on first use: after
+    that, counting is a dict hit on a string the record already holds, with no label tuple
+    built and no call."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: Any) -> Any:
+        made = self[key] = self.make(key)
+        return made
+
+
+class _ListenerCells:
+    """Everything a closed connection or a request of one listener counts into, found by
+    one lookup of the listener's name."""
+
+    __slots__ = (
+        "backend_bytes",
+        "backend_closes",
+        "client_bytes",
+        "client_closes",
+        "closed",
+        "duration",
+        "error_responses",
+        "request_durations",
+        "requests",
+        "responses",
+        "tcp_rtt",
+    )
+
+    def __init__(self, observer: Observer, listener: str) -> None:
+        cell, histogram = observer.cell, observer.histogram
+        self.closed = _Cells(lambda cause: cell(CLOSED, (listener, cause or "unknown")))
+        self.tcp_rtt = histogram(TCP_RTT, (listener,))
+        self.duration = histogram(DURATION, (listener,))
+        self.error_responses = _Cells(lambda status: cell(ERROR_RESPONSES, (listener, status)))
+        self.client_closes = _closes(cell, listener, "client")
+        self.backend_closes = _closes(cell, listener, "backend")
+        self.client_bytes = _Cells(lambda way: cell(BYTES, (listener, "client", way)))
+        self.backend_bytes = _Cells(lambda way: cell(BYTES, (listener, "backend", way)))
+        self.requests = _Cells(lambda backend: cell(REQUESTS, (listener, backend)))
+        self.responses = _Cells(
+            lambda backend: _Cells(lambda kind: cell(RESPONSES, (listener, backend, kind)))
+        )
+        self.request_durations = _Cells(
+            lambda backend: histogram(REQUEST_DURATION, (listener, backend))
+        )
+
+
+def _closes(cell: Callable[[_Family, tuple[str, ...]], _Cell], listener: str, leg: str) -> _Cells:
+    """CLOSES cells of one leg, by initiator, then kind."""
+    return _Cells(
+        lambda initiator: _Cells(
+            lambda kind: cell(CLOSES, (listener, leg, initiator or "unknown", kind))
+        )
+    )
+
+
 class Observer(Collector):
     """Turns each closed connection's record into metric updates and one JSON log line.
 
     The metrics are plain counts kept here and handed to Prometheus at scrape time (this is
     a registered collector): prometheus_client's own Counter and Histogram take a lock and
     check labels on every update, which cost more than the rest of publishing put together.
+    Each label set's count is a cell found through the listener's `_ListenerCells`, so a
+    connection's updates build no label tuples.
     """
 
     def __init__(
@@ -160,67 +233,80 @@ class Observer(Collector):
         self.request_log = False  # request lines in the access log too (config request_log)
         self.recent: deque[ConnectionRecord] = deque(maxlen=recent)
         self.closed_total = 0
-        self._counts: dict[_Family, dict[tuple[str, ...], float]] = {
+        self._counts: dict[_Family, dict[tuple[str, ...], _Cell]] = {
             f: {} for f in FAMILIES if f.buckets is None
         }
         self._histograms: dict[_Family, dict[tuple[str, ...], _Histogram]] = {
             f: {} for f in FAMILIES if f.buckets is not None
         }
+        self._listeners = _Cells(lambda listener: _ListenerCells(self, listener))
+        self._backends = _Cells(
+            lambda name: (
+                self.histogram(CONNECT_WAIT, (name,)),
+                self.histogram(BACKEND_RTT, (name,)),
+            )
+        )
+        self._teardown = _Cells(lambda leg: self.histogram(TEARDOWN, (leg,)))
         registry.register(self)
 
-    def _add(self, family: _Family, labels: tuple[str, ...], amount: float = 1) -> None:
+    def cell(self, family: _Family, labels: tuple[str, ...]) -> _Cell:
         counts = self._counts[family]
-        counts[labels] = counts.get(labels, 0) + amount
+        found = counts.get(labels)
+        if found is None:
+            found = counts[labels] = _Cell()
+        return found
 
-    def _observe(self, family: _Family, labels: tuple[str, ...], value: float) -> None:
+    def histogram(self, family: _Family, labels: tuple[str, ...]) -> _Histogram:
         histograms = self._histograms[family]
-        histogram = histograms.get(labels)
-        if histogram is None:
+        found = histograms.get(labels)
+        if found is None:
             assert family.buckets is not None
-            histogram = histograms[labels] = _Histogram(family.buckets)
-        histogram.observe(value)
+            found = histograms[labels] = _Histogram(family.buckets)
+        return found
 
     def publish(self, record: ConnectionRecord) -> None:
         self.closed_total += 1
         self.recent.append(record)
-        add, observe = self._add, self._observe
-        listener = record.listener
-        add(CLOSED, (listener, record.close_cause or "unknown"))
+        cells: _ListenerCells = self._listeners[record.listener]
+        cells.closed[record.close_cause].value += 1
         if record.tcp_handshake_rtt_seconds is not None:
-            observe(TCP_RTT, (listener,), record.tcp_handshake_rtt_seconds)
+            cells.tcp_rtt.observe(record.tcp_handshake_rtt_seconds)
         if record.tls_failure is not None:
-            add(TLS_FAILURES, (listener, record.tls_failure))
-        elif record.tls_finished_at is not None:
+            self.cell(TLS_FAILURES, (record.listener, record.tls_failure)).value += 1
+        elif record.tls_finished_at is not None and record.tls_started_at is not None:
             version = record.tls_version or ""
-            handshake = record.tls_handshake_seconds
-            assert handshake is not None
-            observe(TLS_HANDSHAKE, (listener, version, record.tls_cipher or ""), handshake)
+            self.histogram(
+                TLS_HANDSHAKE, (record.listener, version, record.tls_cipher or "")
+            ).observe(record.tls_finished_at - record.tls_started_at)
             if record.tls_resumed:
-                add(TLS_RESUMED, (listener, version))
+                self.cell(TLS_RESUMED, (record.listener, version)).value += 1
+        if record.error_status is not None:
+            cells.error_responses[str(record.error_status)].value += 1
+        if record.closed_at is not None:
+            cells.duration.observe(record.closed_at - record.accepted_at)
+        leg = record.client_leg
+        cells.client_closes[leg.initiator][leg.kind].value += 1
+        if leg.peer_fin_at is not None and leg.fin_sent_at is not None:
+            self._teardown["client"].observe(abs(leg.peer_fin_at - leg.fin_sent_at))
+        client_bytes = cells.client_bytes
+        client_bytes["in"].value += leg.bytes_in
+        client_bytes["out"].value += leg.bytes_out
         upstream = record.upstream
         if upstream is not None:
-            wait = upstream.connect_wait_seconds
-            if wait is not None:
-                observe(CONNECT_WAIT, (upstream.backend,), wait)
+            connect_wait, rtt = self._backends[upstream.backend]
+            if upstream.connected_at is not None:
+                connect_wait.observe(upstream.connected_at - upstream.connect_started_at)
+                leg = upstream.leg
+                cells.backend_closes[leg.initiator][leg.kind].value += 1
+                if leg.peer_fin_at is not None and leg.fin_sent_at is not None:
+                    self._teardown["backend"].observe(abs(leg.peer_fin_at - leg.fin_sent_at))
             if upstream.tcp_handshake_rtt_seconds is not None:
-                observe(BACKEND_RTT, (upstream.backend,), upstream.tcp_handshake_rtt_seconds)
-        if record.error_status is not None:
-            add(ERROR_RESPONSES, (listener, str(record.error_status)))
-        lifetime = record.lifetime_seconds
-        if lifetime is not None:
-            observe(DURATION, (listener,), lifetime)
-        legs = [("client", record.client_leg, record.client_teardown_seconds)]
-        if record.connected_at is not None:
-            legs.append(("backend", record.backend_leg, record.backend_teardown_seconds))
-        for leg_name, leg, teardown in legs:
-            add(CLOSES, (listener, leg_name, leg.initiator or "unknown", leg.kind))
-            if teardown is not None:
-                observe(TEARDOWN, (leg_name,), teardown)
-        add(BYTES, (listener, "client", "in"), record.client_bytes_in)
-        add(BYTES, (listener, "client", "out"), record.client_bytes_out)
-        if record.backend_bytes_out or record.backend_bytes_in:
-            add(BYTES, (listener, "backend", "in"), record.backend_bytes_in)
-            add(BYTES, (listener, "backend", "out"), record.backend_bytes_out)
+                rtt.observe(upstream.tcp_handshake_rtt_seconds)
+            leg = upstream.leg
+            if leg.bytes_out or leg.bytes_in:
+                backend_bytes = cells.backend_bytes
+                backend_bytes["in"].value += leg.bytes_in
+                backend_bytes["out"].value += leg.bytes_out
         if self.access_log is not None:
             self.access_log.write(json_line(record))
         if self.live is not None:
@@ -228,33 +314,37 @@ class Observer(Collector):
 
     def publish_request(self, record: RequestRecord) -> None:
         """A request whose response is done (or that ended without one)."""
-        listener = record.connection.listener
-        if record.backend is not None and record.forwarded_at is not None:
-            self._add(REQUESTS, (listener, record.backend))
-        if record.status is not None and record.backend is not None and record.done_at:
-            labels = (listener, record.backend)
-            self._add(RESPONSES, (*labels, _STATUS_CLASS[record.status // 100]))
-            total = record.total_seconds
-            if total is not None:
-                self._observe(REQUEST_DURATION, labels, total)
+        backend = record.backend
+        if backend is not None:
+            cells: _ListenerCells = self._listeners[record.connection.listener]
+            if record.forwarded_at is not None:
+                cells.requests[backend].value += 1
+            status, done_at = record.status, record.done_at
+            if status is not None and done_at:
+                cells.responses[backend][_STATUS_CLASS[status // 100]].value += 1
+                cells.request_durations[backend].observe(done_at - record.head_at)
         if self.request_log and self.access_log is not None:
             self.access_log.write(request_json_line(record))
 
     def publish_backend_connection(self, record: BackendConnectionRecord, unix_now: float) -> None:
         """A pooled backend connection closed: its leg, bytes and connect facts."""
-        self._add(BACKEND_CONNECTIONS_CLOSED, (record.backend, record.close_cause or "unknown"))
+        self.cell(
+            BACKEND_CONNECTIONS_CLOSED, (record.backend, record.close_cause or "unknown")
+        ).value += 1
+        cells: _ListenerCells = self._listeners[""]
         leg = record.leg
-        self._add(CLOSES, ("", "backend", leg.initiator or "unknown", leg.kind))
+        cells.backend_closes[leg.initiator][leg.kind].value += 1
         teardown = teardown_seconds(leg)
         if teardown is not None:
-            self._observe(TEARDOWN, ("backend",), teardown)
-        self._add(BYTES, ("", "backend", "in"), leg.bytes_in)
-        self._add(BYTES, ("", "backend", "out"), leg.bytes_out)
+            self._teardown["backend"].observe(teardown)
+        cells.backend_bytes["in"].value += leg.bytes_in
+        cells.backend_bytes["out"].value += leg.bytes_out
+        connect_wait, rtt = self._backends[record.backend]
         wait = record.connect_wait_seconds
         if wait is not None:
-            self._observe(CONNECT_WAIT, (record.backend,), wait)
+            connect_wait.observe(wait)
         if record.tcp_handshake_rtt_seconds is not None:
-            self._observe(BACKEND_RTT, (record.backend,), record.tcp_handshake_rtt_seconds)
+            rtt.observe(record.tcp_handshake_rtt_seconds)
         if self.access_log is not None:
             self.access_log.write(backend_connection_json_line(record, unix_now))
 
@@ -262,7 +352,7 @@ class Observer(Collector):
         """One line on what was served, by backend (said when `balancer demo` stops)."""
         by_backend: dict[str, float] = {}
         for (_, backend), count in self._counts[REQUESTS].items():
-            by_backend[backend] = by_backend.get(backend, 0) + count
+            by_backend[backend] = by_backend.get(backend, 0) + count.value
         spread = ", ".join(f"{name} {int(count)}" for name, count in sorted(by_backend.items()))
         total = int(sum(by_backend.values()))
         return f"stopped: {self.closed_total} connections, {total} requests ({spread or 'none'})"
@@ -270,8 +360,8 @@ class Observer(Collector):
     def collect(self) -> Iterator[Metric]:
         for family, counts in self._counts.items():
             counter = CounterMetricFamily(family.name, family.help, labels=family.labels)
-            for labels, value in counts.items():
-                counter.add_metric(labels, value)
+            for labels, cell in counts.items():
+                counter.add_metric(labels, cell.value)
             yield counter
         for family, histograms in self._histograms.items():
             metric = HistogramMetricFamily(family.name, family.help, labels=family.labels)
