@@ -148,7 +148,7 @@ class ClientSession(asyncio.Protocol):
             record.local_port = state.local_port
         elif local := transport.get_extra_info("sockname"):
             record.local_port = local[1]
-        info = self.client.handshake_info()
+        info = self.client.tcp_info()
         if info is not None:
             record.tcp_handshake_rtt_seconds = info.rtt_seconds
         state.connections.add(self)

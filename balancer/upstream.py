@@ -217,7 +217,7 @@ class Connector:
             local = conn.leg.transport.get_extra_info("sockname")
             if local:
                 record.local_port = local[1]
-            info = conn.leg.handshake_info()
+            info = conn.leg.tcp_info()
             if info is not None:
                 record.tcp_handshake_rtt_seconds = info.rtt_seconds
             return lease, conn

@@ -262,18 +262,18 @@ def test_lost_takes_what_left_by_the_kernels_count_not_what_was_queued() -> None
     assert leg.facts.bytes_out == 131_072
 
 
-def test_the_descriptor_is_borrowed_once_to_end_a_leg_and_given_back_when_lost() -> None:
-    """The TCP_INFO reads and the shutdown that end a leg go through one socket object of the
-    leg's own (each new one costs a getsockname); it is detached, never closed, when the leg
-    is lost."""
+def test_the_descriptor_is_borrowed_once_for_the_legs_life_and_given_back_when_lost() -> None:
+    """The TCP_INFO reads and the shutdown of a leg, from its handshake to its end, go through
+    one socket object of the leg's own (each new one costs a getsockname); it is detached,
+    never closed, when the leg is lost."""
     leg, _, sock, _, _ = make_leg()
-    assert leg.handshake_info() is not None  # at accept: not kept while the leg may idle
-    assert sock.borrows == 1 and sock.detached == 1 and leg.kernel is None
+    assert leg.tcp_info() is not None  # at accept: the handshake's RTT
+    assert sock.borrows == 1 and sock.detached == 0
     leg.shutdown()
     leg.peer_fin_while_closing(lambda delay, callback: None)
-    assert sock.borrows == 2 and sock.detached == 1
+    assert sock.borrows == 1 and sock.detached == 0
     leg.lost(None)
-    assert sock.borrows == 2 and sock.detached == 2
+    assert sock.borrows == 1 and sock.detached == 1 and leg.kernel is None
 
 
 def test_a_closed_descriptor_is_never_borrowed() -> None:
