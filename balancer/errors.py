@@ -6,11 +6,15 @@ The core raises these; the edge (http_flow.py) translates them to a response onc
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class BalancerError(Exception):
-    status_hint: int = 500
-    reason: str = "internal_error"
-    fault: str = "balancer"
+    # Class attributes, read on the class too (ClassVar: a compiled build would otherwise make
+    # them instance attributes with defaults).
+    status_hint: ClassVar[int] = 500
+    reason: ClassVar[str] = "internal_error"
+    fault: ClassVar[str] = "balancer"
 
 
 class ClientError(BalancerError):

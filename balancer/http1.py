@@ -112,6 +112,7 @@ class RequestReader:
         "split_messages",
         "upgrade_rest",
     )  # no instance dict: ~0.4 KB less per reader
+    __deletable__ = ("_parser",)  # by close() (a compiled build asks this of a deleted slot)
 
     def __init__(self, client_ip: str, proto: str, port: int, limits: HeadLimits) -> None:
         self.rebind(client_ip, proto, port)
@@ -166,39 +167,42 @@ class RequestReader:
         self._framing_allowance = 0
         self._read_has_chunking = self._chunked  # it begins inside a chunked body
         in_body_before, completed_before = self.in_body, self.messages_completed
+        # Gathered in a local, not read back from self.error: a compiled build trusts the
+        # narrowing above (self.error is None) through the calls below that may set it.
+        error: ClientError | None = None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.upgrade_rest = data[upgrade.args[0] :]
-        except httptools.HttpParserError as error:
+        except httptools.HttpParserError as failure:
             # After a request that closes, llhttp refuses what follows ("Data after
             # Connection: close") before any callback: those bytes are dropped, not an error.
             if not self.finished:
                 # httptools wraps what our callbacks raise; unwrap our own typed errors.
-                cause = error.__cause__ or error.__context__
-                self.error = cause if isinstance(cause, ClientError) else BadRequest(str(error))
-        except ClientError as error:
-            self.error = error
-        if self.error is not None:
-            # Kept, an error's traceback would hold this frame, which holds the reader: a
-            # reference cycle. Its type and message are all that is read.
-            self.error.__traceback__ = None
+                cause = failure.__cause__ or failure.__context__
+                error = cause if isinstance(cause, ClientError) else BadRequest(str(failure))
+        except ClientError as failure:
+            error = failure
         if self.in_head:
             # An incomplete head is at most what arrived since it began: this read less what
             # earlier messages in it used (a slight over-estimate), plus later reads.
             self._pending_head_bytes += len(data)
             if self._pending_head_bytes > self._limits.max_header_bytes:
-                self.error = self.error or HeaderTooLarge("request head incomplete past the limit")
-        elif self._read_has_chunking and self.error is None and not self.finished:
+                error = error or HeaderTooLarge("request head incomplete past the limit")
+        elif self._read_has_chunking and error is None and not self.finished:
             # (after a closing request the rest of the read is dropped unparsed: not checked)
-            self._check_framing(data)
-            if self.error is not None:
+            error = self._check_framing(data)
+            if error is not None:
                 # Found after parsing: forward nothing of this read. What had gone out before
                 # it decides whether the backend holds part of a request (see in_body).
                 self._out = []
                 self._ends_at_item = []
                 self.heads.clear()
                 self.in_body, self.messages_completed = in_body_before, completed_before
+        if error is not None:
+            # Kept with its traceback, the error would hold this frame, which holds it and the
+            # reader: a reference cycle. Its type and message are all that is read.
+            self.error = error.with_traceback(None)
         out = self._out
         if not out:
             return b""
@@ -218,7 +222,7 @@ class RequestReader:
                 index += 1
             ends.append(offset)
 
-    def _check_framing(self, data: bytes) -> None:
+    def _check_framing(self, data: bytes) -> ClientError | None:
         """Bound chunk-size lines and trailers in a read that held chunked-body framing.
 
         llhttp streams chunk-size lines of any length and reports neither their length nor
@@ -239,16 +243,15 @@ class RequestReader:
             if self._in_trailers:
                 if self._trailer_bytes + unfinished > self._limits.max_header_bytes:
                     limit = self._limits.max_header_bytes
-                    self.error = HeaderTooLarge(f"request trailers over {limit} bytes")
-                    return
+                    return HeaderTooLarge(f"request trailers over {limit} bytes")
                 self._framing_allowance += self._limits.max_header_bytes
             elif unfinished > MAX_CHUNK_LINE_BYTES:
-                self.error = BadRequest(f"chunk-size line over {MAX_CHUNK_LINE_BYTES} bytes")
-                return
+                return BadRequest(f"chunk-size line over {MAX_CHUNK_LINE_BYTES} bytes")
         if len(data) - self._fed_consumed - unfinished > self._framing_allowance:
-            self.error = BadRequest(
+            return BadRequest(
                 f"chunk-size lines over {MAX_CHUNK_LINE_BYTES} bytes on average in one read"
             )
+        return None
 
     def close(self) -> None:
         """The connection is over: let go of the parser, which holds this reader's callbacks

@@ -147,7 +147,7 @@ class _Cell:
     __slots__ = ("value",)
 
     def __init__(self) -> None:
-        self.value: float = 0
+        self.value = 0.0
 
 
 class _Cells(dict[Any, Any]):

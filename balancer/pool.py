@@ -8,6 +8,7 @@ Least-connections is only as true as this pair.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import ClassVar
 
 from balancer.backends import Backend, BackendState
 from balancer.policies import Policy
@@ -59,7 +60,7 @@ class BackendTable:
 
     __slots__ = ("cells", "count")
 
-    CELLS = 3
+    CELLS: ClassVar[int] = 3
 
     def __init__(self, cells: memoryview, backends: Sequence[Backend], fresh: bool = True) -> None:
         if len(cells) < 1 + self.CELLS * len(backends):

@@ -98,6 +98,7 @@ class ClientSession(asyncio.Protocol):
         "record",
         "tls",
     )  # a few hundred bytes less per connection than an instance dict
+    __deletable__ = ("fwd",)  # once published (a compiled build asks this of a deleted slot)
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx

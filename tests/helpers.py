@@ -283,13 +283,9 @@ async def start_balancer(
 ) -> tuple[Balancer, Recorder]:
     balancer = Balancer(config, access_log=access_log)
     recorder = Recorder()
-    publish = balancer.observer.publish
-
-    def tap(record: ConnectionRecord) -> None:
-        publish(record)
-        recorder(record)
-
-    balancer.observer.publish = tap  # type: ignore[method-assign]
+    # Told of every record as it is published, after its metrics and log line (the hook
+    # `balancer demo` prints from; a compiled Observer cannot have `publish` replaced).
+    balancer.observer.live = recorder
     await balancer.start()
     return balancer, recorder
 
