@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
-from balancer import __version__
+from balancer import __version__, build
 from balancer.certs import KEY_TYPES, CertsExist, CertsIncomplete, make_certs
 from balancer.config import (
     EVENT_LOOPS,
@@ -47,7 +47,7 @@ def _workers_flag(value: str) -> int | str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="balancer", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"balancer {__version__}")
+    parser.add_argument("--version", action="version", version=f"balancer {__version__}, {build()}")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     def config_flags(sub: argparse.ArgumentParser) -> None:

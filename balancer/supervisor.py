@@ -40,7 +40,7 @@ from typing import IO, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from balancer import notify
+from balancer import build, notify
 from balancer.accept import bind_sockets, refuse_new_handshakes
 from balancer.admin import AdminServer
 from balancer.aggregate import Totals, join_backends, join_connections
@@ -256,8 +256,9 @@ class Supervisor:
             on_started()
         self.metrics.last_reload.set(time.time())
         log.info(
-            "supervisor (pid %d): %d worker(s) running: %s",
+            "supervisor (pid %d, %s): %d worker(s) running: %s",
             os.getpid(),
+            build(),
             len(generation.workers),
             " ".join(str(w.pid) for w in generation.workers.values()),
         )

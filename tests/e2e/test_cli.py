@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import COMPILED
 from tests.e2e.conftest import BalancerProcess, Running, balancer, need, run
 
 pytestmark = pytest.mark.e2e
@@ -65,6 +66,15 @@ def test_the_process_stays_single_threaded(farm_ports, certs_dir, tmp_path) -> N
             assert result.stdout == "200", result
         threads = list(Path(f"/proc/{running.process.pid}/task").iterdir())
         assert len(threads) == 1, [(t / "comm").read_text().strip() for t in threads]
+
+
+def test_version_and_the_start_up_log_say_which_build_runs(farm_ports, certs_dir, tmp_path) -> None:
+    """An operator can tell a compiled build from a pure one without reading a file listing."""
+    expected = "compiled (mypyc)" if COMPILED else "pure Python"
+    version = run(sys.executable, "-m", "balancer", "--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"balancer 0.1.0, {expected}"
+    with balancer(farm_ports, certs_dir, tmp_path) as running:
+        assert f"(pid {running.process.pid}, {expected}):" in running.wait_for_log("worker(s)")
 
 
 def test_least_connections_from_the_command_line(farm_ports, certs_dir, tmp_path) -> None:
