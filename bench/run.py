@@ -161,6 +161,31 @@ class Bench:
         self.farm_kind = ""
         self.farm_ports: list[int] = []
         self.logs: dict[int, tuple[list[str], Path]] = {}
+        self.compiled: Path | None = None  # a copy of this tree built with mypyc, if built
+
+    def build_compiled(self) -> None:
+        """Copy this checkout's files and build the copy in place with BALANCER_MYPYC=1 (the
+        README's compiled build, needing mypy: the test extra). Its rows are skipped if the
+        build fails, with the reason."""
+        tree = self.workdir / "mypyc"
+        files = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+        for name in files:
+            if (ROOT / name).is_file():
+                (tree / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, tree / name)
+        self.log("building the compiled copy (mypyc, about a minute)")
+        built = subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+            cwd=tree, capture_output=True, text=True,
+            env={**os.environ, "BALANCER_MYPYC": "1"},
+        )  # fmt: skip
+        if built.returncode != 0:
+            self.log(f"compiled build failed, its rows skipped: {built.stderr[-400:]}")
+            return
+        self.compiled = tree
 
     # -- the farm --------------------------------------------------------------------------
 
@@ -189,9 +214,9 @@ class Bench:
             wait_port(port)
         self.log(f"farm: {self.farm_kind} on ports {self.farm_ports}")
 
-    def _spawn(self, command: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, command: list[str], cwd: Path = ROOT) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"process-{len(self.processes)}.log").open("wb")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         self.processes.append(process)
         self.logs[process.pid] = (command, Path(log.name))
         return process
@@ -249,6 +274,9 @@ class Bench:
         targets = [Target("direct", self.farm_ports[0], None)]
         for reuse in ("never", "always"):
             targets.append(self._balancer(key_type, certs, reuse))
+        if self.compiled is not None:  # the same tree, built with mypyc (setup.py)
+            for reuse in ("never", "always"):
+                targets.append(self._balancer(key_type, certs, reuse, self.compiled))
         targets.append(self._pump())
         if shutil.which("haproxy"):
             for reuse in ("never", "always"):
@@ -262,9 +290,13 @@ class Bench:
                 self.wait_ready(target.https_port, target.process)
         return targets
 
-    def _balancer(self, key_type: str, certs: dict[str, Path], reuse: str) -> Target:
+    def _balancer(
+        self, key_type: str, certs: dict[str, Path], reuse: str, tree: Path = ROOT
+    ) -> Target:
+        """`python -m balancer` from `tree`: this checkout, or its compiled copy."""
+        build = "" if tree == ROOT else "-mypyc"
         http, https, admin = free_port(), free_port(), free_port()
-        log_path = self.workdir / f"access-{key_type}-{reuse}.log"
+        log_path = self.workdir / f"access-{key_type}-{reuse}{build}.log"
         config = self.workdir / f"balancer-{reuse}.toml"
         config.write_text(f'[upstream]\nreuse = "{reuse}"\n')
         backends = [arg for port in self.farm_ports for arg in ("--backend", f"127.0.0.1:{port}")]
@@ -294,9 +326,10 @@ class Bench:
                     str(certs["key"]),
                     *backends,
                 ],
-            )
+            ),
+            cwd=tree,  # `-m balancer` imports the tree it is run in
         )
-        name = "balancer" if reuse == "never" else f"balancer-{reuse}"
+        name = "balancer" + build + ("" if reuse == "never" else f"-{reuse}")
         return Target(name, http, https, balancer)
 
     def _pump(self) -> Target:
@@ -598,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--install", action="store_true", help="apt-get install the missing peers and tools first"
     )
+    parser.add_argument(
+        "--no-compiled", action="store_true", help="skip the mypyc build and its rows"
+    )
     args = parser.parse_args(argv)
     if args.install:
         install_tools()
@@ -616,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(Path(tmp), args.full, lambda line: print(line, flush=True))
         try:
             bench.start_farm()
+            if not args.no_compiled:
+                bench.build_compiled()
             for key_type in key_types:
                 targets = bench.start_targets(key_type)
                 print(f"targets ({key_type}): {[t.name for t in targets]}", flush=True)
@@ -648,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                         if sample is not None:
                             samples.append(sample)
                         target.stop()
+            counted = per_connection_counts(bench.compiled, lambda line: print(line, flush=True))
         finally:
             bench.close()
     rows = summarise(samples)
@@ -663,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Method: bench/run.py (proxy on CPU 0, farm and load on CPU 1; CPU from /proc).\n\n"
         + table(rows)
         + "\n"
+        + counted
     )
     print("\n" + report)
     results = ROOT / "bench" / "results"
@@ -683,6 +723,32 @@ def main(argv: list[str] | None = None) -> int:
         with (ROOT / "bench" / "RESULTS.md").open("a") as out:
             out.write("\n" + report)
     return 0
+
+
+def per_connection_counts(compiled: Path | None, log: Callable[[str], None]) -> str:
+    """bench/counts.py for each build: what does not drift with noise, per new connection."""
+    lines = [
+        "Per new connection (bench/counts.py: 2,000 `ab -c 8` connections a pass, access log "
+        "on; counted, not timed; a compiled build's own functions are not Python calls):\n",
+        "| build | reuse | Python calls | C calls | allocations | GC-only objects | syscalls |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for build, tree in (("pure", ROOT), ("mypyc", compiled)):
+        if tree is None:
+            continue
+        done = subprocess.run(
+            [sys.executable, str(tree / "bench" / "counts.py"), "--json"],
+            cwd=tree, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if done.returncode != 0:
+            log(f"bench/counts.py ({build}) failed: {done.stderr[-400:]}")
+            continue
+        for row in map(json.loads, done.stdout.splitlines()):
+            lines.append(
+                f"| {build} | {row['reuse']} | {row['python_calls']} | {row['c_calls']} | "
+                f"{row['allocations']} | {row['gc_only']} | {row['syscalls']} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def run_scenario(bench: Bench, target: Target, scenario: str, full: bool) -> Sample | None:
