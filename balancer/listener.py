@@ -80,6 +80,9 @@ class ListenerSettings:
     dispatch: bool = False
     head_limits: HeadLimits = field(init=False)
     deadline_seconds: dict[str, float] = field(init=False)  # DEADLINE_TIMEOUTS, resolved
+    # Read at every accept (prelude.awaited), so resolved once here.
+    accept_proxy_from: tuple[Network, ...] = field(init=False)
+    routes_by_sni: bool = field(init=False)  # a tcp listener routing TLS by SNI, passed through
 
     def __post_init__(self) -> None:
         limits = self.limits
@@ -91,15 +94,9 @@ class ListenerSettings:
         seconds = {kind: getattr(self.timeouts, key) for kind, key in DEADLINE_TIMEOUTS.items()}
         object.__setattr__(self, "head_limits", head_limits)
         object.__setattr__(self, "deadline_seconds", seconds)
-
-    @property
-    def accept_proxy_from(self) -> tuple[Network, ...]:
-        return self.listener.accept_proxy_from
-
-    @property
-    def routes_by_sni(self) -> bool:
-        """A tcp listener that routes TLS by the ClientHello's SNI (passed through)."""
-        return any(route.sni is not None for route in self.listener.routes)
+        object.__setattr__(self, "accept_proxy_from", self.listener.accept_proxy_from)
+        sni = any(route.sni is not None for route in self.listener.routes)
+        object.__setattr__(self, "routes_by_sni", sni)
 
 
 @dataclass

@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
-from typing import cast
 
 from balancer import prelude
 from balancer.errors import BackendError, BackendTimeout, BalancerError, HeaderTimeout
@@ -136,7 +135,6 @@ class ClientSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ctx, record, services, state = self.ctx, self.record, self.ctx.services, self.ctx.state
-        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.client.attach(transport)
         state.accepted_total += 1
         record.accepted_unix = services.wall_clock()

@@ -57,6 +57,10 @@ class TCPInfo(NamedTuple):
     bytes_sent: int | None = None
 
 
+# TCPInfo(...) runs a Python-level __new__ (five a connection); this is the same tuple.
+_new_info = tuple.__new__
+
+
 def borrow(sock: HasFileno) -> _socket.socket:
     """A socket object of our own on `sock`'s descriptor, to be `detach()`ed (never closed).
 
@@ -79,13 +83,15 @@ def info(kernel: Any) -> TCPInfo | None:
     if len(raw) < _SIZE:
         return None
     state, unacked, rtt_us, retrans = _LAYOUT.unpack_from(raw)
-    if len(raw) < _SIZE_ACKED:
-        return TCPInfo(state, unacked, rtt_us / 1e6, retrans)
+    size = len(raw)
+    if size < _SIZE_ACKED:
+        return _new_info(TCPInfo, (state, unacked, rtt_us / 1e6, retrans, None, None, None))
     acked, received = _BYTES.unpack_from(raw, _ACKED_AT)
-    if len(raw) < _SIZE_SENT:
-        return TCPInfo(state, unacked, rtt_us / 1e6, retrans, acked, received)
-    sent, resent = _BYTES.unpack_from(raw, _SENT_AT)
-    return TCPInfo(state, unacked, rtt_us / 1e6, retrans, acked, received, sent - resent)
+    sent = None
+    if size >= _SIZE_SENT:
+        sent, resent = _BYTES.unpack_from(raw, _SENT_AT)
+        sent -= resent
+    return _new_info(TCPInfo, (state, unacked, rtt_us / 1e6, retrans, acked, received, sent))
 
 
 def shutdown_write(kernel: Any) -> bool:

@@ -88,6 +88,11 @@ class BackendConnection(asyncio.Protocol):
         self.pool: IdlePool | None = None  # the pool it returns to between exchanges
         self.pool_wake: float | None = None  # when the pool's deadline on the wheel wakes it
 
+    def __call__(self) -> BackendConnection:
+        """Its own protocol factory (create_connection's first argument): no closure made
+        per connect."""
+        return self
+
     def on_deadline(self) -> None:
         """The connect timeout (see Connector.connect) stops the attempt; any other deadline
         is the pool's (idle timeout, linger)."""
@@ -186,7 +191,15 @@ class Connector:
             self.deadlines.schedule(conn, started + self.timeouts.connect_seconds)
             try:
                 try:
-                    await _connect_any(loop, conn, backend.connect_hosts, backend.port)
+                    # The backend's addresses in turn, within one attempt and its deadline.
+                    hosts = backend.connect_hosts
+                    for host in hosts:
+                        try:
+                            await loop.create_connection(conn, host, backend.port)
+                            break
+                        except OSError:
+                            if host is hosts[-1]:
+                                raise
                 except asyncio.CancelledError:
                     if not conn.connect_timed_out:
                         raise
@@ -394,20 +407,3 @@ class IdlePool:
 
     def unblock_reading(self, why: str) -> None:
         pass
-
-
-async def _connect_any(
-    loop: asyncio.AbstractEventLoop, conn: BackendConnection, hosts: tuple[str, ...], port: int
-) -> None:
-    """Connect to the first of `hosts` (one backend's addresses) that accepts."""
-
-    def factory() -> BackendConnection:
-        return conn
-
-    for host in hosts[:-1]:
-        try:
-            await loop.create_connection(factory, host, port)
-            return
-        except OSError:
-            continue  # the next address, within the same attempt and deadline
-    await loop.create_connection(factory, hosts[-1], port)
