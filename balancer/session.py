@@ -316,6 +316,8 @@ class ClientSession(asyncio.Protocol):
             self.http.on_backend_eof()
 
     def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
+        if self.phase == FINISHED:
+            return  # an attempt abandoned as it connected, lost after the session let go
         fwd = self.fwd
         if backend is not fwd.backend:
             return  # an attempt that was given up (timed out as it connected)

@@ -139,3 +139,21 @@ async def test_error_answers_leave_nothing_for_the_cyclic_gc(balancer_factory) -
 
     found = await left_for_the_gc(traffic)
     assert found == [], " ".join(f"{k}:{found.count(k)}" for k in sorted(set(found)))
+
+
+async def test_a_session_that_has_let_go_ignores_a_backend_lost_after_it(
+    farm, balancer_factory
+) -> None:
+    """A connect attempt abandoned just as it connected (the client gone meanwhile) is lost
+    after its session has published and dropped its parts: the session has nothing left to
+    do with it, and must not fail on the parts it let go."""
+    balancer, recorder = await balancer_factory(reuse_config(farm[0].address, "never"))
+    client = await Client.connect(port_of(balancer))
+    assert (await client.request("GET", "/size/10")).status == 200
+    (session,) = balancer.contexts[0].connections
+    backend = session.fwd.backend
+    assert backend is not None
+    await client.close()
+    await recorder.wait_for(1)
+    assert not hasattr(session, "fwd")  # let go
+    session.on_backend_lost(backend, ConnectionResetError())  # no AttributeError
