@@ -50,10 +50,15 @@ log = logging.getLogger("balancer")
 class Forwarder:
     """The backend side of one client session (see the module docstring)."""
 
-    __slots__ = ("backend", "chosen", "connect_task", "lease", "pending", "served", "session")
+    __slots__ = (
+        "backend", "chosen", "connect_task", "dispatch", "lease", "pending", "served", "session",
+    )  # fmt: skip
 
     def __init__(self, session: ClientSession) -> None:
         self.session = session
+        # A backend connection per exchange (see the module docstring). Kept, unlike the
+        # context below: it is read on every request and about ten times a connection.
+        self.dispatch = session.ctx.settings.dispatch
         self.chosen: Group | None = None  # routed (request, SNI); None: the listener's group
         self.lease: Lease | None = None
         self.backend: BackendConnection | None = None
@@ -70,11 +75,6 @@ class Forwarder:
     def group(self) -> Group:
         """The group the backend connection is (to be) from."""
         return self.chosen or self.session.ctx.router.default
-
-    @property
-    def dispatch(self) -> bool:
-        """A backend connection per exchange (see the module docstring)."""
-        return self.session.ctx.settings.dispatch
 
     # ---- connecting ------------------------------------------------------------------------
 

@@ -104,8 +104,8 @@ class HttpFlow:
         assert reader is not None and framer is not None
         record = session.record
         if record.first_request_at is None:
-            record.first_request_at = self.ctx.services.clock()
-        exchanges, router = session.exchanges, self.ctx.router
+            record.first_request_at = session.ctx.services.clock()
+        exchanges, router = session.exchanges, session.ctx.router
         for head in reader.heads:
             record.requests += 1
             framer.expect(head.method == b"HEAD", not head.keep_alive)
@@ -132,7 +132,7 @@ class HttpFlow:
             session.set_deadline(RESPONSE, session.fwd.group.response_seconds)
         else:
             session.set_deadline(IDLE)
-            if reader is not None and len(self.ctx.state.connections) > READER_POOL_ABOVE:
+            if reader is not None and len(session.ctx.state.connections) > READER_POOL_ABOVE:
                 self._release_reader(reader, framer)
 
     def _release_reader(self, reader: RequestReader, framer: ResponseFramer) -> None:
