@@ -14,6 +14,7 @@ from balancer.record import (
     LegTeardown,
     RequestRecord,
     rfc3339,
+    teardown_seconds,
 )
 
 _LEG_PEER = {"client": "client", "backend": "backend"}
@@ -78,10 +79,6 @@ def _number(value: float | None) -> str:
 
 
 def _leg_json(leg: LegTeardown) -> str:
-    fin_sent_at, peer_fin_at = leg.fin_sent_at, leg.peer_fin_at
-    teardown = (
-        None if fin_sent_at is None or peer_fin_at is None else abs(peer_fin_at - fin_sent_at)
-    )
     return (
         f'{{"initiator":{_name[leg.initiator]},"first_fin":{_name[leg.first_fin]},'
         f'"kind":"{leg.kind}","rst_received":{_FLAG[leg.rst_received]},'
@@ -89,7 +86,7 @@ def _leg_json(leg: LegTeardown) -> str:
         f'"close_notify_received":{_FLAG[leg.close_notify_received]},'
         f'"close_notify_sent":{_FLAG[leg.close_notify_sent]},'
         f'"retransmits":{"null" if leg.retransmits is None else leg.retransmits},'
-        f'"teardown_seconds":{"null" if teardown is None else repr(teardown)}}}'
+        f'"teardown_seconds":{_number(teardown_seconds(leg))}}}'
     )
 
 

@@ -286,23 +286,24 @@ class Observer(Collector):
             cells.duration.observe(record.closed_at - record.accepted_at)
         leg = record.client_leg
         cells.client_closes[leg.initiator][leg.kind].value += 1
-        if leg.peer_fin_at is not None and leg.fin_sent_at is not None:
-            self._teardown["client"].observe(abs(leg.peer_fin_at - leg.fin_sent_at))
+        teardown = teardown_seconds(leg)
+        if teardown is not None:
+            self._teardown["client"].observe(teardown)
         client_bytes = cells.client_bytes
         client_bytes["in"].value += leg.bytes_in
         client_bytes["out"].value += leg.bytes_out
         upstream = record.upstream
         if upstream is not None:
             connect_wait, rtt = self._backends[upstream.backend]
+            leg = upstream.leg
             if upstream.connected_at is not None:
                 connect_wait.observe(upstream.connected_at - upstream.connect_started_at)
-                leg = upstream.leg
                 cells.backend_closes[leg.initiator][leg.kind].value += 1
-                if leg.peer_fin_at is not None and leg.fin_sent_at is not None:
-                    self._teardown["backend"].observe(abs(leg.peer_fin_at - leg.fin_sent_at))
+                teardown = teardown_seconds(leg)
+                if teardown is not None:
+                    self._teardown["backend"].observe(teardown)
             if upstream.tcp_handshake_rtt_seconds is not None:
                 rtt.observe(upstream.tcp_handshake_rtt_seconds)
-            leg = upstream.leg
             if leg.bytes_out or leg.bytes_in:
                 backend_bytes = cells.backend_bytes
                 backend_bytes["in"].value += leg.bytes_in
