@@ -40,9 +40,9 @@ class ResponseFramer:
     Call `expect(is_head, closes)` for each request forwarded, in order, so a HEAD response is
     known to have no body and the response to a request that ends the connection says so.
     `feed(data)` returns the bytes to send to the client: `data` itself unless a head is split
-    across reads (held back until whole), or a head is rewritten to `Connection: close` because
-    its request closes or `force_close` (shutdown) is set. It raises `BadBackendResponse` for
-    framing that cannot be relayed safely.
+    across reads (held back until whole), or a head that would keep the connection is rewritten
+    to `Connection: close` because its request closes or `force_close` (shutdown) is set. It
+    raises `BadBackendResponse` for framing that cannot be relayed safely.
 
     Counters and flags the proxy reads: `started` (final response heads seen), `completed`
     (responses ended), `close_after` (the last completed response ends the connection),
@@ -122,7 +122,11 @@ class ResponseFramer:
                     return _joined(out, data, 0, pos)
                 end += 4
                 head = data[pos:end]
-                if self._on_head(head) and (self.force_close or self._request_closes):
+                if (
+                    self._on_head(head)
+                    and (self.force_close or self._request_closes)
+                    and self._message_keep_alive  # (one that says it closes stays as it is)
+                ):
                     if out is None:
                         out = [data[:pos]]
                     out.append(_with_close(head))

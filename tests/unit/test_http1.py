@@ -496,6 +496,24 @@ def test_framer_says_close_only_on_the_response_to_the_request_that_closes() -> 
 
 
 @pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\na",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\na",  # 1.0 without keep-alive closes
+        b"HTTP/1.1 200 OK\r\n\r\nuntil the close",  # close-delimited
+    ],
+)
+def test_a_response_that_already_closes_is_relayed_untouched_to_a_closing_request(
+    response: bytes,
+) -> None:
+    # An HTTP/1.0 client's every response (ab's case): nothing to rewrite, not even a copy.
+    framer = ResponseFramer()
+    framer.expect(False, True)
+    assert framer.feed(response) is response
+    assert framer.eof() and framer.close_after
+
+
+@pytest.mark.parametrize(
     ("target", "line", "host"),
     [
         (b"http://a.example/p?q=1", b"GET /p?q=1 HTTP/1.1", b"Host: a.example"),
