@@ -16,17 +16,25 @@ import _socket
 import contextlib
 import socket
 import struct
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 # struct tcp_info (linux/tcp.h): 8 single bytes, then 32-bit fields, then 64-bit counters.
 # state; unacked at 24; rtt at 68; total_retrans at 100; bytes_acked at 120, bytes_received
 # at 128 (Linux 4.1+); bytes_sent at 200, bytes_retrans at 208 (Linux 4.19+).
-_LAYOUT = struct.Struct("=B7x16xI40xI28xI")
-_SIZE = 104
-_BYTES = struct.Struct("=QQ")
-_ACKED_AT, _SENT_AT = 120, 200
-_SIZE_ACKED, _SIZE_SENT = 136, 216
-TCP_INFO = getattr(socket, "TCP_INFO", 11)
+# Final: a compiled build reads these from C variables, not the module's dict, on each of a
+# connection's five reads.
+_LAYOUT: Final = struct.Struct("=B7x16xI40xI28xI")
+_SIZE: Final = 104
+_BYTES: Final = struct.Struct("=QQ")
+_ACKED_AT: Final = 120
+_SENT_AT: Final = 200
+_SIZE_ACKED: Final = 136
+_SIZE_SENT: Final = 216
+TCP_INFO: Final[int] = getattr(socket, "TCP_INFO", 11)
+_IPPROTO_TCP: Final = socket.IPPROTO_TCP
+_SHUT_WR: Final = socket.SHUT_WR
+_AF_INET: Final = socket.AF_INET
+_SOCK_STREAM: Final = socket.SOCK_STREAM
 
 TIME_WAIT = 6
 CLOSE = 7
@@ -71,13 +79,13 @@ def borrow(sock: HasFileno) -> _socket.socket:
     here, the family and type are not asked for; the C type (`_socket.socket`) skips
     socket.socket's Python-level __init__.
     """
-    return _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, sock.fileno())
+    return _socket.socket(_AF_INET, _SOCK_STREAM, 0, sock.fileno())
 
 
 def info(kernel: Any) -> TCPInfo | None:
     """TCP_INFO through a borrowed socket object, or None where the platform cannot say."""
     try:
-        raw = kernel.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _SIZE_SENT)
+        raw = kernel.getsockopt(_IPPROTO_TCP, TCP_INFO, _SIZE_SENT)
     except OSError:
         return None
     if len(raw) < _SIZE:
@@ -97,7 +105,7 @@ def info(kernel: Any) -> TCPInfo | None:
 def shutdown_write(kernel: Any) -> bool:
     """shutdown(SHUT_WR) now, through a borrowed socket object; False if it failed."""
     try:
-        kernel.shutdown(socket.SHUT_WR)
+        kernel.shutdown(_SHUT_WR)
     except OSError:
         return False
     return True
