@@ -39,8 +39,8 @@ RETRY_AFTER_SECONDS = 1
 # Request readers (each with its httptools parser, ~1.4 KB) kept for reuse per loop. Once a
 # listener has more than READER_POOL_ABOVE connections open, a keep-alive connection gives its
 # reader back whenever it goes idle and takes one again with its next request, so idle
-# connections hold none; below that, memory is no concern and the round trip (~1 µs a
-# request) is saved.
+# connections hold none (nor, in the reuse modes, a response framer); below that, memory is
+# no concern and the round trip (~1 µs a request) is saved.
 READER_POOL_ABOVE = 256
 IDLE_READERS_KEPT = 256
 
@@ -124,7 +124,7 @@ class HttpFlow:
     def arm_deadline(self) -> None:
         """Pick the deadline that fits what the connection is waiting for now."""
         reader, framer, session = self.reader, self.framer, self.session
-        assert framer is not None  # (no reader: released while idle)
+        assert framer is not None  # (no reader: released while idle; called with a request)
         if reader is not None and reader.in_head:
             if session.deadline_kind != HEADER:  # a total deadline, set when the head began
                 session.set_deadline(HEADER)
@@ -157,6 +157,10 @@ class HttpFlow:
         idle_readers = self.ctx.services.idle_readers
         if len(idle_readers) < IDLE_READERS_KEPT:
             idle_readers.append(reader)
+        if self.session.fwd.dispatch:
+            # Reuse modes: no backend connection is held between requests, so nothing can
+            # arrive to be framed; the next request makes a new framer (~0.3 KB less idle).
+            self.framer = None
 
     def on_client_eof(self) -> None:
         """The client sends no more: close now, unless a response is still to come (a

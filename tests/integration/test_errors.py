@@ -329,6 +329,7 @@ async def test_idle_keep_alive_connections_hold_no_reader_and_readers_serve_any_
     (conn,) = ctx.connections
     idle_readers = ctx.services.idle_readers
     assert conn.http.reader is None and len(idle_readers) == 1  # given back when idle
+    assert conn.http.framer is not None  # reuse never: the backend connection is still held
     pooled = idle_readers[0]
     second = await Client.connect(port_of(balancer), source="127.0.0.2")  # another client
     response = await second.request("POST", "/second", body=b"x" * 1000)

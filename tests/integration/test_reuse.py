@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from balancer import http_flow
 from balancer.config import parse_config
 from balancer.server import Balancer
 from tests.helpers import (
@@ -72,6 +73,25 @@ async def test_always_reuses_idle_connections_across_client_connections(farm) ->
     pooled = lines(log, "backend_connection")
     assert sorted(x["requests"] for x in pooled) == [4, 4, 4]
     assert {x["close_cause"] for x in pooled} == {"shutdown"}
+
+
+async def test_in_a_reuse_mode_an_idle_client_holds_neither_reader_nor_framer(
+    farm, monkeypatch
+) -> None:
+    monkeypatch.setattr(http_flow, "READER_POOL_ABOVE", 0)  # as if many connections were open
+    balancer, _, recorder = await start(reuse_config([farm[0].address], "always"))
+    client = await Client.connect(port_of(balancer))
+    try:
+        assert (await client.request(path="/one")).status == 200
+        (conn,) = balancer.contexts[0].connections
+        assert conn.http.reader is None and conn.http.framer is None  # idle: S5's memory
+        response = await client.request("POST", "/two", body=b"y" * 100)
+        assert response.status == 200 and conn.http.framer is None
+        assert [(r.path, r.body_size) for r in farm[0].seen] == [("/one", 0), ("/two", 100)]
+        await client.close()
+        await recorder.wait_for(1)
+    finally:
+        await balancer.shutdown(grace=1.0)
 
 
 async def test_safe_gives_a_new_client_connections_first_request_a_new_connection(farm) -> None:
