@@ -35,6 +35,7 @@ from balancer.config_values import (
     text,
     token,
     unique,
+    whole_number,
     worker_count_value,
 )
 from balancer.policies import POLICIES
@@ -135,6 +136,9 @@ class Upstream:
     idle_per_backend: int = 32  # idle connections kept per backend
     idle_timeout_seconds: float = 4.0  # below the 5 s of Apache's, Node's, gunicorn's keep-alive
     max_requests_per_connection: int = 1000  # nginx's keepalive_requests
+    # Times a request is sent again, to another backend, after its backend connection ended
+    # (FIN or RST) before any byte of the response: idempotent and small requests only.
+    retries: int = 2
 
 
 CHECK_TYPES = ("none", "tcp", "http")
@@ -362,6 +366,10 @@ def _upstream(r: Reader, data: Mapping[str, Any]) -> Upstream:
         max_requests_per_connection=r.get(
             raw, "max_requests_per_connection", "upstream.max_requests_per_connection",
             positive_int, COUNT, d.max_requests_per_connection,
+        ),
+        retries=r.get(
+            raw, "retries", "upstream.retries", whole_number, "a whole number (0: never)",
+            d.retries,
         ),
     )  # fmt: skip
 

@@ -130,6 +130,13 @@ def positive_int(value: object) -> int:
     return value
 
 
+def whole_number(value: object) -> int:
+    """0, 1, 2, ...: a count where none is a choice (`upstream.retries = 0`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(value)
+    return value
+
+
 MAX_WORKERS = 256
 
 

@@ -4,10 +4,10 @@ Pure: no sockets, no asyncio; the clock and the publisher are passed in.
 
 Every request head that arrives opens an `Exchange` (and its `RequestRecord`); responses
 complete them in the same order (HTTP/1.1 answers in order). In the reuse modes each exchange
-also holds the request's bytes until a backend connection is its (`pending`), and, for a
-request that may be sent again (idempotent, small, no body), a copy (`replay`): a reused
-connection that turns out dead before any response byte gets the request once more, on a
-fresh connection.
+also holds the request's bytes until a backend connection is its (`pending`). A request that
+may be sent again (idempotent, and at most REPLAY_MAX_BYTES in all) keeps a copy (`replay`):
+should its backend connection end before any byte of the response, the forwarder sends it
+again on a new connection (forward.Forwarder.retry).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ class Exchange:
         self.group: Group | None = None  # routed (dispatch): the group that serves it
         self.request_done = False  # every byte of the request has been read
         # Reuse modes only (see Exchanges.open): the bytes waiting for a backend connection
-        # (None once they go straight to one), and a copy kept for a retry.
+        # (None once they go straight to one).
         self.pending: list[bytes] | None = None
-        self.replay: list[bytes] | None = None
+        self.replay: list[bytes] | None = None  # a copy kept for a retry (None: none may be)
 
     def keep_for_replay(self, data: bytes) -> None:
         replay = self.replay
@@ -89,8 +89,8 @@ class Exchanges:
         exchange = Exchange(record)
         if settings.dispatch:
             exchange.pending = []
-            if head.method in IDEMPOTENT and not head.upgrade:
-                exchange.replay = []
+        if head.method in IDEMPOTENT and not head.upgrade:
+            exchange.replay = []
         self.queue.append(exchange)
         return exchange
 

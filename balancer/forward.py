@@ -16,8 +16,11 @@ own, from the group its route names, one exchange at a time.
     response done ──► hand_back(): the lease is released, the connection goes to the idle
                       pool (or is closed: reuse never, its response said so, or it sent
                       stray bytes)
-    dead before any response byte, reused, idempotent, replayable ──► retry(): once, on a
-                      new connection to the same backend first
+
+Either way, a backend connection that ends (FIN or RST) before any byte of the response to
+the request it carried, idempotent and kept for replay, gets that request sent again on a new
+connection to another backend (retry(); nginx's proxy_next_upstream, HAProxy's retry-on
+empty-response with redispatch): a backend that dies under load costs its clients nothing.
 
 The session decides when; the forwarder does the backend side of it. The request bytes of
 each exchange are routed by `route()`: straight to the active connection, or kept in the
@@ -38,7 +41,14 @@ from balancer.http1 import ResponseFramer
 from balancer.listener import TUNNEL_IDLE, ListenerContext
 from balancer.pool import Lease
 from balancer.proxy_protocol import TLSFacts, encode_v1, encode_v2
-from balancer.upstream import DEAD_ON_REUSE, NOT_REUSABLE, REUSE_NEVER, BackendConnection
+from balancer.upstream import (
+    BACKEND_CLOSED,
+    BACKEND_RESET,
+    DEAD_ON_REUSE,
+    NOT_REUSABLE,
+    REUSE_NEVER,
+    BackendConnection,
+)
 
 if TYPE_CHECKING:
     from balancer.groups import Group
@@ -78,14 +88,15 @@ class Forwarder:
 
     # ---- connecting ------------------------------------------------------------------------
 
-    def connect(self, first: Lease | None = None) -> None:
-        """Connect to a backend the policy picks (`first`: this lease's backend first)."""
+    def connect(self, first: Lease | None = None, avoid: BackendState | None = None) -> None:
+        """Connect to a backend the policy picks (`first`: this lease's backend first;
+        `avoid`: not this one, unless no other is ready)."""
         session = self.session
         session.block_reading("connecting")
         loop = self.ctx.services.loop or asyncio.get_running_loop()
-        self.connect_task = loop.create_task(self._connect(first))
+        self.connect_task = loop.create_task(self._connect(first, avoid))
 
-    async def _connect(self, first: Lease | None) -> None:
+    async def _connect(self, first: Lease | None, avoid: BackendState | None) -> None:
         task = self.connect_task
         assert task is not None
         session, services = self.session, self.ctx.services
@@ -94,7 +105,9 @@ class Forwarder:
         attempts = session.exchanges.queue[0].record if self.dispatch else session.record
         group = self.group  # (a retry's: the same; set before the connect began)
         try:
-            lease, backend = await group.connector.connect(session, attempts, task, loop, first)
+            lease, backend = await group.connector.connect(
+                session, attempts, task, loop, first, avoid
+            )
         except BackendError as error:
             self.connect_task = None
             if not session.closing:
@@ -155,6 +168,30 @@ class Forwarder:
         else:
             session.arm_client_deadline()
         session.unblock_reading("connecting")
+        self.took_up(backend)
+
+    def took_up(self, backend: BackendConnection) -> None:
+        """What the connection did between its connect and now, it does now: a backend that
+        hung up (FIN) or was lost (a killed one's RST) as we connected is handled as if
+        it happened after (a retry, or the error), not left to the response deadline."""
+        reset = backend.lost_early
+        if reset is not None:
+            backend.lost_early = None
+            self.session.backend_lost(backend, reset)
+        elif backend.leg.facts.peer_fin_at is not None and not self.session.backend_eof:
+            self.session.on_backend_eof(backend)
+
+    def send_requests(self, data: bytes) -> None:
+        """Reuse never: request bytes for the one backend connection. While they are the only
+        unanswered request's, a copy is kept for a retry (see retry); pipelined ones are not
+        sent again."""
+        queue = self.session.exchanges.queue
+        if len(queue) == 1:
+            queue[0].keep_for_replay(data)
+        else:
+            for exchange in queue:
+                exchange.replay = None
+        self.send(data)
 
     def send(self, data: bytes) -> None:
         """Reuse never, tunnels: to the one backend connection (kept while it connects)."""
@@ -241,6 +278,8 @@ class Forwarder:
             backend.leg.write(pending[0] if len(pending) == 1 else b"".join(pending))
         session.arm_client_deadline()
         session.unblock_reading("connecting")
+        if not reused:
+            self.took_up(backend)
 
     def hand_back(self, reusable: bool, framer: ResponseFramer | None = None) -> None:
         """The active exchange's response is done: its connection goes to the idle pool (or is
@@ -268,37 +307,68 @@ class Forwarder:
         self.release_lease()
 
     def retry(self, backend: BackendConnection) -> bool:
-        """A reused connection that was dead before any response byte: send an idempotent
-        request again, once, on a new connection. Not counted against the backend's health."""
-        session = self.session
+        """`backend` ended (its FIN, or an RST) before any byte of the response to the request
+        it carried: send that request again, on a new connection to another backend (this one
+        only if no other is ready), if it may go again. It may when it is idempotent and was
+        kept whole (Exchange.replay: at most REPLAY_MAX_BYTES), was read to its end, is the
+        only request the connection carried (reuse never; the reuse modes carry one at a
+        time), and has gone again fewer than the group's `retries` times. True if it goes.
+
+        A fresh connection that died counts against its backend (passive checks); a reused
+        one does not (it may have timed out idle as the request left: nginx's and HAProxy's
+        keep-alive race)."""
+        session, http = self.session, self.session.http
         queue = session.exchanges.queue
-        if not queue:
+        if session.closing or session.tunnel or http is None or not queue:
             return False
         exchange: Exchange = queue[0]
         record = exchange.record
         if (
-            not record.reused
-            or record.retries
+            exchange.replay is None
             or record.first_byte_at is not None
-            or exchange.replay is None
-            or not exchange.request_done
-            or session.closing
+            or record.retries >= self.group.retries
+            or http.in_response
+            or http.pending_error is not None
         ):
             return False
+        if self.dispatch:
+            if not exchange.request_done:
+                return False
+        elif len(queue) > 1 or (http.reader is not None and http.reader.in_body):
+            return False
+        lease = self.lease
+        if not record.reused:
+            self.failed()  # (before the lease goes)
         record.retries += 1
+        session.record.retries += 1
         record.forwarded_at = None
-        exchange.pending = list(exchange.replay)
-        idle = self.ctx.services.idle
-        if idle is not None:
-            if backend.leg.usable:
-                idle.close(backend, DEAD_ON_REUSE)
-            else:
-                backend.record.close_cause = backend.record.close_cause or DEAD_ON_REUSE
-                idle.retire(backend)
+        replay = list(exchange.replay)
         self.backend = None
-        lease, self.lease = self.lease, None
-        self.connect(lease)  # the same backend first, on a new connection
+        self.release_lease()
+        self._retire(backend, DEAD_ON_REUSE if record.reused else None)
+        if self.dispatch:
+            exchange.pending = replay
+        else:
+            self.pending = replay
+            session.backend_eof = False
+            session.record.upstream = None  # the dead one has a line of its own
+        self.connect(avoid=None if lease is None else lease.state)
         return True
+
+    def _retire(self, backend: BackendConnection, cause: str | None) -> None:
+        """A backend connection given up for a retry: the pool closes it (our FIN, if the leg
+        is still there) and publishes its record, with what ended it."""
+        if cause is None:
+            cause = BACKEND_CLOSED if backend.leg.usable else BACKEND_RESET
+        idle = self.ctx.services.idle
+        if idle is None:  # (a worker always has one; kept for a bare LoopServices)
+            if backend.leg.usable:
+                backend.leg.transport.abort()
+        elif backend.leg.usable:
+            idle.close(backend, cause)
+        else:
+            backend.record.close_cause = backend.record.close_cause or cause
+            idle.retire(backend)
 
     # ---- passive checks: what the traffic says of the backend ------------------------------
 

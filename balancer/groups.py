@@ -27,11 +27,11 @@ from balancer.upstream import Connector
 class Group:
     """One backend group in one worker."""
 
-    __slots__ = ("connector", "name", "pool", "response_seconds", "reuse", "send_proxy")
+    __slots__ = ("connector", "name", "pool", "response_seconds", "retries", "reuse", "send_proxy")
 
     def __init__(
         self, name: str, pool: BackendPool, connector: Connector, reuse: str,
-        response_seconds: float, send_proxy: str = "none",
+        response_seconds: float, send_proxy: str = "none", retries: int = 0,
     ) -> None:  # fmt: skip
         self.name = name
         self.send_proxy = send_proxy  # none, v1, v2: a PROXY header on each connection
@@ -39,6 +39,7 @@ class Group:
         self.connector = connector
         self.reuse = reuse  # never, safe, always (HAProxy's http-reuse)
         self.response_seconds = response_seconds  # backend silence while a response is due
+        self.retries = retries  # re-sends of a request that got no response byte (forward.py)
 
     def __repr__(self) -> str:
         return f"Group({self.name!r}, reuse={self.reuse!r})"

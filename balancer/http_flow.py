@@ -74,7 +74,7 @@ class HttpFlow:
             if fwd.dispatch:
                 fwd.route(out, reader.message_ends)
             else:
-                fwd.send(out)
+                fwd.send_requests(out)
         if reader.error is not None:
             session.fail(reader.error)
             return

@@ -136,7 +136,7 @@ def json_line(r: ConnectionRecord) -> str:
         f'"tcp_handshake_rtt_seconds":{_number(r.tcp_handshake_rtt_seconds)},'
         f'"tls":{tls},"backend":{backend},'
         f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'
-        f'"requests":{r.requests},"first_request_seconds":'
+        f'"retries":{r.retries},"requests":{r.requests},"first_request_seconds":'
         f"{'null' if first_request_at is None else repr(first_request_at - r.accepted_at)},"
         f'"error_status":{"null" if r.error_status is None else r.error_status},'
         f'"bytes":{{"client_in":{client_leg.bytes_in},"client_out":{client_leg.bytes_out},'

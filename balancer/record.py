@@ -154,6 +154,7 @@ class ConnectionRecord:
         "local_port",
         "proxied_by",
         "requests",
+        "retries",
         "tcp_handshake_rtt_seconds",
         "tls_alpn",
         "tls_cipher",
@@ -198,6 +199,9 @@ class ConnectionRecord:
         self.backend_group: str | None = None
         self.connect_attempts = 0
         self.connect_failures = 0
+        # Requests sent again after a backend connection ended before any byte of the
+        # response (each dead connection has its own backend_connection line).
+        self.retries = 0
         self.upstream: BackendConnectionRecord | None = None
         # Teardown.
         self.close_cause: str | None = None
@@ -307,6 +311,7 @@ class ConnectionRecord:
             },
             "connect_attempts": self.connect_attempts,
             "connect_failures": self.connect_failures,
+            "retries": self.retries,
             "requests": self.requests,
             "first_request_seconds": self.first_request_seconds,
             "error_status": self.error_status,

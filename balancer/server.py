@@ -154,13 +154,12 @@ class Balancer:
         worker_pid = os.getpid()
         self.groups = self._groups(backends, peers, table, worker_pid)
         dispatch = {x.name: dispatches(config, x) for x in config.listeners}
-        # Backend connections between exchanges (dispatching listeners), one pool a worker.
-        self.idle: IdlePool | None = None
-        if any(dispatch.values()):
-            self.idle = IdlePool(
-                config.upstream, config.timeouts.linger_seconds, self.deadlines, clock,
-                self._publish_backend_connection, self._call_later,
-            )  # fmt: skip
+        # Backend connections between exchanges (dispatching listeners), one pool a worker; it
+        # also closes and publishes the dead ones a retry leaves behind (any listener).
+        self.idle = IdlePool(
+            config.upstream, config.timeouts.linger_seconds, self.deadlines, clock,
+            self._publish_backend_connection, self._call_later,
+        )  # fmt: skip
         self.services = LoopServices(
             groups=self.groups,
             deadlines=self.deadlines,
@@ -233,7 +232,7 @@ class Balancer:
             )  # fmt: skip
             groups[config.name] = Group(
                 config.name, pool, connector, config.reuse, timeouts.backend_response_seconds,
-                config.send_proxy,
+                config.send_proxy, self.config.upstream.retries,
             )  # fmt: skip
             first += len(mine)
         return groups

@@ -297,19 +297,21 @@ class ClientSession(asyncio.Protocol):
             self.http.on_response_data(data)
 
     def on_backend_eof(self, backend: BackendConnection) -> None:
+        if backend is not self.fwd.backend:  # not taken up yet (Forwarder.took_up), or given up
+            backend.leg.peer_fin()
+            return
         self.backend_eof = True
         if self.phase >= CLOSING:
             backend.leg.peer_fin_while_closing(self._loop.call_later)
             return
         backend.leg.peer_fin()
-        if self.fwd.dispatch and self.fwd.retry(backend):
+        if self.fwd.retry(backend):
             return
         if self.phase == TUNNEL:
-            if not self.client_eof:  # the backend's end came first: why it ended
-                self.record.close_cause = self.record.close_cause or BACKEND_CLOSED
             if self.client_eof:
                 self.close_client(BACKEND_CLOSED)
-            else:  # pass the half-close on
+            else:  # the backend's end came first (why it ended): pass the half-close on
+                self.record.close_cause = self.record.close_cause or BACKEND_CLOSED
                 self.client.close_notify()
                 self.client.shutdown()
         elif self.http is not None:
@@ -318,12 +320,16 @@ class ClientSession(asyncio.Protocol):
     def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
         if self.phase == FINISHED:
             return  # an attempt abandoned as it connected, lost after the session let go
+        if backend is self.fwd.backend:
+            self.backend_lost(backend, backend.leg.lost(exc))
+        elif backend.connect_task is not None:  # not taken up yet (else: given up, timed out)
+            backend.lost_early = backend.leg.lost(exc)  # read now: the fd is still its own
+
+    def backend_lost(self, backend: BackendConnection, reset: bool) -> None:
+        """The backend connection is gone (`reset`: by an RST we did not send)."""
         fwd = self.fwd
-        if backend is not fwd.backend:
-            return  # an attempt that was given up (timed out as it connected)
-        reset = backend.leg.lost(exc)
-        if fwd.dispatch and reset and not self.closing and fwd.retry(backend):
-            return  # (a reused connection found dead: not the backend's failure)
+        if reset and fwd.retry(backend):
+            return  # sent again, elsewhere
         http = self.http
         # A reset with a response owed or under way (else: between responses, or a tunnel).
         cut = not (self.phase == TUNNEL or (http is not None and http.at_response_boundary))
@@ -332,11 +338,10 @@ class ClientSession(asyncio.Protocol):
         if fwd.dispatch:
             fwd.drop(backend)
         if reset:
-            if not self.closing:
-                if cut:
-                    self.fail(BackendError("backend reset the connection"))
-                else:
-                    self.close_client(BACKEND_RESET)
+            if cut and not self.closing:
+                self.fail(BackendError("backend reset the connection"))
+            elif not self.closing:
+                self.close_client(BACKEND_RESET)
         elif not self.backend_eof and not self.closing:
             self.on_backend_eof(backend)
         self._maybe_finish()

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from balancer.backends import BackendState
 from balancer.config import Limits, Timeouts, Upstream
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.errors import BackendUnreachable, NoBackendAvailable
@@ -66,6 +67,7 @@ class BackendConnection(asyncio.Protocol):
         "connect_timed_out",
         "idle_since",
         "leg",
+        "lost_early",
         "pool",
         "pool_wake",
         "record",
@@ -87,6 +89,9 @@ class BackendConnection(asyncio.Protocol):
         self.idle_since: float | None = None  # in the idle pool since
         self.pool: IdlePool | None = None  # the pool it returns to between exchanges
         self.pool_wake: float | None = None  # when the pool's deadline on the wheel wakes it
+        # Lost between its connect and its taking up by the session: whether by a reset (the
+        # leg's facts taken as it was lost); the session handles it when it takes it up.
+        self.lost_early: bool | None = None
 
     def __call__(self) -> BackendConnection:
         """Its own protocol factory (create_connection's first argument): no closure made
@@ -161,20 +166,26 @@ class Connector:
         task: asyncio.Task[Any],
         loop: asyncio.AbstractEventLoop,
         first: Lease | None = None,
+        avoid: BackendState | None = None,
     ) -> tuple[Lease, BackendConnection]:
         """A connected backend and its lease; the attempts are counted in `attempts`.
 
         `first`, if given, is a lease already taken (the policy's pick): tried first.
+        `avoid`, if given, is not picked unless no other backend is ready (a retry's).
         Raises BackendError (no backend ready, or every one tried refused or timed out).
         `task` is the task running this coroutine: the connect deadline cancels it.
         """
         pool, clock = self.pool, self.clock
-        tried: list[Any] = []
+        tried: list[Any] = [] if avoid is None else [avoid]
         # Why the last attempt failed; the error is made as it is raised, since one kept in a
         # local would hold its own traceback, which holds this frame: a reference cycle.
         unreachable: str | None = None
         for _ in range(self.limits.max_connect_attempts):
             lease, first = first or pool.acquire(clock(), tried), None
+            if lease is None and avoid is not None:
+                tried.remove(avoid)  # the only one ready: it, after all
+                avoid = None
+                lease = pool.acquire(clock(), tried)
             if lease is None:
                 break
             backend = lease.state.backend
@@ -230,7 +241,8 @@ class Connector:
             local = conn.leg.transport.get_extra_info("sockname")
             if local:
                 record.local_port = local[1]
-            info = conn.leg.tcp_info()
+            # (Not from a connection lost as it connected: its descriptor may be another's.)
+            info = conn.leg.tcp_info() if conn.leg.usable else None
             if info is not None:
                 record.tcp_handshake_rtt_seconds = info.rtt_seconds
             return lease, conn

@@ -96,6 +96,8 @@ def test_https_listener_gets_tls_defaults() -> None:
             "whole number",
         ),
         ({"upstream": "always"}, "upstream", "an [upstream] table"),
+        ({"upstream": {"retries": -1}}, "upstream.retries", "a whole number (0: never)"),
+        ({"upstream": {"retries": True}}, "upstream.retries", "a whole number (0: never)"),
         ({"request_log": "yes"}, "request_log", "true or false"),
         (
             {
@@ -112,6 +114,11 @@ def test_https_listener_gets_tls_defaults() -> None:
 def test_each_bad_key_is_named_with_what_was_expected(change, key, expected) -> None:
     found = problems({**MINIMAL, **change})
     assert any(p.startswith(f"bad.toml: {key} = ") and expected in p for p in found), found
+
+
+def test_retries_may_be_turned_off() -> None:
+    assert parse_config({**MINIMAL, "upstream": {"retries": 0}}, "t.toml").upstream.retries == 0
+    assert parse_config(MINIMAL, "t.toml").upstream.retries == 2
 
 
 def test_all_problems_are_reported_at_once() -> None:
