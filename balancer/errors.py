@@ -75,7 +75,21 @@ class BackendError(BalancerError):
 
 
 class BackendUnreachable(BackendError):
+    """No connect succeeded: refused or timed out on every backend tried."""
+
     reason = "backend_connect_failed"
+
+
+class BackendClosed(BackendError):
+    """The backend's FIN came with a response owed: none yet (and no retry), or part of one."""
+
+    reason = "backend_closed"
+
+
+class BackendReset(BackendError):
+    """The backend's RST came with a response owed."""
+
+    reason = "backend_reset"
 
 
 class NoBackendAvailable(BackendError):

@@ -298,9 +298,11 @@ class Forwarder:
         else:
             idle.close(backend, NOT_REUSABLE)
 
-    def drop(self, backend: BackendConnection) -> None:
-        """The active connection is gone under the exchange: its record is the pool's to
-        publish; the session goes on without it."""
+    def drop(self, backend: BackendConnection, reset: bool) -> None:
+        """The active connection is gone under the exchange (`reset`: by an RST): its record,
+        saying so, is the pool's to publish; the session goes on without it."""
+        record = backend.record
+        record.close_cause = record.close_cause or (BACKEND_RESET if reset else BACKEND_CLOSED)
         if self.ctx.services.idle is not None:
             self.ctx.services.idle.retire(backend)
         self.backend = None
@@ -390,6 +392,14 @@ class Forwarder:
         if lease is not None and (lease.pool.count_timeouts or not timeout):
             seconds = lease.pool.failed(lease.state, self.ctx.services.clock())
             _said(lease.state, seconds, "timeouts" if timeout else "failed requests")
+
+    def hung_up(self) -> None:
+        """The active backend's FIN came with a response owed: a failed request for its
+        passive checks, and why its connection ends (its own line's close cause)."""
+        self.failed()
+        if self.backend is not None:
+            record = self.backend.record
+            record.close_cause = record.close_cause or BACKEND_CLOSED
 
     # ---- ending ----------------------------------------------------------------------------
 

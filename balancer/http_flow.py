@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from balancer.errors import BackendError, BackendUnreachable, BalancerError
+from balancer.errors import BackendClosed, BackendError, BalancerError
 from balancer.http1 import RequestReader, ResponseFramer, error_response
 from balancer.listener import HEADER, IDLE, RESPONSE, ListenerContext
 from balancer.record import BACKEND_CLOSED, CLIENT_CLOSED, HTTP_CLOSE, SHUTDOWN
@@ -251,8 +251,8 @@ class HttpFlow:
         session, framer = self.session, self.framer
         assert framer is not None
         if not framer.eof():
-            session.fwd.failed()
-            session.fail(BackendError("backend closed mid-response"))
+            session.fwd.hung_up()
+            session.fail(BackendClosed("backend closed mid-response"))
             return
         session.fwd.answered(framer.statuses)
         session.exchanges.completed(framer.statuses)
@@ -260,8 +260,8 @@ class HttpFlow:
             self._responses_completed()  # a close-delimited body ended
         elif framer.awaiting and not session.client_eof:
             # It closed with requests unanswered: they were never processed.
-            session.fwd.failed()
-            session.fail(BackendUnreachable("backend closed with requests unanswered"))
+            session.fwd.hung_up()
+            session.fail(BackendClosed("backend closed with requests unanswered"))
         else:
             session.close_client(BACKEND_CLOSED)
 

@@ -39,8 +39,10 @@ CLOSE_CAUSES: dict[str, str] = {
     CLIENT_CLOSED: "the client closed (FIN or close_notify) at a request boundary",
     CLIENT_RESET: "the client reset the connection (RST)",
     HTTP_CLOSE: "a request or response said Connection: close (or HTTP/1.0)",
-    BACKEND_CLOSED: "the backend closed at a response boundary (tcp mode: it closed)",
-    BACKEND_RESET: "the backend reset its connection between responses (tcp mode: any time)",
+    BACKEND_CLOSED: "the backend closed (FIN): at a response boundary, or with a response owed "
+    "(then error_status 502, or the client leg reset mid-response); tcp mode: it closed",
+    BACKEND_RESET: "the backend reset its connection (RST): between responses, or with a response "
+    "owed (as above); tcp mode: any time",
     IDLE_TIMEOUT: "no request within keepalive_idle_seconds",
     HEADER_TIMEOUT: "a request head not complete within client_header_seconds (408 if begun)",
     BACKEND_TIMEOUT: "no response byte within backend_response_seconds (504)",

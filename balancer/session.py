@@ -40,7 +40,7 @@ import sys
 from collections.abc import Callable
 
 from balancer import prelude
-from balancer.errors import BackendError, BackendTimeout, BalancerError, HeaderTimeout
+from balancer.errors import BackendReset, BackendTimeout, BalancerError, HeaderTimeout
 from balancer.exchange import Exchanges
 from balancer.forward import Forwarder
 from balancer.http_flow import HttpFlow
@@ -336,10 +336,10 @@ class ClientSession(asyncio.Protocol):
         if reset and cut and not self.closing:
             fwd.failed()  # passive checks, before the lease goes with the connection
         if fwd.dispatch:
-            fwd.drop(backend)
+            fwd.drop(backend, reset)
         if reset:
             if cut and not self.closing:
-                self.fail(BackendError("backend reset the connection"))
+                self.fail(BackendReset("backend reset the connection"))
             elif not self.closing:
                 self.close_client(BACKEND_RESET)
         elif not self.backend_eof and not self.closing:

@@ -195,3 +195,29 @@ async def test_a_backend_that_hangs_up_as_it_is_connected_to_costs_no_request(
         good.close()
     assert statuses == [200] * 4 and len(good.seen) == 4
     assert sorted(r["retries"] for r in lines(log, "request")) == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("reuse", ["never", "always"])
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+async def test_a_502_for_a_backend_that_hung_up_says_how_it_did(reuse: str, reset: bool) -> None:
+    # Not backend_connect_failed (the connect succeeded), not a vague bad_gateway.
+    server, _, dead = await dying_backend(reset)
+    balancer, log, recorder = await start(config([dead], reuse, retries=0))
+    try:
+        status = await one_request(port_of(balancer))
+        await recorder.wait_for(1)
+    finally:
+        await balancer.shutdown(grace=1.0)
+        server.close()
+    cause, kind = ("backend_reset", "rst") if reset else ("backend_closed", "fin")
+    (connection,) = lines(log, "connection")
+    assert status == 502 and connection["error_status"] == 502
+    assert connection["close_cause"] == cause
+    if reuse == "never":
+        assert (connection["connect_attempts"], connection["connect_failures"]) == (1, 0)
+        assert connection["backend_leg"]["kind"] == kind
+    else:  # the backend connection has its own line
+        (request,) = lines(log, "request")
+        assert (request["connect_attempts"], request["connect_failures"]) == (1, 0)
+        (pooled,) = lines(log, "backend_connection")
+        assert (pooled["close_cause"], pooled["leg"]["kind"]) == (cause, kind)
