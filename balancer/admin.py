@@ -98,6 +98,7 @@ class AdminServer:
                 elif isinstance(event, h11.EndOfMessage) and request is not None:
                     status, kind, payload = await self._answer(request, body)
                     headers = [("Content-Type", kind), ("Content-Length", str(len(payload)))]
+                    headers += self._said_with(status, request)
                     reason = HTTPStatus(status).phrase.encode()
                     response = h11.Response(status_code=status, headers=headers, reason=reason)
                     writer.write(conn.send(response))
@@ -126,13 +127,29 @@ class AdminServer:
         path = target.split("?", 1)[0]
         if request.method in (b"GET", b"HEAD"):
             route = self.routes.get(path)
-            if route is None:
-                return 404, "text/plain", b"not found\n"
-            return await route()
+            if route is not None:
+                return await route()
+            if self._is_write(path):
+                return 405, "text/plain", b"a write: POST, with the bearer token\n"
+            return 404, "text/plain", b"not found\n"
         if request.method == b"POST" and self.write is not None:
             headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
             return await self.write(target, headers, body)
         return 405, "text/plain", b"GET, or POST for control\n" if self.write else b"only GET\n"
+
+    def _is_write(self, path: str) -> bool:
+        """A runtime-control URL (control.py): /backends/<name>/<action>."""
+        return self.write is not None and path.startswith("/backends/") and path.count("/") == 3
+
+    def _said_with(self, status: int, request: h11.Request) -> list[tuple[str, str]]:
+        """The headers RFC 9110 asks of a 401 (how to authenticate) and a 405 (what is
+        allowed on that URL)."""
+        if status == 401:
+            return [("WWW-Authenticate", 'Bearer realm="balancer admin"')]
+        if status != 405:
+            return []
+        path = request.target.decode("ascii", "replace").split("?", 1)[0]
+        return [("Allow", "POST" if self._is_write(path) else "GET, HEAD")]
 
 
 def _json(value: object, status: int = 200) -> tuple[int, str, bytes]:

@@ -71,6 +71,7 @@ class Control:
         if token is None or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             self.writes.labels("unauthorized").inc()
             why = "set admin_token_file to allow writes" if token is None else "a bearer token"
+            log.warning("admin API: refused POST %s (401: %s)", target[:200], why)
             return json_answer({"error": f"unauthorized: {why}"}, 401)
         path, _, query = target.partition("?")
         parts = [unquote(part) for part in path.strip("/").split("/")]

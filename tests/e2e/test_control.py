@@ -81,6 +81,14 @@ def test_writes_need_the_token_and_every_refusal_is_counted(farm_ports, tmp_path
         assert metrics['balancer_admin_writes_total{result="not_found"}'] == 1
         assert metrics['balancer_admin_writes_total{result="bad_request"}'] == 1
         assert backends(running)["web2"]["state"] == "up"  # nothing refused changed anything
+        admin = f"http://127.0.0.1:{running.ports['admin']}"
+        refused = run("curl", "-s", "-i", "-X", "POST", f"{admin}/backends/web2/drain").stdout
+        assert "WWW-Authenticate: Bearer" in refused  # RFC 9110: how to authenticate
+        running.wait_for_log("admin API: refused POST /backends/web2/drain (401: a bearer token)")
+        read = run("curl", "-s", "-i", f"{admin}/backends/web2/drain").stdout  # a GET
+        assert read.startswith("HTTP/1.1 405") and "Allow: POST" in read
+        posted = run("curl", "-s", "-i", "-X", "POST", f"{admin}/metrics").stdout
+        assert posted.startswith("HTTP/1.1 401")  # a write URL or not, a POST needs the token
 
 
 def test_a_drain_under_ab_fails_no_request_and_new_work_avoids_the_backend(
