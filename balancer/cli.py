@@ -31,6 +31,7 @@ from balancer.config import (
 )
 from balancer.control import read_token
 from balancer.policies import POLICIES
+from balancer.resolve import resolve_backends
 from balancer.server import Balancer, SSLContexts, StartError, build_ssl_contexts
 from balancer.supervisor import Supervisor
 from balancer.tls import TLSSetupError
@@ -261,6 +262,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, SSLContexts, str, int]:
     the TLS context (built once, for every worker), and the descriptor budget's log line and
     level. Raises ConfigError or TLSSetupError."""
     config, max_connections_set = load(args)
+    config = resolve_backends(config)  # names, now: an unresolvable one fails check and run
     problem = access_log_problem(config)
     if problem is not None:
         raise ConfigError([problem])

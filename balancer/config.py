@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from balancer.config_values import (
     ADDRESS,
+    BACKEND_ADDRESS,
     COUNT,
     MISSING,
     REQUIRED,
@@ -22,6 +23,7 @@ from balancer.config_values import (
     Address,
     Reader,
     admin_address,
+    backend_address,
     boolean,
     check_path,
     choice,
@@ -510,7 +512,9 @@ def _backends(r: Reader, raw: object, path: str, shape: str) -> list[BackendConf
     backends = []
     for at, item in r.tables(raw, path, shape, "a table with address (and name, weight)"):
         r.table(item, at, ("name", "address", "weight", "backup"))
-        address = r.get(item, "address", f"{at}.address", parse_address, ADDRESS, REQUIRED)
+        address = r.get(
+            item, "address", f"{at}.address", backend_address, BACKEND_ADDRESS, REQUIRED
+        )
         weight = r.get(item, "weight", f"{at}.weight", positive_int, COUNT, 1)
         name = r.get(item, "name", f"{at}.name", text, "a non-empty string", str(address))
         backup = r.get(item, "backup", f"{at}.backup", boolean, "true or false", False)

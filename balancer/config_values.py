@@ -8,6 +8,7 @@ does not take, and the reader turns that into one line of `ConfigError`.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -100,6 +101,36 @@ def parse_address(value: object) -> Address:
     return Address(host, port)
 
 
+# A host name as DNS and /etc/hosts have them: dot-separated labels of letters, digits and
+# hyphens (and underscores, which container platforms' service names carry), 253 at most.
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                        r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")  # fmt: skip
+
+
+def backend_address(value: object) -> Address:
+    """A backend's `host:port`: an IP address, `[v6]`, or a host name (resolved later, by
+    resolve.py: at `check`, at start and at each reload)."""
+    try:
+        return parse_address(value)
+    except ValueError:
+        if not isinstance(value, str):
+            raise
+    host, _, port_text = value.rpartition(":")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(value)
+    if _HOST_NAME.fullmatch(host) is None or host.replace(".", "").isdigit():
+        raise ValueError(value)
+    return Address(host, int(port_text))
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def admin_address(value: object) -> Address:
     """The admin listener: an address, or a port alone (8404, ":8404"): loopback."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -163,6 +194,10 @@ def boolean(value: object) -> bool:
 
 
 ADDRESS = "an address like '127.0.0.1:8080', '[::1]:443' or 'localhost:80'"
+BACKEND_ADDRESS = (
+    "an address like '10.0.0.11:8080', '[::1]:443' or 'web1.internal:8080' (a name in DNS or "
+    "/etc/hosts)"
+)
 
 
 SECONDS = "a positive number of seconds"
