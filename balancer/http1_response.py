@@ -310,10 +310,13 @@ def _with_close(head: bytes) -> bytes:
 
 
 @cache
-def error_response(status: int, retry_after: int | None = None) -> bytes:
-    """A complete small `text/plain` response with `Connection: close`, rendered once by h11."""
+def error_response(
+    status: int, retry_after: int | None = None, explained: str | None = None
+) -> bytes:
+    """A complete small `text/plain` response with `Connection: close`, rendered once by h11;
+    its body is the status line's words, or `explained`."""
     phrase = HTTPStatus(status).phrase
-    body = f"{status} {phrase}\n".encode()
+    body = (explained or f"{status} {phrase}\n").encode()
     headers = [
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),

@@ -23,6 +23,7 @@ _VERSION_NAMES = {"TLSv1.2": "1.2", "TLSv1.3": "1.3"}
 # Python allocate a larger buffer to shrink.
 _RECORD_PLAINTEXT_MAX = 16384
 
+NOT_TLS = "not_tls"  # plain HTTP or junk where a ClientHello was due
 # OpenSSL reason codes → the bounded set of failure reasons used as metric labels.
 _FAILURE_REASONS = {
     "UNSUPPORTED_PROTOCOL": "protocol_version",
@@ -30,12 +31,12 @@ _FAILURE_REASONS = {
     "NO_SHARED_CIPHER": "no_shared_cipher",
     "NO_SUITABLE_SIGNATURE_ALGORITHM": "no_shared_cipher",
     "NO_SHARED_GROUPS": "no_shared_cipher",
-    "HTTP_REQUEST": "not_tls",
-    "HTTPS_PROXY_REQUEST": "not_tls",
-    "WRONG_VERSION_NUMBER": "not_tls",
-    "UNKNOWN_PROTOCOL": "not_tls",
-    "PACKET_LENGTH_TOO_LONG": "not_tls",
-    "RECORD_LAYER_FAILURE": "not_tls",
+    "HTTP_REQUEST": NOT_TLS,
+    "HTTPS_PROXY_REQUEST": NOT_TLS,
+    "WRONG_VERSION_NUMBER": NOT_TLS,
+    "UNKNOWN_PROTOCOL": NOT_TLS,
+    "PACKET_LENGTH_TOO_LONG": NOT_TLS,
+    "RECORD_LAYER_FAILURE": NOT_TLS,
 }
 
 

@@ -18,14 +18,22 @@ first is still the kernel's to say); a FIN without one is a truncated stream.
 
 from __future__ import annotations
 
+import re
 import ssl
 from typing import TYPE_CHECKING
 
+from balancer.http1 import error_response
 from balancer.record import CLIENT_CLOSED, TLS_ERROR, TLS_FAILED
-from balancer.tls import TLSHandshakeFailed, TLSSession
+from balancer.tls import NOT_TLS, TLSHandshakeFailed, TLSSession
 
 if TYPE_CHECKING:
     from balancer.session import ClientSession
+
+# A request line's start (a method token, a space) where a ClientHello was due.
+_HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,12} ")
+PLAIN_HTTP_ON_TLS_PORT = error_response(
+    400, explained="This port speaks HTTPS: a plain HTTP request was sent to it. Use https://.\n"
+)
 
 
 class TLSFront:
@@ -51,10 +59,11 @@ class TLSFront:
         if handshaking and record.tls_started_at is None:
             record.tls_started_at = session.ctx.services.clock()  # no kernel stamp: ours
             client.stop_stamping()
+        received = data
         try:
             data = tls.receive(data)
         except TLSHandshakeFailed as failure:
-            self._failed(failure.reason)
+            self._failed(failure.reason, received)
             return None
         except ssl.SSLError:
             record.close_cause = TLS_ERROR
@@ -91,14 +100,19 @@ class TLSFront:
         if tls.close_notify_received:
             self.session.record.client_leg.close_notify_received = True
 
-    def _failed(self, reason: str) -> None:
-        """Send the alert OpenSSL chose, record why, close. No backend was touched."""
+    def _failed(self, reason: str, received: bytes) -> None:
+        """Send the alert OpenSSL chose, record why, close. No backend was touched. A plain
+        HTTP request gets a plain 400 saying so instead (nginx's 497 idea): an alert would
+        reach it as junk, and the person behind the client would not learn why."""
         session = self.session
         record = session.record
         record.tls_failure = reason
         record.close_cause = TLS_FAILED
         alert = self.tls.take_output()
-        if alert:
+        if reason == NOT_TLS and _HTTP_REQUEST_LINE.match(received):
+            record.error_status = 400
+            session.client.write(PLAIN_HTTP_ON_TLS_PORT)
+        elif alert:
             session.client.write(alert)
         session.close_client(TLS_FAILED)
 

@@ -156,7 +156,7 @@ def test_openssl_s_client_sees_tls12_ecdhe_aead_and_tls11_is_refused(
         assert old.returncode != 0
         assert "alert protocol version" in old.stderr  # the balancer's alert 70 reached it
         plain = run("curl", "-s", "-m", "5", f"http://127.0.0.1:{running.ports['https']}/")
-        assert plain.returncode != 0  # plain HTTP on the TLS port: closed, no answer
+        assert "This port speaks HTTPS" in plain.stdout  # plain HTTP on the TLS port: a 400
     failures = [r["tls"]["failure"] for r in access_log(tmp_path, served_only=False) if r["tls"]]
     assert "protocol_version" in failures
     assert "not_tls" in failures

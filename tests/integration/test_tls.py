@@ -105,10 +105,17 @@ async def test_tls11_client_is_refused_with_protocol_version(tls_balancer, farm,
 
 async def test_plain_http_on_the_tls_port_is_not_tls(tls_balancer, farm) -> None:
     port, recorder = await tls_balancer()
-    await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2)
+    answer = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2)
+    # A plain 400 that says why (nginx's 497 idea), not a TLS alert the client reads as junk.
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert answer.endswith(
+        b"This port speaks HTTPS: a plain HTTP request was sent to it. Use https://.\n"
+    )
     (record,) = await recorder.wait_for(1)
-    assert record.tls_failure == "not_tls"
+    assert (record.tls_failure, record.error_status) == ("not_tls", 400)
     assert farm[0].connections == 0
+    junk = await raw_exchange(port, b"\x00\x01 not a request, not TLS\r\n\r\n", timeout=2)
+    assert not junk.startswith(b"HTTP/")  # junk gets OpenSSL's alert, as before
 
 
 async def test_handshake_that_never_completes_times_out(tls_balancer, farm) -> None:
