@@ -126,6 +126,7 @@ class Limits:
     max_connections: int = 10000
     max_header_bytes: int = 16384
     max_uri_bytes: int = 8192
+    max_header_fields: int = 100  # a request head with more is refused: 431
     max_connect_attempts: int = 3
     max_body_bytes: int | None = None  # none: bodies of any size stream through
 

@@ -89,6 +89,7 @@ class ListenerSettings:
         head_limits = HeadLimits(
             max_header_bytes=limits.max_header_bytes,
             max_uri_bytes=limits.max_uri_bytes,
+            max_headers=limits.max_header_fields,
             max_body_bytes=limits.max_body_bytes,
         )
         seconds = {kind: getattr(self.timeouts, key) for kind, key in DEADLINE_TIMEOUTS.items()}

@@ -379,3 +379,12 @@ async def test_each_resolved_address_is_tried_in_turn_within_one_attempt(
     (record,) = await recorder.wait_for(1)
     assert (record.connect_attempts, record.connect_failures) == (1, 0)
     assert state.connect_failures_total == 0  # not marked down for its first address
+
+
+async def test_the_header_field_count_limit_is_configured(farm, balancer_factory) -> None:
+    config = make_config([farm[0].address], limits={"max_header_fields": 3})
+    balancer, _ = await balancer_factory(config)
+    three = b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nConnection: close\r\n\r\n"
+    four = b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\nConnection: close\r\n\r\n"
+    assert parse_status(await raw_exchange(port_of(balancer), three)) == 200
+    assert parse_status(await raw_exchange(port_of(balancer), four)) == 431
