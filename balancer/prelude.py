@@ -89,7 +89,11 @@ def awaited(session: ClientSession) -> bool:
     sources, sni = settings.accept_proxy_from, settings.routes_by_sni
     if not sources and not sni:
         return False
-    if sources and not trusted(session.record.client_ip, sources):
+    # No address: the client reset the connection as it was accepted (HAProxy's health
+    # checks do), before it could be asked. That is no refusal: the reset, coming next as
+    # the connection is lost, is what the record says.
+    client_ip = session.record.client_ip
+    if sources and client_ip and not trusted(client_ip, sources):
         session.close_client(PROXY_REFUSED)
         return True
     session.prelude = Prelude(bool(sources), sni)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,24 @@ async def test_a_proxy_header_from_elsewhere_or_malformed_is_refused(
         "proxy_header_invalid", "proxy_refused",
     ]  # fmt: skip
     assert all(r.backend is None for r in records)  # nothing reached a backend
+
+
+async def test_a_client_that_resets_before_its_header_is_a_reset_not_a_refusal(
+    balancer_factory: Callable[..., Any], proxy_reader: ProxyReadingServer
+) -> None:
+    """HAProxy's checks of a listener that takes PROXY headers connect and reset at once: the
+    peer's address is gone before it can be asked, which is no reason to call it refused."""
+    config = config_with(
+        [{"name": "lo", "bind": "127.0.0.1:0", "accept_proxy_from": ["127.0.0.1"]}],
+        [{"name": "app", "backends": [{"address": f"127.0.0.1:{proxy_reader.port}"}]}],
+    )  # fmt: skip
+    balancer, recorder = await balancer_factory(config)
+    probe = socket.create_connection(("127.0.0.1", port_of(balancer, "lo")))
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    probe.close()  # an RST, before any byte
+    (record,) = await recorder.wait_for(1)
+    assert record.close_cause == "client_reset" and record.client_leg.rst_received
+    assert record.backend is None
 
 
 def names_in(der: bytes | None) -> list[str]:
