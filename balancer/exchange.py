@@ -38,15 +38,17 @@ class Exchange:
         # Reuse modes only (see Exchanges.open): the bytes waiting for a backend connection
         # (None once they go straight to one).
         self.pending: list[bytes] | None = None
-        self.replay: list[bytes] | None = None  # a copy kept for a retry (None: none may be)
+        # The request's bytes kept for a retry; None: it may not be sent again. Bytes, not a
+        # list: a request in one read is kept as that read's own object (b"" + data is data).
+        self.replay: bytes | None = None
 
     def keep_for_replay(self, data: bytes) -> None:
         replay = self.replay
         if replay is not None:
-            if sum(map(len, replay)) + len(data) > REPLAY_MAX_BYTES:
+            if len(replay) + len(data) > REPLAY_MAX_BYTES:
                 self.replay = None
             else:
-                replay.append(data)
+                self.replay = replay + data
 
 
 class ExchangeSettings:
@@ -90,7 +92,7 @@ class Exchanges:
         if settings.dispatch:
             exchange.pending = []
         if head.method in IDEMPOTENT and not head.upgrade:
-            exchange.replay = []
+            exchange.replay = b""
         self.queue.append(exchange)
         return exchange
 

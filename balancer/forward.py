@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from balancer.backends import BackendState
 from balancer.errors import BackendError, NoBackendAvailable
-from balancer.exchange import Exchange
+from balancer.exchange import REPLAY_MAX_BYTES, Exchange
 from balancer.http1 import ResponseFramer
 from balancer.listener import TUNNEL_IDLE, ListenerContext
 from balancer.pool import Lease
@@ -168,7 +168,8 @@ class Forwarder:
         else:
             session.arm_client_deadline()
         session.unblock_reading("connecting")
-        self.took_up(backend)
+        if backend.lost_early is not None or backend.leg.facts.peer_fin_at is not None:
+            self.took_up(backend)
 
     def took_up(self, backend: BackendConnection) -> None:
         """What the connection did between its connect and now, it does now: a backend that
@@ -187,11 +188,19 @@ class Forwarder:
         sent again."""
         queue = self.session.exchanges.queue
         if len(queue) == 1:
-            queue[0].keep_for_replay(data)
+            exchange = queue[0]
+            replay = exchange.replay  # (Exchange.keep_for_replay, inline: once per request)
+            if replay is not None:
+                too_long = len(replay) + len(data) > REPLAY_MAX_BYTES
+                exchange.replay = None if too_long else replay + data
         else:
             for exchange in queue:
                 exchange.replay = None
-        self.send(data)
+        backend = self.backend
+        if backend is not None:
+            backend.leg.write(data)
+        else:
+            self.send(data)  # kept while it connects
 
     def send(self, data: bytes) -> None:
         """Reuse never, tunnels: to the one backend connection (kept while it connects)."""
@@ -278,7 +287,9 @@ class Forwarder:
             backend.leg.write(pending[0] if len(pending) == 1 else b"".join(pending))
         session.arm_client_deadline()
         session.unblock_reading("connecting")
-        if not reused:
+        if not reused and (
+            backend.lost_early is not None or backend.leg.facts.peer_fin_at is not None
+        ):
             self.took_up(backend)
 
     def hand_back(self, reusable: bool, framer: ResponseFramer | None = None) -> None:
@@ -344,7 +355,7 @@ class Forwarder:
         record.retries += 1
         session.record.retries += 1
         record.forwarded_at = None
-        replay = list(exchange.replay)
+        replay = [exchange.replay]
         self.backend = None
         self.release_lease()
         self._retire(backend, DEAD_ON_REUSE if record.reused else None)
