@@ -340,7 +340,6 @@ class Forwarder:
             exchange.replay is None
             or record.first_byte_at is not None
             or record.retries >= self.group.retries
-            or http.in_response
             or http.pending_error is not None
         ):
             return False
