@@ -47,6 +47,7 @@ from balancer.upstream import (
     DEAD_ON_REUSE,
     NOT_REUSABLE,
     REUSE_NEVER,
+    STRAY_BYTES,
     BackendConnection,
 )
 
@@ -61,7 +62,8 @@ class Forwarder:
     """The backend side of one client session (see the module docstring)."""
 
     __slots__ = (
-        "backend", "chosen", "connect_task", "dispatch", "lease", "pending", "served", "session",
+        "backend", "chosen", "connect_task", "dispatch", "kept", "kept_lease", "lease",
+        "pending", "served", "session",
     )  # fmt: skip
 
     def __init__(self, session: ClientSession) -> None:
@@ -75,6 +77,10 @@ class Forwarder:
         self.connect_task: asyncio.Task[None] | None = None
         self.pending: list[bytes] | None = None  # never: for the backend, while connecting
         self.served = 0  # requests given a backend connection (safe mode: the first is new)
+        # Dispatch, reuse never (a routed listener): the connection of the last exchange and
+        # its lease, kept for the next request to the same group (see hand_back).
+        self.kept: BackendConnection | None = None
+        self.kept_lease: Lease | None = None
 
     # Read through the session, not kept: every slot is 8 bytes on each idle connection.
     @property
@@ -258,6 +264,14 @@ class Forwarder:
         services = self.ctx.services
         self.chosen = session.exchanges.queue[0].group  # its route's (None: the listener's)
         group = self.group
+        kept, kept_lease = self.kept, self.kept_lease
+        if kept is not None:
+            if kept_lease is not None and kept_lease.pool is group.pool and kept.leg.usable:
+                self.kept = self.kept_lease = None
+                kept.user = session
+                self.use(kept_lease, kept, reused=True)  # the same group: the same connection
+                return
+            self.let_go_kept(REUSE_NEVER)  # another group: closed, one opened there
         lease = group.pool.acquire(services.clock())
         if lease is None:
             session.fail(NoBackendAvailable(f"no backend of group {group.name} is ready"))
@@ -301,6 +315,13 @@ class Forwarder:
         if framer is not None and framer.drop_held():
             reusable = False  # it sent more than its response: not to be trusted again
         self.backend = None
+        if self.group.reuse == "never" and reusable and backend.leg.usable:
+            # HAProxy's http-reuse never: the connection stays this session's (with its
+            # lease), for its next request if that goes to the same group (activate); until
+            # then its events come here.
+            self.kept, self.kept_lease, self.lease = backend, self.lease, None
+            backend.user = self
+            return
         self.release_lease()
         if self.group.reuse == "never":
             idle.close(backend, REUSE_NEVER)
@@ -367,6 +388,35 @@ class Forwarder:
         self.connect(avoid=None if lease is None else lease.state)
         return True
 
+    def let_go_kept(self, cause: str) -> None:
+        """The kept connection (see hand_back) is not used again: its lease is released and
+        the pool closes it and publishes its record with `cause`."""
+        kept, lease = self.kept, self.kept_lease
+        self.kept = self.kept_lease = None
+        if lease is not None:
+            lease.release()
+        if kept is not None:
+            self._retire(kept, cause)
+
+    # ---- the kept connection's events: the forwarder is its user between requests ----------
+
+    def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
+        self.let_go_kept(STRAY_BYTES)  # bytes with no request out: not to be trusted again
+
+    def on_backend_eof(self, backend: BackendConnection) -> None:
+        backend.leg.peer_fin()
+        self.let_go_kept(BACKEND_CLOSED)  # the backend closed it idle
+
+    def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
+        reset = backend.leg.lost(exc)  # (read now: the descriptor is still its own)
+        self.let_go_kept(BACKEND_RESET if reset else BACKEND_CLOSED)
+
+    def block_reading(self, why: str) -> None:
+        pass  # nothing is written to a kept connection between requests
+
+    def unblock_reading(self, why: str) -> None:
+        pass
+
     def _retire(self, backend: BackendConnection, cause: str | None) -> None:
         """A backend connection given up for a retry: the pool closes it (our FIN, if the leg
         is still there) and publishes its record, with what ended it."""
@@ -416,6 +466,8 @@ class Forwarder:
     def close(self) -> None:
         """The session ends: the backend leg closes (FIN and linger), or (reuse modes) goes to
         the pool, which closes it and publishes its record."""
+        if self.kept is not None:
+            self.let_go_kept(REUSE_NEVER)
         backend = self.backend
         if backend is None or not backend.leg.usable:
             return

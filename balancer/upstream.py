@@ -46,7 +46,8 @@ class ConnectAttempts(Protocol):
 
 class UpstreamUser(Protocol):
     """What a backend connection reports to whoever holds it now: the client session it
-    serves, or the idle pool between exchanges."""
+    serves, the idle pool between exchanges, or (a routed listener's group under reuse
+    never) the forwarder that keeps it for its client's next request."""
 
     def on_backend_data(self, backend: BackendConnection, data: bytes) -> None: ...
 

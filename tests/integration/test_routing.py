@@ -76,12 +76,14 @@ async def test_requests_on_one_connection_go_where_their_host_and_path_say(
             assert response.backend is not None and response.backend.startswith(group), (
                 host, path, response.backend,
             )  # fmt: skip
-        # Each group's own rotation: web1, web2 in turn over the web requests.
+        await client.close()
+        # Each group's own rotation: web1, web2 in turn over the web group's connections.
         spread = Counter()
         for _ in range(4):
-            spread[(await client.request(path="/")).backend] += 1
+            other = await Client.connect(port_of(balancer, "http"))
+            spread[(await other.request(path="/")).backend] += 1
+            await other.close()
         assert spread == Counter({"web1": 2, "web2": 2})
-        await client.close()
         view = await admin_json(balancer, "/backends")
         assert {(b["name"], b["group"]) for b in view} == {
             ("web1", "web"), ("web2", "web"), ("api1", "api"), ("api2", "api"),
@@ -90,6 +92,32 @@ async def test_requests_on_one_connection_go_where_their_host_and_path_say(
     finally:
         for backend in web + api + static:
             backend.close()
+
+
+async def test_under_reuse_never_a_group_keeps_its_connection_while_requests_stay_in_it(
+    balancer_factory: Callable[..., Any],
+) -> None:
+    """Issue 20, item 3 (HAProxy's http-reuse never): a routed listener opened a backend
+    connection per request (a TIME_WAIT each); now consecutive requests for one group share
+    the client's connection to it, and a request for another group closes it there."""
+    web, api, static = await start_farms()
+    try:
+        balancer, recorder = await balancer_factory(routed_config(web, api, static))
+        client = await Client.connect(port_of(balancer, "http"))
+        backends = []
+        for host in ("localhost", "localhost", "localhost", "api.example.com", "localhost"):
+            response = await client.request(path="/", host=host)
+            assert response.status == 200
+            backends.append(response.backend)
+        await client.close()
+        await recorder.wait_for(1)
+    finally:
+        for backend in web + api + static:
+            backend.close()
+    first, second, third, to_api, back = backends
+    assert first == second == third and to_api.startswith("api") and back.startswith("web")
+    # Three web requests on one backend connection, the api's on one, then a new web one.
+    assert sum(b.connections for b in web) == 2 and sum(b.connections for b in api) == 1
 
 
 async def test_a_group_keeps_its_own_reuse_mode_and_timeouts(
@@ -169,3 +197,56 @@ async def test_each_group_checks_its_backends_its_own_way(
         assert [spec.type for spec in balancer.checker.specs] == ["tcp", "tcp", "none"]
     finally:
         live.close()
+
+
+class ClosesWhenIdle(asyncio.Protocol):
+    """Answers each request, then closes the connection 20 ms later: its keep-alive timeout."""
+
+    connections = 0
+
+    def connection_made(self, transport: Any) -> None:
+        type(self).connections += 1
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        asyncio.get_running_loop().call_later(0.02, self.transport.close)
+
+
+async def test_a_kept_connection_the_backend_closes_while_idle_is_let_go_and_recorded(
+    balancer_factory: Callable[..., Any],
+) -> None:
+    kind = type("Closes", (ClosesWhenIdle,), {"connections": 0})
+    server = await asyncio.get_running_loop().create_server(kind, "127.0.0.1", 0)
+    try:
+        address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        config = parse_config(
+            {
+                "backends": [{"name": "b1", "address": address}],
+                "listeners": [
+                    {"name": "http", "bind": "127.0.0.1:0",
+                     "routes": [{"path_prefix": "/", "group": "default"}]},
+                ],
+            },
+            "t.toml",
+        )  # fmt: skip
+        balancer, _ = await balancer_factory(config)
+        closed: list[Any] = []
+        published = asyncio.Event()
+        publish = balancer.idle.publish
+
+        def publish_and_tell(record: Any) -> None:
+            publish(record)
+            closed.append(record)
+            published.set()
+
+        balancer.idle.publish = publish_and_tell
+        client = await Client.connect(port_of(balancer, "http"))
+        assert (await client.request(path="/one")).status == 200
+        await asyncio.wait_for(published.wait(), 5)  # the kept connection, closed idle
+        assert [(r.backend, r.close_cause) for r in closed] == [("b1", "backend_closed")]
+        assert (await client.request(path="/two")).status == 200  # on a new connection
+        await client.close()
+    finally:
+        server.close()
+    assert kind.connections == 2
