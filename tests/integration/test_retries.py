@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import socket
 import struct
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 import pytest
 
 from balancer.config import parse_config
-from balancer.server import Balancer
-from tests.helpers import Backend, Client, port_of, start_balancer
+from tests.helpers import Backend, Client, port_of
+from tests.integration.test_reuse import lines, start
 
 
 class DiesOnRequest(asyncio.Protocol):
@@ -60,22 +59,28 @@ def config(addresses: list[str], reuse: str = "never", retries: int | None = Non
     )
 
 
-async def start(cfg: Any) -> tuple[Balancer, io.StringIO, Any]:
-    log = io.StringIO()
-    balancer, recorder = await start_balancer(cfg, access_log=log)
-    return balancer, log, recorder
-
-
-def lines(log: io.StringIO, kind: str) -> list[dict[str, Any]]:
-    return [x for x in map(json.loads, log.getvalue().splitlines()) if x["type"] == kind]
-
-
 async def one_request(port: int, method: str = "GET", body: bytes | None = None) -> int:
     client = await Client.connect(port)
     try:
         return (await client.request(method, "/r", body=body)).status
     finally:
         await client.close()
+
+
+async def answered(
+    cfg: Any, servers: list[asyncio.AbstractServer], method: str = "GET", body: bytes | None = None
+) -> tuple[int, io.StringIO]:
+    """One request through a balancer on `cfg`: its status, and the access log once the
+    balancer and `servers` have stopped."""
+    balancer, log, recorder = await start(cfg)
+    try:
+        status = await one_request(port_of(balancer), method, body)
+        await recorder.wait_for(1)
+    finally:
+        await balancer.shutdown(grace=1.0)
+        for server in servers:
+            server.close()
+    return status, log
 
 
 @pytest.mark.parametrize("reuse", ["never", "always"])
@@ -116,13 +121,9 @@ async def test_a_get_whose_backend_hangs_up_goes_to_another_and_is_answered(
 async def test_a_post_that_reached_a_backend_is_never_sent_again() -> None:
     server, dies, dead = await dying_backend(reset=False)
     good = await Backend("good").start()
-    balancer, log, recorder = await start(config([dead, good.address]))
-    try:
-        status = await one_request(port_of(balancer), "POST", b"pay once")  # b0 first
-        await recorder.wait_for(1)
+    try:  # b0 first
+        status, log = await answered(config([dead, good.address]), [server], "POST", b"pay once")
     finally:
-        await balancer.shutdown(grace=1.0)
-        server.close()
         good.close()
     assert status == 502 and dies.requests == [b"POST /r HTTP/1.1"] and good.seen == []
     ((request,), (connection,)) = lines(log, "request"), lines(log, "connection")
@@ -134,14 +135,7 @@ async def test_a_post_that_reached_a_backend_is_never_sent_again() -> None:
 async def test_retries_stop_at_the_limit_with_a_502(retries: int) -> None:
     first, dies_first, one = await dying_backend(reset=False)
     second, dies_second, two = await dying_backend(reset=True)
-    balancer, log, recorder = await start(config([one, two], retries=retries))
-    try:
-        status = await one_request(port_of(balancer))
-        await recorder.wait_for(1)
-    finally:
-        await balancer.shutdown(grace=1.0)
-        first.close()
-        second.close()
+    status, log = await answered(config([one, two], retries=retries), [first, second])
     assert status == 502
     assert len(dies_first.requests) + len(dies_second.requests) == 1 + retries
     if retries:  # never the same backend twice in a row while another is ready
@@ -152,13 +146,7 @@ async def test_retries_stop_at_the_limit_with_a_502(retries: int) -> None:
 
 async def test_with_one_backend_the_retry_goes_to_it_again() -> None:
     server, dies, dead = await dying_backend(reset=False)
-    balancer, log, recorder = await start(config([dead], retries=1))
-    try:
-        status = await one_request(port_of(balancer))
-        await recorder.wait_for(1)
-    finally:
-        await balancer.shutdown(grace=1.0)
-        server.close()
+    status, log = await answered(config([dead], retries=1), [server])
     assert status == 502 and len(dies.requests) == 2
     assert lines(log, "request")[0]["retries"] == 1
 
@@ -202,13 +190,7 @@ async def test_a_backend_that_hangs_up_as_it_is_connected_to_costs_no_request(
 async def test_a_502_for_a_backend_that_hung_up_says_how_it_did(reuse: str, reset: bool) -> None:
     # Not backend_connect_failed (the connect succeeded), not a vague bad_gateway.
     server, _, dead = await dying_backend(reset)
-    balancer, log, recorder = await start(config([dead], reuse, retries=0))
-    try:
-        status = await one_request(port_of(balancer))
-        await recorder.wait_for(1)
-    finally:
-        await balancer.shutdown(grace=1.0)
-        server.close()
+    status, log = await answered(config([dead], reuse, retries=0), [server])
     cause, kind = ("backend_reset", "rst") if reset else ("backend_closed", "fin")
     (connection,) = lines(log, "connection")
     assert status == 502 and connection["error_status"] == 502
