@@ -88,6 +88,7 @@ class Exchanges:
         record = RequestRecord(
             settings.next_id(), self._connection, head.method, head.target, settings.clock()
         )
+        record.host = head.host
         exchange = Exchange(record)
         if settings.dispatch:
             exchange.pending = []
@@ -138,6 +139,17 @@ class Exchanges:
                 record.first_byte_at = now
             self._settings.publish(record)
         statuses.clear()
+
+    def refused(self, status: int) -> None:
+        """The balancer answered a request it did not take (a 4xx for a head it could not
+        read or would not forward): published as a request of its own, unless the request
+        has an exchange already (then that one carries the status when it is abandoned)."""
+        if self.queue:
+            return
+        settings = self._settings
+        record = RequestRecord(settings.next_id(), self._connection, b"", b"", settings.clock())
+        record.status = status
+        settings.publish(record)
 
     def abandoned(self, error_status: int | None) -> None:
         """The connection ends with these requests unanswered (the first may have got the

@@ -288,6 +288,8 @@ class HttpFlow:
         status = error.status_hint
         retry_after = RETRY_AFTER_SECONDS if status == 503 else None
         session.record.error_status = status
+        if error.fault == "client":
+            session.exchanges.refused(status)
         session.write_client(error_response(status, retry_after))
         session.close_client(error.reason)
 

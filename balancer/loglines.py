@@ -74,6 +74,11 @@ def _text(value: str | None) -> str:
     return "null" if value is None else encode_basestring_ascii(value)
 
 
+def _host(value: bytes | None) -> str:
+    """A request's Host as sent (cut at 200 characters, as targets are), or null."""
+    return "null" if value is None else encode_basestring_ascii(value[:200].decode("latin-1"))
+
+
 def _number(value: float | None) -> str:
     return "null" if value is None else repr(value)
 
@@ -153,8 +158,10 @@ def request_json_line(r: RequestRecord) -> str:
     return (
         f'{{"type":"request","id":{r.id},"connection_id":{connection.id},'
         f'"worker_pid":{connection.worker_pid},"listener":{_text(connection.listener)},'
-        f'"time":"{rfc3339(r.head_unix)}","method":{_text(r.method.decode("latin-1"))},'
-        f'"target":{_text(r.target_shown)},"status":{_number(r.status)},'
+        f'"time":"{rfc3339(r.head_unix)}",'
+        f'"client":{{"ip":{_text(connection.client_ip)},"port":{connection.client_port}}},'
+        f'"method":{_text(r.method.decode("latin-1"))},"target":{_text(r.target_shown)},'
+        f'"host":{_host(r.host)},"status":{_number(r.status)},'
         f'"backend":{_text(r.backend)},"group":{_text(r.backend_group)},'
         f'"backend_connection_id":{_number(r.backend_connection_id)},'
         f'"reused":{_FLAG[r.reused]},"retries":{r.retries},'

@@ -405,6 +405,7 @@ class RequestRecord:
         "first_byte_at",
         "forwarded_at",
         "head_at",
+        "host",
         "id",
         "method",
         "retries",
@@ -418,8 +419,9 @@ class RequestRecord:
     ) -> None:
         self.id = id
         self.connection = connection  # its id, worker, listener and clock offset
-        self.method = method  # as the client sent them
+        self.method = method  # as the client sent them (empty: a request refused unread)
         self.target = target
+        self.host: bytes | None = None  # the Host header's value, or the target's authority
         self.head_at = head_at
         self.status: int | None = None  # the response's, or the balancer's own error status
         self.backend: str | None = None

@@ -392,3 +392,26 @@ async def test_the_idle_timeout_counts_from_the_last_request_not_the_first(farm)
     assert closed["close_cause"] == "idle_timeout" and closed["requests"] == 2
     assert closed["lifetime_seconds"] >= 0.2 + 0.3
     assert closed["idle_seconds"] >= 0.2 + 0.3 - 0.05  # both idle stints, the second whole
+
+
+async def test_request_lines_name_the_client_and_host_and_a_refused_request_gets_one(
+    farm,
+) -> None:
+    """Issue 20, item 5: an operator reads who asked and for which site on every request
+    line, and a request the balancer answers itself (a 4xx it would not forward) has a line
+    too, not only its connection's."""
+    balancer, log, recorder = await start(reuse_config([farm[0].address], "never"))
+    try:
+        assert (await get(port_of(balancer), path="/p")).status == 200
+        raw = await raw_exchange(port_of(balancer), b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 400 ")
+        await recorder.wait_for(2)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    served, refused = lines(log, "request")
+    connections = {c["id"]: c for c in lines(log, "connection")}
+    assert served["client"]["ip"] == "127.0.0.1" and served["host"] == "localhost"  # as sent
+    client = connections[served["connection_id"]]["client"]
+    assert served["client"] == {"ip": client["ip"], "port": client["port"]}
+    assert (refused["status"], refused["method"], refused["target"]) == (400, "", "")
+    assert refused["backend"] is None and refused["client"]["ip"] == "127.0.0.1"
