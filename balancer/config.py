@@ -8,6 +8,7 @@ by whoever opens them, like HAProxy).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -277,6 +278,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     if not listeners and not r.problems:
         r.problem("listeners", MISSING, "at least one [[listeners]] table (or --http / --https)")
     unique(r, "listeners", [x.name for x in listeners])
+    _one_listener_per_address(r, listeners, data)
 
     tls = None
     raw_tls = data.get("tls")
@@ -503,6 +505,42 @@ def _groups(
     unique(r, "groups", [group.name for group in groups])
     unique(r, "backends", [b.name for group in groups for b in group.backends])
     return groups
+
+
+def _one_listener_per_address(
+    r: Reader, listeners: list[ListenerConfig], data: Mapping[str, Any]
+) -> None:
+    """Two listeners (or a listener and the admin) on one address cannot both bind: `run`
+    would stop at the second with EADDRINUSE; `check` says so first. A wildcard (0.0.0.0,
+    ::) takes its port on every address of its family; port 0 (any free port) never
+    collides."""
+    taken: list[tuple[Address, str]] = []
+
+    def owner(address: Address) -> str | None:
+        family = ":" in address.host
+        for other, name in taken:
+            same_family = (":" in other.host) == family
+            wildcard = {address.host, other.host} & {"0.0.0.0", "::"}
+            if (
+                address.port
+                and other.port == address.port
+                and (other.host == address.host or (same_family and wildcard))
+            ):
+                return name
+        return None
+
+    for listener in listeners:
+        if (name := owner(listener.bind)) is not None:
+            r.problem(
+                f"listeners.{listener.name}.bind", str(listener.bind),
+                f"an address no other listener binds ({name} does)",
+            )  # fmt: skip
+        taken.append((listener.bind, listener.name))
+    admin = data.get("admin")
+    if isinstance(admin, str | int):
+        with contextlib.suppress(TypeError, ValueError):
+            if (name := owner(admin_address(admin))) is not None:
+                r.problem("admin", admin, f"an address no listener binds ({name} does)")
 
 
 def _backends(r: Reader, raw: object, path: str, shape: str) -> list[BackendConfig]:

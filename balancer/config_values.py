@@ -7,6 +7,7 @@ does not take, and the reader turns that into one line of `ConfigError`.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -40,7 +41,10 @@ class Reader:
         for name in data:
             if name not in allowed:
                 path = f"{key}.{name}" if key else name
-                self.problem(path, data[name], f"one of the known keys ({', '.join(allowed)})")
+                near = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.75)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                known = ", ".join(allowed)
+                self.problem(path, data[name], f"one of the known keys ({known}){hint}")
 
     def tables(
         self, raw: object, path: str, shape: str, what: str

@@ -116,6 +116,36 @@ def test_each_bad_key_is_named_with_what_was_expected(change, key, expected) -> 
     assert any(p.startswith(f"bad.toml: {key} = ") and expected in p for p in found), found
 
 
+def test_two_listeners_or_the_admin_on_one_address_are_refused_by_check() -> None:
+    backends = [{"address": "127.0.0.1:1"}]
+
+    def found(listeners: list[dict], **more: object) -> list[str]:
+        try:
+            parse_config({"listeners": listeners, "backends": backends, **more}, "bad.toml")
+        except ConfigError as error:
+            return error.problems
+        return []
+
+    same = found([{"name": "a", "bind": "127.0.0.1:80"}, {"name": "b", "bind": "127.0.0.1:80"}])
+    assert same == ["bad.toml: listeners.b.bind = '127.0.0.1:80': expected an address no other "
+                    "listener binds (a does)"]  # fmt: skip
+    wildcard = found([{"name": "a", "bind": "0.0.0.0:80"}, {"name": "b", "bind": "10.0.0.1:80"}])
+    assert len(wildcard) == 1 and "(a does)" in wildcard[0]
+    admin = found([{"name": "a", "bind": "127.0.0.1:8404"}], admin=8404)
+    assert admin == ["bad.toml: admin = 8404: expected an address no listener binds (a does)"]
+    apart = [{"name": "a", "bind": "[::]:80"}, {"name": "b", "bind": "127.0.0.1:80"}]
+    assert not found(apart)  # v6-only wildcard, v4 address: both bind
+    assert not found([{"name": "a", "bind": "127.0.0.1:0"}, {"name": "b", "bind": "127.0.0.1:0"}])
+
+
+def test_a_near_miss_key_gets_a_did_you_mean() -> None:
+    (problem,) = problems({**MINIMAL, "healthcheck": {"type": "tcp"}})
+    assert problem.startswith("bad.toml: healthcheck = ")
+    assert problem.endswith("; did you mean 'health_check'?")
+    (far,) = problems({**MINIMAL, "colour": "blue"})
+    assert "did you mean" not in far
+
+
 def test_retries_may_be_turned_off() -> None:
     assert parse_config({**MINIMAL, "upstream": {"retries": 0}}, "t.toml").upstream.retries == 0
     assert parse_config(MINIMAL, "t.toml").upstream.retries == 2
