@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import logging
 import os
 import resource
@@ -34,7 +35,7 @@ from balancer.policies import POLICIES
 from balancer.resolve import resolve_backends
 from balancer.server import Balancer, SSLContexts, StartError, build_ssl_contexts
 from balancer.supervisor import Supervisor
-from balancer.tls import TLSSetupError
+from balancer.tls import TLSSetupError, expiry_warnings
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("balancer")
@@ -269,6 +270,8 @@ def prepare(args: argparse.Namespace) -> tuple[Config, SSLContexts, str, int]:
     config, descriptors, level = budget_file_descriptors(config, max_connections_set)
     read_token(config)  # readable and long enough, if set
     ssl_contexts = build_ssl_contexts(config)
+    for warning in expiry_warnings(config, datetime.datetime.now(datetime.UTC)):
+        log.warning("%s", warning)
     Balancer(config, ssl_contexts=ssl_contexts)  # backends resolve; nothing is bound
     return config, ssl_contexts, descriptors, level
 

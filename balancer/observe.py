@@ -482,6 +482,13 @@ class SupervisorMetrics:
             "When the running configuration was loaded (Unix time).",
             registry=registry,
         )
+        self.certificate_not_after = Gauge(
+            "balancer_tls_certificate_not_after_timestamp_seconds",
+            "When each served certificate expires (its notAfter, Unix time), by file; alert "
+            "on it minus time() (check and run warn within 14 days).",
+            ["path"],
+            registry=registry,
+        )
         self.restarts = Counter(
             "balancer_worker_restarts",
             "Worker processes that exited unasked and were started again.",

@@ -60,7 +60,7 @@ from balancer.server import (
     check_firsts,
     checks_of,
 )
-from balancer.tls import TLSSetupError
+from balancer.tls import TLSSetupError, certificate_not_after, configured_certificates
 from balancer.worker import CONTROL_LIMIT_BYTES, WorkerSpec, run_worker
 
 log = logging.getLogger("balancer")
@@ -255,6 +255,7 @@ class Supervisor:
         if on_started is not None:
             on_started()
         self.metrics.last_reload.set(time.time())
+        self._said_certificates(generation.config)
         log.info(
             "supervisor (pid %d, %s): %d worker(s) running: %s",
             os.getpid(),
@@ -426,6 +427,14 @@ class Supervisor:
 
     # ---- reload ----------------------------------------------------------------------------
 
+    def _said_certificates(self, config: Config) -> None:
+        """Each served certificate's notAfter, as the running generation loaded it."""
+        gauge = self.metrics.certificate_not_after
+        gauge.clear()
+        for _, path in configured_certificates(config):
+            with contextlib.suppress(OSError, ValueError):
+                gauge.labels(path).set(certificate_not_after(path).timestamp())
+
     async def reload(self) -> None:
         """SIGHUP: check the file as `balancer check` does, then start a new generation.
         One reload at a time: a SIGHUP during one waits for it."""
@@ -471,6 +480,7 @@ class Supervisor:
         new.check(self.health_metrics)
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload.set(time.time())
+        self._said_certificates(new.config)
         for name, (host, port) in self.addresses.items():
             if name != "admin" and name not in new.sockets:
                 continue

@@ -9,13 +9,14 @@ close_notify came before its FIN.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import ssl
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from balancer.config import TLSConfig
+from balancer.config import Config, TLSConfig
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _VERSION_NAMES = {"TLSv1.2": "1.2", "TLSv1.3": "1.3"}
@@ -105,6 +106,52 @@ def server_context(
 
     context.sni_callback = choose
     return context
+
+
+EXPIRY_WARNING_DAYS = 14  # check and run warn of a certificate this close to its notAfter
+
+
+def configured_certificates(config: Config) -> list[tuple[str, str]]:
+    """(where, path) of every certificate the TLS listeners serve: [tls] cert, each
+    [[tls.certificates]] pair's, each listener's own."""
+    tls = config.tls
+    if tls is None or not any(listener.tls for listener in config.listeners):
+        return []
+    found = [("tls.cert", tls.cert)]
+    found += [(f"tls.certificates[{i}].cert", cert) for i, (cert, _) in enumerate(tls.certificates)]
+    for index, listener in enumerate(config.listeners):
+        if listener.tls:
+            found += [
+                (f"listeners[{index}].certificates[{i}].cert", cert)
+                for i, (cert, _) in enumerate(listener.certificates)
+            ]
+    return found
+
+
+def certificate_not_after(path: str) -> datetime.datetime:
+    with open(path, "rb") as file:
+        return x509.load_pem_x509_certificate(file.read()).not_valid_after_utc
+
+
+def expiry_warnings(config: Config, now: datetime.datetime) -> list[str]:
+    """A line for each certificate that has expired or expires within EXPIRY_WARNING_DAYS
+    (HAProxy and nginx serve an expired certificate too; clients will refuse it)."""
+    warnings = []
+    for where, path in configured_certificates(config):
+        try:
+            not_after = certificate_not_after(path)
+        except (OSError, ValueError):
+            continue  # unreadable: the context's loading says so, as an error
+        left = not_after - now
+        when = not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if left.total_seconds() <= 0:
+            warnings.append(f"{config.source}: {where} = {path!r}: expired at {when}; renew it")
+        elif left.days < EXPIRY_WARNING_DAYS:
+            warnings.append(
+                f"{config.source}: {where} = {path!r}: expires in {left.days} day(s), at "
+                f"{when}; renew it"
+            )
+    return warnings
 
 
 def certificate_names(path: str) -> list[str]:

@@ -78,6 +78,9 @@ def test_two_workers_share_the_load_and_answer_as_one(farm_ports, certs_dir, tmp
         wait_until(lambda: answered(scrape(running)) == 2000)  # summed across workers
         metrics = scrape(running)
         assert metrics["balancer_workers"] == 2
+        expiry = "balancer_tls_certificate_not_after_timestamp_seconds{"
+        (not_after,) = [value for key, value in metrics.items() if key.startswith(expiry)]
+        assert not_after > time.time() + 14 * 86400  # `balancer certs` makes long-lived ones
         info = {k: v for k, v in metrics.items() if k.startswith("balancer_backend_info{")}
         assert len(info) == len(farm_ports) and set(info.values()) == {1.0}  # not summed
         assert all('group="default"' in k for k in info)
