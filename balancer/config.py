@@ -545,7 +545,7 @@ def _one_listener_per_address(
 
 def _backends(r: Reader, raw: object, path: str, shape: str) -> list[BackendConfig]:
     """[[backends]] (shape "backends") or a group's ("groups.backends")."""
-    if raw is MISSING:
+    if raw is MISSING or raw == []:  # an empty group could only ever answer 503
         r.problem(path, raw, f"at least one backend: [[{shape}]] with an address")
         return []
     backends = []

@@ -138,6 +138,15 @@ def test_two_listeners_or_the_admin_on_one_address_are_refused_by_check() -> Non
     assert not found([{"name": "a", "bind": "127.0.0.1:0"}, {"name": "b", "bind": "127.0.0.1:0"}])
 
 
+def test_a_group_with_no_backends_is_refused() -> None:
+    table = {
+        "listeners": [{"name": "http", "bind": "127.0.0.1:0", "group": "g"}],
+        "groups": [{"name": "g", "backends": []}],
+    }
+    (problem,) = problems(table)
+    assert problem.startswith("bad.toml: groups[0].backends = []: expected at least one backend")
+
+
 def test_a_near_miss_key_gets_a_did_you_mean() -> None:
     (problem,) = problems({**MINIMAL, "healthcheck": {"type": "tcp"}})
     assert problem.startswith("bad.toml: healthcheck = ")
