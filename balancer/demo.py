@@ -75,7 +75,8 @@ async def run_demo(balancer: Balancer, certs_dir: Path) -> None:
 balancer demo is up: 3 backends (web1..web3 on 127.0.0.1:{ports[0]}-{ports[-1]}), round robin.
 
   http://127.0.0.1:{http}/           https://localhost:{https}/ (CA: {ca})
-  metrics: http://{admin}/metrics    connections: http://{admin}/connections
+  status page: http://{admin}/       metrics: http://{admin}/metrics
+  connections: http://{admin}/connections
 
 Try:
   curl -si http://127.0.0.1:{http}/ | grep X-Backend            # run it 3 times: web1, web2, web3

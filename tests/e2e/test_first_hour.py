@@ -212,6 +212,7 @@ def test_the_demo_prints_a_line_per_connection_and_a_summary_on_ctrl_c(tmp_path)
         assert "1 request | client leg: " in line and "backend leg: " in line
         assert re.search(r"closed first \((FIN|RST|close_notify)\)", line)
         assert f"connections: http://{admin}/connections" in "".join(lines)
+        assert f"status page: http://{admin}/ " in "".join(lines)  # the page, not only JSON
     finally:
         demo.send_signal(signal.SIGINT)
         demo.wait(15)
