@@ -1,6 +1,6 @@
 """Benchmark the balancer side by side with HAProxy and nginx, and the farm hit directly.
 
-    python bench/run.py              # quick mode (~5 minutes)
+    python bench/run.py              # quick mode (~10 minutes); --record appends to RESULTS.md
     python bench/run.py --full       # longer runs, more rounds, RSA-2048 as well as ECDSA
     python bench/run.py --only S1    # one scenario
 
@@ -627,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="longer runs, 5 rounds, RSA too")
     parser.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="scenario(s)")
     parser.add_argument("--rounds", type=int, help="rounds per scenario (quick 3, full 5)")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument(
+        "--record", action="store_true", help="append the report to bench/RESULTS.md"
+    )
     parser.add_argument(
         "--install", action="store_true", help="apt-get install the missing peers and tools first"
     )
@@ -719,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
-    if not args.no_record:
+    if args.record:  # (asked for: a run does not dirty the checkout by itself)
         with (ROOT / "bench" / "RESULTS.md").open("a") as out:
             out.write("\n" + report)
     return 0
