@@ -127,10 +127,13 @@ def join_backends(views: Iterable[tuple[int, list[dict[str, Any]]]]) -> list[dic
                 {"name": backend["name"], "group": backend.get("group"),
                  "address": backend["address"],
                  "weight": backend["weight"], "active": 0, "connections_total": 0,
-                 "connect_failures_total": 0, "idle_connections": 0, "workers": []},
+                 "connect_failures_total": 0, "idle_connections": 0,
+                 "ejected_by_workers": 0, "workers": []},
             )  # fmt: skip
             for key in ("active", "connections_total", "connect_failures_total",
                         "idle_connections"):  # fmt: skip
                 entry[key] += backend.get(key, 0)
+            if backend.get("ejected_seconds", 0) > 0:  # a worker's passive checks skip it
+                entry["ejected_by_workers"] += 1
             entry["workers"].append({**backend, "worker_pid": pid})
     return list(joined.values())

@@ -468,6 +468,7 @@ class Balancer:
 
     def backends_view(self) -> list[dict[str, Any]]:
         view = []
+        now = self._clock()
         for group in self.groups.values():
             table = group.pool.table
             for index, s in enumerate(group.pool.states, group.pool.first):
@@ -481,6 +482,8 @@ class Balancer:
                     "connect_failures_total": s.connect_failures_total,
                     "idle_connections": self._idle_count(s.name),
                     "state": table.state(index) if table is not None else "up",
+                    # Passive checks: this worker skips it for this long (0: it does not).
+                    "ejected_seconds": round(max(0.0, s.down_until - now), 1),
                 })  # fmt: skip
         return view
 

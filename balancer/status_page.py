@@ -20,7 +20,7 @@ from balancer.aggregate import Family, parse
 
 REFRESH_SECONDS = 2
 _STATE_COLOURS = {"up": "#1a7f37", "down": "#cf222e", "draining": "#9a6700",
-                  "maintenance": "#6e7781"}  # fmt: skip
+                  "maintenance": "#6e7781", "ejected": "#bc4c00"}  # fmt: skip
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1em;color:#1f2328}
 h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.4em}
@@ -83,6 +83,8 @@ def _backends(backends: list[dict[str, Any]]) -> str:
     rows = []
     for backend in backends:
         state = str(backend.get("state", "up"))
+        if state == "up" and backend.get("ejected_by_workers"):  # passive checks skip it
+            state = "ejected"
         colour = _STATE_COLOURS.get(state, "#1f2328")
         seconds = backend.get("last_check_seconds")
         check = backend.get("last_check")

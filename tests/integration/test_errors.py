@@ -10,6 +10,7 @@ import socket
 from balancer import http_flow
 from tests.helpers import (
     Client,
+    admin_json,
     dead_port,
     get,
     make_config,
@@ -64,6 +65,9 @@ async def test_all_backends_dead_gives_502(balancer_factory) -> None:
     assert record.close_cause == "backend_connect_failed"
     assert record.error_status == 502
     assert all(s.active == 0 for s in balancer.backend_states())
+    # Refused connects eject them (passive checks): the admin view says for how long.
+    view = await admin_json(balancer, "/backends")
+    assert all(0 < b["ejected_seconds"] <= 10 for b in view), view
 
 
 async def test_no_ready_backend_gives_503_with_retry_after(farm, balancer_factory) -> None:

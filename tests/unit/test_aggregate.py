@@ -74,3 +74,10 @@ def test_backend_lists_sum_their_counts_and_keep_each_workers_line() -> None:
     counts = (web1["active"], web1["connections_total"], web1["connect_failures_total"])
     assert counts == (3, 20, 2)
     assert [w["worker_pid"] for w in web1["workers"]] == [11, 12]
+
+
+def test_a_backend_ejected_by_some_workers_passive_checks_says_by_how_many() -> None:
+    line = {"name": "web1", "address": "a:1", "weight": 1, "ejected_seconds": 0.0}
+    (web1,) = join_backends([(11, [line]), (12, [{**line, "ejected_seconds": 8.5}])])
+    assert web1["ejected_by_workers"] == 1
+    assert [w["ejected_seconds"] for w in web1["workers"]] == [0.0, 8.5]

@@ -41,3 +41,14 @@ def test_handshakes_and_closes_are_summed_from_the_metrics_page() -> None:
     assert "<td>client</td><td>balancer</td><td>fin</td><td>10</td>" in page
     assert "&le; 5 ms</td><td>3</td>" in page and "more</td><td>1</td>" in page
     assert "&le; 1 ms" not in page  # empty buckets before the first are left out
+
+
+def test_an_up_backend_that_passive_checks_eject_shows_as_ejected() -> None:
+    backends = [
+        {"name": "web1", "state": "up", "ejected_by_workers": 2},
+        {"name": "web2", "state": "up", "ejected_by_workers": 0},
+        {"name": "web3", "state": "maintenance", "ejected_by_workers": 1},  # the operator's word
+    ]
+    page = render("", backends, NOW).decode()
+    assert 'data-state="ejected">ejected</span>' in page
+    assert 'data-state="up">up</span>' in page and 'data-state="maintenance"' in page
