@@ -122,7 +122,7 @@ class Forwarder:
         self.connect_task = None
         if session.closing:  # the client went away while we connected
             lease.release()
-            if services.idle is not None and self.dispatch and group.reuse != "never":
+            if self.dispatch and group.reuse != "never":
                 services.idle.put(backend)  # fresh and clean: another request may have it
             else:
                 backend.leg.transport.abort()
@@ -278,7 +278,7 @@ class Forwarder:
             return
         backend = None
         reuse = group.reuse
-        if services.idle is not None and (reuse == "always" or (reuse == "safe" and self.served)):
+        if reuse == "always" or (reuse == "safe" and self.served):
             backend = services.idle.take(lease.state.name)
         if backend is None:
             self.connect(lease)
@@ -310,7 +310,7 @@ class Forwarder:
         """The active exchange's response is done: its connection goes to the idle pool (or is
         closed, if its response said so), its lease is released."""
         backend, idle = self.backend, self.ctx.services.idle
-        if backend is None or idle is None:
+        if backend is None:
             return
         if framer is not None and framer.drop_held():
             reusable = False  # it sent more than its response: not to be trusted again
@@ -333,10 +333,7 @@ class Forwarder:
     def drop(self, backend: BackendConnection, reset: bool) -> None:
         """The active connection is gone under the exchange (`reset`: by an RST): its record,
         saying so, is the pool's to publish; the session goes on without it."""
-        record = backend.record
-        record.close_cause = record.close_cause or (BACKEND_RESET if reset else BACKEND_CLOSED)
-        if self.ctx.services.idle is not None:
-            self.ctx.services.idle.retire(backend)
+        self._retire(backend, BACKEND_RESET if reset else BACKEND_CLOSED)
         self.backend = None
         self.release_lease()
 
@@ -418,15 +415,13 @@ class Forwarder:
         pass
 
     def _retire(self, backend: BackendConnection, cause: str | None) -> None:
-        """A backend connection given up for a retry: the pool closes it (our FIN, if the leg
-        is still there) and publishes its record, with what ended it."""
+        """A backend connection this session gives up (a retry's dead one, a kept one let go,
+        one lost under its exchange): the pool closes it (our FIN, if the leg is still there)
+        and publishes its record with what ended it (`cause`; None: its FIN or RST)."""
         if cause is None:
             cause = BACKEND_CLOSED if backend.leg.usable else BACKEND_RESET
         idle = self.ctx.services.idle
-        if idle is None:  # (a worker always has one; kept for a bare LoopServices)
-            if backend.leg.usable:
-                backend.leg.transport.abort()
-        elif backend.leg.usable:
+        if backend.leg.usable:
             idle.close(backend, cause)
         else:
             backend.record.close_cause = backend.record.close_cause or cause

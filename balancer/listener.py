@@ -110,9 +110,11 @@ class LoopServices:
     publish: Callable[[ConnectionRecord], None]
     next_id: Callable[[], int]
     worker_pid: int
+    # Backend connections between exchanges (reuse modes), and those being closed and
+    # published: the dead ones retries give up, routed reuse-never ones let go.
+    idle: IdlePool
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
-    idle: IdlePool | None = None  # idle backend connections (reuse modes)
     publish_request: Callable[[RequestRecord], None] = _ignore_request
     next_request_id: Callable[[], int] = itertools.count(1).__next__
     # Kept here because every get_running_loop() costs a getpid() syscall (Python 3.11).

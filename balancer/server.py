@@ -399,8 +399,8 @@ class Balancer:
                     await asyncio.wait_for(self._drained.wait(), timeout=1.0)
         if self.checker is not None:
             await self.checker.stop()
-        if self.idle is not None:  # the pooled backend connections, by FIN and linger
-            await self.idle.close_all(self.config.timeouts.linger_seconds + 0.1)
+        # The pooled backend connections, by FIN and linger.
+        await self.idle.close_all(self.config.timeouts.linger_seconds + 0.1)
         if self._flusher is not None:
             self._flusher.cancel()
         if self._watcher is not None:
@@ -464,7 +464,7 @@ class Balancer:
         }
 
     def _idle_count(self, backend: str) -> int:
-        return 0 if self.idle is None else len(self.idle.idle.get(backend, ()))
+        return len(self.idle.idle.get(backend, ()))
 
     def backends_view(self) -> list[dict[str, Any]]:
         view = []
