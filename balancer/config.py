@@ -8,7 +8,6 @@ by whoever opens them, like HAProxy).
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -278,7 +277,6 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     if not listeners and not r.problems:
         r.problem("listeners", MISSING, "at least one [[listeners]] table (or --http / --https)")
     unique(r, "listeners", [x.name for x in listeners])
-    _one_listener_per_address(r, listeners, data)
 
     tls = None
     raw_tls = data.get("tls")
@@ -319,6 +317,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     admin = r.get(
         data, "admin", "admin", admin_address, f"{ADDRESS}, or a port alone (loopback)", None
     )
+    _one_listener_per_address(r, listeners, admin, data.get("admin"))
     admin_token_file = r.get(
         data, "admin_token_file", "admin_token_file", text, "a file holding the token"
     )
@@ -508,7 +507,7 @@ def _groups(
 
 
 def _one_listener_per_address(
-    r: Reader, listeners: list[ListenerConfig], data: Mapping[str, Any]
+    r: Reader, listeners: list[ListenerConfig], admin: Address | None, admin_raw: object
 ) -> None:
     """Two listeners (or a listener and the admin) on one address cannot both bind: `run`
     would stop at the second with EADDRINUSE; `check` says so first. A wildcard (0.0.0.0,
@@ -536,11 +535,8 @@ def _one_listener_per_address(
                 f"an address no other listener binds ({name} does)",
             )  # fmt: skip
         taken.append((listener.bind, listener.name))
-    admin = data.get("admin")
-    if isinstance(admin, str | int):
-        with contextlib.suppress(TypeError, ValueError):
-            if (name := owner(admin_address(admin))) is not None:
-                r.problem("admin", admin, f"an address no listener binds ({name} does)")
+    if admin is not None and (name := owner(admin)) is not None:
+        r.problem("admin", admin_raw, f"an address no listener binds ({name} does)")
 
 
 def _backends(r: Reader, raw: object, path: str, shape: str) -> list[BackendConfig]:
