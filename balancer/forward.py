@@ -424,7 +424,7 @@ class Forwarder:
         if backend.leg.usable:
             idle.close(backend, cause)
         else:
-            backend.record.close_cause = backend.record.close_cause or cause
+            backend.record.ended_by(cause)
             idle.retire(backend)
 
     # ---- passive checks: what the traffic says of the backend ------------------------------
@@ -454,7 +454,7 @@ class Forwarder:
         self.failed()
         if self.backend is not None:
             record = self.backend.record
-            record.close_cause = record.close_cause or BACKEND_CLOSED
+            record.ended_by(BACKEND_CLOSED)
 
     # ---- ending ----------------------------------------------------------------------------
 

@@ -210,6 +210,12 @@ class ConnectionRecord:
         self.closed_at: float | None = None
         self.client_leg = LegTeardown()
 
+    def ended_by(self, cause: str) -> None:
+        """Name why it ended. The one writer of `close_cause`: the first decision stands
+        (a later event, such as the FIN that answers our close, is a consequence)."""
+        if self.close_cause is None:
+            self.close_cause = cause
+
     # The backend connection's facts, as this record shows them (an empty leg: never connected).
     @property
     def backend_leg(self) -> LegTeardown:
@@ -372,6 +378,12 @@ class BackendConnectionRecord:
         self.close_cause: str | None = None  # reuse modes: why the pool or a session closed it
         self.closed_at: float | None = None
         self.leg = LegTeardown()
+
+    def ended_by(self, cause: str) -> None:
+        """Name why it ended. The one writer of `close_cause`: the first decision stands
+        (a later event, such as the FIN that answers our close, is a consequence)."""
+        if self.close_cause is None:
+            self.close_cause = cause
 
     @property
     def lifetime_seconds(self) -> float | None:

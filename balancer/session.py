@@ -153,7 +153,7 @@ class ClientSession(asyncio.Protocol):
         state.connections.add(self)
         if len(state.connections) > ctx.settings.limits.max_connections:
             state.rejected_total += 1
-            record.close_cause = MAX_CONNECTIONS
+            record.ended_by(MAX_CONNECTIONS)
             self.abort_client()
             return
         if not prelude.awaited(self):
@@ -230,7 +230,6 @@ class ClientSession(asyncio.Protocol):
         tls = self.tls
         if self.phase == HANDSHAKING and tls is not None:
             cause = tls.fin_while_handshaking()
-            self.record.close_cause = cause
             client.peer_fin()
             self.close_client(cause)
             return True
@@ -248,7 +247,7 @@ class ClientSession(asyncio.Protocol):
         self.client_eof = True
         if self.phase == TUNNEL:
             if not self.backend_eof:  # the client's end came first: why it ended
-                self.record.close_cause = self.record.close_cause or CLIENT_CLOSED
+                self.record.ended_by(CLIENT_CLOSED)
             backend = self.fwd.backend
             if backend is not None and backend.leg.usable:
                 if self.backend_eof:
@@ -311,7 +310,7 @@ class ClientSession(asyncio.Protocol):
             if self.client_eof:
                 self.close_client(BACKEND_CLOSED)
             else:  # the backend's end came first (why it ended): pass the half-close on
-                self.record.close_cause = self.record.close_cause or BACKEND_CLOSED
+                self.record.ended_by(BACKEND_CLOSED)
                 self.client.close_notify()
                 self.client.shutdown()
         elif self.http is not None:
@@ -357,7 +356,7 @@ class ClientSession(asyncio.Protocol):
         to say: close."""
         if self.phase >= CLOSING:
             return
-        self.record.close_cause = error.reason
+        self.record.ended_by(error.reason)
         if self.http is None:
             self.close_client(error.reason)
         else:
@@ -372,8 +371,7 @@ class ClientSession(asyncio.Protocol):
             return
         record, client = self.record, self.client
         self.phase = CLOSING
-        if record.close_cause is None:
-            record.close_cause = cause
+        record.ended_by(cause)
         client.stop_stamping()
         client.close_notify()
         if client.shutdown():
@@ -410,7 +408,7 @@ class ClientSession(asyncio.Protocol):
         if reset:
             if self.tls is not None:
                 self.tls.reset()
-            record.close_cause = record.close_cause or CLIENT_RESET
+            record.ended_by(CLIENT_RESET)
         self.phase = max(self.phase, CLOSING)
         self.fwd.cancel()
         if not self._backend_closes:
@@ -431,8 +429,7 @@ class ClientSession(asyncio.Protocol):
         self.fwd.release_lease()
         if self.exchanges.queue:
             self.exchanges.abandoned(record.error_status)
-        if record.close_cause is None:
-            record.close_cause = CLIENT_CLOSED
+        record.ended_by(CLIENT_CLOSED)
         record.closed_at = services.clock()
         self.ctx.state.connections.discard(self)
         services.publish(record)
@@ -498,8 +495,7 @@ class ClientSession(asyncio.Protocol):
 
     def force_close(self) -> None:
         """The shutdown grace is over: whatever is left ends now, lingering legs included."""
-        if self.record.close_cause is None:
-            self.record.close_cause = SHUTDOWN
+        self.record.ended_by(SHUTDOWN)
         if self.http is not None and self.http.in_response and self.phase < CLOSING:
             self.abort_client()
         else:

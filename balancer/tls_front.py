@@ -66,7 +66,7 @@ class TLSFront:
             self._failed(failure.reason, received)
             return None
         except ssl.SSLError:
-            record.close_cause = TLS_ERROR
+            record.ended_by(TLS_ERROR)
             session.abort_client()
             return None
         out = tls.take_output()
@@ -107,7 +107,7 @@ class TLSFront:
         session = self.session
         record = session.record
         record.tls_failure = reason
-        record.close_cause = TLS_FAILED
+        record.ended_by(TLS_FAILED)
         alert = self.tls.take_output()
         if reason == NOT_TLS and _HTTP_REQUEST_LINE.match(received):
             record.error_status = 400
@@ -146,7 +146,7 @@ class TLSFront:
         record = self.session.record
         if not self.tls.established and record.tls_failure is None:
             record.tls_failure = "reset"  # the client gave up mid-handshake
-            record.close_cause = record.close_cause or TLS_FAILED
+            record.ended_by(TLS_FAILED)
             if record.tls_started_at is None:
                 record.tls_started_at = self.session.ctx.services.clock()
 
@@ -155,5 +155,5 @@ class TLSFront:
         if record.tls_started_at is None:
             record.tls_started_at = self.session.ctx.services.clock()  # nothing arrived at all
         record.tls_failure = "timeout"
-        record.close_cause = TLS_FAILED
+        record.ended_by(TLS_FAILED)
         self.session.close_client(TLS_FAILED)

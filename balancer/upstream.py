@@ -340,8 +340,7 @@ class IdlePool:
     def close(self, conn: BackendConnection, cause: str) -> None:
         """End a connection by FIN and linger; its record is published when it is lost."""
         conn.user = conn.pool = self
-        if conn.record.close_cause is None:
-            conn.record.close_cause = cause
+        conn.record.ended_by(cause)
         if not conn.leg.usable:
             return
         self._forget_idle(conn)
@@ -388,8 +387,8 @@ class IdlePool:
         self.close(conn, BACKEND_CLOSED)  # our FIN goes at once: theirs is in
 
     def on_backend_lost(self, conn: BackendConnection, exc: Exception | None) -> None:
-        if conn.leg.lost(exc) and conn.record.close_cause is None:
-            conn.record.close_cause = BACKEND_RESET
+        if conn.leg.lost(exc):
+            conn.record.ended_by(BACKEND_RESET)
         self.retire(conn)
 
     def retire(self, conn: BackendConnection) -> None:

@@ -12,7 +12,10 @@ from prometheus_client import CollectorRegistry
 from balancer.loglines import json_line
 from balancer.observe import Observer
 from balancer.record import (
+    BACKEND_RESET,
     BALANCER,
+    CLIENT_CLOSED,
+    CLIENT_RESET,
     PEER,
     BackendConnectionRecord,
     ConnectionRecord,
@@ -46,6 +49,16 @@ def tls_record() -> ConnectionRecord:
     record.close_cause = "client_closed"
     record.closed_at = 101.0002
     return record
+
+
+def test_the_first_decision_names_why_a_connection_ended() -> None:
+    client = ConnectionRecord(1, "http", accepted_at=1.0, accepted_unix=1.7e9)
+    backend = BackendConnectionRecord("web1", "10.0.0.1:80", connect_started_at=1.0)
+    client.ended_by(CLIENT_RESET)
+    client.ended_by(CLIENT_CLOSED)  # the close that follows a reset is its consequence
+    backend.ended_by(BACKEND_RESET)
+    backend.ended_by("reuse_never")
+    assert (client.close_cause, backend.close_cause) == (CLIENT_RESET, BACKEND_RESET)
 
 
 def test_publish_turns_a_record_into_metrics() -> None:

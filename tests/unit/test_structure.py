@@ -93,3 +93,15 @@ def _subclasses(cls: type) -> list[type]:
     for sub in cls.__subclasses__():
         found += _subclasses(sub)
     return found
+
+
+def test_close_cause_has_one_writer() -> None:
+    """Why a connection ended is named in one place (record.ended_by: the first decision
+    stands); an assignment anywhere else could overwrite it with a consequence."""
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            for target in targets:
+                if isinstance(target, ast.Attribute) and target.attr == "close_cause":
+                    assert path.name == "record.py", f"{path.name}:{node.lineno} sets close_cause"
