@@ -26,11 +26,10 @@ from balancer.config import (
     EVENT_LOOPS,
     Config,
     ConfigError,
-    Overrides,
-    apply_overrides,
     parse_config,
 )
 from balancer.control import read_token
+from balancer.overrides import Overrides, apply_overrides
 from balancer.policies import POLICIES
 from balancer.resolve import resolve_backends
 from balancer.server import Balancer, SSLContexts, StartError, build_ssl_contexts

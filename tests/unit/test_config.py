@@ -11,12 +11,11 @@ import pytest
 from balancer.config import (
     Address,
     ConfigError,
-    Overrides,
-    apply_overrides,
     parse_address,
     parse_config,
 )
 from balancer.demo import demo_config
+from balancer.overrides import Overrides, apply_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"listeners": [{"bind": "127.0.0.1:8080"}], "backends": [{"address": "127.0.0.1:9001"}]}

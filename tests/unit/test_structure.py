@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "balancer"
 PURE = (
     "config", "errors", "backends", "policies", "pool", "record", "http1", "deadlines",
     "writebatch", "exchange", "http1_response", "aggregate", "status_page", "loglines",
+    "overrides",
 )  # fmt: skip
 IO_MODULES = {"asyncio", "socket", "ssl", "os", "time", "uvloop", "selectors", "subprocess"}
 BALANCER_IO = {
