@@ -27,6 +27,7 @@ from balancer.config_values import (
     boolean,
     check_path,
     choice,
+    choices,
     host_pattern,
     networks,
     non_negative_number,
@@ -142,6 +143,21 @@ class Upstream:
     # Times a request is sent again, to another backend, after its backend connection ended
     # (FIN or RST) before any byte of the response: idempotent and small requests only.
     retries: int = 2
+    # When (HAProxy's retry-on words): RETRY_ON says what each means.
+    retry_on: tuple[str, ...] = ("conn-failure", "empty-response")
+
+
+CONN_FAILURE = "conn-failure"
+EMPTY_RESPONSE = "empty-response"
+RESPONSE_TIMEOUT = "response-timeout"
+RETRY_ON = {
+    CONN_FAILURE: "a connect refused or timed out: the next backend is tried "
+    "(limits.max_connect_attempts); without it, one attempt",
+    EMPTY_RESPONSE: "the connection ended (FIN or RST) before any response byte: an idempotent, "
+    "replayable request is sent again (retries)",
+    RESPONSE_TIMEOUT: "no response byte within backend_response_seconds: likewise (off by "
+    "default: a slow request may be slow everywhere, and is then run more than once)",
+}
 
 
 CHECK_TYPES = ("none", "tcp", "http")
@@ -374,6 +390,11 @@ def _upstream(r: Reader, data: Mapping[str, Any]) -> Upstream:
         retries=r.get(
             raw, "retries", "upstream.retries", whole_number, "a whole number (0: never)",
             d.retries,
+        ),
+        retry_on=r.get(
+            raw, "retry_on", "upstream.retry_on", choices(tuple(RETRY_ON)),
+            f"a list of {', '.join(repr(name) for name in RETRY_ON)} (each once; [] for none)",
+            d.retry_on,
         ),
     )  # fmt: skip
 

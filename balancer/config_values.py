@@ -153,6 +153,19 @@ def choice(options: tuple[str, ...]) -> Callable[[object], str]:
     return convert
 
 
+def choices(options: tuple[str, ...]) -> Callable[[object], tuple[str, ...]]:
+    """A list of some of `options`, each at most once; empty: none of them."""
+
+    def convert(value: object) -> tuple[str, ...]:
+        if not isinstance(value, list) or any(item not in options for item in value):
+            raise ValueError(value)
+        if len(set(value)) != len(value):
+            raise ValueError(value)
+        return tuple(value)
+
+    return convert
+
+
 def positive_number(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ValueError(value)

@@ -41,9 +41,11 @@ from balancer.http1 import ResponseFramer
 from balancer.listener import TUNNEL_IDLE, ListenerContext
 from balancer.pool import Lease
 from balancer.proxy_protocol import TLSFacts, encode_v1, encode_v2
+from balancer.record import failed_on
 from balancer.upstream import (
     BACKEND_CLOSED,
     BACKEND_RESET,
+    BACKEND_TIMEOUT,
     DEAD_ON_REUSE,
     NOT_REUSABLE,
     REUSE_NEVER,
@@ -337,17 +339,19 @@ class Forwarder:
         self.backend = None
         self.release_lease()
 
-    def retry(self, backend: BackendConnection) -> bool:
-        """`backend` ended (its FIN, or an RST) before any byte of the response to the request
-        it carried: send that request again, on a new connection to another backend (this one
-        only if no other is ready), if it may go again. It may when it is idempotent and was
-        kept whole (Exchange.replay: at most REPLAY_MAX_BYTES), was read to its end, is the
-        only request the connection carried (reuse never; the reuse modes carry one at a
-        time), and has gone again fewer than the group's `retries` times. True if it goes.
+    def retry(self, backend: BackendConnection, timed_out: bool = False) -> bool:
+        """`backend` ended (its FIN, or an RST; `timed_out`: stayed silent past
+        backend_response_seconds) before any byte of the response to the request it carried:
+        send that request again, on a new connection to another backend (this one only if no
+        other is ready), if it may go again. It may when the group retries on this
+        (`retry_on`), and the request is idempotent and was kept whole (Exchange.replay: at
+        most REPLAY_MAX_BYTES), was read to its end, is the only request the connection
+        carried (reuse never; the reuse modes carry one at a time), and has gone again fewer
+        than the group's `retries` times. True if it goes.
 
         A fresh connection that died counts against its backend (passive checks); a reused
-        one does not (it may have timed out idle as the request left: nginx's and HAProxy's
-        keep-alive race)."""
+        one does not (nginx's and HAProxy's keep-alive race); a silent one is counted by the
+        caller, as a timeout, and closed (its line says backend_timeout)."""
         session, http = self.session, self.session.http
         queue = session.exchanges.queue
         if session.closing or session.tunnel or http is None or not queue:
@@ -355,7 +359,8 @@ class Forwarder:
         exchange: Exchange = queue[0]
         record = exchange.record
         if (
-            exchange.replay is None
+            not (self.group.retry_on_timeout if timed_out else self.group.retry_on_empty)
+            or exchange.replay is None
             or record.first_byte_at is not None
             or record.retries >= self.group.retries
             or http.pending_error is not None
@@ -367,15 +372,19 @@ class Forwarder:
         elif len(queue) > 1 or (http.reader is not None and http.reader.in_body):
             return False
         lease = self.lease
-        if not record.reused:
+        if not record.reused and not timed_out:
             self.failed()  # (before the lease goes)
         record.retries += 1
         session.record.retries += 1
+        failed_on(record, backend.record.backend)
+        if not self.dispatch:  # (the connection's record counts its attempts)
+            failed_on(session.record, backend.record.backend)
         record.forwarded_at = None
         replay = [exchange.replay]
         self.backend = None
         self.release_lease()
-        self._retire(backend, DEAD_ON_REUSE if record.reused else None)
+        cause = BACKEND_TIMEOUT if timed_out else DEAD_ON_REUSE if record.reused else None
+        self._retire(backend, cause)
         if self.dispatch:
             exchange.pending = replay
         else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from balancer.config import RouteConfig
+from balancer.config import EMPTY_RESPONSE, RESPONSE_TIMEOUT, RouteConfig
 from balancer.http1 import origin_form
 from balancer.pool import BackendPool
 from balancer.upstream import Connector
@@ -27,11 +27,15 @@ from balancer.upstream import Connector
 class Group:
     """One backend group in one worker."""
 
-    __slots__ = ("connector", "name", "pool", "response_seconds", "retries", "reuse", "send_proxy")
+    __slots__ = (
+        "connector", "name", "pool", "response_seconds", "retries", "retry_on_empty",
+        "retry_on_timeout", "reuse", "send_proxy",
+    )  # fmt: skip
 
     def __init__(
         self, name: str, pool: BackendPool, connector: Connector, reuse: str,
         response_seconds: float, send_proxy: str = "none", retries: int = 0,
+        retry_on: tuple[str, ...] = (),
     ) -> None:  # fmt: skip
         self.name = name
         self.send_proxy = send_proxy  # none, v1, v2: a PROXY header on each connection
@@ -40,6 +44,8 @@ class Group:
         self.reuse = reuse  # never, safe, always (HAProxy's http-reuse)
         self.response_seconds = response_seconds  # backend silence while a response is due
         self.retries = retries  # re-sends of a request that got no response byte (forward.py)
+        self.retry_on_empty = EMPTY_RESPONSE in retry_on  # its connection ended (FIN or RST)
+        self.retry_on_timeout = RESPONSE_TIMEOUT in retry_on  # backend_response_seconds passed
 
     def __repr__(self) -> str:
         return f"Group({self.name!r}, reuse={self.reuse!r})"

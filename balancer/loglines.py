@@ -79,6 +79,10 @@ def _host(value: bytes | None) -> str:
     return "null" if value is None else encode_basestring_ascii(value[:200].decode("latin-1"))
 
 
+def _names(names: list[str] | None) -> str:
+    return "[]" if not names else "[" + ",".join(map(encode_basestring_ascii, names)) + "]"
+
+
 def _number(value: float | None) -> str:
     return "null" if value is None else repr(value)
 
@@ -141,7 +145,8 @@ def json_line(r: ConnectionRecord) -> str:
         f'"tcp_handshake_rtt_seconds":{_number(r.tcp_handshake_rtt_seconds)},'
         f'"tls":{tls},"backend":{backend},'
         f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'
-        f'"retries":{r.retries},"requests":{r.requests},"first_request_seconds":'
+        f'"retries":{r.retries},"failed_backends":{_names(r.failed_backends)},'
+        f'"requests":{r.requests},"first_request_seconds":'
         f"{'null' if first_request_at is None else repr(first_request_at - r.accepted_at)},"
         f'"error_status":{"null" if r.error_status is None else r.error_status},'
         f'"bytes":{{"client_in":{client_leg.bytes_in},"client_out":{client_leg.bytes_out},'
@@ -165,6 +170,7 @@ def request_json_line(r: RequestRecord) -> str:
         f'"backend":{_text(r.backend)},"group":{_text(r.backend_group)},'
         f'"backend_connection_id":{_number(r.backend_connection_id)},'
         f'"reused":{_FLAG[r.reused]},"retries":{r.retries},'
+        f'"failed_backends":{_names(r.failed_backends)},'
         f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'
         f'"connect_wait_seconds":{_number(r.connect_wait_seconds)},'
         f'"forward_seconds":{_number(r.forward_seconds)},'

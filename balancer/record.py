@@ -9,7 +9,7 @@ claim a packet capture of the same traffic could check; README.md says how each 
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import Any, Protocol
 
 # Who sent something first on a leg.
 PEER = "peer"
@@ -57,6 +57,23 @@ CLOSE_CAUSES: dict[str, str] = {
     PROXY_INVALID: "a listener accepting PROXY headers: the first bytes were not a valid one",
     BACKEND_DRAINED: "its backend was drained, and its group closes tunnels (drain_seconds)",
 }
+
+
+class Attempted(Protocol):
+    """A record that lists the backends that failed it (a connection's, or a request's)."""
+
+    failed_backends: list[str] | None
+
+
+def failed_on(record: Attempted, backend: str) -> None:
+    """`backend` failed the record's connection or request: a connect refused or timed out,
+    or a connection that ended (or, retry_on response-timeout, stayed silent) before any byte
+    of the response; the next backend was tried. In order, a name for each failure; None
+    (shown as []) until the first, so a request that never failed allocates nothing."""
+    if record.failed_backends is None:
+        record.failed_backends = [backend]
+    else:
+        record.failed_backends.append(backend)
 
 
 class LegTeardown:
@@ -150,6 +167,7 @@ class ConnectionRecord:
         "connect_attempts",
         "connect_failures",
         "error_status",
+        "failed_backends",
         "first_request_at",
         "id",
         "listener",
@@ -204,6 +222,7 @@ class ConnectionRecord:
         # Requests sent again after a backend connection ended before any byte of the
         # response (each dead connection has its own backend_connection line).
         self.retries = 0
+        self.failed_backends: list[str] | None = None  # see failed_on
         self.upstream: BackendConnectionRecord | None = None
         # Teardown.
         self.close_cause: str | None = None
@@ -320,6 +339,7 @@ class ConnectionRecord:
             "connect_attempts": self.connect_attempts,
             "connect_failures": self.connect_failures,
             "retries": self.retries,
+            "failed_backends": self.failed_backends or [],
             "requests": self.requests,
             "first_request_seconds": self.first_request_seconds,
             "error_status": self.error_status,
@@ -414,6 +434,7 @@ class RequestRecord:
         "connect_wait_seconds",
         "connection",
         "done_at",
+        "failed_backends",
         "first_byte_at",
         "forwarded_at",
         "head_at",
@@ -447,6 +468,7 @@ class RequestRecord:
         self.backend_connection_id: int | None = None
         self.reused: bool | None = None  # on a connection that carried a request before
         self.retries = 0
+        self.failed_backends: list[str] | None = None  # see failed_on
         self.forwarded_at: float | None = None
         self.first_byte_at: float | None = None
         self.done_at: float | None = None

@@ -32,7 +32,7 @@ from balancer.accept import (
 )
 from balancer.admin import AdminServer
 from balancer.backends import Backend, BackendState
-from balancer.config import Config, HealthCheck, ListenerConfig
+from balancer.config import CONN_FAILURE, Config, HealthCheck, ListenerConfig
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.drain import Drainer, watch
 from balancer.groups import Group
@@ -226,13 +226,15 @@ class Balancer:
             )  # fmt: skip
             pool.count_5xx = check.passive_5xx
             pool.count_timeouts = check.passive_timeouts
+            upstream = self.config.upstream
+            attempts = self.config.limits.max_connect_attempts
             connector = Connector(
-                pool, timeouts, self.config.limits, self.deadlines, self.writes, self._clock,
-                next_id, worker_pid,
+                pool, timeouts, attempts if CONN_FAILURE in upstream.retry_on else 1,
+                self.deadlines, self.writes, self._clock, next_id, worker_pid,
             )  # fmt: skip
             groups[config.name] = Group(
                 config.name, pool, connector, config.reuse, timeouts.backend_response_seconds,
-                config.send_proxy, self.config.upstream.retries,
+                config.send_proxy, upstream.retries, upstream.retry_on,
             )  # fmt: skip
             first += len(mine)
         return groups

@@ -525,7 +525,11 @@ def _header_timed_out(session: ClientSession) -> None:
 
 
 def _response_timed_out(session: ClientSession) -> None:
-    session.fwd.failed(timeout=True)
+    fwd = session.fwd
+    fwd.failed(timeout=True)
+    backend = fwd.backend
+    if backend is not None and fwd.retry(backend, timed_out=True):
+        return  # (retry_on response-timeout) sent again, elsewhere
     session.fail(BackendTimeout("no response in time"))
 
 

@@ -23,12 +23,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from balancer.backends import BackendState
-from balancer.config import Limits, Timeouts, Upstream
+from balancer.config import Timeouts, Upstream
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.errors import BackendUnreachable, NoBackendAvailable
 from balancer.legs import Leg
 from balancer.pool import BackendPool, Lease
-from balancer.record import BackendConnectionRecord
+from balancer.record import BackendConnectionRecord, failed_on
 from balancer.writebatch import WriteBatch
 
 log = logging.getLogger("balancer")
@@ -42,6 +42,7 @@ class ConnectAttempts(Protocol):
     backend_group: str | None
     connect_attempts: int
     connect_failures: int
+    failed_backends: list[str] | None
 
 
 class UpstreamUser(Protocol):
@@ -144,7 +145,7 @@ class Connector:
         self,
         pool: BackendPool,
         timeouts: Timeouts,
-        limits: Limits,
+        max_attempts: int,
         deadlines: DeadlineWheel[Wakeable],
         writes: WriteBatch,
         clock: Callable[[], float],
@@ -153,7 +154,7 @@ class Connector:
     ) -> None:
         self.pool = pool
         self.timeouts = timeouts
-        self.limits = limits
+        self.max_attempts = max_attempts  # backends tried per connect (conn-failure retries)
         self.deadlines = deadlines
         self.writes = writes
         self.clock = clock
@@ -181,7 +182,7 @@ class Connector:
         # Why the last attempt failed; the error is made as it is raised, since one kept in a
         # local would hold its own traceback, which holds this frame: a reference cycle.
         unreachable: str | None = None
-        for _ in range(self.limits.max_connect_attempts):
+        for _ in range(self.max_attempts):
             lease, first = first or pool.acquire(clock(), tried), None
             if lease is None and avoid is not None:
                 tried.remove(avoid)  # the only one ready: it, after all
@@ -224,6 +225,7 @@ class Connector:
                     conn.connect_task = None
             except (OSError, TimeoutError) as failure:
                 attempts.connect_failures += 1
+                failed_on(attempts, backend.name)
                 seconds = pool.connect_failed(lease, clock())
                 log.warning(
                     "backend %s (%s) ejected for %.0f s by this worker (pid %d): connect %s",
@@ -259,6 +261,7 @@ REUSE_NEVER = "reuse_never"  # its group does not reuse: one request (routed lis
 MAX_REQUESTS = "max_requests"
 BACKEND_CLOSED = "backend_closed"
 BACKEND_RESET = "backend_reset"
+BACKEND_TIMEOUT = "backend_timeout"  # silent past backend_response_seconds (retry_on)
 STRAY_BYTES = "stray_bytes"
 NOT_REUSABLE = "not_reusable"  # its response said close, or ended the exchange uncleanly
 DEAD_ON_REUSE = "dead_on_reuse"

@@ -9,12 +9,12 @@ import asyncio
 import io
 import socket
 import struct
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from balancer.config import parse_config
-from tests.helpers import Backend, Client, port_of
+from tests.helpers import Backend, Client, dead_port, port_of
 from tests.integration.test_reuse import lines, start
 
 
@@ -42,17 +42,25 @@ async def dying_backend(reset: bool) -> tuple[asyncio.AbstractServer, type[DiesO
     return server, kind, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
-def config(addresses: list[str], reuse: str = "never", retries: int | None = None) -> Any:
+def config(
+    addresses: list[str],
+    reuse: str = "never",
+    retries: int | None = None,
+    retry_on: list[str] | None = None,
+    response_seconds: float = 60.0,
+) -> Any:
     upstream: dict[str, Any] = {"reuse": reuse}
     if retries is not None:
         upstream["retries"] = retries
+    if retry_on is not None:
+        upstream["retry_on"] = retry_on
     return parse_config(
         {
             "listeners": [{"name": "http", "bind": "127.0.0.1:0"}],
             "backends": [{"name": f"b{i}", "address": a} for i, a in enumerate(addresses)],
             "upstream": upstream,
             "request_log": True,
-            "timeouts": {"linger_seconds": 1},
+            "timeouts": {"linger_seconds": 1, "backend_response_seconds": response_seconds},
             "admin": "127.0.0.1:0",
         },
         "test",
@@ -104,6 +112,7 @@ async def test_a_get_whose_backend_hangs_up_goes_to_another_and_is_answered(
     requests = lines(log, "request")
     assert sorted(r["retries"] for r in requests) == [0, 0, 1, 1]
     assert {r["backend"] for r in requests} == {"b1"}
+    assert sorted(r["failed_backends"] for r in requests) == [[], [], ["b0"], ["b0"]]
     connections = lines(log, "connection")
     assert sorted(c["retries"] for c in connections) == [0, 0, 1, 1]
     if reuse == "never":  # (in the reuse modes the connection line names no backend)
@@ -203,3 +212,72 @@ async def test_a_502_for_a_backend_that_hung_up_says_how_it_did(reuse: str, rese
         assert (request["connect_attempts"], request["connect_failures"]) == (1, 0)
         (pooled,) = lines(log, "backend_connection")
         assert (pooled["close_cause"], pooled["leg"]["kind"]) == (cause, kind)
+
+
+async def test_without_empty_response_in_retry_on_a_hang_up_is_a_502() -> None:
+    server, dies, dead = await dying_backend(reset=False)
+    good = await Backend("good").start()
+    try:
+        status, log = await answered(config([dead, good.address], retry_on=[]), [server])
+    finally:
+        good.close()
+    assert status == 502 and len(dies.requests) == 1 and good.seen == []
+    assert lines(log, "request")[0]["failed_backends"] == []
+
+
+@pytest.mark.parametrize("retry_on", [["conn-failure"], []])
+async def test_conn_failure_in_retry_on_decides_whether_a_refused_connect_tries_the_next(
+    retry_on: list[str],
+) -> None:
+    good = await Backend("good").start()
+    try:  # b0 (nothing listens) first
+        status, log = await answered(config([f"127.0.0.1:{dead_port()}", good.address],
+                                            retry_on=retry_on), [])  # fmt: skip
+    finally:
+        good.close()
+    (connection,) = lines(log, "connection")
+    if retry_on:
+        assert status == 200 and connection["failed_backends"] == ["b0"]
+        assert (connection["connect_attempts"], connection["connect_failures"]) == (2, 1)
+    else:
+        assert status == 502 and connection["failed_backends"] == ["b0"]
+        assert (connection["connect_attempts"], connection["connect_failures"]) == (1, 1)
+
+
+class Silent(asyncio.Protocol):
+    """Reads the request and never answers (a backend stuck on it)."""
+
+    requests: ClassVar[list[bytes]] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        Silent.requests.append(data.split(b"\r\n", 1)[0])
+
+
+@pytest.mark.parametrize("reuse", ["never", "always"])
+@pytest.mark.parametrize("retry_on", [["response-timeout"], ["empty-response"]])
+async def test_response_timeout_in_retry_on_sends_a_get_past_a_silent_backend(
+    reuse: str, retry_on: list[str]
+) -> None:
+    Silent.requests = []
+    server = await asyncio.get_running_loop().create_server(Silent, "127.0.0.1", 0)
+    silent = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    good = await Backend("good").start()
+    cfg = config([silent, good.address], reuse, retry_on=retry_on, response_seconds=0.3)
+    try:
+        status, log = await answered(cfg, [server])
+    finally:
+        good.close()
+    assert Silent.requests == [b"GET /r HTTP/1.1"]
+    (request,) = lines(log, "request")
+    if retry_on == ["response-timeout"]:
+        assert status == 200 and len(good.seen) == 1
+        assert (request["retries"], request["failed_backends"]) == (1, ["b0"])
+        (silent_line,) = [x for x in lines(log, "backend_connection") if x["backend"] == "b0"]
+        assert silent_line["close_cause"] == "backend_timeout"
+        assert silent_line["leg"]["initiator"] == "balancer"
+    else:  # the default: a slow request is not run twice
+        assert status == 504 and good.seen == []
+        assert (request["retries"], request["failed_backends"]) == (0, [])
