@@ -126,29 +126,45 @@ class Exchanges:
             if record.first_byte_at is None:
                 record.first_byte_at = self._settings.clock()
 
-    def completed(self, statuses: list[int]) -> None:
-        """Responses with these statuses completed, oldest first: publish their records."""
+    def completed(self, statuses: list[int], sizes: list[int]) -> None:
+        """Responses with these statuses and sizes completed, oldest first: publish their
+        records."""
         now = self._settings.clock()
         queue = self.queue
-        for status in statuses:
+        for status, size in zip(statuses, sizes, strict=True):
             if not queue:
                 break
             record = queue.pop(0).record
-            record.status, record.done_at = status, now
+            record.status, record.response_bytes, record.done_at = status, size, now
             if record.first_byte_at is None:
                 record.first_byte_at = now
             self._settings.publish(record)
         statuses.clear()
+        sizes.clear()
 
-    def refused(self, status: int) -> None:
-        """The balancer answered a request it did not take (a 4xx for a head it could not
-        read or would not forward): published as a request of its own, unless the request
-        has an exchange already (then that one carries the status when it is abandoned)."""
-        if self.queue:
+    def bodies_read(self, bodies: list[tuple[int, int]], heads_in_read: int) -> None:
+        """Request bodies read whole (RequestReader.bodies) in a read that gave
+        `heads_in_read` heads, each opened as an exchange already: their sizes, on their
+        records (an exchange published before its body ended keeps what it had)."""
+        queue = self.queue
+        last = len(queue) - 1
+        for heads, size in bodies:
+            index = last - (heads_in_read - heads)
+            if 0 <= index <= last:
+                queue[index].record.request_body_bytes = size
+        bodies.clear()
+
+    def answered_itself(self, status: int, size: int) -> None:
+        """The balancer answered with its own response of `size` bytes: the oldest exchange
+        carries it when it is abandoned; with none (a 4xx for a head it could not read or
+        would not forward) it is published as a request of its own."""
+        queue = self.queue
+        if queue:
+            queue[0].record.response_bytes = size
             return
         settings = self._settings
         record = RequestRecord(settings.next_id(), self._connection, b"", b"", settings.clock())
-        record.status = status
+        record.status, record.response_bytes = status, size
         settings.publish(record)
 
     def abandoned(self, error_status: int | None) -> None:

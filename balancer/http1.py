@@ -102,6 +102,7 @@ class RequestReader:
         "_trailer_bytes",
         "_url",
         "backend_keep_alive",
+        "bodies",
         "error",
         "finished",
         "heads",
@@ -138,6 +139,10 @@ class RequestReader:
         self.in_body = False
         self.heads: list[RequestHead] = []
         self.messages_completed = 0
+        # Each request read whole whose body had bytes, as (heads, bytes): how many heads
+        # this read has given so far, its own the last (0: its head came in an earlier read),
+        # and its body's bytes, chunked framing not counted. The caller drains it.
+        self.bodies: list[tuple[int, int]] = []
         self.upgrade_rest: bytes | None = None
         self.error: ClientError | None = None
         self.finished = False  # a request that closes the connection has been read whole
@@ -198,6 +203,7 @@ class RequestReader:
                 self._out = []
                 self._ends_at_item = []
                 self.heads.clear()
+                self.bodies.clear()
                 self.in_body, self.messages_completed = in_body_before, completed_before
         if error is not None:
             # Kept with its traceback, the error would hold this frame, which holds it and the
@@ -346,11 +352,10 @@ class RequestReader:
 
     def on_body(self, body: bytes) -> None:
         self._fed_consumed += len(body)
+        self._body_bytes += len(body)
         limit = self._limits.max_body_bytes
-        if limit is not None:
-            self._body_bytes += len(body)
-            if self._body_bytes > limit:  # chunked: found while streaming
-                raise BodyTooLarge(f"request body over {limit} bytes")
+        if limit is not None and self._body_bytes > limit:  # chunked: found while streaming
+            raise BodyTooLarge(f"request body over {limit} bytes")
         if self._chunked:
             self._in_framing = self._in_trailers = False
             self._out.append(b"%x\r\n%b\r\n" % (len(body), body))
@@ -365,6 +370,8 @@ class RequestReader:
             self._framing_allowance += _CRLF
         self.in_body = False
         self.messages_completed += 1
+        if self._body_bytes:
+            self.bodies.append((len(self.heads), self._body_bytes))
         if self.split_messages:
             self._ends_at_item.append(len(self._out))
         # A request that closes the connection is the last one read. A flag, not an exception

@@ -45,17 +45,21 @@ class ResponseFramer:
     raises `BadBackendResponse` for framing that cannot be relayed safely.
 
     Counters and flags the proxy reads: `started` (final response heads seen), `completed`
-    (responses ended), `close_after` (the last completed response ends the connection),
+    (responses ended), `statuses` and `sizes` (of each response ended: its status, and its
+    bytes as relayed, head and any interim responses included; the caller drains both),
+    `close_after` (the last completed response ends the connection),
     `backend_closes` (it ends it because the backend said so: the backend will close),
     `upgraded` (a 101 arrived: everything after is a tunnel).
     """
 
     __slots__ = (
+        "_carried",
         "_expect_head",
         "_held",
         "_message_keep_alive",
         "_remaining",
         "_request_closes",
+        "_start",
         "_state",
         "_status",
         "backend_closes",
@@ -63,6 +67,7 @@ class ResponseFramer:
         "close_after",
         "completed",
         "force_close",
+        "sizes",
         "started",
         "statuses",
         "upgraded",
@@ -79,6 +84,11 @@ class ResponseFramer:
         self.started = 0
         self.completed = 0
         self.statuses: list[int] = []  # of responses completed, in order (the caller drains)
+        self.sizes: list[int] = []  # their bytes as relayed (likewise)
+        # The response under way's bytes relayed before this read, and where in this read
+        # its bytes begin (0, or where the one before it ended).
+        self._carried = 0
+        self._start = 0
         self._status = 0
         self.close_after = False
         self.backend_closes = False
@@ -101,15 +111,17 @@ class ResponseFramer:
     def feed(self, data: bytes) -> bytes:
         state = self._state
         if state in (_TUNNEL, _UNTIL_CLOSE):
+            self._carried += len(data)
             return data
         if state == _LENGTH and len(data) < self._remaining:
             self._remaining -= len(data)
+            self._carried += len(data)
             return data
         if self._held:
             data = self._held + data
             self._held = b""
         out: list[bytes] | None = None
-        pos = 0
+        pos = self._start = 0
         size = len(data)
         while pos < size:
             state = self._state
@@ -119,17 +131,23 @@ class ResponseFramer:
                     if size - pos > MAX_RESPONSE_HEAD_BYTES:
                         raise BadBackendResponse("response head too large")
                     self._held = data[pos:]
+                    self._carried += pos - self._start
                     return _joined(out, data, 0, pos)
                 end += 4
                 head = data[pos:end]
                 if (
-                    self._on_head(head)
+                    self._on_head(head, end)
                     and (self.force_close or self._request_closes)
                     and self._message_keep_alive  # (one that says it closes stays as it is)
                 ):
                     if out is None:
                         out = [data[:pos]]
-                    out.append(_with_close(head))
+                    rewritten = _with_close(head)
+                    out.append(rewritten)
+                    if self._state == _HEAD:  # a response with no body: ended with its head
+                        self.sizes[-1] += len(rewritten) - len(head)
+                    else:
+                        self._carried += len(rewritten) - len(head)
                 elif out is not None:
                     out.append(head)
                 pos = end
@@ -140,7 +158,7 @@ class ResponseFramer:
                     out.append(data[pos : pos + take])
                 pos += take
                 if self._remaining == 0:
-                    self._message_done()
+                    self._message_done(pos)
             elif state in (_UNTIL_CLOSE, _TUNNEL):
                 if out is not None:
                     out.append(data[pos:])
@@ -159,16 +177,19 @@ class ResponseFramer:
                     if size - pos > 4096:
                         raise BadBackendResponse("chunk framing line too long")
                     self._held = data[pos:]
+                    self._carried += pos - self._start
                     return _joined(out, data, 0, pos)
                 line = data[pos:end]
                 if out is not None:
                     out.append(data[pos : end + 2])
                 pos = end + 2
-                self._on_line(line)
+                self._on_line(line, pos)
+        self._carried += size - self._start
         return _joined(out, data, 0, size)
 
-    def _on_head(self, head: bytes) -> bool:
-        """Set up framing for the body after `head`; True for a final (non-1xx) response."""
+    def _on_head(self, head: bytes, end: int) -> bool:
+        """Set up framing for the body after `head` (which ends at `end` in this read); True
+        for a final (non-1xx) response."""
         # "HTTP/1.x NNN" by slices: a regex match cost a third of a short response's framing.
         minor, digits = head[7:8], head[9:12]
         if (
@@ -187,6 +208,10 @@ class ResponseFramer:
                 self._state = _TUNNEL
                 self._expect_head.clear()
                 self.started += 1
+                # The request's answer, as far as HTTP goes: what follows is the tunnel's.
+                self.statuses.append(101)
+                self.sizes.append(self._carried + end - self._start)
+                self._carried, self._start = 0, end
             return False  # interim (100 Continue, 103): the final response follows
         self.started += 1
         is_head, self._request_closes = self._expect_head[0] if self._expect_head else _NOTHING
@@ -218,13 +243,13 @@ class ResponseFramer:
             raise BadBackendResponse("both Content-Length and Transfer-Encoding")
         self._message_keep_alive = keep_alive
         if is_head or status in (204, 304):
-            self._message_done()
+            self._message_done(end)
         elif chunked:
             self._state = _CHUNK_SIZE
         elif length is not None:
             self._remaining = int(length)
             if self._remaining == 0:
-                self._message_done()
+                self._message_done(end)
             else:
                 self._state = _LENGTH
         else:
@@ -232,7 +257,7 @@ class ResponseFramer:
             self._message_keep_alive = False
         return True
 
-    def _on_line(self, line: bytes) -> None:
+    def _on_line(self, line: bytes, end: int) -> None:
         state = self._state
         if state == _CHUNK_SIZE:
             size_text = line.split(b";", 1)[0].strip()
@@ -252,11 +277,14 @@ class ResponseFramer:
                 raise BadBackendResponse("chunk data longer than its size")
             self._state = _CHUNK_SIZE
         elif not line:  # the empty line that ends the trailer section
-            self._message_done()
+            self._message_done(end)
 
-    def _message_done(self) -> None:
+    def _message_done(self, end: int) -> None:
+        """The response under way ended at `end` in this read."""
         self.completed += 1
         self.statuses.append(self._status)
+        self.sizes.append(self._carried + end - self._start)
+        self._carried, self._start = 0, end
         if self._expect_head:
             self._expect_head.pop(0)
         self.backend_closes = not self._message_keep_alive
@@ -274,7 +302,7 @@ class ResponseFramer:
         """The backend closed. True when that ends the stream cleanly (at a message boundary, or
         the end of a close-delimited body); False means a response was cut short."""
         if self._state == _UNTIL_CLOSE:
-            self._message_done()
+            self._message_done(self._start)  # (its bytes were all carried)
             self.close_after = self.client_closes = True  # the body's end was the close
             return True
         return self._state in (_HEAD, _TUNNEL) and not self._held

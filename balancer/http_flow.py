@@ -68,8 +68,11 @@ class HttpFlow:
         if reader is None:
             reader = self._take_reader()
         out = reader.feed(data)
-        if reader.heads:
+        heads = len(reader.heads)
+        if heads:
             self.on_heads()
+        if reader.bodies:
+            session.exchanges.bodies_read(reader.bodies, heads)
         if out:
             if fwd.dispatch:
                 fwd.route(out, reader.message_ends)
@@ -192,7 +195,7 @@ class HttpFlow:
             return
         if framer.completed != completed:
             session.fwd.answered(framer.statuses)
-            session.exchanges.completed(framer.statuses)
+            session.exchanges.completed(framer.statuses, framer.sizes)
             self._responses_completed()
         elif framer.awaiting:
             session.extend_deadline(session.fwd.group.response_seconds)
@@ -240,9 +243,10 @@ class HttpFlow:
 
     def _switch_to_tunnel(self) -> None:
         """101 Switching Protocols: from here on both directions are plain byte relays."""
-        reader = self.reader
-        assert reader is not None
-        self.session.exchanges.completed([101])  # the request's answer; what follows is not HTTP
+        reader, framer = self.reader, self.framer
+        assert reader is not None and framer is not None
+        # The responses completed before it, and the 101 (HTTP's last: the rest is a tunnel).
+        self.session.exchanges.completed(framer.statuses, framer.sizes)
         rest, reader.upgrade_rest = reader.upgrade_rest or b"", None
         self.session.enter_tunnel(rest)
 
@@ -255,7 +259,7 @@ class HttpFlow:
             session.fail(BackendClosed("backend closed mid-response"))
             return
         session.fwd.answered(framer.statuses)
-        session.exchanges.completed(framer.statuses)
+        session.exchanges.completed(framer.statuses, framer.sizes)
         if session.fwd.dispatch and not framer.awaiting:
             self._responses_completed()  # a close-delimited body ended
         elif framer.awaiting and not session.client_eof:
@@ -288,9 +292,9 @@ class HttpFlow:
         status = error.status_hint
         retry_after = RETRY_AFTER_SECONDS if status == 503 else None
         session.record.error_status = status
-        if error.fault == "client":
-            session.exchanges.refused(status)
-        session.write_client(error_response(status, retry_after))
+        response = error_response(status, retry_after)
+        session.exchanges.answered_itself(status, len(response))
+        session.write_client(response)
         session.close_client(error.reason)
 
     @property

@@ -167,6 +167,8 @@ def request_json_line(r: RequestRecord) -> str:
         f'"client":{{"ip":{_text(connection.client_ip)},"port":{connection.client_port}}},'
         f'"method":{_text(r.method.decode("latin-1"))},"target":{_text(r.target_shown)},'
         f'"host":{_host(r.host)},"status":{_number(r.status)},'
+        f'"bytes":{{"request_body":{r.request_body_bytes},'
+        f'"response":{_number(r.response_bytes)}}},'
         f'"backend":{_text(r.backend)},"group":{_text(r.backend_group)},'
         f'"backend_connection_id":{_number(r.backend_connection_id)},'
         f'"reused":{_FLAG[r.reused]},"retries":{r.retries},'

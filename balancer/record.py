@@ -441,6 +441,8 @@ class RequestRecord:
         "host",
         "id",
         "method",
+        "request_body_bytes",
+        "response_bytes",
         "retries",
         "reused",
         "status",
@@ -457,6 +459,11 @@ class RequestRecord:
         self.host: bytes | None = None  # the Host header's value, or the target's authority
         self.head_at = head_at
         self.status: int | None = None  # the response's, or the balancer's own error status
+        # Bytes: the request's body as read (chunked framing not counted), and the response
+        # as relayed to the client, head included (the balancer's own, if it answered; None:
+        # no response was completed).
+        self.request_body_bytes = 0
+        self.response_bytes: int | None = None
         self.backend: str | None = None
         self.backend_address: str | None = None
         self.backend_group: str | None = None

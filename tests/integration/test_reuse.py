@@ -9,6 +9,8 @@ import json
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from balancer import http_flow
 from balancer.config import parse_config
 from balancer.server import Balancer
@@ -415,3 +417,33 @@ async def test_request_lines_name_the_client_and_host_and_a_refused_request_gets
     assert served["client"] == {"ip": client["ip"], "port": client["port"]}
     assert (refused["status"], refused["method"], refused["target"]) == (400, "", "")
     assert refused["backend"] is None and refused["client"]["ip"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("reuse", ["never", "always"])
+async def test_request_lines_count_each_requests_body_and_its_responses_bytes(
+    farm, reuse: str
+) -> None:
+    """Issue 20, item 5: bytes in and out per request, as a capture would count them: the
+    body read (chunked framing aside) and the response relayed, head included; the
+    responses' sizes add up to every byte the client got."""
+    balancer, log, recorder = await start(reuse_config([farm[0].address], reuse))
+    pipelined = (
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\npayload"
+        b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n"
+        b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        raw = await raw_exchange(port_of(balancer), pipelined)
+        refused = await raw_exchange(port_of(balancer), b"GET / HTTP/1.1\r\n\r\n")  # no Host
+        await recorder.wait_for(2)  # (connections)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    requests = {r["target"]: r for r in lines(log, "request")}
+    assert raw.count(b"HTTP/1.1 200 ") == 3 and refused.startswith(b"HTTP/1.1 400 ")
+    assert [requests[t]["bytes"]["request_body"] for t in ("/a", "/b", "/c")] == [7, 8, 0]
+    sizes = [requests[t]["bytes"]["response"] for t in ("/a", "/b", "/c")]
+    assert sum(sizes) == len(raw) and all(size > 60 for size in sizes)
+    assert raw[sizes[0] :].startswith(b"HTTP/1.1 200 ")  # each begins where one ended
+    assert raw[sizes[0] + sizes[1] :].startswith(b"HTTP/1.1 200 ")
+    assert requests[""]["bytes"] == {"request_body": 0, "response": len(refused)}

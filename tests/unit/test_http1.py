@@ -191,6 +191,18 @@ def test_framer_finds_the_same_boundaries_however_the_bytes_are_split(cuts: list
     assert feed_all(framer, pieces) == stream
     assert framer.completed == len(RESPONSES)
     assert framer.awaiting == 0 and not framer.in_message and not framer.close_after
+    assert framer.sizes == [len(data) for _, data in RESPONSES]  # each response's own bytes
+
+
+def test_framer_sizes_are_the_bytes_relayed_rewrites_and_close_delimited_bodies_included() -> None:
+    framer = ResponseFramer()
+    framer.expect(False, closes=True)  # the response gets Connection: close added
+    out = framer.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    framer.expect(False)
+    out2 = framer.feed(b"HTTP/1.1 200 OK\r\n\r\nabc") + framer.feed(b"defg")
+    assert framer.eof()  # the close ends the second body
+    assert b"connection: close" in out.lower()
+    assert framer.sizes == [len(out), len(out2)] and len(out2) == 26
 
 
 def test_framer_tracks_keep_alive_and_close_delimited_bodies() -> None:
@@ -218,6 +230,7 @@ def test_framer_101_turns_into_a_tunnel() -> None:
     out = framer.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ws\r\n\r\n\x81\x00")
     assert framer.upgraded and out.endswith(b"\x81\x00")
     assert framer.feed(b"anything") == b"anything"
+    assert (framer.statuses, framer.sizes) == ([101], [len(out) - 2])  # the tunnel's are not
 
 
 @pytest.mark.parametrize(
