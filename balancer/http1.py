@@ -118,7 +118,7 @@ class RequestReader:
     def __init__(self, client_ip: str, proto: str, port: int, limits: HeadLimits) -> None:
         self.rebind(client_ip, proto, port)
         self._limits = limits
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser = _new_parser(self)
         self._out: list[bytes] = []
         self._url = b""
         self._host: bytes | None = None  # the head's, for routing (RequestHead.host)
@@ -194,6 +194,8 @@ class RequestReader:
             self._pending_head_bytes += len(data)
             if self._pending_head_bytes > self._limits.max_header_bytes:
                 error = error or HeaderTooLarge("request head incomplete past the limit")
+            elif self._pending_head_bytes == len(data) and not self._headers:
+                error = error or _http09(data)  # (the head began this read: at its start)
         elif self._read_has_chunking and error is None and not self.finished:
             # (after a closing request the rest of the read is dropped unparsed: not checked)
             error = self._check_framing(data)
@@ -267,7 +269,7 @@ class RequestReader:
     def resume_after_declined_upgrade(self) -> bytes:
         """The backend answered an Upgrade request without 101: parse what followed as HTTP."""
         rest, self.upgrade_rest = self.upgrade_rest or b"", None
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser = _new_parser(self)
         return self.feed(rest) if rest else b""
 
     # httptools callbacks
@@ -311,7 +313,12 @@ class RequestReader:
         parser = self._parser
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
-            raise VersionNotSupported(f"HTTP/{version}")
+            if version[:2] == "1.":  # RFC 9110 §2.5: a later 1.x minor is read as 1.1
+                version = "1.1"
+            elif version == "0.9":  # llhttp's name for a request line without a version
+                raise BadRequest("an HTTP/0.9 request (no version): not served")
+            else:
+                raise VersionNotSupported(f"HTTP/{version}")
         method = parser.get_method()
         if method == b"CONNECT":
             raise MethodNotAllowed("CONNECT is not proxied")
@@ -457,6 +464,24 @@ class RequestReader:
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
         return b"".join(lines), chunked
+
+
+def _new_parser(reader: RequestReader) -> httptools.HttpRequestParser:
+    parser = httptools.HttpRequestParser(reader)
+    parser.set_dangerous_leniencies(lenient_version=True)  # any digits: judged by the reader
+    return parser
+
+
+def _http09(data: bytes) -> BadRequest | None:
+    """A read that begins with a whole request line and no version (`GET /`: HTTP/0.9, whose
+    client waits for an answer, where llhttp would wait for header lines): 400 at once."""
+    end = data.find(b"\n")
+    if end < 0:
+        return None
+    parts = data[:end].rstrip(b"\r").split(b" ")
+    if len(parts) == 2 and parts[0].isalpha() and parts[0].isupper() and parts[1]:
+        return BadRequest("an HTTP/0.9 request (no version): not served")
+    return None
 
 
 def origin_form(url: bytes) -> tuple[bytes, bytes | None]:

@@ -240,6 +240,8 @@ HOSTILE_REQUESTS = [
     (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", 400),  # obs-fold
     (b"GET / HTTP/1.1\nHost: x\n\n", 400),  # bare LF
     (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET /\r\n", 400),  # HTTP/0.9: at once, not 408 at the header deadline
+    (b"GET / HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n", 200),  # as 1.1 (RFC 9110)
     (b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"h" * 20000 + b"\r\n\r\n", 431),
     (_CHUNKED + b"zz\r\nhello\r\n0\r\n\r\n", 400),

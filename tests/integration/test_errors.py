@@ -145,6 +145,7 @@ async def test_malformed_requests_get_their_4xx_and_never_reach_a_backend(
         (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 3000 + b"\r\n\r\n", 431),
         (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 3000, 431),  # incomplete head
         (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+        (b"GET /\r\n", 400),  # HTTP/0.9: at once (raw_exchange waits 5 s; the timeout is 10)
         (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", 405),
     ]
     for request, status in cases:

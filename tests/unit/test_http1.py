@@ -95,6 +95,17 @@ def test_pipelined_requests_all_come_out_and_an_error_keeps_what_came_before() -
     assert r.feed(b"GET / HTTP/1.1\r\n\r\n") == b""  # a dead parser stays dead
 
 
+def test_a_later_http_1_minor_version_is_read_as_1_1() -> None:
+    r = reader()  # RFC 9110 §2.5
+    out = r.feed(b"GET /v HTTP/1.2\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"GET /v HTTP/1.1\r\n") and r.error is None and r.heads[0].keep_alive
+
+
+def test_a_request_line_whose_version_is_still_coming_is_waited_for() -> None:
+    r = reader()
+    assert r.feed(b"GET /slow HTTP/1.1\r\n") == b"" and r.error is None and r.in_head
+
+
 @pytest.mark.parametrize(
     ("data", "error"),
     [
@@ -103,6 +114,9 @@ def test_pipelined_requests_all_come_out_and_an_error_keeps_what_came_before() -
         (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"v" * 1200, HeaderTooLarge),
         (b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 101 + b"\r\n", HeaderTooLarge),
         (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", VersionNotSupported),
+        (b"GET / HTTP/0.5\r\nHost: x\r\n\r\n", VersionNotSupported),
+        (b"GET /\r\n", BadRequest),  # HTTP/0.9: refused at once, not left to the timeout
+        (b"GET /\r\n\r\n", BadRequest),
         (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", MethodNotAllowed),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", BadRequest),
         (
