@@ -104,3 +104,12 @@ class BackendTimeout(BackendError):
 
 class BadBackendResponse(BackendError):
     reason = "bad_backend_response"
+
+
+# Every error the balancer answers: its status and the close cause it names (metrics list
+# each listener's with a 0 from the start).
+ERRORS: tuple[type[BalancerError], ...] = (
+    BadRequest, HeaderTooLarge, BodyTooLarge, URITooLong, MethodNotAllowed, VersionNotSupported,
+    CodingNotImplemented, HeaderTimeout, BackendUnreachable, BackendClosed, BackendReset,
+    NoBackendAvailable, BackendTimeout, BadBackendResponse,
+)  # fmt: skip

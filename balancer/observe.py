@@ -27,8 +27,11 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from balancer.backends import BackendState
+from balancer.errors import ERRORS
 from balancer.loglines import backend_connection_json_line, json_line, request_json_line
+from balancer.pool import BACKEND_STATES
 from balancer.record import (
+    CLOSE_CAUSES,
     BackendConnectionRecord,
     ConnectionRecord,
     RequestRecord,
@@ -264,6 +267,22 @@ class Observer(Collector):
             found = histograms[labels] = _Histogram(family.buckets)
         return found
 
+    def expect(self, listeners: Iterable[tuple[str, bool, Iterable[str]]]) -> None:
+        """Each listener (name, HTTP?, the backends its groups hold): its label sets that
+        are known in advance are exported from the start, at 0, as Prometheus advises (a
+        series that appears at its first event hides that event from rate()): why its
+        connections closed, its error statuses, its requests and responses per backend."""
+        causes = [*CLOSE_CAUSES, *(error.reason for error in ERRORS)]
+        statuses = sorted({str(error.status_hint) for error in ERRORS})
+        for name, http, backends in listeners:
+            cells: _ListenerCells = self._listeners[name]
+            made = [cells.closed[cause] for cause in causes]  # (a cell made is exported)
+            if http:
+                made += [cells.error_responses[status] for status in statuses]
+                for backend in backends:
+                    made += [cells.requests[backend], cells.request_durations[backend]]
+                    made += [cells.responses[backend][kind] for kind in _STATUS_CLASS[1:]]
+
     def publish(self, record: ConnectionRecord) -> None:
         self.closed_total += 1
         self.recent.append(record)
@@ -396,10 +415,12 @@ class StateCollector(Collector):
         listeners: Callable[[], Iterable[ListenerTotals]],
         backends: Callable[[], Iterable[BackendState]],
         idle: Callable[[str], int] = lambda backend: 0,
+        state: Callable[[BackendState], str] = lambda backend: "up",
     ) -> None:
         self._listeners = listeners
         self._backends = backends
         self._idle = idle  # idle pooled connections per backend (reuse modes)
+        self._state = state  # one of pool.BACKEND_STATES
 
     def collect(self) -> Iterator[Metric]:
         accepted = CounterMetricFamily(
@@ -454,13 +475,25 @@ class StateCollector(Collector):
             "passive_fall failed requests in a row), per worker, summed.",
             labels=["backend"],
         )
+        states = GaugeMetricFamily(
+            "balancer_backend_state",
+            "Workers that see the backend in each state (up, down: active checks, draining, "
+            "maintenance: the operator, ejected: passive checks skip it): each worker counts 1 "
+            "for its state and 0 for the others, so the states of a backend add up to the "
+            "workers (HAProxy's haproxy_server_status, per worker).",
+            labels=["backend", "state"],
+        )
         for state in self._backends():
+            now = self._state(state)
+            for word in BACKEND_STATES:
+                states.add_metric([state.name, word], 1 if word == now else 0)
             ejections.add_metric([state.name], state.ejections_total)
             backend_active.add_metric([state.name], state.active)
             backend_total.add_metric([state.name], state.connections_total)
             backend_failures.add_metric([state.name], state.connect_failures_total)
             backend_idle.add_metric([state.name], self._idle(state.name))
         yield from (backend_active, backend_total, backend_failures, backend_idle, ejections)
+        yield states
 
 
 class SupervisorMetrics:
@@ -562,6 +595,10 @@ class HealthMetrics:
         self._checked = checked
         for name in checked:
             self.up.labels(name).set(1)
+            for result in ("ok", "failed"):  # (made: exported at 0 from the start)
+                self.checks.labels(name, result)
+            for state in ("up", "down"):
+                self.changes.labels(name, state)
 
     def observed(self, name: str, ok: bool) -> None:
         self.checks.labels(name, "ok" if ok else "failed").inc()

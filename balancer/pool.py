@@ -46,6 +46,9 @@ class PeerCounts:
 
 ENABLED, DRAINING, MAINTENANCE = 0, 1, 2  # the operator's word on a backend
 ADMIN_STATES = {"enabled": ENABLED, "draining": DRAINING, "maintenance": MAINTENANCE}
+# What a worker sees of a backend, first match: the operator's word (maintenance, draining),
+# the active checks' (down), its own passive checks' (ejected: skipped for now), else up.
+BACKEND_STATES = ("up", "down", "draining", "maintenance", "ejected")
 _UP, _ADMIN, _WEIGHT = 1, 2, 3  # a backend's cells in a BackendTable (cell 0: the version)
 
 

@@ -142,6 +142,7 @@ class Balancer:
                 self.checker = checker_for(backends, specs, table, metrics, check_firsts(config))
         self.observer = Observer(self.registry, access_log)
         self.observer.request_log = config.request_log
+        self.observer.expect(_listeners_and_backends(config, backends))
         self._drained = asyncio.Event()
         self._clock = clock
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -186,7 +187,9 @@ class Balancer:
             for listener in config.listeners
         ]
         self.registry.register(
-            StateCollector(self._listener_totals, self.backend_states, self._idle_count)
+            StateCollector(
+                self._listener_totals, self.backend_states, self._idle_count, self._state_of
+            )
         )
         self.servers: list[Listening] = []
         # The client listeners' own sockets and session factories: at shutdown the connections
@@ -468,6 +471,16 @@ class Balancer:
     def _idle_count(self, backend: str) -> int:
         return len(self.idle.idle.get(backend, ()))
 
+    def _state_of(self, state: BackendState) -> str:
+        """What this worker sees of a backend now: one of pool.BACKEND_STATES."""
+        for group in self.groups.values():
+            pool = group.pool
+            if state in pool.states:
+                index = pool.first + pool.states.index(state)
+                word = pool.table.state(index) if pool.table is not None else "up"
+                return "ejected" if word == "up" and state.down_until > self._clock() else word
+        return "up"
+
     def backends_view(self) -> list[dict[str, Any]]:
         view = []
         now = self._clock()
@@ -488,6 +501,21 @@ class Balancer:
                     "ejected_seconds": round(max(0.0, s.down_until - now), 1),
                 })  # fmt: skip
         return view
+
+
+def _listeners_and_backends(
+    config: Config, backends: list[Backend]
+) -> list[tuple[str, bool, list[str]]]:
+    """Each listener's name, whether it speaks HTTP, and the backends its groups hold."""
+    by_group: dict[str, list[str]] = {}
+    for backend in backends:
+        by_group.setdefault(backend.group, []).append(backend.name)
+    return [
+        (listener.name, listener.mode == "http",
+         [name for group in dict.fromkeys([listener.group, *(r.group for r in listener.routes)])
+          for name in by_group.get(group, [])])
+        for listener in config.listeners
+    ]  # fmt: skip
 
 
 def backends_of(config: Config) -> list[Backend]:

@@ -17,6 +17,7 @@ from tests.helpers import (
     parse_status,
     port_of,
     raw_exchange,
+    scrape,
 )
 
 
@@ -68,6 +69,33 @@ async def test_all_backends_dead_gives_502(balancer_factory) -> None:
     # Refused connects eject them (passive checks): the admin view says for how long.
     view = await admin_json(balancer, "/backends")
     assert all(0 < b["ejected_seconds"] <= 10 for b in view), view
+
+
+async def test_metrics_list_known_series_at_zero_and_each_backends_state(
+    farm, balancer_factory
+) -> None:
+    """Issue 20, item 7: a fresh balancer exports its known label sets at 0 (rate() sees the
+    first 502), and every backend's state, active checks or not: up, then ejected once a
+    refused connect has the passive checks skip it."""
+    dead = f"127.0.0.1:{dead_port()}"
+    balancer, recorder = await balancer_factory(make_config([dead, farm[0].address]))
+    before = await scrape(balancer)
+    for series in (
+        'balancer_requests_total{backend="b1",listener="http"} 0.0',
+        'balancer_responses_total{backend="b0",class="5xx",listener="http"} 0.0',
+        'balancer_error_responses_total{listener="http",status="502"} 0.0',
+        'balancer_connections_closed_total{cause="backend_reset",listener="http"} 0.0',
+        'balancer_backend_state{backend="b0",state="up"} 1.0',
+        'balancer_backend_state{backend="b0",state="ejected"} 0.0',
+    ):
+        assert series in before, series
+    assert (await get(port_of(balancer))).status == 200  # b0 refused, b1 answered
+    await recorder.wait_for(1)
+    after = await scrape(balancer)
+    assert 'balancer_backend_state{backend="b0",state="ejected"} 1.0' in after
+    assert 'balancer_backend_state{backend="b0",state="up"} 0.0' in after
+    assert 'balancer_backend_state{backend="b1",state="up"} 1.0' in after
+    assert 'balancer_requests_total{backend="b1",listener="http"} 1.0' in after
 
 
 async def test_no_ready_backend_gives_503_with_retry_after(farm, balancer_factory) -> None:
