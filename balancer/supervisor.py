@@ -103,6 +103,7 @@ class Worker:
         self.retiring = False
         self.final: str | None = None  # its last metrics page, sent as it exits
         self.last_metrics: str | None = None  # the last page it answered with
+        self.retired = False  # its counts are in the supervisor's totals
         self._asked: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 0
         self.listening = asyncio.get_running_loop().create_task(self._listen())
@@ -126,6 +127,11 @@ class Worker:
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("the worker exited before it was ready"))
             self.ready.exception()  # seen: a restarted worker's readiness has no awaiter
+
+    @property
+    def counted(self) -> str | None:
+        """What it has counted, as best known: its final page, else its last answer."""
+        return self.final if self.final is not None else self.last_metrics
 
     async def ask(self, what: str) -> Any:
         """A view from the worker (None if it does not answer in time)."""
@@ -217,6 +223,9 @@ class Supervisor:
         self._admin_bind: Address | None = None
         self._restarts: dict[int, int] = {}  # slot → restarts in a row
         self._children: dict[int, Worker] = {}  # pid → worker, until reaped
+        # Reaped, but what they counted not yet kept in `totals`: /metrics counts them by
+        # their last page meanwhile, so no sum dips while a worker's final page is read.
+        self.leaving: set[Worker] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reloading = asyncio.Lock()
         self.registry = CollectorRegistry()
@@ -376,6 +385,7 @@ class Supervisor:
         except ChildProcessError:
             status = 0
         self._children.pop(worker.pid, None)  # reaped: its pid may be another's from now on
+        self.leaving.add(worker)
         self._background(self._gone(worker, status))
 
     async def _gone(self, worker: Worker, status: int) -> None:
@@ -385,7 +395,9 @@ class Supervisor:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(worker.listening), ASK_TIMEOUT_SECONDS)
         worker.close()
-        self.totals.retire(worker.final if worker.final is not None else worker.last_metrics)
+        self.totals.retire(worker.counted)
+        worker.retired = True
+        self.leaving.discard(worker)
         generation = self._generation_of(worker)
         if generation is not None and generation.workers.get(worker.index) is worker:
             del generation.workers[worker.index]
@@ -592,13 +604,16 @@ class Views:
 
     async def metrics_page(self) -> bytes:
         """Every worker's page summed. A worker too busy to answer in time is counted by its
-        last page, so no sum goes backwards because one was slow."""
+        last page, one that has exited by its final page until the totals keep it, and one
+        that the totals took while we asked only there: no sum goes backwards or counts twice
+        (tests/e2e/test_workers.py scrapes through ten reloads under ab)."""
         workers = self._live()
         pages = await asyncio.gather(*(w.ask("metrics") for w in workers))
         for worker, page in zip(workers, pages, strict=True):
             if page is not None:
                 worker.last_metrics = page
-        live = [w.last_metrics for w in workers if w.last_metrics is not None]
+        counted = [w.counted for w in {*workers, *self.supervisor.leaving} if not w.retired]
+        live = [page for page in counted if page is not None]
         own = generate_latest(self.supervisor.registry).decode()
         return self.supervisor.totals.merged(live, own).encode()
 

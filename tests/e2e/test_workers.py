@@ -141,7 +141,10 @@ def test_sighup_reloads_a_changed_file_and_a_broken_one_changes_nothing(
 def test_reloads_under_ab_over_http_and_tls_fail_no_request(
     farm_ports, certs_dir, tmp_path
 ) -> None:
-    """Ten reloads while ab runs (a new connection per request), over HTTP and TLS 1.2."""
+    """Ten reloads while ab runs (a new connection per request), over HTTP and TLS 1.2; and
+    /metrics stays exact through them (issue 20, item 7): scraped all along it never goes
+    backwards (a worker that has exited is counted until its final page is kept), and at
+    the end it agrees with ab and with the access log, line for line."""
     ab = need("ab")
     with balancer(farm_ports, certs_dir, tmp_path, "--workers", "2") as running:
         loads = [
@@ -153,14 +156,39 @@ def test_reloads_under_ab_over_http_and_tls_fail_no_request(
             )
             for name, tls in (("http", []), ("https", ["-f", "TLS1.2"]))
         ]
-        for generation in range(2, 12):
-            os.kill(running.process.pid, signal.SIGHUP)
-            running.wait_for_log(f"reload: generation {generation} serving", timeout=20)
-        outputs = [load.communicate(timeout=120)[0] for load in loads]
+        seen: list[float] = []
+        scraping = threading.Event()
+
+        def watch() -> None:  # bounded: until ab is done, or 120 s
+            deadline = time.monotonic() + 120
+            while not scraping.is_set() and time.monotonic() < deadline:
+                seen.append(answered(scrape(running)))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for generation in range(2, 12):
+                os.kill(running.process.pid, signal.SIGHUP)
+                running.wait_for_log(f"reload: generation {generation} serving", timeout=20)
+            outputs = [load.communicate(timeout=120)[0] for load in loads]
+        finally:
+            scraping.set()
+            watcher.join(timeout=130)
         for output in outputs:
             assert "Complete requests:      3000" in output, output[-800:]
             assert "Failed requests:        0" in output, output[-800:]
-        assert scrape(running)['balancer_config_reloads_total{result="success"}'] == 10
+        wait_until(lambda: len(worker_pids(running)) == 2)  # the old generations are gone
+        metrics = scrape(running)
+        assert metrics['balancer_config_reloads_total{result="success"}'] == 10
+        assert len(seen) >= 3 and seen == sorted(seen), seen  # never backwards
+        assert answered(metrics) == 6000  # every response ab got, counted once
+        closed = sum(v for k, v in metrics.items() if k.startswith("balancer_connections_closed"))
+
+        def logged() -> int:  # (the live workers write their lines out once a second)
+            lines = (tmp_path / "access.log").read_text().splitlines()
+            return sum(json.loads(line)["type"] == "connection" for line in lines)
+
+        wait_until(lambda: logged() == closed)  # one line per connection counted, no more
 
 
 def test_a_killed_worker_is_started_again_and_counts_never_go_backwards(

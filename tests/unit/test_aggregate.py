@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.aggregate import Totals, join_backends, join_connections
+from balancer.supervisor import Views
 
 
 def page(accepted: int, open_now: int, seconds: list[float]) -> str:
@@ -81,3 +85,40 @@ def test_a_backend_ejected_by_some_workers_passive_checks_says_by_how_many() -> 
     (web1,) = join_backends([(11, [line]), (12, [{**line, "ejected_seconds": 8.5}])])
     assert web1["ejected_by_workers"] == 1
     assert [w["ejected_seconds"] for w in web1["workers"]] == [0.0, 8.5]
+
+
+class _Worker:
+    """What Views reads of a worker: readiness, an answer, and what it counted."""
+
+    def __init__(self, page: str, final: str | None = None) -> None:
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ready.set_result(None)
+        self.page, self.final, self.last_metrics, self.retired = page, final, None, False
+
+    @property
+    def counted(self) -> str | None:
+        return self.final if self.final is not None else self.last_metrics
+
+    async def ask(self, what: str) -> str:
+        return self.page
+
+
+def _requests(page: bytes) -> float:
+    line = next(x for x in page.decode().splitlines() if x.startswith("balancer_requests_total"))
+    return float(line.rsplit(" ", 1)[1])
+
+
+async def test_a_worker_between_its_exit_and_its_retirement_is_counted_once() -> None:
+    """/metrics never dips while an exited worker's final page is being kept, nor counts it
+    twice once the totals hold it (the window between reaping and retiring)."""
+    page = "# TYPE balancer_requests_total counter\nbalancer_requests_total {}\n"
+    live = _Worker(page.format(5))
+    gone = _Worker(page.format(0), final=page.format(7))
+    supervisor = SimpleNamespace(
+        _children={1: live}, leaving={gone}, totals=Totals(), registry=CollectorRegistry()
+    )
+    views = Views(supervisor)  # type: ignore[arg-type]  (a stand-in: what Views reads)
+    assert _requests(await views.metrics_page()) == 12  # reaped, not yet retired: counted
+    supervisor.totals.retire(gone.counted)
+    gone.retired = True  # retired while still in `leaving`: counted by the totals alone
+    assert _requests(await views.metrics_page()) == 12
