@@ -49,9 +49,12 @@ class AdminServer:
         async def health() -> tuple[int, str, bytes]:
             return 200, "text/plain; charset=utf-8", b"ok\n"
 
+        rates = status_page.Rates()  # (kept between renders: see status_page)
+
         async def status() -> tuple[int, str, bytes]:
             now = datetime.now(UTC)
-            page = status_page.render((await _now(metrics)).decode(), await _now(backends), now)
+            metrics_page, views = (await _now(metrics)).decode(), await _now(backends)
+            page = status_page.render(metrics_page, views, now, rates)
             return 200, "text/html; charset=utf-8", page
 
         self.routes: dict[str, Route] = {

@@ -10,6 +10,7 @@ that describe the present (open connections, per-backend activity) are read at s
 from __future__ import annotations
 
 import math
+import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from balancer import __version__, build
 from balancer.backends import BackendState
 from balancer.errors import ERRORS
 from balancer.loglines import backend_connection_json_line, json_line, request_json_line
@@ -529,6 +531,20 @@ class SupervisorMetrics:
         )
         workers = Gauge("balancer_workers", "Worker processes running now.", registry=registry)
         workers.set_function(running)
+        self.last_reload_ok = Gauge(
+            "balancer_config_last_reload_successful",
+            "1 if the last reload (or the start) loaded its configuration; 0 if it failed and "
+            "the configuration before it serves on.",
+            registry=registry,
+        )
+        Gauge(
+            "balancer_start_time_seconds", "When the supervisor started (Unix time).",
+            registry=registry,
+        ).set(time.time())  # fmt: skip
+        Gauge(
+            "balancer_build_info", "1, labelled with the version and the build (pure Python, "
+            "or compiled with mypyc).", ["version", "build"], registry=registry,
+        ).labels(__version__, build()).set(1)  # fmt: skip
         self.admin_writes = Counter(
             "balancer_admin_writes",
             "Admin API writes (POST), by result: ok, unauthorized (no or a wrong bearer "
@@ -586,6 +602,9 @@ class HealthMetrics:
             registry=registry,
         )
         self._checked: set[str] = set()
+        # When each backend's state last changed (Unix time): by the active checks, or by
+        # the operator (admin API); /backends says it as state_since.
+        self.changed_at: dict[str, float] = {}
 
     def backends(self, names: Iterable[str]) -> None:
         """The backends checked now (all up until checked down); others are forgotten."""
@@ -605,4 +624,10 @@ class HealthMetrics:
 
     def changed(self, name: str, up: bool) -> None:
         self.up.labels(name).set(1 if up else 0)
-        self.changes.labels(name, "up" if up else "down").inc()
+        self.state_changed(name, "up" if up else "down")
+
+    def state_changed(self, name: str, state: str) -> None:
+        """A state change (the active checks' up or down, or an operator's drain, enable,
+        maintenance): counted, and its time kept."""
+        self.changes.labels(name, state).inc()
+        self.changed_at[name] = time.time()

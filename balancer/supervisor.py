@@ -229,6 +229,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reloading = asyncio.Lock()
         self.registry = CollectorRegistry()
+        self.started_unix = time.time()
         self.metrics = SupervisorMetrics(self.registry, lambda: len(self._children))
         self.health_metrics = HealthMetrics(self.registry)
         self.registry.register(BackendInfo(lambda: (
@@ -239,7 +240,7 @@ class Supervisor:
         self.control = Control(
             lambda: (self.generation.config, self.generation.table, self.generation.token),
             self.metrics.admin_writes,
-            lambda name, state: self.health_metrics.changes.labels(name, state).inc(),
+            self.health_metrics.state_changed,
         )
 
     # ---- running ---------------------------------------------------------------------------
@@ -264,6 +265,7 @@ class Supervisor:
         if on_started is not None:
             on_started()
         self.metrics.last_reload.set(time.time())
+        self.metrics.last_reload_ok.set(1)
         self._said_certificates(generation.config)
         log.info(
             "supervisor (pid %d, %s): %d worker(s) running: %s",
@@ -492,6 +494,7 @@ class Supervisor:
         new.check(self.health_metrics)
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload.set(time.time())
+        self.metrics.last_reload_ok.set(1)
         self._said_certificates(new.config)
         for name, (host, port) in self.addresses.items():
             if name != "admin" and name not in new.sockets:
@@ -513,6 +516,7 @@ class Supervisor:
 
     def _reload_failed(self) -> None:
         self.metrics.reloads.labels("failure").inc()
+        self.metrics.last_reload_ok.set(0)
         log.error("reload failed: still serving generation %d", self.generation.number)
         notify.ready(f"reload failed (see the log); serving generation {self.generation.number}")
 
@@ -631,6 +635,10 @@ class Views:
                 index = names.index(backend["name"])
                 backend["state"] = generation.table.state(index)
                 backend["weight"] = generation.table.weight(index)
+            # Since when it has been in that state (the active checks' or the operator's last
+            # change to it, else the start).
+            changed = self.supervisor.health_metrics.changed_at.get(backend["name"])
+            backend["state_since"] = round(changed or self.supervisor.started_unix, 1)
             if backend["name"] in checks:
                 backend["last_check"] = checks[backend["name"]]["last_check"]
                 backend["last_check_seconds"] = checks[backend["name"]]["last_check_seconds"]

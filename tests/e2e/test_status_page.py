@@ -87,4 +87,7 @@ def test_the_status_page_shows_the_farm_and_a_drain(farm_ports, tmp_path) -> Non
         assert after == {"web1": "up", "web2": "draining"}
         page = rendered(chromium, f"http://127.0.0.1:{running.ports['admin']}/")
     assert "Listeners" in page and "How connections ended" in page
+    assert "2 worker(s)" in page and "last reload: ok" in page
+    assert "(pure Python)" in page or "(compiled (mypyc))" in page
+    assert "<th>responses/s</th>" in page and "<th>for</th>" in page
     assert (tmp_path / "after.png").stat().st_size > 1000  # a picture was drawn

@@ -135,6 +135,7 @@ def test_sighup_reloads_a_changed_file_and_a_broken_one_changes_nothing(
         metrics = scrape(running)
         assert metrics['balancer_config_reloads_total{result="success"}'] == 1
         assert metrics['balancer_config_reloads_total{result="failure"}'] == 1
+        assert metrics["balancer_config_last_reload_successful"] == 0  # the last one failed
         assert metrics[ACCEPTED] == 3  # generation 1's count kept after it exited
 
 

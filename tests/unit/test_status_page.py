@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from balancer.status_page import render
+from balancer.status_page import Rates, render
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -52,3 +52,45 @@ def test_an_up_backend_that_passive_checks_eject_shows_as_ejected() -> None:
     page = render("", backends, NOW).decode()
     assert 'data-state="ejected">ejected</span>' in page
     assert 'data-state="up">up</span>' in page and 'data-state="maintenance"' in page
+
+
+def _responses(ok: float, errors: float) -> str:
+    registry = CollectorRegistry()
+    responses = Counter("balancer_responses", "r", ["listener", "backend", "class"],
+                        registry=registry)  # fmt: skip
+    responses.labels("http", "web1", "2xx").inc(ok)
+    responses.labels("https", "web1", "5xx").inc(errors)
+    return generate_latest(registry).decode()
+
+
+def test_rates_are_the_counters_difference_over_the_time_between_renders() -> None:
+    rates = Rates()
+    backends = [{"name": "web1", "state": "up"}]
+    first = render(_responses(100, 10), backends, NOW, rates).decode()
+    assert "<td>&ndash;</td><td>&ndash;</td>" in first  # no rate from one render
+    later = NOW + timedelta(seconds=4)
+    page = render(_responses(140, 12), backends, later, rates).decode()
+    assert "<td>10.5</td><td>0.5</td>" in page  # (42 responses, 2 of them 5xx) / 4 s
+
+
+def test_the_summary_says_version_workers_uptime_and_the_last_reload() -> None:
+    registry = CollectorRegistry()
+    Gauge("balancer_build_info", "b", ["version", "build"], registry=registry).labels(
+        "0.1.0", "pure Python"
+    ).set(1)
+    Gauge("balancer_workers", "w", registry=registry).set(2)
+    Gauge("balancer_start_time_seconds", "s", registry=registry).set(NOW.timestamp() - 7500)
+    loaded = Gauge("balancer_config_last_reload_success_timestamp_seconds", "l",
+                   registry=registry)  # fmt: skip
+    loaded.set(NOW.timestamp() - 30)
+    ok = Gauge("balancer_config_last_reload_successful", "o", registry=registry)
+    reloads = Counter("balancer_config_reloads", "r", ["result"], registry=registry)
+    reloads.labels("failure").inc()
+    backends = [{"name": "web1", "state": "down", "state_since": NOW.timestamp() - 125}]
+    page = render(generate_latest(registry).decode(), backends, NOW).decode()
+    assert "version 0.1.0 (pure Python); 2 worker(s); up 2 h 5 min" in page
+    assert "loaded 30 s ago; last reload: <strong>failed</strong>" in page  # ok is 0
+    assert "1 failed reload(s)" in page
+    assert 'data-state="down">down</span></td><td>2 min</td>' in page
+    ok.set(1)
+    assert "last reload: ok" in render(generate_latest(registry).decode(), [], NOW).decode()
