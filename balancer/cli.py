@@ -34,7 +34,7 @@ from balancer.policies import POLICIES
 from balancer.resolve import resolve_backends
 from balancer.server import Balancer, SSLContexts, StartError, build_ssl_contexts
 from balancer.supervisor import Supervisor
-from balancer.tls import TLSSetupError, expiry_warnings
+from balancer.tls import TLSSetupError, certificate_problems, expiry_warnings
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("balancer")
@@ -148,7 +148,7 @@ def load(args: argparse.Namespace) -> tuple[Config, bool]:
         workers=args.workers,
         event_loop=args.event_loop,
     )
-    merged = apply_overrides(data, flags)
+    merged = apply_overrides(data, flags, source)
     if merged != data and args.config:
         source += " (with command-line flags)"
     limits = merged.get("limits")
@@ -262,12 +262,23 @@ def prepare(args: argparse.Namespace) -> tuple[Config, SSLContexts, str, int]:
     the TLS context (built once, for every worker), and the descriptor budget's log line and
     level. Raises ConfigError or TLSSetupError."""
     config, max_connections_set = load(args)
-    config = resolve_backends(config)  # names, now: an unresolvable one fails check and run
-    problem = access_log_problem(config)
-    if problem is not None:
-        raise ConfigError([problem])
+    # What the file names outside itself, every problem in one run: backend names (resolved
+    # now: an unresolvable one fails check and run), the access log, the token (readable and
+    # long enough), the certificates and keys.
+    problems: list[str] = []
+    try:
+        config = resolve_backends(config)
+    except ConfigError as error:
+        problems += error.problems
+    problems += filter(None, [access_log_problem(config)])
+    try:
+        read_token(config)
+    except ConfigError as error:
+        problems += error.problems
+    problems += certificate_problems(config)
+    if problems:
+        raise ConfigError(problems)
     config, descriptors, level = budget_file_descriptors(config, max_connections_set)
-    read_token(config)  # readable and long enough, if set
     ssl_contexts = build_ssl_contexts(config)
     for warning in expiry_warnings(config, datetime.datetime.now(datetime.UTC)):
         log.warning("%s", warning)

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from balancer.config import ConfigError
+
 
 @dataclass(frozen=True, slots=True)
 class Overrides:
@@ -24,23 +26,40 @@ class Overrides:
     event_loop: str | None = None
 
 
-def apply_overrides(data: Mapping[str, Any], flags: Overrides) -> dict[str, Any]:
+def apply_overrides(
+    data: Mapping[str, Any], flags: Overrides, source: str = "command line"
+) -> dict[str, Any]:
     """A copy of the TOML table with the flags laid over it; `parse_config` validates the result.
 
-    `--http`/`--https` replace the listener of that protocol (or add one); `--backend` replaces
-    the whole backend list.
+    `--http`/`--https` set the bind of the file's one listener of that protocol, which keeps
+    everything else it says (its name, group, routes, PROXY and certificates); with none, they
+    add one; with several, they are refused (which one is meant is the file's to say).
+    `--backend` replaces the top-level [[backends]] (the default group's); a file whose
+    backends are all in [[groups]] refuses it, rather than add a group nothing routes to.
+    Raises ConfigError naming the flag and the fix.
     """
     merged: dict[str, Any] = dict(data)
     for protocol, bind in (("http", flags.http), ("https", flags.https)):
         if bind is None:
             continue
         listeners = [x for x in merged.get("listeners", []) if isinstance(x, dict)]
-        kept = [x for x in listeners if x.get("protocol", "http") != protocol]
-        mode = next((x.get("mode", "http") for x in listeners
-                     if x.get("protocol", "http") == protocol), "http")  # fmt: skip
-        merged["listeners"] = [*kept, {"name": protocol, "bind": bind, "protocol": protocol,
-                                       "mode": mode}]  # fmt: skip
+        mine = [x for x in listeners if _protocol(x) == protocol]
+        if len(mine) > 1:
+            names = ", ".join(repr(x.get("name", protocol)) for x in mine)
+            raise ConfigError([f"{source}: --{protocol} {bind}: the file has {len(mine)} "
+                               f"{protocol} listeners ({names}); --{protocol} sets the bind "
+                               "of one: set each one's bind in the file instead"])  # fmt: skip
+        if mine:
+            merged["listeners"] = [{**x, "bind": bind} if x is mine[0] else x for x in listeners]
+        else:
+            added = {"name": protocol, "bind": bind, "protocol": protocol}
+            merged["listeners"] = [*listeners, added]
     if flags.backends:
+        if "groups" in merged and "backends" not in merged:
+            raise ConfigError([f"{source}: --backend: the file's backends are in [[groups]]; "
+                               "--backend replaces the top-level [[backends]] (the default "
+                               "group), which it has none of: set the groups' backends in the "
+                               "file instead"])  # fmt: skip
         merged["backends"] = [{"address": address} for address in flags.backends]
     if flags.cert is not None or flags.key is not None:
         tls = dict(merged.get("tls", {}))
@@ -54,3 +73,11 @@ def apply_overrides(data: Mapping[str, Any], flags: Overrides) -> dict[str, Any]
         if value is not None:
             merged[key] = value
     return merged
+
+
+def _protocol(listener: Mapping[str, Any]) -> str:
+    """A listener table's protocol as config.py reads it: `tls = true`, or `protocol`."""
+    tls = listener.get("tls")
+    if isinstance(tls, bool):
+        return "https" if tls else "http"
+    return "https" if listener.get("protocol") == "https" else "http"

@@ -111,21 +111,55 @@ def server_context(
 EXPIRY_WARNING_DAYS = 14  # check and run warn of a certificate this close to its notAfter
 
 
-def configured_certificates(config: Config) -> list[tuple[str, str]]:
-    """(where, path) of every certificate the TLS listeners serve: [tls] cert, each
-    [[tls.certificates]] pair's, each listener's own."""
+def configured_pairs(config: Config) -> list[tuple[str, str, str]]:
+    """(where, cert, key) of every pair the TLS listeners serve: [tls] cert/key, each
+    [[tls.certificates]] pair, each listener's own."""
     tls = config.tls
     if tls is None or not any(listener.tls for listener in config.listeners):
         return []
-    found = [("tls.cert", tls.cert)]
-    found += [(f"tls.certificates[{i}].cert", cert) for i, (cert, _) in enumerate(tls.certificates)]
+    found = [("tls", tls.cert, tls.key)]
+    found += [(f"tls.certificates[{i}]", *pair) for i, pair in enumerate(tls.certificates)]
     for index, listener in enumerate(config.listeners):
         if listener.tls:
             found += [
-                (f"listeners[{index}].certificates[{i}].cert", cert)
-                for i, (cert, _) in enumerate(listener.certificates)
+                (f"listeners[{index}].certificates[{i}]", *pair)
+                for i, pair in enumerate(listener.certificates)
             ]
     return found
+
+
+def configured_certificates(config: Config) -> list[tuple[str, str]]:
+    """(where, path) of every certificate the TLS listeners serve."""
+    return [(f"{where}.cert", cert) for where, cert, _ in configured_pairs(config)]
+
+
+def certificate_problems(config: Config) -> list[str]:
+    """What is wrong with every pair the TLS listeners would serve, each problem once:
+    loading the contexts stops at the first, and `check` says them all in one run."""
+    tls = config.tls
+    problems: list[str] = []
+    for where, cert, key in configured_pairs(config):
+        assert tls is not None  # (pairs are configured only with [tls])
+        unread = [_unreadable(where, name, path) for name, path in (("cert", cert), ("key", key))]
+        if any(unread):
+            problems += [problem for problem in unread if problem is not None]
+            continue
+        try:
+            _context(tls, cert, key, where, None)
+        except TLSSetupError as error:
+            problems.append(str(error))
+    return list(dict.fromkeys(problems))  # (a cipher list's problem is every pair's)
+
+
+def _unreadable(where: str, name: str, path: str) -> str | None:
+    problem = unreadable(path)
+    if problem is None:
+        return None
+    return (
+        f"{where}.{name} = {path!r}: cannot read: {problem}. Run `balancer certs` to make a "
+        "local CA and server certificate in certs/, or set tls.cert and tls.key "
+        "(--cert/--key) to yours."
+    )
 
 
 def certificate_not_after(path: str) -> datetime.datetime:
@@ -187,13 +221,9 @@ def _context(
     if not config.session_tickets:
         context.options |= ssl.OP_NO_TICKET
     for name, path in (("cert", cert), ("key", key)):
-        problem = unreadable(path)
+        problem = _unreadable(where, name, path)
         if problem is not None:
-            raise TLSSetupError(
-                f"{where}.{name} = {path!r}: cannot read: {problem}. "
-                "Run `balancer certs` to make a local CA and server certificate in certs/, "
-                "or set tls.cert and tls.key (--cert/--key) to yours."
-            )
+            raise TLSSetupError(problem)
     try:
         context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as error:

@@ -233,6 +233,31 @@ def test_check_accepts_the_xmpp_config_and_names_a_missing_sni_certificate(
     assert "listeners[1].certificates[0].cert = 'gone.crt': cannot read" in result.stderr
 
 
+def test_check_names_every_file_problem_in_one_run(certs_dir: Path, tmp_path: Path) -> None:
+    """Issue 20, item 4: an operator fixing a config learns every file it cannot use from
+    one `check`, not one problem per run."""
+    config = tmp_path / "files.toml"
+    config.write_text(
+        'admin = "127.0.0.1:0"\nadmin_token_file = "no-token"\n'
+        'access_log = "no-such-dir/access.log"\n'
+        '[[listeners]]\nname = "https"\nbind = "127.0.0.1:0"\nprotocol = "https"\n'
+        '[tls]\ncert = "gone.crt"\nkey = "gone.key"\n'
+        f'[[tls.certificates]]\ncert = "{certs_dir / "server.crt"}"\nkey = "wrong.key"\n'
+        '[[backends]]\naddress = "no-such-host.invalid:80"\n'
+    )
+    result = check("-c", str(config), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for problem in (
+        "'no-such-host.invalid' does not resolve",
+        "access_log = 'no-such-dir/access.log': directory 'no-such-dir' does not exist",
+        "admin_token_file = 'no-token': cannot read",
+        "tls.cert = 'gone.crt': cannot read",
+        "tls.key = 'gone.key': cannot read",
+        "tls.certificates[0].key = 'wrong.key': cannot read",
+    ):
+        assert problem in result.stderr, (problem, result.stderr)
+
+
 def test_run_refuses_a_bad_config_before_binding(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "balancer", "run", "--http", "127.0.0.1:1", "--policy", "x"],

@@ -223,7 +223,7 @@ def test_the_demo_prints_a_line_per_connection_and_a_summary_on_ctrl_c(tmp_path)
             if pipe is not None:
                 pipe.close()
     assert demo.returncode == 0, stderr
-    assert "stopped: 1 connections, 1 requests (web1 1)" in "".join(lines)
+    assert "stopped: 1 connections, 1 requests (web1 1, web2 0, web3 0)" in "".join(lines)
     assert "Traceback" not in stderr
 
 

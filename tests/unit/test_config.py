@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -191,13 +192,44 @@ def test_flags_override_the_file() -> None:
     )
     config = parse_config(merged, "f.toml")
     assert [(x.name, str(x.bind), x.protocol, x.mode) for x in config.listeners] == [
-        ("http", "127.0.0.1:0", "http", "tcp"),  # keeps the file's mode for that protocol
+        ("web", "127.0.0.1:0", "http", "tcp"),  # the file's listener, with the bind given
         ("https", "127.0.0.1:8443", "https", "http"),
     ]
     assert [str(b.address) for b in config.backends] == ["127.0.0.1:9001", "127.0.0.1:9002"]
     assert config.groups[0].policy == "least_connections"
     assert config.tls is not None and config.tls.cert == "c.pem"
     assert table["policy"] == "round_robin"  # the file's table is not modified
+
+
+GROUPED = {
+    "listeners": [
+        {"name": "front", "bind": "0.0.0.0:80", "group": "api",
+         "routes": [{"host": "static.example", "group": "static"}]},
+        {"name": "secure", "bind": "0.0.0.0:443", "tls": True, "group": "api"},
+    ],
+    "groups": [
+        {"name": "api", "backends": [{"name": "a1", "address": "10.0.0.1:80"}]},
+        {"name": "static", "backends": [{"name": "s1", "address": "10.0.0.2:80"}]},
+    ],
+    "tls": {"cert": "c.pem", "key": "k.pem"},
+}  # fmt: skip
+
+
+def test_quick_listener_flags_on_a_file_with_groups_keep_the_listeners_group_and_routes() -> None:
+    merged = apply_overrides(GROUPED, Overrides(http="127.0.0.1:8080", https="127.0.0.1:8443"))
+    config = parse_config(merged, "f.toml")
+    front, secure = config.listeners  # (tls = true is the https one: not replaced by --http)
+    assert (front.name, str(front.bind), front.group) == ("front", "127.0.0.1:8080", "api")
+    assert [route.group for route in front.routes] == ["static"]
+    assert (secure.name, str(secure.bind), secure.tls) == ("secure", "127.0.0.1:8443", True)
+
+
+def test_quick_flags_that_would_do_nothing_or_guess_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"--backend: the file's backends are in \[\[groups\]\]"):
+        apply_overrides(GROUPED, Overrides(backends=("127.0.0.1:9001",)), "f.toml")
+    two = {**GROUPED, "listeners": [*GROUPED["listeners"], {"name": "alt", "bind": ":81"}]}
+    with pytest.raises(ConfigError, match=re.escape("f.toml: --http 127.0.0.1:1: the file has 2")):
+        apply_overrides(two, Overrides(http="127.0.0.1:1"), "f.toml")
 
 
 def test_shipped_config_files_are_valid() -> None:
