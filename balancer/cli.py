@@ -204,7 +204,9 @@ def open_access_log(config: Config) -> IO[str] | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config, *_ = prepare(args)  # what run and every reload check, nothing bound
+    config, _, descriptors, level = prepare(args)  # what run and every reload check, unbound
+    if level >= logging.WARNING:  # what run would warn of: too few descriptors
+        log.warning("%s", descriptors)
     tls = sum(1 for x in config.listeners if x.tls)
     print(
         f"config OK: {len(config.listeners)} listener(s) ({tls} TLS), "

@@ -27,6 +27,7 @@ done
 echo "xmpp1 on 127.0.0.1:15222, xmpp2 on 127.0.0.1:25222 (logs in $work/xmpp*/prosody.log)"
 echo "log in as alice@localhost / secret on 127.0.0.1:5222 (STARTTLS) or :5223 (direct TLS);"
 echo "curl -s http://127.0.0.1:8404/backends shows where each session went"
+echo "(the two servers are not clustered: users on xmpp1 and on xmpp2 cannot reach each other)"
 "$balancer" run -c config/xmpp.toml &
 pids+=($!)
 wait "${pids[-1]}"

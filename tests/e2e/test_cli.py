@@ -199,6 +199,27 @@ def test_check_accepts_the_shipped_config(certs_dir: Path, tmp_path: Path) -> No
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("config OK")
+    assert "WARNING" not in result.stderr, result.stderr  # (no expiring certificate either)
+
+
+def test_the_shipped_config_fits_a_box_of_1024_descriptors(certs_dir: Path) -> None:
+    """Issue 20, item 9: max_connections is left to fit the machine; one set beyond the
+    descriptor limit is warned of by check, as run would."""
+    prlimit = need("prlimit")
+    root = Path(__file__).resolve().parents[2]
+    keys = ["--cert", str(certs_dir / "server.crt"), "--key", str(certs_dir / "server.key")]
+    command = [prlimit, "--nofile=1024:1024", sys.executable, "-m", "balancer", "check"]
+    shipped = subprocess.run([*command, "-c", str(root / "config" / "balancer.toml"), *keys],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert shipped.returncode == 0 and "WARNING" not in shipped.stderr, shipped.stderr
+    tight = root / "config" / "balancer.toml"
+    table = tight.read_text().replace("[limits]\n", "[limits]\nmax_connections = 10000\n")
+    assert table != tight.read_text()
+    set_high = certs_dir.parent / "max.toml"
+    set_high.write_text(table)
+    result = subprocess.run([*command, "-c", str(set_high), *keys], capture_output=True,
+                            text=True, timeout=30, cwd=root)  # fmt: skip
+    assert result.returncode == 0 and "lower limits.max_connections to 480" in result.stderr
 
 
 def test_check_accepts_the_xmpp_config_and_names_a_missing_sni_certificate(

@@ -10,12 +10,15 @@ import ssl
 import subprocess
 import threading
 import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from balancer.certs import make_certs
+from balancer.cli import FD_RESERVE
+from balancer.config import Config
 from tests.e2e.conftest import BalancerProcess, Running, balancer, need, run
 
 pytestmark = pytest.mark.e2e
@@ -330,7 +333,8 @@ def test_the_service_manager_hears_ready_reloading_and_stopping(
 
 
 def test_the_unit_file_runs_unprivileged_notifies_and_reloads_by_sighup() -> None:
-    unit = (Path(__file__).resolve().parents[2] / "config" / "balancer.service").read_text()
+    root = Path(__file__).resolve().parents[2]
+    unit = (root / "config" / "balancer.service").read_text()
     settings = dict(
         line.split("=", 1) for line in unit.splitlines() if "=" in line and line[0] != "#"
     )
@@ -342,7 +346,30 @@ def test_the_unit_file_runs_unprivileged_notifies_and_reloads_by_sighup() -> Non
     assert settings["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
     assert settings["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
     assert settings["User"] == "balancer" and settings["LimitCORE"] == "0"
-    assert int(settings["TimeoutStopSec"]) > 30  # beyond the default shutdown grace
+    defaults = Config(listeners=(), groups=())
+    drain = defaults.timeouts.shutdown_grace_seconds + defaults.timeouts.linger_seconds
+    assert int(settings["TimeoutStopSec"]) > drain  # systemd's SIGKILL after the drain
+    assert int(settings["LimitNOFILE"]) >= 2 * defaults.limits.max_connections + FD_RESERVE
+    # Issue 20, item 9: the header, followed step by step, makes everything the unit uses.
+    header = [line[1:].strip() for line in unit.splitlines() if line.startswith("#   ")]
+    steps = " && ".join(header)
+    binary = settings["ExecStart"].split()[0]  # /opt/balancer/bin/balancer: the venv's
+    venv = binary.removesuffix("/bin/balancer")
+    assert f"python3 -m venv {venv} && {venv}/bin/pip install ." in steps
+    assert f"useradd --system --no-create-home --shell /usr/sbin/nologin {settings['User']}" in (
+        steps
+    )
+    workdir = settings["WorkingDirectory"]
+    config_path = settings["ExecStart"].split("-c ", 1)[1]
+    assert config_path == f"{workdir}/balancer.toml" and f"{workdir}/" in steps
+    shipped = tomllib.loads((root / "config" / "balancer.toml").read_text())["tls"]
+    group = settings["Group"]
+    assert f"-g {group} -m 0644 your.crt {workdir}/{shipped['cert']}" in steps
+    assert f"-g {group} -m 0640 your.key {workdir}/{shipped['key']}" in steps  # group-readable
+    for path in settings["ReadWritePaths"].split():
+        assert f"install -d -o {settings['User']} -g {group} -m 0750 {path}" in steps
+    assert "cp config/balancer.service /etc/systemd/system/" in steps
+    assert settings["Documentation"].removeprefix("file://") in steps
 
 
 def test_renewed_certificate_files_are_served_after_a_reload(farm_ports, tmp_path) -> None:
