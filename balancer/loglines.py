@@ -83,6 +83,12 @@ def _names(names: list[str] | None) -> str:
     return "[]" if not names else "[" + ",".join(map(encode_basestring_ascii, names)) + "]"
 
 
+def _whole(value: int | None) -> str:
+    """An integer or null. Not _number: a compiled build turns an int passed as a float into
+    one (`200.0`)."""
+    return "null" if value is None else str(value)
+
+
 def _number(value: float | None) -> str:
     return "null" if value is None else repr(value)
 
@@ -166,11 +172,11 @@ def request_json_line(r: RequestRecord) -> str:
         f'"time":"{rfc3339(r.head_unix)}",'
         f'"client":{{"ip":{_text(connection.client_ip)},"port":{connection.client_port}}},'
         f'"method":{_text(r.method.decode("latin-1"))},"target":{_text(r.target_shown)},'
-        f'"host":{_host(r.host)},"status":{_number(r.status)},'
+        f'"host":{_host(r.host)},"status":{_whole(r.status)},'
         f'"bytes":{{"request_body":{r.request_body_bytes},'
-        f'"response":{_number(r.response_bytes)}}},'
+        f'"response":{_whole(r.response_bytes)}}},'
         f'"backend":{_text(r.backend)},"group":{_text(r.backend_group)},'
-        f'"backend_connection_id":{_number(r.backend_connection_id)},'
+        f'"backend_connection_id":{_whole(r.backend_connection_id)},'
         f'"reused":{_FLAG[r.reused]},"retries":{r.retries},'
         f'"failed_backends":{_names(r.failed_backends)},'
         f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'
@@ -186,7 +192,7 @@ def backend_connection_json_line(r: BackendConnectionRecord, unix_now: float) ->
     return (
         f'{{"type":"backend_connection","id":{r.id},"worker_pid":{r.worker_pid},'
         f'"time":"{rfc3339(unix_now)}","backend":{_text(r.backend)},'
-        f'"address":{_text(r.address)},"local_port":{_number(r.local_port)},'
+        f'"address":{_text(r.address)},"local_port":{_whole(r.local_port)},'
         f'"connect_wait_seconds":{_number(r.connect_wait_seconds)},'
         f'"tcp_handshake_rtt_seconds":{_number(r.tcp_handshake_rtt_seconds)},'
         f'"requests":{r.requests},"idle_seconds":{r.idle_seconds!r},'

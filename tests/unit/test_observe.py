@@ -233,7 +233,7 @@ def test_publish_request_counts_responses_by_class_and_times_them() -> None:
     request.backend, request.backend_connection_id, request.reused = "web1", 12, True
     request.backend_group = "web"
     request.forwarded_at, request.first_byte_at, request.done_at = 10.001, 10.004, 10.02
-    request.status = 503
+    request.status, request.response_bytes = 503, 120
     observer.publish_request(request)
 
     def get(name: str, **labels: str) -> float | None:
@@ -245,6 +245,8 @@ def test_publish_request_counts_responses_by_class_and_times_them() -> None:
                le="0.05") == 1  # fmt: skip
     line = json.loads(log.getvalue())
     assert line == json.loads(request_json_line(request))
+    wholes = (line["status"], line["backend_connection_id"], line["bytes"]["response"])
+    assert [type(value) for value in wholes] == [int, int, int]  # not 503.0 (a compiled build)
     assert (line["type"], line["connection_id"], line["backend_connection_id"]) == (
         "request", 7, 12,
     )  # fmt: skip
