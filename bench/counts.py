@@ -136,8 +136,11 @@ class Profile:
             self.c_calls += 1
 
 
-async def count_syscalls(pass_: Callable[[], Awaitable[None]], workdir: Path) -> float | None:
-    """Total syscalls of this process during `pass_` (strace -c), or None without strace."""
+async def count_syscalls(
+    pass_: Callable[[], Awaitable[None]], workdir: Path
+) -> tuple[float, dict[str, int]] | None:
+    """Syscalls of this process during `pass_` (strace -c): the total and each one's count,
+    or None without strace."""
     if shutil.which("strace") is None:
         return None
     out = workdir / "strace.txt"
@@ -157,7 +160,13 @@ async def count_syscalls(pass_: Callable[[], Awaitable[None]], workdir: Path) ->
     strace.wait(10)
     table = out.read_text()
     total = re.search(r"^-+.*\n\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?total", table, re.M)
-    return float(total.group(1)) if total else None
+    each = {
+        name: int(calls)
+        for calls, name in re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$",
+                                      table, re.M)  # fmt: skip
+        if name != "total"
+    }
+    return (float(total.group(1)), each) if total else None
 
 
 async def measure(reuse: str, connections: int, workdir: Path, counter: Any) -> dict[str, Any]:
@@ -219,7 +228,10 @@ async def measure(reuse: str, connections: int, workdir: Path, counter: Any) -> 
             gc.enable()
 
         syscalls = await count_syscalls(lambda: drive(port, connections), workdir)
-        result["syscalls"] = "n/a" if syscalls is None else round(syscalls / connections, 1)
+        result["syscalls"] = "n/a" if syscalls is None else round(syscalls[0] / connections, 1)
+        if syscalls is not None:  # per connection, most first
+            each = sorted(syscalls[1].items(), key=lambda kv: -kv[1])
+            result["syscall_kinds"] = {name: round(n / connections, 2) for name, n in each}
 
         await balancer.shutdown(1.0)
         log.close()
@@ -236,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="append", choices=["never", "safe", "always"])
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--json", action="store_true", help="one JSON object per mode")
+    parser.add_argument("--syscalls", action="store_true", help="each syscall's count too")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -247,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             row["seconds"] = round(time.monotonic() - started, 1)
             rows.append(row)
             print(json.dumps(row) if args.json else _line(row), flush=True)
+            if args.syscalls and not args.json:
+                print("  syscalls per connection:", row.get("syscall_kinds", "n/a"), flush=True)
     return 0
 
 
