@@ -131,11 +131,13 @@ class Exchanges:
         records."""
         now = self._settings.clock()
         queue = self.queue
-        for status, size in zip(statuses, sizes, strict=True):
+        index = 0  # (into sizes: no zip object and tuples a response)
+        for status in statuses:
             if not queue:
                 break
             record = queue.pop(0).record
-            record.status, record.response_bytes, record.done_at = status, size, now
+            record.status, record.response_bytes, record.done_at = status, sizes[index], now
+            index += 1  # noqa: SIM113 (enumerate is an object a call)
             if record.first_byte_at is None:
                 record.first_byte_at = now
             self._settings.publish(record)

@@ -68,11 +68,13 @@ class HttpFlow:
         if reader is None:
             reader = self._take_reader()
         out = reader.feed(data)
-        heads = len(reader.heads)
-        if heads:
+        bodies = reader.bodies  # (requests with a body read whole: rare, and counted apart)
+        opened = 0
+        if reader.heads:
+            opened = len(reader.heads) if bodies else 0
             self.on_heads()
-        if reader.bodies:
-            session.exchanges.bodies_read(reader.bodies, heads)
+        if bodies:
+            session.exchanges.bodies_read(bodies, opened)
         if out:
             if fwd.dispatch:
                 fwd.route(out, reader.message_ends)
