@@ -502,7 +502,9 @@ class SupervisorMetrics:
     """The supervisor's own metrics (supervisor.py), in its registry: reloads, restarts,
     workers. Summed into /metrics with the workers' pages (aggregate.py)."""
 
-    def __init__(self, registry: CollectorRegistry, running: Callable[[], int]) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, running: Callable[[], int], started_unix: float
+    ) -> None:
         self.reloads = Counter(
             "balancer_config_reloads",
             "Reloads asked for (SIGHUP), by result: success, or failure (the file or a "
@@ -540,7 +542,7 @@ class SupervisorMetrics:
         Gauge(
             "balancer_start_time_seconds", "When the supervisor started (Unix time).",
             registry=registry,
-        ).set(time.time())  # fmt: skip
+        ).set(started_unix)  # fmt: skip
         Gauge(
             "balancer_build_info", "1, labelled with the version and the build (pure Python, "
             "or compiled with mypyc).", ["version", "build"], registry=registry,

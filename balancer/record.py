@@ -68,8 +68,9 @@ class Attempted(Protocol):
 def failed_on(record: Attempted, backend: str) -> None:
     """`backend` failed the record's connection or request: a connect refused or timed out,
     or a connection that ended (or, retry_on response-timeout, stayed silent) before any byte
-    of the response; the next backend was tried. In order, a name for each failure; None
-    (shown as []) until the first, so a request that never failed allocates nothing."""
+    of the response (another backend was tried then, if retry_on allowed it). A name for
+    each failure, in order; None (shown as []) until the first, so a request that never
+    failed allocates nothing."""
     if record.failed_backends is None:
         record.failed_backends = [backend]
     else:

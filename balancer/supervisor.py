@@ -230,7 +230,9 @@ class Supervisor:
         self._reloading = asyncio.Lock()
         self.registry = CollectorRegistry()
         self.started_unix = time.time()
-        self.metrics = SupervisorMetrics(self.registry, lambda: len(self._children))
+        self.metrics = SupervisorMetrics(
+            self.registry, lambda: len(self._children), self.started_unix
+        )
         self.health_metrics = HealthMetrics(self.registry)
         self.registry.register(BackendInfo(lambda: (
             (backend.name, group.name, str(backend.address))
