@@ -36,6 +36,7 @@ class AdminServer:
         connections: View[dict[str, Any]],
         backends: View[list[dict[str, Any]]],
         write: Write | None = None,
+        failing: Callable[[], str | None] = lambda: None,
     ) -> None:
         async def metrics_page() -> tuple[int, str, bytes]:
             return 200, CONTENT_TYPE_LATEST, await _now(metrics)
@@ -47,6 +48,9 @@ class AdminServer:
             return _json(await _now(backends))
 
         async def health() -> tuple[int, str, bytes]:
+            why = failing()  # (the operator's: leaving an L4 tier, control.py)
+            if why is not None:
+                return 503, "text/plain; charset=utf-8", f"failing on purpose ({why})\n".encode()
             return 200, "text/plain; charset=utf-8", b"ok\n"
 
         rates = status_page.Rates()  # (kept between renders: see status_page)
@@ -141,8 +145,12 @@ class AdminServer:
         return 405, "text/plain", b"GET, or POST for control\n" if self.write else b"only GET\n"
 
     def _is_write(self, path: str) -> bool:
-        """A runtime-control URL (control.py): /backends/<name>/<action>."""
-        return self.write is not None and path.startswith("/backends/") and path.count("/") == 3
+        """A runtime-control URL (control.py): /backends/<name>/<action>, /healthz/fail, ok."""
+        if self.write is None:
+            return False
+        return path in ("/healthz/fail", "/healthz/ok") or (
+            path.startswith("/backends/") and path.count("/") == 3
+        )
 
     def _said_with(self, status: int, request: h11.Request) -> list[tuple[str, str]]:
         """The headers RFC 9110 asks of a 401 (how to authenticate) and a 405 (what is

@@ -8,6 +8,11 @@ The supervisor serves the admin listener; a POST there is a write:
     POST /backends/<name>/maintenance   out, as if down (the checks go on, unheeded)
     POST /backends/<name>/enable        back to what the checks say
     POST /backends/<name>/weight        body {"weight": N} (1..256), or ?value=N
+    POST /healthz/fail                  /healthz answers 503 while everything else serves on:
+                                        the instance leaves an L4 tier whose checks read it
+                                        (HAProxy's `monitor fail`, Envoy's /healthcheck/fail);
+                                        SIGUSR2 does the same
+    POST /healthz/ok                    /healthz answers 200 again
 
 Each needs `Authorization: Bearer <token>` (the file `admin_token_file` names; without it
 every write is refused): 401 otherwise, counted with every other outcome in
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from balancer.admin import json_answer
 from balancer.config import BackendConfig, Config, ConfigError
@@ -59,11 +64,27 @@ class Control:
         current: Callable[[], tuple[Config, BackendTable, str | None]],
         writes: Counter,
         changed: Callable[[str, str], None],
+        failing: Gauge | None = None,
     ) -> None:
         self.current = current
         self.writes = writes  # by result (observe.SupervisorMetrics.admin_writes)
         self.changed = changed  # backend name, its new state: a metric
         self.overrides: dict[str, Override] = {}
+        self.health_failing: str | None = None  # why /healthz fails on purpose; None: it does not
+        self._failing = failing  # its gauge (observe.SupervisorMetrics.healthz_failing)
+
+    def fail_health(self, why: str) -> None:
+        """/healthz answers 503 from now on (the instance leaves the tier; it serves on)."""
+        self.health_failing = why
+        if self._failing is not None:
+            self._failing.set(1)
+        log.warning("/healthz fails from now on (%s): leaving the tier; serving on", why)
+
+    def health_ok(self, why: str) -> None:
+        self.health_failing = None
+        if self._failing is not None:
+            self._failing.set(0)
+        log.info("/healthz answers 200 again (%s)", why)
 
     async def write(self, target: str, headers: dict[str, str], body: bytes) -> Answer:
         config, table, token = self.current()
@@ -74,6 +95,13 @@ class Control:
             log.warning("admin API: refused POST %s (401: %s)", target[:200], why)
             return json_answer({"error": f"unauthorized: {why}"}, 401)
         path, _, query = target.partition("?")
+        if path in ("/healthz/fail", "/healthz/ok"):
+            self.writes.labels("ok").inc()
+            if path == "/healthz/fail":
+                self.fail_health("admin API")
+            else:
+                self.health_ok("admin API")
+            return json_answer({"healthz": "failing" if self.health_failing else "ok"})
         parts = [unquote(part) for part in path.strip("/").split("/")]
         names = [backend.name for backend in config.backends]
         if len(parts) != 3 or parts[0] != "backends" or parts[1] not in names:

@@ -547,6 +547,12 @@ class SupervisorMetrics:
             "balancer_build_info", "1, labelled with the version and the build (pure Python, "
             "or compiled with mypyc).", ["version", "build"], registry=registry,
         ).labels(__version__, build()).set(1)  # fmt: skip
+        self.healthz_failing = Gauge(
+            "balancer_healthz_failing",
+            "1 while the admin listener's /healthz answers 503 on purpose (SIGUSR2 or POST "
+            "/healthz/fail: leaving an L4 tier), 0 otherwise.",
+            registry=registry,
+        )
         self.admin_writes = Counter(
             "balancer_admin_writes",
             "Admin API writes (POST), by result: ok, unauthorized (no or a wrong bearer "

@@ -17,6 +17,7 @@ issues, another resumes), serves the admin endpoint, and forks `workers` worker 
     SIGTERM, SIGINT, SIGQUIT ──► new SYNs dropped, 0.1 s for handshakes under way, then
         every worker takes its share of the accept queue and drains; a second one: SIGKILL
     SIGUSR1 ──► passed to the workers (each reopens the access log)
+    SIGUSR2 ──► /healthz fails (503) while everything serves on: leaving an L4 tier
 
 One view across workers: /metrics asks each worker for its page and sums them
 (aggregate.py), keeping what exited workers counted, so a counter never goes backwards;
@@ -243,6 +244,7 @@ class Supervisor:
             lambda: (self.generation.config, self.generation.table, self.generation.token),
             self.metrics.admin_writes,
             self.health_metrics.state_changed,
+            self.metrics.healthz_failing,
         )
 
     # ---- running ---------------------------------------------------------------------------
@@ -253,6 +255,7 @@ class Supervisor:
             loop.add_signal_handler(signum, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self.reload()))
         loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
+        loop.add_signal_handler(signal.SIGUSR2, self.control.fail_health, "SIGUSR2")
         generation = self.generation
         self._bind(generation)
         await self._serve_admin(generation.config)
@@ -313,7 +316,11 @@ class Supervisor:
         if config.admin is not None:
             views = Views(self)
             admin = AdminServer(
-                views.metrics_page, views.connections, views.backends, self.control.write
+                views.metrics_page,
+                views.connections,
+                views.backends,
+                self.control.write,
+                lambda: self.control.health_failing,
             )
             host, port = config.admin.host, config.admin.port
             try:

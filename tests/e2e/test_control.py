@@ -91,6 +91,34 @@ def test_writes_need_the_token_and_every_refusal_is_counted(farm_ports, tmp_path
         assert posted.startswith("HTTP/1.1 401")  # a write URL or not, a POST needs the token
 
 
+def test_an_instance_leaves_the_tier_by_its_health_endpoint_and_serves_on(
+    farm_ports, tmp_path
+) -> None:
+    """Issue 23, item 3: SIGUSR2 (or POST /healthz/fail) makes /healthz fail for the L4
+    tier's checks while requests are served as before; POST /healthz/ok brings it back."""
+    with start(tmp_path, farm_ports, "--workers", "2") as running:
+        admin = f"http://127.0.0.1:{running.ports['admin']}"
+
+        def health() -> str:
+            return run(
+                "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{admin}/healthz"
+            ).stdout
+
+        def served() -> str:
+            return run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", running.url()).stdout
+
+        assert health() == "200" and scrape(running)["balancer_healthz_failing"] == 0
+        os.kill(running.process.pid, signal.SIGUSR2)
+        running.wait_for_log("/healthz fails from now on (SIGUSR2)")
+        assert (health(), served()) == ("503", "200")  # out of the tier, still serving
+        assert scrape(running)["balancer_healthz_failing"] == 1
+        assert post(running, "/healthz/ok", token=None)[0] == 401  # a write: the token
+        assert post(running, "/healthz/ok")[0] == 200 and health() == "200"
+        assert post(running, "/healthz/fail")[0] == 200 and health() == "503"
+        read = run("curl", "-s", "-i", f"{admin}/healthz/fail").stdout  # a GET does nothing
+        assert read.startswith("HTTP/1.1 405") and health() == "503"
+
+
 def test_a_drain_under_ab_fails_no_request_and_new_work_avoids_the_backend(
     farm_ports, tmp_path
 ) -> None:
