@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--policy",
             choices=sorted(POLICIES),
-            help="how backends are chosen: smooth weighted round robin (default) or fewest "
-            "active connections per weight",
+            help="how backends are chosen: smooth weighted round robin (default), fewest "
+            "active connections per weight, or consistent hashing of the client's address",
         )
         sub.add_argument("--cert", metavar="FILE", help="server certificate (PEM)")
         sub.add_argument("--key", metavar="FILE", help="server private key (PEM)")

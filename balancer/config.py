@@ -17,6 +17,7 @@ from balancer.config_values import (
     ADDRESS,
     BACKEND_ADDRESS,
     COUNT,
+    HASH_KEY,
     MISSING,
     REQUIRED,
     SECONDS,
@@ -24,10 +25,12 @@ from balancer.config_values import (
     Reader,
     admin_address,
     backend_address,
+    balance_factor,
     boolean,
     check_path,
     choice,
     choices,
+    hash_key,
     host_pattern,
     networks,
     non_negative_number,
@@ -205,6 +208,9 @@ class GroupConfig:
     health_check: HealthCheck = field(default_factory=lambda: HealthCheck())
     send_proxy: str = "none"  # a PROXY header (v1, v2) first on every backend connection
     drain_seconds: float = 0.0  # a drained backend's tunnels are closed over this; 0: left
+    # Policy "hash": what is hashed (config_values.hash_key), and bounded loads' factor (0: off).
+    hash_key: str = "client_ip"
+    hash_balance_factor: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +247,7 @@ class ConfigError(Exception):
 _TOP_KEYS = (
     "listeners", "backends", "policy", "groups", "tls", "timeouts", "limits", "upstream",
     "health_check", "admin", "admin_token_file", "access_log", "request_log", "workers",
-    "event_loop",
+    "event_loop", "hash_key", "hash_balance_factor",
 )  # fmt: skip
 
 
@@ -458,7 +464,7 @@ def _certificates(
 
 GROUP_KEYS = (
     "name", "backends", "policy", "reuse", "timeouts", "health_check", "send_proxy",
-    "drain_seconds",
+    "drain_seconds", "hash_key", "hash_balance_factor",
 )  # fmt: skip
 LISTENER_KEYS = (
     "name", "bind", "tls", "mode", "protocol", "group", "routes", "accept_proxy_from",
@@ -485,12 +491,16 @@ def _groups(
         if not backends and not r.problems:
             r.problem("backends", MISSING, "at least one [[backends]] table (or --backend), "
                       "or [[groups]] with their backends")  # fmt: skip
-        groups.append(
-            GroupConfig(DEFAULT_GROUP, tuple(backends), policy, upstream.reuse, timeouts, check)
-        )
-    elif "policy" in data:
-        r.problem("policy", data["policy"], "no top-level policy beside [[groups]]: each group "
-                  "says its own (groups[n].policy)")  # fmt: skip
+        key, factor = _hashing(r, data, "", policy)
+        groups.append(GroupConfig(
+            DEFAULT_GROUP, tuple(backends), policy, upstream.reuse, timeouts, check,
+            hash_key=key, hash_balance_factor=factor,
+        ))  # fmt: skip
+    else:
+        for key in ("policy", "hash_key", "hash_balance_factor"):
+            if key in data:
+                r.problem(key, data[key], f"no top-level {key} beside [[groups]]: each group "
+                          f"says its own (groups[n].{key})")  # fmt: skip
     modes = " or ".join(repr(m) for m in REUSE_MODES)
     raw_groups = data.get("groups", [])
     for path, item in r.tables(raw_groups, "groups", "groups", "a table with name and backends"):
@@ -517,14 +527,29 @@ def _groups(
                       "one client, so its connection cannot serve another")  # fmt: skip
         drain = r.get(item, "drain_seconds", f"{path}.drain_seconds", non_negative_number,
                       "seconds, 0 to leave a drained backend's tunnels", 0.0)  # fmt: skip
+        key, factor = _hashing(r, item, f"{path}.", policy)
         if isinstance(name, str):
             groups.append(GroupConfig(
                 name, tuple(backends), policy or "round_robin", reuse or upstream.reuse,
-                group_timeouts, group_check, send_proxy or "none", drain or 0.0,
+                group_timeouts, group_check, send_proxy or "none", drain or 0.0, key, factor,
             ))  # fmt: skip
     unique(r, "groups", [group.name for group in groups])
     unique(r, "backends", [b.name for group in groups for b in group.backends])
     return groups
+
+
+def _hashing(
+    r: Reader, table: Mapping[str, Any], path: str, policy: str | None
+) -> tuple[str, float]:
+    """hash_key and hash_balance_factor (policy "hash") of the file's top level or a group."""
+    for name in ("hash_key", "hash_balance_factor"):
+        if name in table and policy != "hash":
+            r.problem(f"{path}{name}", table[name], f"policy = 'hash' beside it (the policy is "
+                      f"{policy!r}), or no {name}")  # fmt: skip
+    key = r.get(table, "hash_key", f"{path}hash_key", hash_key, HASH_KEY, "client_ip")
+    factor = r.get(table, "hash_balance_factor", f"{path}hash_balance_factor", balance_factor,
+                   "0 (no bound), or a factor of at least 1 such as 1.25", 0.0)  # fmt: skip
+    return key or "client_ip", factor if factor is not None else 0.0
 
 
 def _one_listener_per_address(

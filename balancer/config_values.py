@@ -253,6 +253,29 @@ def token(value: object) -> str:
     return value.upper()
 
 
+HASH_KEY = "'client_ip', 'uri', 'header:<Name>' or 'cookie:<name>'"
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+
+
+def hash_key(value: object) -> str:
+    """What policy "hash" hashes: the client's address, the target, a header, a cookie."""
+    if value in ("client_ip", "uri"):
+        return str(value)
+    if isinstance(value, str):
+        kind, _, name = value.partition(":")
+        if kind in ("header", "cookie") and _HEADER_NAME.fullmatch(name):
+            return f"{kind}:{name}"
+    raise ValueError(value)
+
+
+def balance_factor(value: object) -> float:
+    """Bounded loads' c: 0 for none, else at least 1 (1.25 is the paper's suggestion)."""
+    number = non_negative_number(value)
+    if 0 < number < 1:
+        raise ValueError(value)
+    return number
+
+
 def check_path(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in " \r\n"):
         raise ValueError(value)

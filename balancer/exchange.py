@@ -29,11 +29,12 @@ REPLAY_MAX_BYTES = 16384  # a request larger than this is not kept for a retry
 class Exchange:
     """One request and its response: its record, and its bytes while no backend has them."""
 
-    __slots__ = ("group", "pending", "record", "replay", "request_done")
+    __slots__ = ("group", "hashed", "pending", "record", "replay", "request_done")
 
     def __init__(self, record: RequestRecord) -> None:
         self.record = record
         self.group: Group | None = None  # routed (dispatch): the group that serves it
+        self.hashed: bytes | None = None  # the header policy hash hashes (RequestHead.hashed)
         self.request_done = False  # every byte of the request has been read
         # Reuse modes only (see Exchanges.open): the bytes waiting for a backend connection
         # (None once they go straight to one).
@@ -90,6 +91,7 @@ class Exchanges:
         )
         record.host = head.host
         exchange = Exchange(record)
+        exchange.hashed = head.hashed
         if settings.dispatch:
             exchange.pending = []
         if head.method in IDEMPOTENT and not head.upgrade:

@@ -114,7 +114,7 @@ class Forwarder:
         group = self.group  # (a retry's: the same; set before the connect began)
         try:
             lease, backend = await group.connector.connect(
-                session, attempts, task, loop, first, avoid
+                session, attempts, task, loop, first, avoid, hash_key(session, group)
             )
         except BackendError as error:
             self.connect_task = None
@@ -274,7 +274,7 @@ class Forwarder:
                 self.use(kept_lease, kept, reused=True)  # the same group: the same connection
                 return
             self.let_go_kept(REUSE_NEVER)  # another group: closed, one opened there
-        lease = group.pool.acquire(services.clock())
+        lease = group.pool.acquire(services.clock(), (), hash_key(session, group))
         if lease is None:
             session.fail(NoBackendAvailable(f"no backend of group {group.name} is ready"))
             return
@@ -499,3 +499,29 @@ def _said(state: BackendState, seconds: float | None, what: str) -> None:
             "backend %s (%s) ejected for %.0f s by this worker (pid %d): %s in a row",
             state.name, state.backend.address, seconds, os.getpid(), what,
         )  # fmt: skip
+
+
+def hash_key(session: ClientSession, group: Group) -> bytes:
+    """What policy "hash" hashes for the session's oldest request (its group's hash_key): the
+    client's address (as a PROXY header named it), the target, a header's value or a
+    cookie's; b"" for other policies, or when the request has none (round robin then)."""
+    spec = group.hash_key
+    if spec is None:
+        return b""
+    if spec == "client_ip":
+        return session.record.client_ip.encode()
+    queue = session.exchanges.queue
+    if not queue:  # (tcp mode: no request)
+        return b""
+    exchange = queue[0]
+    if spec == "uri":
+        return exchange.record.target
+    value = exchange.hashed
+    if value is None or not spec.startswith("cookie:"):
+        return value or b""
+    wanted = spec[7:].encode()
+    for pair in value.split(b";"):
+        name, _, cookie = pair.strip().partition(b"=")
+        if name == wanted:
+            return cookie
+    return b""

@@ -28,14 +28,14 @@ class Group:
     """One backend group in one worker."""
 
     __slots__ = (
-        "connector", "name", "pool", "response_seconds", "retries", "retry_on_empty",
+        "connector", "hash_key", "name", "pool", "response_seconds", "retries", "retry_on_empty",
         "retry_on_timeout", "reuse", "send_proxy",
     )  # fmt: skip
 
     def __init__(
         self, name: str, pool: BackendPool, connector: Connector, reuse: str,
         response_seconds: float, send_proxy: str = "none", retries: int = 0,
-        retry_on: tuple[str, ...] = (),
+        retry_on: tuple[str, ...] = (), hash_key: str | None = None,
     ) -> None:  # fmt: skip
         self.name = name
         self.send_proxy = send_proxy  # none, v1, v2: a PROXY header on each connection
@@ -46,6 +46,7 @@ class Group:
         self.retries = retries  # re-sends of a request that got no response byte (forward.py)
         self.retry_on_empty = EMPTY_RESPONSE in retry_on  # its connection ended (FIN or RST)
         self.retry_on_timeout = RESPONSE_TIMEOUT in retry_on  # backend_response_seconds passed
+        self.hash_key = hash_key  # policy "hash": what it hashes (forward.hash_key); else None
 
     def __repr__(self) -> str:
         return f"Group({self.name!r}, reuse={self.reuse!r})"

@@ -49,6 +49,7 @@ class HeadLimits:
     max_uri_bytes: int = 8192
     max_headers: int = MAX_HEADERS
     max_body_bytes: int | None = None
+    hashed_header: bytes | None = None  # (lower case) its value goes with the head: policy hash
 
 
 class RequestHead(NamedTuple):
@@ -59,6 +60,7 @@ class RequestHead(NamedTuple):
     upgrade: bool
     target: bytes  # as the client sent it
     host: bytes | None  # the Host header's value, or the absolute-form target's authority
+    hashed: bytes | None  # HeadLimits.hashed_header's value (policy hash), if it was sent
 
 
 # RequestHead(...) runs a Python-level __new__; this is the same tuple at half the cost.
@@ -334,8 +336,12 @@ class RequestReader:
         self.in_head = False
         self.in_body = True
         self._closing_request = not keep_alive and not upgrade
+        hashed = None
+        wanted = self._limits.hashed_header
+        if wanted is not None:  # (only a listener with a group hashing a header or cookie)
+            hashed = next((v for n, v in self._headers if n.lower() == wanted), None)
         self.heads.append(
-            _new_head(RequestHead, (method, keep_alive, upgrade, self._url, self._host))
+            _new_head(RequestHead, (method, keep_alive, upgrade, self._url, self._host, hashed))
         )
 
     def _enter_framing(self) -> None:

@@ -78,6 +78,7 @@ class ListenerSettings:
     # http listener whose requests are routed, or whose group reuses connections. Otherwise
     # (and in tcp mode) one backend connection serves the whole client connection.
     dispatch: bool = False
+    hashed_header: bytes | None = None  # a header its groups' policy hash reads (http1.py)
     head_limits: HeadLimits = field(init=False)
     deadline_seconds: dict[str, float] = field(init=False)  # DEADLINE_TIMEOUTS, resolved
     # Read at every accept (prelude.awaited), so resolved once here.
@@ -91,6 +92,7 @@ class ListenerSettings:
             max_uri_bytes=limits.max_uri_bytes,
             max_headers=limits.max_header_fields,
             max_body_bytes=limits.max_body_bytes,
+            hashed_header=self.hashed_header,
         )
         seconds = {kind: getattr(self.timeouts, key) for kind, key in DEADLINE_TIMEOUTS.items()}
         object.__setattr__(self, "head_limits", head_limits)

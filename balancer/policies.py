@@ -6,6 +6,9 @@ one class and one row in `POLICIES`.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -13,7 +16,10 @@ from balancer.backends import BackendState
 
 
 class Policy(Protocol):
-    def pick(self, candidates: Sequence[BackendState]) -> BackendState | None: ...
+    def pick(self, candidates: Sequence[BackendState], key: bytes = b"") -> BackendState | None:
+        """One of `candidates` (the eligible backends), or None; `key` is the request's or
+        connection's hash key (policy "hash"), b"" for the others."""
+        ...
 
 
 class RoundRobin:
@@ -26,7 +32,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._scores: dict[str, int] = {}
 
-    def pick(self, candidates: Sequence[BackendState]) -> BackendState | None:
+    def pick(self, candidates: Sequence[BackendState], key: bytes = b"") -> BackendState | None:
         best: BackendState | None = None
         best_score = 0
         total = 0
@@ -53,7 +59,7 @@ class LeastConnections:
     def __init__(self) -> None:
         self._ties = RoundRobin()
 
-    def pick(self, candidates: Sequence[BackendState]) -> BackendState | None:
+    def pick(self, candidates: Sequence[BackendState], key: bytes = b"") -> BackendState | None:
         best: BackendState | None = None
         tied: list[BackendState] | None = None
         for state in candidates:
@@ -73,7 +79,89 @@ class LeastConnections:
         return self._ties.pick(tied)
 
 
+POINTS_PER_WEIGHT = 160  # ketama's: 40 MD5 digests of 4 points each per unit of weight
+
+
+def _points(data: bytes) -> list[int]:
+    """An MD5 digest as four little-endian points on the ring (ketama's); a key takes the
+    first."""
+    digest = hashlib.md5(data, usedforsecurity=False).digest()
+    return [int.from_bytes(digest[at : at + 4], "little") for at in (0, 4, 8, 12)]
+
+
+class ConsistentHash:
+    """A ketama ring (libketama's, as nginx's `hash ... consistent` and HAProxy's `hash-type
+    consistent` work): each backend owns POINTS_PER_WEIGHT points a unit of weight, at the
+    MD5 of its name and a counter; a key's MD5 names a point and the first backend clockwise
+    from it serves the key. Only names and weights place the points, so two balancers with
+    the same backends map every key alike, with nothing shared; removing one of N backends
+    moves its keys (about 1/N) and no others.
+
+    A key whose backend is not among the candidates (down, ejected, draining) goes to the next
+    one clockwise that is, and back when it returns. With `balance_factor` c > 0 (Mirrokni,
+    Thorup and Zadimoghaddam's consistent hashing with bounded loads; HAProxy's
+    `hash-balance-factor` / 100), a backend whose load would pass c times its weight's share
+    of the candidates' load is passed over too: a hot key cannot overload one backend.
+    Without a key (none sent), the pick is round robin's.
+    """
+
+    def __init__(self, balance_factor: float = 0.0) -> None:
+        self.balance_factor = balance_factor
+        self._points: list[int] = []
+        self._owners: list[str] = []
+        self._members = 0
+        self._fallback = RoundRobin()
+
+    def build(self, members: Sequence[tuple[str, int]]) -> None:
+        """The ring over every configured backend, as (name, weight)."""
+        ring: list[tuple[int, str]] = []
+        for name, weight in members:
+            for index in range(POINTS_PER_WEIGHT // 4 * max(1, weight)):
+                ring += [(point, name) for point in _points(f"{name}-{index}".encode())]
+        ring.sort()
+        self._points = [point for point, _ in ring]
+        self._owners = [name for _, name in ring]
+        self._members = len(members)
+
+    def pick(self, candidates: Sequence[BackendState], key: bytes = b"") -> BackendState | None:
+        if not key or not self._points:
+            return self._fallback.pick(candidates)
+        by_name = {state.name: state for state in candidates}
+        if not by_name:
+            return None
+        capacity = self._capacity(candidates) if self.balance_factor > 0 else None
+        owners, count = self._owners, len(self._owners)
+        digest = hashlib.md5(key, usedforsecurity=False).digest()
+        start = bisect.bisect_left(self._points, int.from_bytes(digest[:4], "little")) % count
+        seen: set[str] = set()
+        for step in range(count):
+            name = owners[(start + step) % count]
+            if name in seen:
+                continue
+            seen.add(name)
+            state = by_name.get(name)
+            if state is not None and (capacity is None or state.load < capacity(state)):
+                return state
+            if len(seen) == self._members:
+                break
+        # Every candidate at its bound (or none on the ring): the key's first candidate.
+        for step in range(count):
+            state = by_name.get(owners[(start + step) % count])
+            if state is not None:
+                return state
+        return next(iter(by_name.values()))
+
+    def _capacity(self, candidates: Sequence[BackendState]) -> Callable[[BackendState], float]:
+        """A backend's bound: c times its weight's share of the load with this pick, rounded
+        up (the paper's ceil(c * (m + 1) / n), weighted)."""
+        total = sum(state.load for state in candidates) + 1
+        weights = sum(state.weight for state in candidates) or 1
+        factor = self.balance_factor
+        return lambda state: math.ceil(factor * total * state.weight / weights)
+
+
 POLICIES: dict[str, Callable[[], Policy]] = {
     "round_robin": RoundRobin,
     "least_connections": LeastConnections,
+    "hash": ConsistentHash,
 }

@@ -185,8 +185,11 @@ class BackendPool:
         assert self.peers is not None
         self.peers.publish(self._index[id(state)], state.active)
 
-    def acquire(self, now: float, exclude: Collection[BackendState] = ()) -> Lease | None:
-        """Pick a backend and count a connection on it; None when none is eligible.
+    def acquire(
+        self, now: float, exclude: Collection[BackendState] = (), key: bytes = b""
+    ) -> Lease | None:
+        """Pick a backend and count a connection on it; None when none is eligible. `key`:
+        the hash key, for policy "hash" (forward.Forwarder.hash_key).
 
         Backends marked down by a recent connect failure are skipped, unless every ready backend
         is marked: then all are tried again (nginx does the same) rather than refusing everyone.
@@ -216,7 +219,7 @@ class BackendPool:
         if peers is not None:
             for candidate in candidates:
                 candidate.peer_active = peers.others(self._index[id(candidate)])
-        state = self.policy.pick(candidates)
+        state = self.policy.pick(candidates, key)
         if state is None:
             return None
         state.active += 1

@@ -32,14 +32,14 @@ from balancer.accept import (
 )
 from balancer.admin import AdminServer
 from balancer.backends import Backend, BackendState
-from balancer.config import CONN_FAILURE, Config, HealthCheck, ListenerConfig
+from balancer.config import CONN_FAILURE, Config, ConfigError, HealthCheck, ListenerConfig
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.drain import Drainer, watch
 from balancer.groups import Group
 from balancer.health import HealthChecker, checker_for
 from balancer.listener import ListenerContext, ListenerSettings, LoopServices
 from balancer.observe import HealthMetrics, ListenerTotals, Observer, StateCollector
-from balancer.policies import POLICIES
+from balancer.policies import POLICIES, ConsistentHash
 from balancer.pool import BackendPool, BackendTable, PeerCounts
 from balancer.proxy_protocol import encode_local
 from balancer.record import BackendConnectionRecord, ConnectionRecord
@@ -181,6 +181,7 @@ class Balancer:
                     limits=config.limits,
                     ssl_context=ssl_contexts.get(listener.name),
                     dispatch=dispatch[listener.name],
+                    hashed_header=_hashed_header(config, listener),
                 ),
                 self.services,
             )
@@ -223,8 +224,12 @@ class Balancer:
         for config in self.config.groups:
             mine = backends[first : first + len(config.backends)]
             check, timeouts = config.health_check, config.timeouts
+            policy = POLICIES[config.policy]()
+            if isinstance(policy, ConsistentHash):  # the ring: every backend, as configured
+                policy.balance_factor = config.hash_balance_factor
+                policy.build([(backend.name, backend.weight) for backend in mine])
             pool = BackendPool(
-                mine, POLICIES[config.policy](), timeouts.backend_down_seconds, peers, table,
+                mine, policy, timeouts.backend_down_seconds, peers, table,
                 check.passive_fall, check.eject_max_seconds, check.slow_start_seconds, first,
             )  # fmt: skip
             pool.count_5xx = check.passive_5xx
@@ -238,6 +243,7 @@ class Balancer:
             groups[config.name] = Group(
                 config.name, pool, connector, config.reuse, timeouts.backend_response_seconds,
                 config.send_proxy, upstream.retries, upstream.retry_on,
+                config.hash_key if config.policy == "hash" else None,
             )  # fmt: skip
             first += len(mine)
         return groups
@@ -501,6 +507,24 @@ class Balancer:
                     "ejected_seconds": round(max(0.0, s.down_until - now), 1),
                 })  # fmt: skip
         return view
+
+
+def _hashed_header(config: Config, listener: ListenerConfig) -> bytes | None:
+    """The header whose value each request head must carry for the listener's groups that
+    hash a header or a cookie (policy "hash"); ConfigError if they want two."""
+    names = {listener.group, *(route.group for route in listener.routes)}
+    wanted = {
+        group.hash_key.partition(":")[2].lower() if group.hash_key.startswith("header:")
+        else "cookie"
+        for group in config.groups
+        if group.name in names and group.policy == "hash"
+        and group.hash_key.startswith(("header:", "cookie:"))
+    }  # fmt: skip
+    if len(wanted) > 1:
+        raise ConfigError([f"{config.source}: listener {listener.name!r}: its groups hash "
+                           f"{len(wanted)} headers ({', '.join(sorted(wanted))}); one a "
+                           "listener: give them the same hash_key"])  # fmt: skip
+    return wanted.pop().encode() if wanted else None
 
 
 def _listeners_and_backends(

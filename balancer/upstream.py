@@ -169,11 +169,13 @@ class Connector:
         loop: asyncio.AbstractEventLoop,
         first: Lease | None = None,
         avoid: BackendState | None = None,
+        key: bytes = b"",
     ) -> tuple[Lease, BackendConnection]:
         """A connected backend and its lease; the attempts are counted in `attempts`.
 
         `first`, if given, is a lease already taken (the policy's pick): tried first.
         `avoid`, if given, is not picked unless no other backend is ready (a retry's).
+        `key`: the hash key (policy "hash"): each attempt takes the key's next backend.
         Raises BackendError (no backend ready, or every one tried refused or timed out).
         `task` is the task running this coroutine: the connect deadline cancels it.
         """
@@ -183,11 +185,11 @@ class Connector:
         # local would hold its own traceback, which holds this frame: a reference cycle.
         unreachable: str | None = None
         for _ in range(self.max_attempts):
-            lease, first = first or pool.acquire(clock(), tried), None
+            lease, first = first or pool.acquire(clock(), tried, key), None
             if lease is None and avoid is not None:
                 tried.remove(avoid)  # the only one ready: it, after all
                 avoid = None
-                lease = pool.acquire(clock(), tried)
+                lease = pool.acquire(clock(), tried, key)
             if lease is None:
                 break
             backend = lease.state.backend

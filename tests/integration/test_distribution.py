@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
+import pytest
+
+from balancer.config import parse_config
 from balancer.pool import PeerCounts
 from balancer.server import Balancer
 from tests.helpers import Backend, Client, get, make_config, port_of, raw_exchange
@@ -162,3 +166,54 @@ async def test_least_connections_counts_the_other_workers_connections(farm) -> N
             await client.close()
         for worker in workers:
             await worker.shutdown(grace=1.0)
+
+
+def hash_config(addresses: list[str], key: str, reuse: str = "never") -> Any:
+    return parse_config(
+        {
+            "listeners": [{"name": "http", "bind": "127.0.0.1:0"}],
+            "backends": [{"name": f"b{i}", "address": a} for i, a in enumerate(addresses)],
+            "policy": "hash",
+            "hash_key": key,
+            "upstream": {"reuse": reuse},
+            "admin": "127.0.0.1:0",
+        },
+        "test",
+    )
+
+
+@pytest.mark.parametrize("reuse", ["never", "always"])
+@pytest.mark.parametrize("key", ["header:X-User", "cookie:session", "uri"])
+async def test_hash_sends_each_key_to_one_backend_and_spreads_the_keys(
+    farm, balancer_factory, key: str, reuse: str
+) -> None:
+    """Issue 23, item 2: policy "hash" over real connections (a new one per request, so
+    nothing but the key keeps a client on its backend)."""
+    balancer, _ = await balancer_factory(hash_config([b.address for b in farm], key, reuse))
+    port = port_of(balancer)
+
+    async def backend_for(user: str) -> str | None:
+        headers = {
+            "header:X-User": [("X-User", user)],
+            "cookie:session": [("Cookie", f"lang=en; session={user}")],
+        }.get(key, [])
+        client = await Client.connect(port)
+        try:
+            response = await client.request("GET", f"/u/{user}", headers=headers)
+        finally:
+            await client.close()
+        return response.backend
+
+    users = [f"user{i}" for i in range(24)]
+    first = {user: await backend_for(user) for user in users}
+    again = {user: await backend_for(user) for user in reversed(users)}
+    assert first == again  # each key keeps its backend
+    assert len(set(first.values())) == 3  # and the keys spread over the farm
+
+
+async def test_hash_on_the_client_address_keeps_a_client_on_one_backend(
+    farm, balancer_factory
+) -> None:
+    balancer, _ = await balancer_factory(hash_config([b.address for b in farm], "client_ip"))
+    seen = {(await get(port_of(balancer))).backend for _ in range(12)}
+    assert len(seen) == 1  # one client address: one backend, connection after connection

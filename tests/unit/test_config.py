@@ -17,6 +17,7 @@ from balancer.config import (
 )
 from balancer.demo import demo_config
 from balancer.overrides import Overrides, apply_overrides
+from balancer.server import Balancer
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"listeners": [{"bind": "127.0.0.1:8080"}], "backends": [{"address": "127.0.0.1:9001"}]}
@@ -268,3 +269,33 @@ def test_a_listener_says_tls_and_mode_apart_and_protocol_still_reads() -> None:
     with pytest.raises(ConfigError) as caught:
         listener(tls=False, protocol="https")
     assert "listeners[0].protocol" in caught.value.problems[0]
+
+
+def test_hash_keys_are_checked_and_need_policy_hash() -> None:
+    config = parse_config({**MINIMAL, "policy": "hash", "hash_key": "cookie:sid",
+                           "hash_balance_factor": 1.25}, "ok.toml")  # fmt: skip
+    assert (config.groups[0].hash_key, config.groups[0].hash_balance_factor) == ("cookie:sid", 1.25)
+    assert parse_config({**MINIMAL, "policy": "hash"}, "ok.toml").groups[0].hash_key == "client_ip"
+    found = problems(
+        {**MINIMAL, "policy": "hash", "hash_key": "header:", "hash_balance_factor": 0.5}
+    )
+    assert any("hash_key = 'header:': expected 'client_ip', 'uri'" in p for p in found), found
+    assert any("hash_balance_factor = 0.5" in p and "at least 1" in p for p in found), found
+    (said,) = problems({**MINIMAL, "hash_key": "uri"})  # round robin would ignore it
+    assert "hash_key = 'uri': expected policy = 'hash' beside it" in said
+
+
+def test_a_listener_whose_groups_hash_two_headers_is_refused() -> None:
+    table = {
+        "listeners": [{"name": "web", "bind": "127.0.0.1:0", "group": "a",
+                       "routes": [{"path_prefix": "/b", "group": "b"}]}],
+        "groups": [
+            {"name": "a", "policy": "hash", "hash_key": "header:X-User",
+             "backends": [{"name": "a1", "address": "127.0.0.1:9001"}]},
+            {"name": "b", "policy": "hash", "hash_key": "cookie:sid",
+             "backends": [{"name": "b1", "address": "127.0.0.1:9002"}]},
+        ],
+    }  # fmt: skip
+    config = parse_config(table, "two.toml")
+    with pytest.raises(ConfigError, match="its groups hash 2 headers"):
+        Balancer(config)

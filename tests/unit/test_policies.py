@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from balancer.backends import Backend, BackendState
-from balancer.policies import POLICIES, LeastConnections, RoundRobin
+from balancer.policies import POLICIES, ConsistentHash, LeastConnections, RoundRobin
 from balancer.pool import DRAINING, BackendPool, BackendTable, PeerCounts
 
 
@@ -266,3 +266,66 @@ def test_the_pool_reads_the_backend_table_again_only_when_it_changed() -> None:
     table.set(1, admin=DRAINING)  # the supervisor's write (from another process as well)
     assert {pool.acquire(now=0).state.name for _ in range(3)} == {"a"}
     assert CountingTable.reads == 4
+
+
+# ---- policy "hash": a ketama ring ------------------------------------------------------------
+
+KEYS = [f"client-{i}".encode() for i in range(20000)]
+
+
+def ring(backends: list[BackendState], factor: float = 0.0) -> ConsistentHash:
+    policy = ConsistentHash(factor)
+    policy.build([(state.name, state.weight) for state in backends])
+    return policy
+
+
+def mapping(policy: ConsistentHash, candidates: list[BackendState]) -> dict[bytes, str]:
+    found = {}
+    for key in KEYS:
+        state = policy.pick(candidates, key)
+        assert state is not None
+        found[key] = state.name
+    return found
+
+
+def test_removing_one_of_n_backends_moves_its_keys_and_no_others() -> None:
+    backends = states(*((f"web{i}", 1) for i in range(10)))
+    before = mapping(ring(backends), backends)
+    smaller = [state for state in backends if state.name != "web3"]
+    after = mapping(ring(smaller), smaller)  # the ring rebuilt without it (a reload)
+    moved = [key for key in KEYS if before[key] != after[key]]
+    assert all(before[key] == "web3" for key in moved)  # only the removed backend's keys
+    assert 0.07 < len(moved) / len(KEYS) < 0.13  # about 1/N
+    share = Counter(before.values())
+    assert all(0.07 < share[name] / len(KEYS) < 0.13 for name in share)  # spread evenly
+
+
+def test_two_instances_with_the_same_backends_map_every_key_alike() -> None:
+    first, second = states(("a", 1), ("b", 2), ("c", 1)), states(("c", 1), ("a", 1), ("b", 2))
+    assert mapping(ring(first), first) == mapping(ring(second), second)  # order aside
+    share = Counter(mapping(ring(first), first).values())
+    assert 1.7 < share["b"] / share["a"] < 2.3  # weight 2: about twice the keys
+
+
+def test_a_down_backends_keys_go_to_their_next_choice_and_come_back() -> None:
+    backends = states(*((f"web{i}", 1) for i in range(5)))
+    policy = ring(backends)  # the ring keeps every member; the candidates are who is up
+    before = mapping(policy, backends)
+    up = [state for state in backends if state.name != "web1"]
+    during = mapping(policy, up)
+    assert all(during[key] == before[key] for key in KEYS if before[key] != "web1")
+    assert {during[key] for key in KEYS if before[key] == "web1"} <= {s.name for s in up}
+    assert mapping(policy, backends) == before  # back: every key where it was
+
+
+def test_bounded_loads_pass_a_full_backend_over_and_no_key_means_round_robin() -> None:
+    backends = states(("a", 1), ("b", 1), ("c", 1))
+    policy = ring(backends, factor=1.25)
+    hot = KEYS[0]
+    first = policy.pick(backends, hot)
+    assert first is not None
+    first.active = 5  # the hot key's backend is busy: 5 of 6 leases with this pick
+    other = policy.pick(backends, hot)
+    assert other is not None and other is not first  # ceil(1.25 * 6 / 3) = 3 <= 5
+    assert ring(backends).pick(backends, hot) is first  # unbounded: affinity kept
+    assert picks(policy, backends, 3) == "abc"  # no key: round robin's turns
