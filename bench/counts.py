@@ -160,12 +160,8 @@ async def count_syscalls(
     strace.wait(10)
     table = out.read_text()
     total = re.search(r"^-+.*\n\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?total", table, re.M)
-    each = {
-        name: int(calls)
-        for calls, name in re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$",
-                                      table, re.M)  # fmt: skip
-        if name != "total"
-    }
+    row = r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$"  # calls, then the name
+    each = {name: int(calls) for calls, name in re.findall(row, table, re.M) if name != "total"}
     return (float(total.group(1)), each) if total else None
 
 
