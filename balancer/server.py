@@ -395,11 +395,20 @@ class Balancer:
         taken = [task for sock, factory in listeners for task in take_waiting(sock, factory)]
         for server in self.servers:
             server.close()
+        # A connection the loop accepted before the close meets its session in a callback
+        # queued since: let those run, so it is waited for below, not served after the worker
+        # has sent its final metrics page (it went missing from /metrics after reloads).
+        await asyncio.sleep(0)
         if taken:
             await asyncio.wait(taken, timeout=grace)
-        if any(ctx.connections for ctx in self.contexts):
+        # Until none is left: the event may have been set in a moment with none open, before
+        # a connection taken above (or accepted as the listeners closed) met its session.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while any(ctx.connections for ctx in self.contexts):
+            self._drained.clear()
             try:
-                await asyncio.wait_for(self._drained.wait(), timeout=grace)
+                await asyncio.wait_for(self._drained.wait(), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 left = sum(len(ctx.connections) for ctx in self.contexts)
                 log.warning("shutdown grace over: closing %d connections", left)
@@ -408,6 +417,7 @@ class Balancer:
                         conn.force_close()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._drained.wait(), timeout=1.0)
+                break
         if self.checker is not None:
             await self.checker.stop()
         # The pooled backend connections, by FIN and linger.

@@ -122,6 +122,10 @@ class Worker:
                         waiter.set_result(message.get("body"))
                 elif kind == "final":
                     self.final = message.get("metrics")
+                    # Kept: the worker may close now (worker.py waits for this word, so it
+                    # never closes with our asks unread, which would reset the channel).
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        self.writer.write(b'{"kind": "kept"}\n')
         for waiter in self._asked.values():
             if not waiter.done():
                 waiter.set_result(None)
@@ -135,7 +139,10 @@ class Worker:
         return self.final if self.final is not None else self.last_metrics
 
     async def ask(self, what: str) -> Any:
-        """A view from the worker (None if it does not answer in time)."""
+        """A view from the worker (None if it does not answer in time, or has said its last:
+        a write to a channel it is closing could reset it before the final page is read)."""
+        if self.final is not None:
+            return None
         self._next_id += 1
         asked = self._next_id
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -406,6 +413,9 @@ class Supervisor:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(worker.listening), ASK_TIMEOUT_SECONDS)
         worker.close()
+        if worker.final is None:
+            log.warning("worker %d (pid %d): no final metrics page; its counts are kept as of "
+                        "its last answer", worker.index, worker.pid)  # fmt: skip
         self.totals.retire(worker.counted)
         worker.retired = True
         self.leaving.discard(worker)
@@ -618,13 +628,19 @@ class Views:
     async def metrics_page(self) -> bytes:
         """Every worker's page summed. A worker too busy to answer in time is counted by its
         last page, one that has exited by its final page until the totals keep it, and one
-        that the totals took while we asked only there: no sum goes backwards or counts twice
-        (tests/e2e/test_workers.py scrapes through ten reloads under ab)."""
+        that the totals took while we asked only there: no sum goes backwards, counts twice
+        or lags an exited worker (tests/e2e/test_workers.py scrapes through ten reloads
+        under ab)."""
         workers = self._live()
         pages = await asyncio.gather(*(w.ask("metrics") for w in workers))
         for worker, page in zip(workers, pages, strict=True):
             if page is not None:
                 worker.last_metrics = page
+        # An exited worker's final page is on its way (its channel read to the end): wait for
+        # it, bounded, rather than count it by an older answer.
+        reading = [w.listening for w in self.supervisor.leaving if w.final is None]
+        if reading:
+            await asyncio.wait(reading, timeout=ASK_TIMEOUT_SECONDS)
         counted = [w.counted for w in {*workers, *self.supervisor.leaving} if not w.retired]
         live = [page for page in counted if page is not None]
         own = generate_latest(self.supervisor.registry).decode()

@@ -45,6 +45,7 @@ from balancer.server import Balancer, SSLContexts, backends_of
 log = logging.getLogger("balancer")
 
 _PR_SET_PDEATHSIG = 1
+FINAL_KEPT_SECONDS = 5.0  # how long an exiting worker waits for the supervisor to keep its page
 CONTROL_LIMIT_BYTES = 64 * 1024 * 1024  # a control message (a metrics page, a connections list)
 
 
@@ -140,10 +141,21 @@ async def _serve(balancer: Balancer, spec: WorkerSpec) -> None:
     log.info("worker %d (pid %d): draining connections", spec.index, os.getpid())
     await balancer.shutdown()
     answering.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await answering  # (gone before this reads the channel itself)
     send({"kind": "final", "metrics": generate_latest(balancer.registry).decode()})
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
+    # Closed only once the supervisor says it has the page (bounded): a channel closed with
+    # the supervisor's asks unread resets, and a reset there could cost it the page (it then
+    # kept an older one of this worker's counts: /metrics undercounted after reloads). What
+    # it asked meanwhile is read and left unanswered.
+    with contextlib.suppress(TimeoutError, ConnectionError, ValueError):
+        async with asyncio.timeout(FINAL_KEPT_SECONDS):
+            while line := await reader.readline():
+                if json.loads(line).get("kind") == "kept":
+                    break
     writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
 
 
 async def _answer(
