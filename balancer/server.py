@@ -522,7 +522,7 @@ class Balancer:
 def _hashed_header(config: Config, listener: ListenerConfig) -> bytes | None:
     """The header whose value each request head must carry for the listener's groups that
     hash a header or a cookie (policy "hash"); ConfigError if they want two."""
-    names = {listener.group, *(route.group for route in listener.routes)}
+    names = _groups_of(listener)
     wanted = {
         group.hash_key.partition(":")[2].lower() if group.hash_key.startswith("header:")
         else "cookie"
@@ -546,10 +546,14 @@ def _listeners_and_backends(
         by_group.setdefault(backend.group, []).append(backend.name)
     return [
         (listener.name, listener.mode == "http",
-         [name for group in dict.fromkeys([listener.group, *(r.group for r in listener.routes)])
-          for name in by_group.get(group, [])])
+         [name for group in _groups_of(listener) for name in by_group.get(group, [])])
         for listener in config.listeners
     ]  # fmt: skip
+
+
+def _groups_of(listener: ListenerConfig) -> list[str]:
+    """The groups a listener sends to: its own, then its routes', each once."""
+    return list(dict.fromkeys([listener.group, *(route.group for route in listener.routes)]))
 
 
 def backends_of(config: Config) -> list[Backend]:
