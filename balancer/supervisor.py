@@ -39,12 +39,12 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import IO, Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from balancer import build, notify
 from balancer.accept import bind_sockets, refuse_new_handshakes
 from balancer.admin import AdminServer
-from balancer.aggregate import Totals, join_backends, join_connections
+from balancer.aggregate import Totals
 from balancer.config import Config, ConfigError
 from balancer.config_values import Address
 from balancer.control import Control, read_token
@@ -62,6 +62,7 @@ from balancer.server import (
     checks_of,
 )
 from balancer.tls import TLSSetupError, certificate_not_after, configured_certificates
+from balancer.views import ASK_TIMEOUT_SECONDS, Views
 from balancer.worker import CONTROL_LIMIT_BYTES, WorkerSpec, run_worker
 
 log = logging.getLogger("balancer")
@@ -69,7 +70,6 @@ log = logging.getLogger("balancer")
 RESTART_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_SECONDS = 30.0  # a worker that lived this long starts the backoff over
 READY_TIMEOUT_SECONDS = 15.0
-ASK_TIMEOUT_SECONDS = 3.0
 
 Prepare = Callable[[], tuple[Config, SSLContexts]]
 
@@ -607,67 +607,6 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)  # held: the loop keeps only a weak reference
         task.add_done_callback(self._tasks.discard)
-
-
-class Views:
-    """One view across workers, for the admin listener: each worker asked over its control
-    channel, the answers joined (aggregate.py), the supervisor's own word added."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
-
-    def _live(self) -> list[Worker]:
-        children = self.supervisor._children.values()
-        return [w for w in children if w.ready.done() and not w.ready.exception()]
-
-    async def _ask_all(self, what: str) -> list[tuple[Worker, Any]]:
-        workers = self._live()
-        answers = await asyncio.gather(*(w.ask(what) for w in workers))
-        return [(w, a) for w, a in zip(workers, answers, strict=True) if a is not None]
-
-    async def metrics_page(self) -> bytes:
-        """Every worker's page summed. A worker too busy to answer in time is counted by its
-        last page, one that has exited by its final page until the totals keep it, and one
-        that the totals took while we asked only there: no sum goes backwards, counts twice
-        or lags an exited worker (tests/e2e/test_workers.py scrapes through ten reloads
-        under ab)."""
-        workers = self._live()
-        pages = await asyncio.gather(*(w.ask("metrics") for w in workers))
-        for worker, page in zip(workers, pages, strict=True):
-            if page is not None:
-                worker.last_metrics = page
-        # An exited worker's final page is on its way (its channel read to the end): wait for
-        # it, bounded, rather than count it by an older answer.
-        reading = [w.listening for w in self.supervisor.leaving if w.final is None]
-        if reading:
-            await asyncio.wait(reading, timeout=ASK_TIMEOUT_SECONDS)
-        counted = [w.counted for w in {*workers, *self.supervisor.leaving} if not w.retired]
-        live = [page for page in counted if page is not None]
-        own = generate_latest(self.supervisor.registry).decode()
-        return self.supervisor.totals.merged(live, own).encode()
-
-    async def connections(self) -> dict[str, Any]:
-        return join_connections((w.pid, view) for w, view in await self._ask_all("connections"))
-
-    async def backends(self) -> list[dict[str, Any]]:
-        joined = join_backends((w.pid, view) for w, view in await self._ask_all("backends"))
-        generation = self.supervisor.generation
-        names = [backend.name for backend in generation.config.backends]
-        checker = generation.checker
-        checks = {entry["name"]: entry for entry in checker.view()} if checker else {}
-        for backend in joined:
-            if backend["name"] in names:  # the table's word: state and weight
-                index = names.index(backend["name"])
-                backend["state"] = generation.table.state(index)
-                backend["weight"] = generation.table.weight(index)
-            # Since when it has been in that state (the active checks' or the operator's last
-            # change to it, else the start).
-            changed = self.supervisor.health_metrics.changed_at.get(backend["name"])
-            backend["state_since"] = round(changed or self.supervisor.started_unix, 1)
-            if backend["name"] in checks:
-                backend["last_check"] = checks[backend["name"]]["last_check"]
-                backend["last_check_seconds"] = checks[backend["name"]]["last_check_seconds"]
-        return joined
 
 
 def _log_descriptors() -> set[int]:
