@@ -18,6 +18,9 @@ class Backend:
     connect_hosts: tuple[str, ...] = ()
     backup: bool = False  # picked only while no other backend is up
     group: str = "default"  # the group it serves in (config.GroupConfig)
+    # A slot of a discovered group (config_dns.py): its member, address and weight are the
+    # resolver's, in the shared BackendTable; empty until it has one.
+    slot: bool = False
     # "host:port" ("[v6]:port"), made once: every connection's record holds it.
     address: str = field(init=False, repr=False, compare=False)
 

@@ -29,6 +29,7 @@ from balancer.config import (
     parse_config,
 )
 from balancer.control import read_token
+from balancer.discovery import resolver_problems
 from balancer.overrides import Overrides, apply_overrides
 from balancer.policies import POLICIES
 from balancer.resolve import resolve_backends
@@ -211,9 +212,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(
         f"config OK: {len(config.listeners)} listener(s) ({tls} TLS), "
         + ", ".join(
-            f"{len(g.backends)} backend(s), policy {g.policy}"
-            if len(config.groups) == 1
-            else f"group {g.name}: {len(g.backends)} backend(s), policy {g.policy}"
+            ("" if len(config.groups) == 1 else f"group {g.name}: ")
+            + (
+                f"{len(g.backends)} backend(s)"
+                if g.discover is None
+                else f"members of {g.discover} (DNS, {g.discover.slots} slots)"
+            )
+            + f", policy {g.policy}"
             for g in config.groups
         )
     )
@@ -278,6 +283,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, SSLContexts, str, int]:
     except ConfigError as error:
         problems += error.problems
     problems += certificate_problems(config)
+    problems += resolver_problems(config)
     if problems:
         raise ConfigError(problems)
     config, descriptors, level = budget_file_descriptors(config, max_connections_set)

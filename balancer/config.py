@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from balancer import config_dns
 from balancer.config_values import (
     ADDRESS,
     BACKEND_ADDRESS,
@@ -211,6 +212,7 @@ class GroupConfig:
     # Policy "hash": what is hashed (config_values.hash_key), and bounded loads' factor (0: off).
     hash_key: str = "client_ip"
     hash_balance_factor: float = 0.0
+    discover: config_dns.Discover | None = None  # members from DNS, in slots (config_dns.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,7 @@ class Config:
     request_log: bool = False  # one access-log line per request too (with an access log)
     workers: int | str = "auto"  # one per CPU (supervisor.worker_count), or a count
     event_loop: str = "uvloop"
+    dns: config_dns.DnsConfig = field(default_factory=config_dns.DnsConfig)  # [dns]
     source: str = "<defaults>"
 
     @property
@@ -247,7 +250,7 @@ class ConfigError(Exception):
 _TOP_KEYS = (
     "listeners", "backends", "policy", "groups", "tls", "timeouts", "limits", "upstream",
     "health_check", "admin", "admin_token_file", "access_log", "request_log", "workers",
-    "event_loop", "hash_key", "hash_balance_factor",
+    "event_loop", "hash_key", "hash_balance_factor", "dns",
 )  # fmt: skip
 
 
@@ -351,6 +354,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     event_loop = r.get(data, "event_loop", "event_loop", choice(EVENT_LOOPS),
                        "'uvloop' or 'asyncio'", "uvloop")  # fmt: skip
 
+    dns = config_dns.dns_section(r, data)
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -367,6 +371,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         request_log=request_log,
         workers=workers,
         event_loop=event_loop,
+        dns=dns,
         source=source,
     )
 
@@ -464,7 +469,7 @@ def _certificates(
 
 GROUP_KEYS = (
     "name", "backends", "policy", "reuse", "timeouts", "health_check", "send_proxy",
-    "drain_seconds", "hash_key", "hash_balance_factor",
+    "drain_seconds", "hash_key", "hash_balance_factor", "discover", "slots",
 )  # fmt: skip
 LISTENER_KEYS = (
     "name", "bind", "tls", "mode", "protocol", "group", "routes", "accept_proxy_from",
@@ -506,8 +511,13 @@ def _groups(
     for path, item in r.tables(raw_groups, "groups", "groups", "a table with name and backends"):
         r.table(item, path, GROUP_KEYS)
         name = r.get(item, "name", f"{path}.name", text, "a non-empty string", REQUIRED)
-        backends = _backends(r, item.get("backends", MISSING), f"{path}.backends",
-                             "groups.backends")  # fmt: skip
+        discover = config_dns.discovered_group(r, item, path)
+        if discover is None and "discover" not in item:
+            backends = _backends(r, item.get("backends", MISSING), f"{path}.backends",
+                                 "groups.backends")  # fmt: skip
+        else:  # its slots (config_dns.py)
+            slots = config_dns.slot_names(str(name), discover) if discover else []
+            backends = [BackendConfig(slot, config_dns.SLOT_ADDRESS) for slot in slots]
         policy = r.get(item, "policy", f"{path}.policy", choice(tuple(POLICIES)), policies,
                        "round_robin")  # fmt: skip
         reuse = r.get(item, "reuse", f"{path}.reuse", choice(REUSE_MODES), modes,
@@ -532,6 +542,7 @@ def _groups(
             groups.append(GroupConfig(
                 name, tuple(backends), policy or "round_robin", reuse or upstream.reuse,
                 group_timeouts, group_check, send_proxy or "none", drain or 0.0, key, factor,
+                discover,
             ))  # fmt: skip
     unique(r, "groups", [group.name for group in groups])
     unique(r, "backends", [b.name for group in groups for b in group.backends])

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from balancer.backends import BackendState
 from balancer.groups import Group
-from balancer.pool import DRAINING
 from balancer.record import BACKEND_DRAINED
 
 if TYPE_CHECKING:
@@ -57,7 +56,7 @@ class Drainer:
         for group in self.groups:
             pool = group.pool
             for index, state in enumerate(pool.states, pool.first):
-                if table.admin(index) != DRAINING:
+                if not table.draining(index):
                     self.draining.discard(index)
                     continue
                 if index in self.draining:

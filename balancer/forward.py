@@ -281,7 +281,7 @@ class Forwarder:
         backend = None
         reuse = group.reuse
         if reuse == "always" or (reuse == "safe" and self.served):
-            backend = services.idle.take(lease.state.name)
+            backend = services.idle.take(lease.state.name, lease.state.backend.address)
         if backend is None:
             self.connect(lease)
             return

@@ -49,10 +49,10 @@ class Health:
 
     __slots__ = ("fall", "rise", "state", "streak")
 
-    def __init__(self, rise: int, fall: int) -> None:
+    def __init__(self, rise: int, fall: int, state: str = UP) -> None:
         self.rise = rise
         self.fall = fall
-        self.state = UP
+        self.state = state
         self.streak = 0  # consecutive results against the current state
 
     def observe(self, ok: bool) -> str | None:
@@ -166,36 +166,60 @@ class HealthChecker:
         self.rng = rng or random.Random()
         self.health = [Health(spec.rise, spec.fall) for spec in self.specs]
         self.last: list[CheckResult | None] = [None] * len(self.backends)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._started = False
 
     def start(self) -> None:
-        if self._tasks:
+        if self._started:
             return
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._run(i))
-            for i, spec in enumerate(self.specs)
-            if spec.type != "none"
-        ]
+        self._started = True
+        for index, spec in enumerate(self.specs):
+            if spec.type != "none":
+                self._start(index, self.rng.uniform(0, spec.interval_seconds))
+
+    def _start(self, index: int, delay: float) -> None:
+        self._tasks[index] = asyncio.get_running_loop().create_task(self._run(index, delay))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        self._started = False
+        tasks, self._tasks = list(self._tasks.values()), {}
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []
 
-    async def _run(self, index: int) -> None:
-        backend, spec, health = self.backends[index], self.specs[index], self.health[index]
+    def member(self, index: int, backend: Backend, up: bool = False) -> None:
+        """A discovered slot's member (discovery.py), checked from now on, the first check at
+        once. Joining while running it is down until `rise` checks in a row pass (checked
+        before it serves); `up`: a member the generation started with, up until checked
+        down, as configured backends are."""
+        self.backends[index] = backend
+        spec = self.specs[index]
+        self.health[index] = Health(spec.rise, spec.fall, UP if up else DOWN)
+        self.last[index] = None
+        if self._started and spec.type != "none":
+            task = self._tasks.pop(index, None)
+            if task is not None:
+                task.cancel()
+            self._start(index, 0.0)
+
+    async def _run(self, index: int, delay: float) -> None:
+        spec = self.specs[index]
         loop = asyncio.get_running_loop()
-        next_at = loop.time() + self.rng.uniform(0, spec.interval_seconds)
+        next_at = loop.time() + delay
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             next_at += spec.interval_seconds
+            backend = self.backends[index]
+            if backend.slot and not backend.port:
+                continue  # an empty slot: nothing to check
             result = await check(backend, spec, self.firsts[index])
+            if self.backends[index] is not backend:
+                continue  # (the slot's member changed meanwhile: a verdict on the old one)
             self.last[index] = result
             self.observed(index, result)
+            health = self.health[index]
             state = health.observe(result.ok)
             if state is not None:
                 count = spec.rise if state == UP else spec.fall

@@ -585,6 +585,56 @@ class BackendInfo(Collector):
         yield info
 
 
+class DnsMetrics:
+    """DNS service discovery's metrics (discovery.py), kept where it runs: the supervisor,
+    or a lone Balancer."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.resolutions = Counter(
+            "balancer_dns_resolutions",
+            "Resolutions of a discovered group's name, by result: ok, nxdomain, no_records, "
+            "servfail (SERVFAIL or REFUSED from every nameserver), timeout, error.",
+            ["group", "result"],
+            registry=registry,
+        )
+        self.serving = Gauge(
+            "balancer_dns_members",
+            "Members a discovered group's slots hold and DNS names now (leaving ones not counted).",
+            ["group"],
+            registry=registry,
+        )
+        self.dropped = Gauge(
+            "balancer_dns_members_without_slot",
+            "Members DNS named that found no free slot: raise the group's slots.",
+            ["group"],
+            registry=registry,
+        )
+        self.last_ok = Gauge(
+            "balancer_dns_last_success_timestamp_seconds",
+            "When a discovered group's name last resolved (Unix time; 0: not yet).",
+            ["group"],
+            registry=registry,
+        )
+
+    def groups(self, names: Iterable[str], results: Iterable[str]) -> None:
+        """The discovered groups, their series made (exported at 0 from the start)."""
+        for name in names:
+            for result in results:
+                self.resolutions.labels(name, result)
+            self.serving.labels(name)
+            self.dropped.labels(name)
+            self.last_ok.labels(name)
+
+    def resolved(self, group: str, result: str) -> None:
+        self.resolutions.labels(group, result).inc()
+        if result == "ok":
+            self.last_ok.labels(group).set(time.time())
+
+    def members(self, group: str, serving: int, dropped: int) -> None:
+        self.serving.labels(group).set(serving)
+        self.dropped.labels(group).set(dropped)
+
+
 class HealthMetrics:
     """The active checks' metrics (health.py), kept by whoever runs the checks: the
     supervisor, or a lone Balancer."""

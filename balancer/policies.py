@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from balancer.backends import BackendState
+from balancer.backends import Backend, BackendState
 
 
 class Policy(Protocol):
@@ -20,6 +20,18 @@ class Policy(Protocol):
         """One of `candidates` (the eligible backends), or None; `key` is the request's or
         connection's hash key (policy "hash"), b"" for the others."""
         ...
+
+    def members(self, backends: Sequence[Backend]) -> None:
+        """The group's backends, at start and whenever DNS discovery changed a slot's member
+        (pool.BackendPool.refresh): a policy that places backends (the ring) places them."""
+        ...
+
+
+def ring_name(backend: Backend) -> str:
+    """What places a backend on a hash ring: its name, or a discovered member's address (a
+    slot's number depends on the order members came in; the address is the same on every
+    balancer that resolves the name)."""
+    return backend.address if backend.slot else backend.name
 
 
 class RoundRobin:
@@ -31,6 +43,9 @@ class RoundRobin:
 
     def __init__(self) -> None:
         self._scores: dict[str, int] = {}
+
+    def members(self, backends: Sequence[Backend]) -> None:
+        pass  # (scores are by name: a slot keeps its own)
 
     def pick(self, candidates: Sequence[BackendState], key: bytes = b"") -> BackendState | None:
         best: BackendState | None = None
@@ -58,6 +73,9 @@ class LeastConnections:
 
     def __init__(self) -> None:
         self._ties = RoundRobin()
+
+    def members(self, backends: Sequence[Backend]) -> None:
+        pass  # (it compares loads: nothing placed)
 
     def pick(self, candidates: Sequence[BackendState], key: bytes = b"") -> BackendState | None:
         best: BackendState | None = None
@@ -112,8 +130,13 @@ class ConsistentHash:
         self._members = 0
         self._fallback = RoundRobin()
 
+    def members(self, backends: Sequence[Backend]) -> None:
+        """The ring over every configured backend, or every discovered member (an empty
+        slot has none), by ring_name."""
+        self.build([(ring_name(b), b.weight) for b in backends if not b.slot or b.port])
+
     def build(self, members: Sequence[tuple[str, int]]) -> None:
-        """The ring over every configured backend, as (name, weight)."""
+        """The ring over (name, weight) pairs."""
         ring: list[tuple[int, str]] = []
         for name, weight in members:
             for index in range(POINTS_PER_WEIGHT // 4 * max(1, weight)):
@@ -126,7 +149,7 @@ class ConsistentHash:
     def pick(self, candidates: Sequence[BackendState], key: bytes = b"") -> BackendState | None:
         if not key or not self._points:
             return self._fallback.pick(candidates)
-        by_name = {state.name: state for state in candidates}
+        by_name = {ring_name(state.backend): state for state in candidates}
         if not by_name:
             return None
         capacity = self._capacity(candidates) if self.balance_factor > 0 else None

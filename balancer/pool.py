@@ -7,7 +7,10 @@ Least-connections is only as true as this pair.
 
 from __future__ import annotations
 
+import array
+import ipaddress
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 from typing import ClassVar
 
 from balancer.backends import Backend, BackendState
@@ -46,33 +49,59 @@ class PeerCounts:
 
 ENABLED, DRAINING, MAINTENANCE = 0, 1, 2  # the operator's word on a backend
 ADMIN_STATES = {"enabled": ENABLED, "draining": DRAINING, "maintenance": MAINTENANCE}
-# What a worker sees of a backend, first match: the operator's word (maintenance, draining),
-# the active checks' (down), its own passive checks' (ejected: skipped for now), else up.
-BACKEND_STATES = ("up", "down", "draining", "maintenance", "ejected")
-_UP, _ADMIN, _WEIGHT = 1, 2, 3  # a backend's cells in a BackendTable (cell 0: the version)
+# A backend's membership: a configured backend is always MEMBER; a discovered group's slot
+# (config_dns.py) is EMPTY until the resolver gives it an address, and LEAVING once DNS no
+# longer names it (no new connections; those it has finish: the drain) until the slot is
+# given to another member.
+MEMBER, EMPTY, LEAVING = 0, 1, 2
+# What a worker sees of a backend, first match: an empty slot, the operator's word
+# (maintenance, draining; a leaving member drains too), the active checks' (down), its own
+# passive checks' (ejected: skipped for now), else up.
+BACKEND_STATES = ("up", "down", "draining", "maintenance", "ejected", "empty")
+# A backend's cells in a BackendTable (cell 0: the version): the checks' verdict, the
+# operator's state, the weight, its membership, and a discovered member's port and address
+# (16 bytes: IPv6, or IPv4 mapped into it).
+_UP, _ADMIN, _WEIGHT, _MEMBER, _PORT, _IP = 1, 2, 3, 4, 5, 6
+
+
+def _packed(host: str) -> list[int]:
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv4Address):
+        address = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
+    raw = address.packed
+    return [int.from_bytes(raw[at : at + 4], "big") for at in range(0, 16, 4)]
+
+
+def _unpacked(cells: Sequence[int]) -> str:
+    address = ipaddress.IPv6Address(b"".join(cell.to_bytes(4, "big") for cell in cells))
+    mapped = address.ipv4_mapped
+    return str(mapped if mapped is not None else address)
 
 
 class BackendTable:
     """What the workers of a generation read on every pick and only the supervisor writes:
     per backend, the active checks' verdict (up or not), the operator's state (enabled,
-    draining, maintenance) and weight. Three uint32 cells a backend after one version cell,
-    in memory mapped before the fork (a lone Balancer keeps its own). Every write bumps the
-    version after its cells, so a reader that saw the version saw the writes before it: a
-    pool reads the backends' cells again only when it moved, not on every pick. Pure over
-    the memoryview it is given."""
+    draining, maintenance), weight, and for a discovered group's slot its member (state,
+    address, port). Nine uint32 cells a backend after one version cell, in memory mapped
+    before the fork (a lone Balancer keeps its own). The version is a sequence lock: every
+    write makes it odd before its cells and even after them, so a reader that saw the same
+    even version before and after reading saw no write half done (a slot's address and port
+    change together), and a pool reads the backends' cells again only when it moved, not on
+    every pick. Pure over the memoryview it is given."""
 
     __slots__ = ("cells", "count")
 
-    CELLS: ClassVar[int] = 3
+    CELLS: ClassVar[int] = 9
 
     def __init__(self, cells: memoryview, backends: Sequence[Backend], fresh: bool = True) -> None:
         if len(cells) < 1 + self.CELLS * len(backends):
             raise ValueError("the table does not fit the backends")
         self.cells = cells
         self.count = len(backends)
-        if fresh:  # up (until checked down), enabled, as configured
+        if fresh:  # up (until checked down), enabled, as configured; slots empty
             for index, backend in enumerate(backends):
                 self.set(index, up=True, admin=ENABLED, weight=backend.weight)
+                self.cells[index * self.CELLS + _MEMBER] = EMPTY if backend.slot else MEMBER
 
     @classmethod
     def bytes_for(cls, count: int) -> int:
@@ -91,13 +120,36 @@ class BackendTable:
         weight: int | None = None,
     ) -> None:  # fmt: skip
         base = index * self.CELLS
+        self._bump()  # odd: a write under way (see refresh)
         if up is not None:
             self.cells[base + _UP] = 1 if up else 0
         if admin is not None:
             self.cells[base + _ADMIN] = admin
         if weight is not None:
             self.cells[base + _WEIGHT] = weight
-        self.cells[0] = (self.cells[0] + 1) & 0xFFFFFFFF  # after the cells: see the docstring
+        self._bump()
+
+    def set_member(
+        self, index: int, member: int, address: tuple[str, int] | None = None,
+        weight: int | None = None, up: bool | None = None,
+    ) -> None:  # fmt: skip
+        """A slot's member, written whole before the version moves: its state, and with
+        `address` (host, port) a new member (`up`: whether it serves before its checks)."""
+        base = index * self.CELLS
+        self._bump()  # odd: a write under way (see refresh)
+        self.cells[base + _MEMBER] = member
+        if address is not None:
+            host, port = address
+            self.cells[base + _IP : base + _IP + 4] = memoryview(array.array("I", _packed(host)))
+            self.cells[base + _PORT] = port
+        if weight is not None:
+            self.cells[base + _WEIGHT] = weight
+        if up is not None:
+            self.cells[base + _UP] = 1 if up else 0
+        self._bump()
+
+    def _bump(self) -> None:
+        self.cells[0] = (self.cells[0] + 1) & 0xFFFFFFFF
 
     def up(self, index: int) -> bool:
         return self.cells[index * self.CELLS + _UP] != 0
@@ -108,12 +160,30 @@ class BackendTable:
     def weight(self, index: int) -> int:
         return int(self.cells[index * self.CELLS + _WEIGHT])
 
+    def member(self, index: int) -> int:
+        return int(self.cells[index * self.CELLS + _MEMBER])
+
+    def address(self, index: int) -> tuple[str, int] | None:
+        """A slot's member's (host, port) as the resolver last wrote it; None: never one."""
+        base = index * self.CELLS
+        port = int(self.cells[base + _PORT])
+        if not port:
+            return None
+        return _unpacked(self.cells[base + _IP : base + _IP + 4].tolist()), port
+
+    def draining(self, index: int) -> bool:
+        """No new connections, and those it has close over the group's drain_seconds."""
+        return self.admin(index) == DRAINING or self.member(index) == LEAVING
+
     def state(self, index: int) -> str:
-        """What the admin view calls it: maintenance, draining, down or up."""
+        """What the admin view calls it: empty, maintenance, draining, down or up."""
+        member = self.member(index)
+        if member == EMPTY:
+            return "empty"
         admin = self.admin(index)
         if admin == MAINTENANCE:
             return "maintenance"
-        if admin == DRAINING:
+        if admin == DRAINING or member == LEAVING:
             return "draining"
         return "up" if self.up(index) else "down"
 
@@ -196,13 +266,7 @@ class BackendPool:
         """
         table = self.table
         if table is not None and table.version != self._seen:
-            self._seen = table.version  # (read first: a write after it is seen next pick)
-            for index, candidate in enumerate(self.states, self.first):
-                serving = table.up(index) and table.admin(index) == ENABLED
-                if serving and not candidate.ready:
-                    candidate.back_at = now  # back in service: slow start from here
-                candidate.ready = serving
-                candidate.weight = table.weight(index)
+            self.refresh(now)
         if self.slow_start_seconds:
             self._slow_start(now)
         ready = [s for s in self.states if s.ready and s not in exclude]
@@ -227,6 +291,39 @@ class BackendPool:
         if peers is not None:
             self.publish(state)
         return Lease(state, self)
+
+    def refresh(self, now: float) -> None:
+        """Read the shared table into the states: who serves, at what weight, and a
+        discovered slot's member (a new one starts with no passive-check history)."""
+        table = self.table
+        if table is None:
+            return
+        version = table.version
+        if version & 1:
+            return  # a write under way: the states as they were, read again next pick
+        joined = False
+        for index, candidate in enumerate(self.states, self.first):
+            serving = table.up(index) and table.admin(index) == ENABLED
+            backend = candidate.backend
+            if backend.slot:
+                serving = serving and table.member(index) == MEMBER
+                address = table.address(index)
+                if address is not None and address != (backend.host, backend.port):
+                    host, port = address
+                    candidate.backend = replace(
+                        backend, host=host, port=port, weight=table.weight(index), connect_hosts=()
+                    )
+                    candidate.failures = candidate.ejections = 0
+                    candidate.down_until = 0.0
+                    joined = True
+            if serving and not candidate.ready:
+                candidate.back_at = now  # back in service: slow start from here
+            candidate.ready = serving
+            candidate.weight = table.weight(index)
+        # Seen only if no write began meanwhile; else read again at the next pick.
+        self._seen = version if table.version == version else -1
+        if joined:
+            self.policy.members([s.backend for s in self.states])
 
     def connect_failed(self, lease: Lease, now: float) -> float:
         """The lease's backend refused or timed out a connect: eject it and release. Returns

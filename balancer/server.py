@@ -34,11 +34,12 @@ from balancer.admin import AdminServer
 from balancer.backends import Backend, BackendState
 from balancer.config import CONN_FAILURE, Config, ConfigError, HealthCheck, ListenerConfig
 from balancer.deadlines import DeadlineWheel, Wakeable
+from balancer.discovery import Discovery, discovery_for
 from balancer.drain import Drainer, watch
 from balancer.groups import Group
 from balancer.health import HealthChecker, checker_for
 from balancer.listener import ListenerContext, ListenerSettings, LoopServices
-from balancer.observe import HealthMetrics, ListenerTotals, Observer, StateCollector
+from balancer.observe import DnsMetrics, HealthMetrics, ListenerTotals, Observer, StateCollector
 from balancer.policies import POLICIES, ConsistentHash
 from balancer.pool import BackendPool, BackendTable, PeerCounts
 from balancer.proxy_protocol import encode_local
@@ -134,12 +135,14 @@ class Balancer:
         self.access_log = access_log
         backends = backends_of(config)
         self.checker: HealthChecker | None = None
+        self.discovery: Discovery | None = None
         if table is None:
             table = BackendTable.of(backends)
             specs = checks_of(config)
             if any(spec.type != "none" for spec in specs):
                 metrics = HealthMetrics(self.registry)
                 self.checker = checker_for(backends, specs, table, metrics, check_firsts(config))
+            self.discovery = discovery_for(config, backends, table, DnsMetrics(self.registry))
         self.observer = Observer(self.registry, access_log)
         self.observer.request_log = config.request_log
         self.observer.expect(_listeners_and_backends(config, backends))
@@ -225,9 +228,9 @@ class Balancer:
             mine = backends[first : first + len(config.backends)]
             check, timeouts = config.health_check, config.timeouts
             policy = POLICIES[config.policy]()
-            if isinstance(policy, ConsistentHash):  # the ring: every backend, as configured
+            if isinstance(policy, ConsistentHash):
                 policy.balance_factor = config.hash_balance_factor
-                policy.build([(backend.name, backend.weight) for backend in mine])
+            policy.members(mine)  # (the ring: every backend, as configured)
             pool = BackendPool(
                 mine, policy, timeouts.backend_down_seconds, peers, table,
                 check.passive_fall, check.eject_max_seconds, check.slow_start_seconds, first,
@@ -298,6 +301,8 @@ class Balancer:
         A worker is handed its listeners' sockets, bound by the supervisor (`inherited`, by
         listener name); the supervisor serves the admin endpoint then."""
         self._owns_sockets = inherited is None
+        if self.discovery is not None:  # the discovered groups' first members, before serving
+            await self.discovery.first()
         for ctx in self.contexts:
             bind, name = ctx.listener.bind, ctx.listener.name
             self.services.loop = self._loop = asyncio.get_running_loop()
@@ -332,6 +337,9 @@ class Balancer:
             self._flusher = asyncio.create_task(self._flush_access_log())
         if self.checker is not None:
             self.checker.start()
+        if self.discovery is not None:
+            self.discovery.attach(self.checker)
+            self.discovery.start()
         if self.drainer.groups:
             self._watcher = asyncio.create_task(watch(self.drainer))
 
@@ -418,6 +426,8 @@ class Balancer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._drained.wait(), timeout=1.0)
                 break
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.checker is not None:
             await self.checker.stop()
         # The pooled backend connections, by FIN and linger.
@@ -501,12 +511,13 @@ class Balancer:
         view = []
         now = self._clock()
         for group in self.groups.values():
+            group.pool.refresh(now)  # (a discovered slot's member, before any pick reads it)
             table = group.pool.table
             for index, s in enumerate(group.pool.states, group.pool.first):
                 view.append({
                     "name": s.name,
                     "group": group.name,
-                    "address": s.backend.address,
+                    "address": "" if s.backend.slot and not s.backend.port else s.backend.address,
                     "weight": table.weight(index) if table is not None else s.weight,
                     "active": s.active,
                     "connections_total": s.connections_total,
@@ -559,7 +570,9 @@ def _groups_of(listener: ListenerConfig) -> list[str]:
 def backends_of(config: Config) -> list[Backend]:
     """The configured backends, their names resolved once (see resolve_once)."""
     return [
-        Backend(b.name, host, port, b.weight, resolve_once(host, port), b.backup, group.name)
+        Backend(b.name, host, port, b.weight, (host,), b.backup, group.name, slot=True)
+        if group.discover is not None
+        else Backend(b.name, host, port, b.weight, resolve_once(host, port), b.backup, group.name)
         for group in config.groups
         for b in group.backends
         for host, port in [(b.address.host, b.address.port)]

@@ -36,7 +36,7 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
@@ -48,8 +48,9 @@ from balancer.aggregate import Totals
 from balancer.config import Config, ConfigError
 from balancer.config_values import Address
 from balancer.control import Control, read_token
+from balancer.discovery import Discovery, discovery_for
 from balancer.health import HealthChecker, checker_for
-from balancer.observe import BackendInfo, HealthMetrics, SupervisorMetrics
+from balancer.observe import BackendInfo, DnsMetrics, HealthMetrics, SupervisorMetrics
 from balancer.pool import BackendTable, PeerCounts
 from balancer.server import (
     BACKLOG,
@@ -184,17 +185,33 @@ class Generation:
         self.table_memory = mmap.mmap(-1, BackendTable.bytes_for(len(self.backends)))
         self.table = BackendTable(memoryview(self.table_memory).cast("I"), self.backends)
         self.checker: HealthChecker | None = None
+        self.discovery: Discovery | None = None
         self.token = read_token(config)  # the admin API's, for this configuration
 
+    async def discover(self, metrics: DnsMetrics, old: Generation | None = None) -> None:
+        """Before its workers serve: the discovered groups' members, carried from `old`
+        where the file kept the group's name, else resolved now (discovery.py)."""
+        self.discovery = discovery_for(self.config, self.backends, self.table, metrics)
+        if self.discovery is not None:
+            if old is not None and old.discovery is not None:
+                self.discovery.carry(old.discovery)
+            await self.discovery.first()
+
     def check(self, metrics: HealthMetrics) -> None:
-        """The generation serves: its checker starts (the metrics now speak of its backends)."""
+        """The generation serves: its checker and resolver start (the metrics now speak of
+        its backends)."""
         specs = checks_of(self.config)
         if any(spec.type != "none" for spec in specs) and self.checker is None:
             firsts = check_firsts(self.config)
             self.checker = checker_for(self.backends, specs, self.table, metrics, firsts)
             self.checker.start()
+        if self.discovery is not None:
+            self.discovery.attach(self.checker)
+            self.discovery.start()
 
     async def stop_checking(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.checker is not None:
             await self.checker.stop()
 
@@ -242,17 +259,26 @@ class Supervisor:
             self.registry, lambda: len(self._children), self.started_unix
         )
         self.health_metrics = HealthMetrics(self.registry)
-        self.registry.register(BackendInfo(lambda: (
-            (backend.name, group.name, str(backend.address))
-            for group in self.generation.config.groups
-            for backend in group.backends
-        )))  # fmt: skip
+        self.dns_metrics = DnsMetrics(self.registry)
+        self.registry.register(BackendInfo(self._backend_addresses))
         self.control = Control(
             lambda: (self.generation.config, self.generation.table, self.generation.token),
             self.metrics.admin_writes,
             self.health_metrics.state_changed,
             self.metrics.healthz_failing,
         )
+
+    def _backend_addresses(self) -> Iterator[tuple[str, str, str]]:
+        """(name, group, address) of each backend; a discovered slot's member's address, or
+        "" while the slot is empty."""
+        discovery = self.generation.discovery
+        members = discovery.view() if discovery is not None else {}
+        for group in self.generation.config.groups:
+            for backend in group.backends:
+                address = str(backend.address)
+                if group.discover is not None:
+                    address = members.get(backend.name, "")
+                yield backend.name, group.name, address
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -266,6 +292,7 @@ class Supervisor:
         generation = self.generation
         self._bind(generation)
         await self._serve_admin(generation.config)
+        await generation.discover(self.dns_metrics)
         try:
             await self._start(generation)
         except ConnectionError as error:
@@ -495,6 +522,7 @@ class Supervisor:
                 log.error("reload: %s", problem)
             return self._reload_failed()
         self.control.carry(config, new.table)  # the operator's word, where the file kept it
+        await new.discover(self.dns_metrics, old)
         try:
             self._bind(new)
             await self._start(new)

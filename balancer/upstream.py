@@ -268,6 +268,7 @@ STRAY_BYTES = "stray_bytes"
 NOT_REUSABLE = "not_reusable"  # its response said close, or ended the exchange uncleanly
 DEAD_ON_REUSE = "dead_on_reuse"
 SHUTDOWN = "shutdown"
+MEMBER_LEFT = "member_left"  # its discovered slot now holds another member (discovery.py)
 
 
 class IdlePool:
@@ -305,13 +306,17 @@ class IdlePool:
     def idle_count(self) -> int:
         return sum(len(conns) for conns in self.idle.values())
 
-    def take(self, backend: str) -> BackendConnection | None:
-        """The most recently idle connection to `backend`, now the caller's; None if none."""
+    def take(self, backend: str, address: str) -> BackendConnection | None:
+        """The most recently idle connection to `backend`, now the caller's; None if none.
+        One to another address (a discovered slot whose member changed) is closed: that
+        member left."""
         conns = self.idle.get(backend)
         while conns:
             conn = conns.pop()  # its idle deadline stays filed: see on_backend_deadline
             self._idle_ended(conn)
-            if conn.leg.usable:
+            if conn.record.address != address:
+                self.close(conn, MEMBER_LEFT)
+            elif conn.leg.usable:
                 return conn
         return None
 

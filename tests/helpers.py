@@ -190,6 +190,7 @@ class Backend:
     name: str
     port: int = 0
     server: asyncio.AbstractServer | None = None
+    host: str = "127.0.0.1"  # (DNS discovery's tests put members on 127.0.0.2, .3, ...)
     seen: list[SeenRequest] = field(default_factory=list)
     connections: int = 0
     open_connections: set[BackendProtocol] = field(default_factory=set)
@@ -199,13 +200,11 @@ class Backend:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     async def start(self) -> Backend:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: BackendProtocol(self), "127.0.0.1", self.port
-        )
+        self.server = await loop.create_server(lambda: BackendProtocol(self), self.host, self.port)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
