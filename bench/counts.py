@@ -3,6 +3,7 @@ Python, object allocations, objects left to the cyclic GC, and syscalls.
 
     python bench/counts.py                  # reuse never and always, 2000 connections each
     python bench/counts.py --reuse never --connections 5000 --json
+    python bench/counts.py --reuse never --functions 40   # where the calls go
 
 The balancer runs in this process (uvloop, access log on, one worker), a small HTTP/1.1 farm
 in another, and `ab -c 8` (a new HTTP/1.0 connection per request; a Python client where ab is
@@ -125,15 +126,24 @@ def build_alloc_counter(workdir: Path) -> Any:
 
 
 class Profile:
-    def __init__(self) -> None:
+    def __init__(self, by_function: bool = False) -> None:
         self.calls = 0
         self.c_calls = 0
+        self.by_function = by_function
+        self.functions: dict[str, int] = {}  # "module.py:function" (or C's name) → calls
 
     def __call__(self, frame: Any, event: str, arg: Any) -> None:
         if event == "call":
             self.calls += 1
+            if self.by_function:
+                code = frame.f_code
+                name = f"{Path(code.co_filename).name}:{code.co_qualname}"
+                self.functions[name] = self.functions.get(name, 0) + 1
         elif event == "c_call":
             self.c_calls += 1
+            if self.by_function:
+                name = f"C:{getattr(arg, '__qualname__', None) or arg.__name__}"
+                self.functions[name] = self.functions.get(name, 0) + 1
 
 
 async def count_syscalls(
@@ -165,7 +175,9 @@ async def count_syscalls(
     return (float(total.group(1)), each) if total else None
 
 
-async def measure(reuse: str, connections: int, workdir: Path, counter: Any) -> dict[str, Any]:
+async def measure(
+    reuse: str, connections: int, workdir: Path, counter: Any, functions: int = 0
+) -> dict[str, Any]:
     farm = subprocess.Popen(
         [sys.executable, "-c", FARM], stdout=subprocess.PIPE, text=True
     )  # fmt: skip
@@ -191,7 +203,7 @@ async def measure(reuse: str, connections: int, workdir: Path, counter: Any) -> 
         await drive(port, WARMUP)
         result: dict[str, Any] = {"reuse": reuse, "connections": connections}
 
-        profile = Profile()
+        profile = Profile(by_function=functions > 0)
         sys.setprofile(profile)
         try:
             await drive(port, connections)
@@ -199,6 +211,9 @@ async def measure(reuse: str, connections: int, workdir: Path, counter: Any) -> 
             sys.setprofile(None)
         result["python_calls"] = round(profile.calls / connections, 1)
         result["c_calls"] = round(profile.c_calls / connections, 1)
+        if functions:  # the most called, per connection
+            top = sorted(profile.functions.items(), key=lambda kv: -kv[1])[:functions]
+            result["functions"] = {name: round(n / connections, 2) for name, n in top}
 
         if counter is not None:
             before = counter.alloccount_total()
@@ -245,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--json", action="store_true", help="one JSON object per mode")
     parser.add_argument("--syscalls", action="store_true", help="each syscall's count too")
+    parser.add_argument(
+        "--functions", type=int, default=0, metavar="N",
+        help="the N most called functions (Python and C), per connection",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -252,12 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for reuse in args.reuse or ["never", "always"]:
             started = time.monotonic()
-            row = uvloop.run(measure(reuse, args.connections, workdir, counter))
+            row = uvloop.run(measure(reuse, args.connections, workdir, counter, args.functions))
             row["seconds"] = round(time.monotonic() - started, 1)
             rows.append(row)
             print(json.dumps(row) if args.json else _line(row), flush=True)
             if args.syscalls and not args.json:
                 print("  syscalls per connection:", row.get("syscall_kinds", "n/a"), flush=True)
+            if args.functions and not args.json:
+                for name, calls in row.get("functions", {}).items():
+                    print(f"  {calls:6.2f}  {name}", flush=True)
     return 0
 
 
