@@ -223,7 +223,10 @@ SECONDS = "a positive number of seconds"
 COUNT = "a positive whole number"
 
 
-def networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(value: object) -> tuple[Network, ...]:
     """A list of addresses or networks: '10.0.0.0/8', '127.0.0.1', '::1'."""
     if not isinstance(value, list) or not value:
         raise ValueError(value)

@@ -22,7 +22,7 @@ from balancer.groups import Group
 from balancer.record import BACKEND_DRAINED
 
 if TYPE_CHECKING:
-    from balancer.session import ClientSession
+    from balancer.listener import OpenConnection
 
 log = logging.getLogger("balancer")
 
@@ -35,7 +35,7 @@ class Drainer:
     def __init__(
         self,
         groups: list[tuple[Group, float]],  # each group, and its drain_seconds
-        sessions: Callable[[], Iterable[ClientSession]],  # the worker's open sessions
+        sessions: Callable[[], Iterable[OpenConnection]],  # the worker's open sessions
         call_later: Callable[[float, Callable[[], None]], Any],
     ) -> None:
         self.windows = {id(group.pool): seconds for group, seconds in groups if seconds > 0}
@@ -81,7 +81,7 @@ class Drainer:
         for n, session in enumerate(tunnels, 1):
             self.call_later(n * step, functools.partial(self._close, index, session))
 
-    def _close(self, index: int, session: ClientSession) -> None:
+    def _close(self, index: int, session: OpenConnection) -> None:
         if index in self.draining:  # (enabled again meanwhile: it stays)
             session.close_client(BACKEND_DRAINED)
 

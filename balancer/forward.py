@@ -54,8 +54,8 @@ from balancer.upstream import (
 )
 
 if TYPE_CHECKING:
+    from balancer.contract import ForwarderSession
     from balancer.groups import Group
-    from balancer.session import ClientSession
 
 log = logging.getLogger("balancer")
 
@@ -68,7 +68,7 @@ class Forwarder:
         "pending", "served", "session",
     )  # fmt: skip
 
-    def __init__(self, session: ClientSession) -> None:
+    def __init__(self, session: ForwarderSession) -> None:
         self.session = session
         # A backend connection per exchange (see the module docstring). Kept, unlike the
         # context below: it is read on every request and about ten times a connection.
@@ -501,7 +501,7 @@ def _said(state: BackendState, seconds: float | None, what: str) -> None:
         )  # fmt: skip
 
 
-def hash_key(session: ClientSession, group: Group) -> bytes:
+def hash_key(session: ForwarderSession, group: Group) -> bytes:
     """What policy "hash" hashes for the session's oldest request (its group's hash_key): the
     client's address (as a PROXY header named it), the target, a header's value or a
     cookie's; b"" for other policies, or when the request has none (round robin then)."""

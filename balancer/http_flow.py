@@ -33,7 +33,8 @@ from balancer.listener import HEADER, IDLE, RESPONSE, ListenerContext
 from balancer.record import BACKEND_CLOSED, CLIENT_CLOSED, HTTP_CLOSE, SHUTDOWN
 
 if TYPE_CHECKING:
-    from balancer.session import ClientSession
+    from balancer.contract import FlowSession
+    from balancer.forward import Forwarder
 
 RETRY_AFTER_SECONDS = 1
 # Request readers (each with its httptools parser, ~1.4 KB) kept for reuse per loop. Once a
@@ -48,10 +49,11 @@ IDLE_READERS_KEPT = 256
 class HttpFlow:
     """The HTTP side of one client session (see the module docstring)."""
 
-    __slots__ = ("framer", "pending_error", "reader", "session")
+    __slots__ = ("framer", "fwd", "pending_error", "reader", "session")
 
-    def __init__(self, session: ClientSession) -> None:
+    def __init__(self, session: FlowSession, fwd: Forwarder) -> None:
         self.session = session
+        self.fwd = fwd  # the backend side it hands requests to and hears responses from
         self.reader: RequestReader | None = None  # None before the first bytes, or released
         self.framer: ResponseFramer | None = None
         self.pending_error: BalancerError | None = None
@@ -63,7 +65,7 @@ class HttpFlow:
     # ---- requests --------------------------------------------------------------------------
 
     def on_client_data(self, data: bytes) -> None:
-        session, fwd = self.session, self.session.fwd
+        session, fwd = self.session, self.fwd
         reader = self.reader
         if reader is None:
             reader = self._take_reader()
@@ -118,7 +120,7 @@ class HttpFlow:
             if router.rules:
                 exchange.group = router.for_request(head.host, head.target)
         reader.heads.clear()
-        fwd = session.fwd
+        fwd = self.fwd
         if fwd.dispatch:
             if len(exchanges.queue) > 1:
                 session.block_reading("queued")  # one exchange at a time: hold the rest
@@ -134,7 +136,7 @@ class HttpFlow:
             if session.deadline_kind != HEADER:  # a total deadline, set when the head began
                 session.set_deadline(HEADER)
         elif framer.awaiting and not (reader is not None and reader.in_body):
-            session.set_deadline(RESPONSE, session.fwd.group.response_seconds)
+            session.set_deadline(RESPONSE, self.fwd.group.response_seconds)
         else:
             session.set_deadline(IDLE)
             if reader is not None and len(session.ctx.state.connections) > READER_POOL_ABOVE:
@@ -162,7 +164,7 @@ class HttpFlow:
         idle_readers = self.ctx.services.idle_readers
         if len(idle_readers) < IDLE_READERS_KEPT:
             idle_readers.append(reader)
-        if self.session.fwd.dispatch:
+        if self.fwd.dispatch:
             # Reuse modes: no backend connection is held between requests, so nothing can
             # arrive to be framed; the next request makes a new framer (~0.3 KB less idle).
             self.framer = None
@@ -196,16 +198,16 @@ class HttpFlow:
             self._switch_to_tunnel()
             return
         if framer.completed != completed:
-            session.fwd.answered(framer.statuses)
+            self.fwd.answered(framer.statuses)
             session.exchanges.completed(framer.statuses, framer.sizes)
             self._responses_completed()
         elif framer.awaiting:
-            session.extend_deadline(session.fwd.group.response_seconds)
+            session.extend_deadline(self.fwd.group.response_seconds)
 
     def _responses_completed(self) -> None:
         framer, reader, session = self.framer, self.reader, self.session
         assert framer is not None
-        fwd = session.fwd
+        fwd = self.fwd
         if fwd.dispatch:
             fwd.hand_back(not framer.backend_closes, framer)
             if framer.client_closes:
@@ -257,16 +259,16 @@ class HttpFlow:
         session, framer = self.session, self.framer
         assert framer is not None
         if not framer.eof():
-            session.fwd.hung_up()
+            self.fwd.hung_up()
             session.fail(BackendClosed("backend closed mid-response"))
             return
-        session.fwd.answered(framer.statuses)
+        self.fwd.answered(framer.statuses)
         session.exchanges.completed(framer.statuses, framer.sizes)
-        if session.fwd.dispatch and not framer.awaiting:
+        if self.fwd.dispatch and not framer.awaiting:
             self._responses_completed()  # a close-delimited body ended
         elif framer.awaiting and not session.client_eof:
             # It closed with requests unanswered: they were never processed.
-            session.fwd.hung_up()
+            self.fwd.hung_up()
             session.fail(BackendClosed("backend closed with requests unanswered"))
         else:
             session.close_client(BACKEND_CLOSED)

@@ -19,14 +19,14 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from balancer.config import Limits, ListenerConfig, Timeouts
+from balancer.config_values import Network
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.exchange import ExchangeSettings
 from balancer.groups import Group, Router
 from balancer.http1 import HeadLimits, RequestReader
-from balancer.prelude import Network
 from balancer.record import (
     BACKEND_TIMEOUT,
     FIRST_BYTES_TIMEOUT,
@@ -40,7 +40,42 @@ from balancer.upstream import IdlePool
 from balancer.writebatch import WriteBatch
 
 if TYPE_CHECKING:
-    from balancer.session import ClientSession
+    from balancer.pool import Lease
+    from balancer.record import ConnectionRecord
+
+
+class _Leasing(Protocol):
+    @property
+    def lease(self) -> Lease | None: ...
+
+
+class _Flowing(Protocol):
+    @property
+    def busy(self) -> bool: ...
+
+
+class OpenConnection(Protocol):
+    """A listener's open connection (a session.ClientSession), as the worker's shutdown, its
+    admin view and the drainer see it."""
+
+    record: ConnectionRecord
+    phase: int
+
+    @property
+    def tunnel(self) -> bool: ...
+
+    @property
+    def http(self) -> _Flowing | None: ...
+
+    @property
+    def fwd(self) -> _Leasing: ...
+
+    def close_client(self, cause: str, backend_closes: bool = False) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def force_close(self) -> None: ...
+
 
 # Deadline kinds: what a session waits for, and the timeout (a `Timeouts` field) bounding the
 # wait. A kind that ends the connection when it passes is also its close cause.
@@ -81,7 +116,7 @@ class ListenerSettings:
     hashed_header: bytes | None = None  # a header its groups' policy hash reads (http1.py)
     head_limits: HeadLimits = field(init=False)
     deadline_seconds: dict[str, float] = field(init=False)  # DEADLINE_TIMEOUTS, resolved
-    # Read at every accept (prelude.awaited), so resolved once here.
+    # Read at every accept (session.await_prelude), so resolved once here.
     accept_proxy_from: tuple[Network, ...] = field(init=False)
     routes_by_sni: bool = field(init=False)  # a tcp listener routing TLS by SNI, passed through
 
@@ -128,7 +163,7 @@ class LoopServices:
 class ListenerState:
     """What changes as one listener runs."""
 
-    connections: set[ClientSession] = field(default_factory=set)
+    connections: set[OpenConnection] = field(default_factory=set)
     accepted_total: int = 0
     rejected_total: int = 0
     draining: bool = False
@@ -161,5 +196,5 @@ class ListenerContext:
         return self.settings.listener
 
     @property
-    def connections(self) -> set[ClientSession]:
+    def connections(self) -> set[OpenConnection]:
         return self.state.connections

@@ -39,7 +39,6 @@ import asyncio
 import sys
 from collections.abc import Callable
 
-from balancer import prelude
 from balancer.errors import BackendReset, BackendTimeout, BalancerError, HeaderTimeout
 from balancer.exchange import Exchanges
 from balancer.forward import Forwarder
@@ -54,14 +53,19 @@ from balancer.listener import (
     TLS_HANDSHAKE,
     TUNNEL_IDLE,
     ListenerContext,
+    OpenConnection,
 )
-from balancer.prelude import Prelude
+from balancer.prelude import Prelude, trusted
+from balancer.proxy_protocol import ProxyHeaderError
 from balancer.record import (
     BACKEND_CLOSED,
     BACKEND_RESET,
     CLIENT_CLOSED,
     CLIENT_RESET,
+    FIRST_BYTES_TIMEOUT,
     MAX_CONNECTIONS,
+    PROXY_INVALID,
+    PROXY_REFUSED,
     SHUTDOWN,
     ConnectionRecord,
 )
@@ -109,8 +113,8 @@ class ClientSession(asyncio.Protocol):
         self.client = Leg(self.record.client_leg, services.writes, services.clock)
         self.phase = EXCHANGING
         tcp = ctx.settings.listener.mode == "tcp"
-        self.http: HttpFlow | None = None if tcp else HttpFlow(self)
         self.fwd = Forwarder(self)
+        self.http: HttpFlow | None = None if tcp else HttpFlow(self, self.fwd)
         self.tls: TLSFront | None = None  # TLS listeners
         self.exchanges = Exchanges(self.record, ctx.exchanges)
         self.client_eof = False
@@ -156,7 +160,7 @@ class ClientSession(asyncio.Protocol):
             record.ended_by(MAX_CONNECTIONS)
             self.abort_client()
             return
-        if not prelude.awaited(self):
+        if not await_prelude(self):
             self.begin()
 
     def begin(self, hello_read: bool = False) -> None:
@@ -183,7 +187,7 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.record.client_leg.bytes_in += len(data)
         if self.prelude is not None:
-            rest = prelude.read(self, data)
+            rest = read_prelude(self, data)
             if not rest:
                 return
             data = rest
@@ -503,7 +507,49 @@ class ClientSession(asyncio.Protocol):
         self._linger_over()
 
 
-def state_of(session: ClientSession) -> str:
+# ---- a session waits for its prelude (prelude.py) before it begins --------------------------
+
+
+def await_prelude(session: ClientSession) -> bool:
+    """At accept: whether the session waits for a prelude (or was refused one) rather than
+    beginning now."""
+    settings = session.ctx.settings
+    sources, sni = settings.accept_proxy_from, settings.routes_by_sni
+    if not sources and not sni:
+        return False
+    # No address: the client reset the connection as it was accepted (HAProxy's health
+    # checks do), before it could be asked. That is no refusal: the reset, coming next as
+    # the connection is lost, is what the record says.
+    client_ip = session.record.client_ip
+    if sources and client_ip and not trusted(client_ip, sources):
+        session.close_client(PROXY_REFUSED)
+        return True
+    session.prelude = Prelude(bool(sources), sni)
+    session.set_deadline(FIRST_BYTES_TIMEOUT)
+    return True
+
+
+def read_prelude(session: ClientSession, data: bytes) -> bytes | None:
+    """The session's first bytes; once the prelude is whole the session begins, and the
+    bytes after it (None or empty: nothing yet) are the session's."""
+    prelude = session.prelude
+    assert prelude is not None
+    try:
+        rest = prelude.feed(data)
+    except ProxyHeaderError:
+        session.close_client(PROXY_INVALID)
+        return None
+    if rest is None:
+        return None
+    session.prelude = None
+    session.destination = prelude.settle(session.record)
+    if prelude.peek is not None:  # a tcp listener routing TLS by SNI (passthrough)
+        session.fwd.chosen = session.ctx.router.for_server_name(prelude.peek.server_name)
+    session.begin(hello_read=bool(rest))
+    return rest
+
+
+def state_of(session: OpenConnection) -> str:
     """What the admin view calls the session now (its phase; while exchanging, whether a
     request is under way)."""
     phase = session.phase

@@ -36,7 +36,7 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
@@ -267,6 +267,11 @@ class Supervisor:
             self.health_metrics.state_changed,
             self.metrics.healthz_failing,
         )
+
+    @property
+    def children(self) -> Mapping[int, Worker]:
+        """Worker processes by pid, until reaped (the admin views ask the live ones)."""
+        return self._children
 
     def _backend_addresses(self) -> Iterator[tuple[str, str, str]]:
         """(name, group, address) of each backend; a discovered slot's member's address, or

@@ -27,7 +27,7 @@ from balancer.record import CLIENT_CLOSED, TLS_ERROR, TLS_FAILED
 from balancer.tls import NOT_TLS, TLSHandshakeFailed, TLSSession
 
 if TYPE_CHECKING:
-    from balancer.session import ClientSession
+    from balancer.contract import TLSFrontSession
 
 # A request line's start (a method token, a space) where a ClientHello was due.
 _HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,12} ")
@@ -41,7 +41,7 @@ class TLSFront:
 
     __slots__ = ("session", "tls")
 
-    def __init__(self, session: ClientSession, ssl_context: ssl.SSLContext) -> None:
+    def __init__(self, session: TLSFrontSession, ssl_context: ssl.SSLContext) -> None:
         self.session = session
         self.tls = session.client.tls = TLSSession(ssl_context)  # the leg sends close_notify
 

@@ -5,30 +5,99 @@ own word added."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import generate_latest
 
 from balancer.aggregate import join_backends, join_connections
 
 if TYPE_CHECKING:
-    from balancer.supervisor import Supervisor, Worker
+    from prometheus_client import CollectorRegistry
+
+    from balancer.aggregate import Totals
+    from balancer.config import Config
+    from balancer.health import HealthChecker
+    from balancer.observe import HealthMetrics
+    from balancer.pool import BackendTable
 
 ASK_TIMEOUT_SECONDS = 3.0  # a worker that does not answer in time is left out (or its last page)
+
+
+class AskedWorker(Protocol):
+    """A worker process as the views ask it (supervisor.Worker)."""
+
+    pid: int
+    last_metrics: str | None  # the last page it answered with (set here)
+
+    @property
+    def ready(self) -> asyncio.Future[None]: ...
+
+    @property
+    def final(self) -> str | None: ...
+
+    @property
+    def listening(self) -> asyncio.Task[None]: ...
+
+    @property
+    def counted(self) -> str | None: ...
+
+    @property
+    def retired(self) -> bool: ...
+
+    def ask(self, what: str) -> Awaitable[Any]: ...
+
+
+class ServingGeneration(Protocol):
+    """The generation that serves now (supervisor.Generation), as /backends reads it."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def checker(self) -> HealthChecker | None: ...
+
+    @property
+    def table(self) -> BackendTable: ...
+
+
+class Supervised(Protocol):
+    """What the views read of the supervisor (supervisor.Supervisor)."""
+
+    @property
+    def children(self) -> Mapping[int, AskedWorker]: ...
+
+    @property
+    def leaving(self) -> Iterable[AskedWorker]: ...
+
+    @property
+    def generation(self) -> ServingGeneration: ...
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+    @property
+    def totals(self) -> Totals: ...
+
+    @property
+    def health_metrics(self) -> HealthMetrics: ...
+
+    @property
+    def started_unix(self) -> float: ...
 
 
 class Views:
     """One view across workers, for the admin listener: each worker asked over its control
     channel, the answers joined (aggregate.py), the supervisor's own word added."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: Supervised) -> None:
         self.supervisor = supervisor
 
-    def _live(self) -> list[Worker]:
-        children = self.supervisor._children.values()
+    def _live(self) -> list[AskedWorker]:
+        children = self.supervisor.children.values()
         return [w for w in children if w.ready.done() and not w.ready.exception()]
 
-    async def _ask_all(self, what: str) -> list[tuple[Worker, Any]]:
+    async def _ask_all(self, what: str) -> list[tuple[AskedWorker, Any]]:
         workers = self._live()
         answers = await asyncio.gather(*(w.ask(what) for w in workers))
         return [(w, a) for w, a in zip(workers, answers, strict=True) if a is not None]

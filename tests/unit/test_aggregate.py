@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.aggregate import Totals, join_backends, join_connections
-from balancer.supervisor import Views
+from balancer.views import Views
 
 
 def page(accepted: int, open_now: int, seconds: list[float]) -> str:
@@ -115,7 +115,7 @@ async def test_a_worker_between_its_exit_and_its_retirement_is_counted_once() ->
     live = _Worker(page.format(5))
     gone = _Worker(page.format(0), final=page.format(7))
     supervisor = SimpleNamespace(
-        _children={1: live}, leaving={gone}, totals=Totals(), registry=CollectorRegistry()
+        children={1: live}, leaving={gone}, totals=Totals(), registry=CollectorRegistry()
     )
     views = Views(supervisor)  # type: ignore[arg-type]  (a stand-in: what Views reads)
     assert _requests(await views.metrics_page()) == 12  # reaped, not yet retired: counted

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "balancer"
 PURE = (
     "config", "errors", "backends", "policies", "pool", "record", "http1", "deadlines",
     "writebatch", "exchange", "http1_response", "aggregate", "status_page", "loglines",
-    "overrides",
+    "overrides", "prelude", "config_dns",
 )  # fmt: skip
 IO_MODULES = {"asyncio", "socket", "ssl", "os", "time", "uvloop", "selectors", "subprocess"}
 BALANCER_IO = {
@@ -70,6 +70,50 @@ def test_the_session_parts_reach_the_backend_only_through_the_forwarder() -> Non
     for module in ("http_flow", "tls_front"):
         ours = {name.split(".")[1] for name in imported(module) if name.startswith("balancer.")}
         assert not ours & {"upstream", "pool", "legs"}, (module, ours)
+
+
+def ours(module: str) -> set[str]:
+    """The package's modules `module` imports, at any level (TYPE_CHECKING blocks and
+    function bodies included): `from balancer import x` and `from balancer.x import y`."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "balancer":
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("balancer."):
+            found.add((node.module or "").split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("balancer."))
+    return found & MODULES
+
+
+MODULES = {path.stem for path in PACKAGE.glob("*.py")}
+
+
+def test_only_the_builder_of_sessions_imports_the_session() -> None:
+    """The session's parts see it through contract.py's Protocols (and the listener's
+    connections through listener.OpenConnection): only server.py, which makes sessions,
+    imports session.py."""
+    importers = {module for module in MODULES if "session" in ours(module)}
+    assert importers == {"server"}, importers
+
+
+def test_no_import_cycle_at_any_level() -> None:
+    """Not even between type annotations: a module can be read knowing only those below it."""
+    graph = {module: ours(module) - {module} for module in MODULES}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError(" -> ".join([*path[path.index(module) :], module]))
+        if module in done:
+            return
+        for imported_module in sorted(graph[module]):
+            visit(imported_module, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
 
 
 def test_the_readme_names_every_close_cause() -> None:
