@@ -6,6 +6,7 @@ moved by hand."""
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 from typing import Any
 
 ESTABLISHED = 1
@@ -106,3 +107,108 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class FakeSession:
+    """A client session as its parts see it (balancer.contract): a real record and exchange
+    queue, a listener context of plain attributes, and every call the part makes written
+    down (`calls`) instead of done. `fail` answers through the flow, as ClientSession's does
+    (the flow under test is set as `http`)."""
+
+    def __init__(self, dispatch: bool = False, draining: bool = False) -> None:
+        from balancer.exchange import Exchanges, ExchangeSettings
+        from balancer.http1 import HeadLimits
+        from balancer.record import ConnectionRecord
+
+        self.clock = Clock()
+        self.published: list[Any] = []
+        self.record = ConnectionRecord(1, "http", accepted_at=self.clock(), accepted_unix=1.7e9)
+        self.record.client_ip, self.record.client_port, self.record.local_port = (
+            "10.0.0.7",
+            5555,
+            80,
+        )
+        settings = ExchangeSettings(
+            iter(range(1, 1000)).__next__, self.clock, self.published.append, dispatch
+        )
+        self.exchanges = Exchanges(self.record, settings)
+        self.ctx = SimpleNamespace(
+            services=SimpleNamespace(idle_readers=[], clock=self.clock),
+            settings=SimpleNamespace(head_limits=HeadLimits(), dispatch=dispatch),
+            state=SimpleNamespace(draining=draining, connections=set()),
+            router=SimpleNamespace(rules=[]),
+        )
+        self.client = SimpleNamespace(tls=None)
+        self.client_eof = False
+        self.backend_eof = False
+        self.deadline_kind = ""
+        self.destination: tuple[str, int] | None = None
+        self.closing = False
+        self.tunnel = False
+        self.http: Any = None
+        self.tls: Any = None
+        self.written = b""  # to the client
+        self.closed: tuple[str, bool] | None = None  # (cause, backend_closes)
+        self.aborted = False
+        self.blocked: set[str] = set()
+        self.tunnel_rest: bytes | None = None
+        self.calls: list[str] = []
+
+    def close_client(self, cause: str, backend_closes: bool = False) -> None:
+        if not self.closing:
+            self.closing = True
+            self.closed = (cause, backend_closes)
+            self.record.ended_by(cause)
+
+    def abort_client(self) -> None:
+        self.closing = self.aborted = True
+
+    def set_deadline(self, kind: str, seconds: float | None = None) -> None:
+        self.deadline_kind = kind
+
+    def extend_deadline(self, seconds: float) -> None:
+        self.calls.append(f"extend {seconds}")
+
+    def fail(self, error: Any) -> None:
+        if self.closing:
+            return
+        self.record.ended_by(error.reason)
+        self.http.fail(error)
+
+    def block_reading(self, why: str) -> None:
+        self.blocked.add(why)
+
+    def unblock_reading(self, why: str) -> None:
+        self.blocked.discard(why)
+
+    def write_client(self, data: bytes) -> None:
+        self.written += data
+
+    def enter_tunnel(self, rest: bytes) -> None:
+        self.tunnel, self.tunnel_rest = True, rest
+
+
+class FakeForwarder:
+    """The backend side as the HTTP flow talks to it: what it was given to send, and told."""
+
+    def __init__(self, dispatch: bool = False) -> None:
+        self.dispatch = dispatch
+        self.group = SimpleNamespace(response_seconds=30.0)
+        self.sent = b""
+        self.answered_statuses: list[int] = []
+        self.calls: list[str] = []
+
+    def send_requests(self, data: bytes) -> None:
+        self.sent += data
+
+    def send(self, data: bytes) -> None:
+        self.sent += data
+
+    def new_heads(self) -> None:
+        self.calls.append("new_heads")
+
+    def answered(self, statuses: list[int]) -> None:
+        self.answered_statuses += statuses
+
+    def hung_up(self) -> None:
+        self.calls.append("hung_up")
