@@ -16,7 +16,7 @@ COMPILED = [
     "accept", "backends", "deadlines", "drain", "errors", "exchange", "forward", "groups",
     "http1", "http1_response", "http_flow", "legs", "listener", "loglines", "observe", "pool",
     "policies", "prelude", "proxy_protocol", "record", "server", "session", "sni", "tcpinfo",
-    "tls", "tls_front", "upstream", "writebatch",
+    "tls", "tls_front", "tunnel", "upstream", "writebatch",
 ]  # fmt: skip
 
 ext_modules = []

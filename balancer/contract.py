@@ -5,9 +5,10 @@ A `ClientSession` is one client connection; three parts do its work: the TLS fro
 responses, pipelining, error answers) and the forwarder (forward.py: the backend side). Each
 part sees the session through the Protocol below that names what it needs, and nothing
 else: no part imports session.py, so each can be read (and tested, over a fake session) on
-its own, and a new kind of flow (a tunnel, an HTTP/2 stream) is a new implementation of the
-same few members. `tests/unit/test_structure.py` keeps it so: only the module that builds
-sessions imports session.py, and no import cycle exists at any level.
+its own, and a new kind of flow is a new implementation of the same few members (tunnel.py's
+`Tunnel` is one; an HTTP/2 stream would be another). `tests/unit/test_structure.py` keeps it
+so: only the module that builds sessions imports session.py, and no import cycle exists at
+any level.
 
 Type-level only: nothing here runs (the Protocols are erased in a compiled build).
 """
@@ -122,3 +123,14 @@ class ForwarderSession(Session, UpstreamUser, Protocol):
     def arm_client_deadline(self) -> None: ...
 
     def backend_lost(self, backend: BackendConnection, reset: bool) -> None: ...
+
+
+class TunnelSession(Session, Protocol):
+    """The tunnel's session: which side has ended, and the client's writes and deadline."""
+
+    client_eof: bool
+    backend_eof: bool
+
+    def write_client(self, data: bytes) -> None: ...
+
+    def extend_deadline(self, seconds: float) -> None: ...

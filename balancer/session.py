@@ -58,7 +58,6 @@ from balancer.listener import (
 from balancer.prelude import Prelude, trusted
 from balancer.proxy_protocol import ProxyHeaderError
 from balancer.record import (
-    BACKEND_CLOSED,
     BACKEND_RESET,
     CLIENT_CLOSED,
     CLIENT_RESET,
@@ -70,6 +69,7 @@ from balancer.record import (
     ConnectionRecord,
 )
 from balancer.tls_front import TLSFront
+from balancer.tunnel import Tunnel
 from balancer.upstream import BackendConnection
 
 # Phases (ordered: a session only moves forward).
@@ -94,6 +94,7 @@ class ClientSession(asyncio.Protocol):
         "deadline_kind",
         "destination",
         "exchanges",
+        "flow",
         "fwd",
         "http",
         "phase",
@@ -101,7 +102,8 @@ class ClientSession(asyncio.Protocol):
         "record",
         "tls",
     )  # a few hundred bytes less per connection than an instance dict
-    __deletable__ = ("fwd",)  # once published (a compiled build asks this of a deleted slot)
+    # Once published (a compiled build asks this of a deleted slot).
+    __deletable__ = ("flow", "fwd")
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
@@ -115,6 +117,9 @@ class ClientSession(asyncio.Protocol):
         tcp = ctx.settings.listener.mode == "tcp"
         self.fwd = Forwarder(self)
         self.http: HttpFlow | None = None if tcp else HttpFlow(self, self.fwd)
+        # Where the client's and the backend's events go: the HTTP flow, or the tunnel (tcp
+        # listeners; an HTTP connection after a 101).
+        self.flow: HttpFlow | Tunnel = self.http or Tunnel(self, self.fwd)
         self.tls: TLSFront | None = None  # TLS listeners
         self.exchanges = Exchanges(self.record, ctx.exchanges)
         self.client_eof = False
@@ -204,11 +209,8 @@ class ClientSession(asyncio.Protocol):
         self._on_client_data(data)
 
     def _on_client_data(self, data: bytes) -> None:
-        if self.phase == TUNNEL:
-            self.extend_deadline(self.ctx.settings.timeouts.tunnel_idle_seconds)
-            self.fwd.send(data)
-        elif self.http is not None:
-            self.http.on_client_data(data)
+        if self.phase == TUNNEL or self.http is not None:  # (tcp: once the tunnel is up)
+            self.flow.on_client_data(data)
 
     def handshake_over(self) -> None:
         """TLS is up (tls_front): exchanges begin, or (tcp listeners) the tunnel connects."""
@@ -249,19 +251,8 @@ class ClientSession(asyncio.Protocol):
         if self.client_eof:
             return
         self.client_eof = True
-        if self.phase == TUNNEL:
-            if not self.backend_eof:  # the client's end came first: why it ended
-                self.record.ended_by(CLIENT_CLOSED)
-            backend = self.fwd.backend
-            if backend is not None and backend.leg.usable:
-                if self.backend_eof:
-                    self.close_client(CLIENT_CLOSED)
-                else:  # pass the half-close on
-                    backend.leg.shutdown()
-            elif self.fwd.connect_task is None:
-                self.close_client(CLIENT_CLOSED)
-        elif self.http is not None:
-            self.http.on_client_eof()
+        if self.phase == TUNNEL or self.http is not None:  # (tcp: once the tunnel is up)
+            self.flow.on_client_eof()
 
     def pause_writing(self) -> None:
         if self.fwd.backend is not None:
@@ -284,6 +275,7 @@ class ClientSession(asyncio.Protocol):
     def enter_tunnel(self, rest: bytes) -> None:
         """101 Switching Protocols: from here on both directions are plain byte relays."""
         self.phase = TUNNEL
+        self.flow = Tunnel(self, self.fwd)
         if rest:
             self.fwd.send(rest)
         self.set_deadline(TUNNEL_IDLE)
@@ -292,12 +284,8 @@ class ClientSession(asyncio.Protocol):
     # ---- backend leg (upstream.UpstreamUser) -----------------------------------------------
 
     def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
-        phase = self.phase
-        if phase == TUNNEL:
-            self.extend_deadline(self.ctx.settings.timeouts.tunnel_idle_seconds)
-            self.write_client(data)
-        elif phase < CLOSING and self.http is not None:
-            self.http.on_response_data(data)
+        if self.phase < CLOSING:
+            self.flow.on_response_data(data)
 
     def on_backend_eof(self, backend: BackendConnection) -> None:
         if backend is not self.fwd.backend:  # not taken up yet (Forwarder.took_up), or given up
@@ -310,15 +298,7 @@ class ClientSession(asyncio.Protocol):
         backend.leg.peer_fin()
         if self.fwd.retry(backend):
             return
-        if self.phase == TUNNEL:
-            if self.client_eof:
-                self.close_client(BACKEND_CLOSED)
-            else:  # the backend's end came first (why it ended): pass the half-close on
-                self.record.ended_by(BACKEND_CLOSED)
-                self.client.close_notify()
-                self.client.shutdown()
-        elif self.http is not None:
-            self.http.on_backend_eof()
+        self.flow.on_backend_eof()
 
     def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
         if self.phase == FINISHED:
@@ -443,7 +423,7 @@ class ClientSession(asyncio.Protocol):
         if self.http is not None and self.http.reader is not None:
             self.http.reader.close()
         self.http = self.tls = self.prelude = None
-        del self.fwd  # (read nowhere once FINISHED)
+        del self.fwd, self.flow  # (read nowhere once FINISHED)
 
     # ---- deadlines -------------------------------------------------------------------------
 

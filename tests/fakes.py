@@ -134,7 +134,11 @@ class FakeSession:
         self.exchanges = Exchanges(self.record, settings)
         self.ctx = SimpleNamespace(
             services=SimpleNamespace(idle_readers=[], clock=self.clock),
-            settings=SimpleNamespace(head_limits=HeadLimits(), dispatch=dispatch),
+            settings=SimpleNamespace(
+                head_limits=HeadLimits(),
+                dispatch=dispatch,
+                timeouts=SimpleNamespace(tunnel_idle_seconds=300.0),
+            ),
             state=SimpleNamespace(draining=draining, connections=set()),
             router=SimpleNamespace(rules=[]),
         )
