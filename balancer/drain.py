@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from balancer.backends import BackendState
+from balancer.causes import BACKEND_DRAINED
 from balancer.groups import Group
-from balancer.record import BACKEND_DRAINED
 
 if TYPE_CHECKING:
     from balancer.listener import OpenConnection

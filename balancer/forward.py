@@ -35,6 +35,15 @@ import os
 from typing import TYPE_CHECKING
 
 from balancer.backends import BackendState
+from balancer.causes import (
+    CONN_BACKEND_CLOSED,
+    CONN_BACKEND_RESET,
+    CONN_BACKEND_TIMEOUT,
+    CONN_DEAD_ON_REUSE,
+    CONN_NOT_REUSABLE,
+    CONN_REUSE_NEVER,
+    CONN_STRAY_BYTES,
+)
 from balancer.errors import BackendError, NoBackendAvailable
 from balancer.exchange import REPLAY_MAX_BYTES, Exchange
 from balancer.http1 import ResponseFramer
@@ -42,16 +51,7 @@ from balancer.listener import TUNNEL_IDLE, ListenerContext
 from balancer.pool import Lease
 from balancer.proxy_protocol import TLSFacts, encode_v1, encode_v2
 from balancer.record import failed_on
-from balancer.upstream import (
-    BACKEND_CLOSED,
-    BACKEND_RESET,
-    BACKEND_TIMEOUT,
-    DEAD_ON_REUSE,
-    NOT_REUSABLE,
-    REUSE_NEVER,
-    STRAY_BYTES,
-    BackendConnection,
-)
+from balancer.upstream import BackendConnection
 
 if TYPE_CHECKING:
     from balancer.contract import ForwarderSession
@@ -273,7 +273,7 @@ class Forwarder:
                 kept.user = session
                 self.use(kept_lease, kept, reused=True)  # the same group: the same connection
                 return
-            self.let_go_kept(REUSE_NEVER)  # another group: closed, one opened there
+            self.let_go_kept(CONN_REUSE_NEVER)  # another group: closed, one opened there
         lease = group.pool.acquire(services.clock(), (), hash_key(session, group))
         if lease is None:
             session.fail(NoBackendAvailable(f"no backend of group {group.name} is ready"))
@@ -326,16 +326,16 @@ class Forwarder:
             return
         self.release_lease()
         if self.group.reuse == "never":
-            idle.close(backend, REUSE_NEVER)
+            idle.close(backend, CONN_REUSE_NEVER)
         elif reusable and backend.leg.usable:
             idle.put(backend)
         else:
-            idle.close(backend, NOT_REUSABLE)
+            idle.close(backend, CONN_NOT_REUSABLE)
 
     def drop(self, backend: BackendConnection, reset: bool) -> None:
         """The active connection is gone under the exchange (`reset`: by an RST): its record,
         saying so, is the pool's to publish; the session goes on without it."""
-        self._retire(backend, BACKEND_RESET if reset else BACKEND_CLOSED)
+        self._retire(backend, CONN_BACKEND_RESET if reset else CONN_BACKEND_CLOSED)
         self.backend = None
         self.release_lease()
 
@@ -383,7 +383,7 @@ class Forwarder:
         replay = [exchange.replay]
         self.backend = None
         self.release_lease()
-        cause = BACKEND_TIMEOUT if timed_out else DEAD_ON_REUSE if record.reused else None
+        cause = CONN_BACKEND_TIMEOUT if timed_out else CONN_DEAD_ON_REUSE if record.reused else None
         self._retire(backend, cause)
         if self.dispatch:
             exchange.pending = replay
@@ -407,15 +407,15 @@ class Forwarder:
     # ---- the kept connection's events: the forwarder is its user between requests ----------
 
     def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
-        self.let_go_kept(STRAY_BYTES)  # bytes with no request out: not to be trusted again
+        self.let_go_kept(CONN_STRAY_BYTES)  # bytes with no request out: not to be trusted again
 
     def on_backend_eof(self, backend: BackendConnection) -> None:
         backend.leg.peer_fin()
-        self.let_go_kept(BACKEND_CLOSED)  # the backend closed it idle
+        self.let_go_kept(CONN_BACKEND_CLOSED)  # the backend closed it idle
 
     def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
         reset = backend.leg.lost(exc)  # (read now: the descriptor is still its own)
-        self.let_go_kept(BACKEND_RESET if reset else BACKEND_CLOSED)
+        self.let_go_kept(CONN_BACKEND_RESET if reset else CONN_BACKEND_CLOSED)
 
     def block_reading(self, why: str) -> None:
         pass  # nothing is written to a kept connection between requests
@@ -428,7 +428,7 @@ class Forwarder:
         one lost under its exchange): the pool closes it (our FIN, if the leg is still there)
         and publishes its record with what ended it (`cause`; None: its FIN or RST)."""
         if cause is None:
-            cause = BACKEND_CLOSED if backend.leg.usable else BACKEND_RESET
+            cause = CONN_BACKEND_CLOSED if backend.leg.usable else CONN_BACKEND_RESET
         idle = self.ctx.services.idle
         if backend.leg.usable:
             idle.close(backend, cause)
@@ -463,7 +463,7 @@ class Forwarder:
         self.failed()
         if self.backend is not None:
             record = self.backend.record
-            record.ended_by(BACKEND_CLOSED)
+            record.ended_by(CONN_BACKEND_CLOSED)
 
     # ---- ending ----------------------------------------------------------------------------
 
@@ -471,7 +471,7 @@ class Forwarder:
         """The session ends: the backend leg closes (FIN and linger), or (reuse modes) goes to
         the pool, which closes it and publishes its record."""
         if self.kept is not None:
-            self.let_go_kept(REUSE_NEVER)
+            self.let_go_kept(CONN_REUSE_NEVER)
         backend = self.backend
         if backend is None or not backend.leg.usable:
             return

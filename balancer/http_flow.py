@@ -27,10 +27,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from balancer.causes import BACKEND_CLOSED, CLIENT_CLOSED, HTTP_CLOSE, SHUTDOWN
 from balancer.errors import BackendClosed, BackendError, BalancerError
 from balancer.http1 import RequestReader, ResponseFramer, error_response
 from balancer.listener import HEADER, IDLE, RESPONSE, ListenerContext
-from balancer.record import BACKEND_CLOSED, CLIENT_CLOSED, HTTP_CLOSE, SHUTDOWN
 
 if TYPE_CHECKING:
     from balancer.contract import FlowSession

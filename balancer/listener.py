@@ -21,21 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from balancer.causes import (
+    BACKEND_TIMEOUT,
+    FIRST_BYTES_TIMEOUT,
+    HEADER_TIMEOUT,
+    IDLE_TIMEOUT,
+    TUNNEL_IDLE_TIMEOUT,
+)
 from balancer.config import Limits, ListenerConfig, Timeouts
 from balancer.config_values import Network
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.exchange import ExchangeSettings
 from balancer.groups import Group, Router
 from balancer.http1 import HeadLimits, RequestReader
-from balancer.record import (
-    BACKEND_TIMEOUT,
-    FIRST_BYTES_TIMEOUT,
-    HEADER_TIMEOUT,
-    IDLE_TIMEOUT,
-    TUNNEL_IDLE_TIMEOUT,
-    ConnectionRecord,
-    RequestRecord,
-)
+from balancer.record import ConnectionRecord, RequestRecord
 from balancer.upstream import IdlePool
 from balancer.writebatch import WriteBatch
 

@@ -29,11 +29,11 @@ from prometheus_client.utils import floatToGoString
 
 from balancer import __version__, build
 from balancer.backends import BackendState
+from balancer.causes import CLOSE_CAUSES
 from balancer.errors import ERRORS
 from balancer.loglines import backend_connection_json_line, json_line, request_json_line
 from balancer.pool import BACKEND_STATES
 from balancer.record import (
-    CLOSE_CAUSES,
     BackendConnectionRecord,
     ConnectionRecord,
     RequestRecord,

@@ -15,49 +15,6 @@ from typing import Any, Protocol
 PEER = "peer"
 BALANCER = "balancer"
 
-# Why a client connection ended (`close_cause`), besides the reason of the error it ended in
-# (balancer.errors: bad_request, backend_connect_failed, ...). Listed once; each is a label
-# value of balancer_connections_closed_total.
-CLIENT_CLOSED = "client_closed"
-CLIENT_RESET = "client_reset"
-HTTP_CLOSE = "http_close"
-BACKEND_CLOSED = "backend_closed"
-BACKEND_RESET = "backend_reset"
-IDLE_TIMEOUT = "idle_timeout"
-HEADER_TIMEOUT = "header_timeout"
-BACKEND_TIMEOUT = "backend_timeout"
-TUNNEL_IDLE_TIMEOUT = "tunnel_idle_timeout"
-TLS_FAILED = "tls_failed"
-TLS_ERROR = "tls_error"
-SHUTDOWN = "shutdown"
-MAX_CONNECTIONS = "max_connections"
-FIRST_BYTES_TIMEOUT = "first_bytes_timeout"
-PROXY_REFUSED = "proxy_refused"
-PROXY_INVALID = "proxy_header_invalid"
-BACKEND_DRAINED = "backend_drained"
-CLOSE_CAUSES: dict[str, str] = {
-    CLIENT_CLOSED: "the client closed (FIN or close_notify) at a request boundary",
-    CLIENT_RESET: "the client reset the connection (RST)",
-    HTTP_CLOSE: "a request or response said Connection: close (or HTTP/1.0)",
-    BACKEND_CLOSED: "the backend closed (FIN): at a response boundary, or with a response owed "
-    "(then error_status 502, or the client leg reset mid-response); tcp mode: it closed",
-    BACKEND_RESET: "the backend reset its connection (RST): between responses, or with a response "
-    "owed (as above); tcp mode: any time",
-    IDLE_TIMEOUT: "no request within keepalive_idle_seconds",
-    HEADER_TIMEOUT: "a request head not complete within client_header_seconds (408 if begun)",
-    BACKEND_TIMEOUT: "no response byte within backend_response_seconds (504)",
-    TUNNEL_IDLE_TIMEOUT: "a tcp-mode or upgraded connection idle past tunnel_idle_seconds",
-    TLS_FAILED: "the TLS handshake failed (tls.failure says why)",
-    TLS_ERROR: "a TLS record could not be read after the handshake",
-    SHUTDOWN: "the balancer is shutting down",
-    MAX_CONNECTIONS: "over limits.max_connections: closed at once",
-    FIRST_BYTES_TIMEOUT: "no PROXY header (or ClientHello, SNI routing) within "
-    "client_header_seconds",
-    PROXY_REFUSED: "a listener accepting PROXY headers: a client outside accept_proxy_from",
-    PROXY_INVALID: "a listener accepting PROXY headers: the first bytes were not a valid one",
-    BACKEND_DRAINED: "its backend was drained, and its group closes tunnels (drain_seconds)",
-}
-
 
 class Attempted(Protocol):
     """A record that lists the backends that failed it (a connection's, or a request's)."""

@@ -39,6 +39,15 @@ import asyncio
 import sys
 from collections.abc import Callable
 
+from balancer.causes import (
+    BACKEND_RESET,
+    CLIENT_CLOSED,
+    CLIENT_RESET,
+    MAX_CONNECTIONS,
+    PROXY_INVALID,
+    PROXY_REFUSED,
+    SHUTDOWN,
+)
 from balancer.errors import BackendReset, BackendTimeout, BalancerError, HeaderTimeout
 from balancer.exchange import Exchanges
 from balancer.forward import Forwarder
@@ -57,17 +66,7 @@ from balancer.listener import (
 )
 from balancer.prelude import Prelude, trusted
 from balancer.proxy_protocol import ProxyHeaderError
-from balancer.record import (
-    BACKEND_RESET,
-    CLIENT_CLOSED,
-    CLIENT_RESET,
-    FIRST_BYTES_TIMEOUT,
-    MAX_CONNECTIONS,
-    PROXY_INVALID,
-    PROXY_REFUSED,
-    SHUTDOWN,
-    ConnectionRecord,
-)
+from balancer.record import ConnectionRecord
 from balancer.tls_front import TLSFront
 from balancer.tunnel import Tunnel
 from balancer.upstream import BackendConnection
@@ -505,7 +504,7 @@ def await_prelude(session: ClientSession) -> bool:
         session.close_client(PROXY_REFUSED)
         return True
     session.prelude = Prelude(bool(sources), sni)
-    session.set_deadline(FIRST_BYTES_TIMEOUT)
+    session.set_deadline(FIRST_BYTES)
     return True
 
 

@@ -22,8 +22,8 @@ import re
 import ssl
 from typing import TYPE_CHECKING
 
+from balancer.causes import CLIENT_CLOSED, TLS_ERROR, TLS_FAILED
 from balancer.http1 import error_response
-from balancer.record import CLIENT_CLOSED, TLS_ERROR, TLS_FAILED
 from balancer.tls import NOT_TLS, TLSHandshakeFailed, TLSSession
 
 if TYPE_CHECKING:

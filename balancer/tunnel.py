@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from balancer.record import BACKEND_CLOSED, CLIENT_CLOSED
+from balancer.causes import BACKEND_CLOSED, CLIENT_CLOSED
 
 if TYPE_CHECKING:
     from balancer.contract import TunnelSession

@@ -23,6 +23,16 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from balancer.backends import BackendState
+from balancer.causes import (
+    CONN_BACKEND_CLOSED,
+    CONN_BACKEND_RESET,
+    CONN_IDLE_TIMEOUT,
+    CONN_MAX_REQUESTS,
+    CONN_MEMBER_LEFT,
+    CONN_POOL_FULL,
+    CONN_SHUTDOWN,
+    CONN_STRAY_BYTES,
+)
 from balancer.config import Timeouts, Upstream
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.errors import BackendUnreachable, NoBackendAvailable
@@ -256,21 +266,6 @@ class Connector:
         raise BackendUnreachable(unreachable)
 
 
-# Why a pooled backend connection was closed (BackendConnectionRecord.close_cause).
-IDLE_TIMEOUT = "idle_timeout"
-POOL_FULL = "pool_full"
-REUSE_NEVER = "reuse_never"  # its group does not reuse: one request (routed listeners)
-MAX_REQUESTS = "max_requests"
-BACKEND_CLOSED = "backend_closed"
-BACKEND_RESET = "backend_reset"
-BACKEND_TIMEOUT = "backend_timeout"  # silent past backend_response_seconds (retry_on)
-STRAY_BYTES = "stray_bytes"
-NOT_REUSABLE = "not_reusable"  # its response said close, or ended the exchange uncleanly
-DEAD_ON_REUSE = "dead_on_reuse"
-SHUTDOWN = "shutdown"
-MEMBER_LEFT = "member_left"  # its discovered slot now holds another member (discovery.py)
-
-
 class IdlePool:
     """Backend connections between exchanges (reuse modes), and those being closed.
 
@@ -315,7 +310,7 @@ class IdlePool:
             conn = conns.pop()  # its idle deadline stays filed: see on_backend_deadline
             self._idle_ended(conn)
             if conn.record.address != address:
-                self.close(conn, MEMBER_LEFT)
+                self.close(conn, CONN_MEMBER_LEFT)
             elif conn.leg.usable:
                 return conn
         return None
@@ -331,11 +326,11 @@ class IdlePool:
         record, settings = conn.record, self.settings
         conns = self.idle.setdefault(record.backend, [])
         if self.draining:
-            self.close(conn, SHUTDOWN)
+            self.close(conn, CONN_SHUTDOWN)
         elif record.requests >= settings.max_requests_per_connection:
-            self.close(conn, MAX_REQUESTS)
+            self.close(conn, CONN_MAX_REQUESTS)
         elif len(conns) >= settings.idle_per_backend:
-            self.close(conn, POOL_FULL)
+            self.close(conn, CONN_POOL_FULL)
         elif conn.leg.usable:
             now = self.clock()
             conn.idle_since = now
@@ -369,7 +364,7 @@ class IdlePool:
         self.draining = True
         for conns in list(self.idle.values()):
             for conn in list(conns):
-                self.close(conn, SHUTDOWN)
+                self.close(conn, CONN_SHUTDOWN)
         if self.closing:
             self._all_closed = asyncio.Event()
             with contextlib.suppress(TimeoutError):
@@ -387,18 +382,18 @@ class IdlePool:
 
     def on_backend_data(self, conn: BackendConnection, data: bytes) -> None:
         if conn not in self.closing:  # a backend may not speak unasked
-            self.close(conn, STRAY_BYTES)
+            self.close(conn, CONN_STRAY_BYTES)
 
     def on_backend_eof(self, conn: BackendConnection) -> None:
         if conn in self.closing:
             conn.leg.peer_fin_while_closing(self.call_later)
             return
         conn.leg.peer_fin()
-        self.close(conn, BACKEND_CLOSED)  # our FIN goes at once: theirs is in
+        self.close(conn, CONN_BACKEND_CLOSED)  # our FIN goes at once: theirs is in
 
     def on_backend_lost(self, conn: BackendConnection, exc: Exception | None) -> None:
         if conn.leg.lost(exc):
-            conn.record.ended_by(BACKEND_RESET)
+            conn.record.ended_by(CONN_BACKEND_RESET)
         self.retire(conn)
 
     def retire(self, conn: BackendConnection) -> None:
@@ -420,7 +415,7 @@ class IdlePool:
         elif conn.idle_since is not None:
             due = conn.idle_since + self.settings.idle_timeout_seconds
             if self.clock() >= due:
-                self.close(conn, IDLE_TIMEOUT)
+                self.close(conn, CONN_IDLE_TIMEOUT)
             else:
                 self._wake(conn, due)
 

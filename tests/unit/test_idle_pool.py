@@ -7,21 +7,20 @@ import asyncio
 
 import pytest
 
+from balancer.causes import (
+    CONN_BACKEND_CLOSED,
+    CONN_BACKEND_RESET,
+    CONN_IDLE_TIMEOUT,
+    CONN_MAX_REQUESTS,
+    CONN_MEMBER_LEFT,
+    CONN_POOL_FULL,
+    CONN_SHUTDOWN,
+    CONN_STRAY_BYTES,
+)
 from balancer.config import Upstream
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.record import BackendConnectionRecord
-from balancer.upstream import (
-    BACKEND_CLOSED,
-    BACKEND_RESET,
-    IDLE_TIMEOUT,
-    MAX_REQUESTS,
-    MEMBER_LEFT,
-    POOL_FULL,
-    SHUTDOWN,
-    STRAY_BYTES,
-    BackendConnection,
-    IdlePool,
-)
+from balancer.upstream import BackendConnection, IdlePool
 from balancer.writebatch import WriteBatch
 from tests.fakes import Clock, FakeSocket, FakeTransport
 
@@ -82,15 +81,15 @@ def test_a_clean_connection_waits_idle_and_the_most_recent_is_taken_first() -> N
 @pytest.mark.parametrize(
     ("settings", "requests", "cause"),
     [
-        ({"max_requests_per_connection": 3}, 3, MAX_REQUESTS),
-        ({"idle_per_backend": 1}, 1, POOL_FULL),  # (one already idle: see below)
+        ({"max_requests_per_connection": 3}, 3, CONN_MAX_REQUESTS),
+        ({"idle_per_backend": 1}, 1, CONN_POOL_FULL),  # (one already idle: see below)
     ],
 )
 def test_a_connection_that_may_not_stay_is_closed_by_fin_with_its_cause(
     settings: dict[str, float], requests: int, cause: str
 ) -> None:
     p = Pool(**settings)
-    if cause == POOL_FULL:
+    if cause == CONN_POOL_FULL:
         p.pool.put(p.connection()[0])
     conn, transport, sock = p.connection(requests=requests)
     p.pool.put(conn)
@@ -111,7 +110,7 @@ def test_an_idle_connection_closes_at_its_idle_timeout_counted_from_its_last_use
     p.advance(1.5)  # 4.5 s: woken, not yet due (idle since 3 s): filed again for 7 s
     assert conn.record.close_cause is None and p.pool.idle_count() == 1
     p.advance(3.0)
-    assert conn.record.close_cause == IDLE_TIMEOUT
+    assert conn.record.close_cause == CONN_IDLE_TIMEOUT
     assert "shutdown" in sock.log and p.pool.idle_count() == 0
 
 
@@ -121,7 +120,7 @@ def test_a_backend_fin_while_idle_closes_it_at_once_and_publishes_it_when_lost()
     p.pool.put(conn)
     sock.state = CLOSE_WAIT
     conn.eof_received()
-    assert conn.record.close_cause == BACKEND_CLOSED
+    assert conn.record.close_cause == CONN_BACKEND_CLOSED
     assert p.pool.idle_count() == 0
     assert sock.log[-1] == "close" and "abort" not in sock.log  # theirs is in: closed at once
     conn.connection_lost(None)
@@ -135,7 +134,7 @@ def test_bytes_an_idle_backend_sends_unasked_close_it() -> None:
     p.pool.put(conn)
     stray = b"HTTP/1.1 408 Request Timeout\r\n\r\n"
     conn.data_received(stray)
-    assert conn.record.close_cause == STRAY_BYTES
+    assert conn.record.close_cause == CONN_STRAY_BYTES
     assert conn.record.leg.bytes_in == len(stray)
 
 
@@ -144,7 +143,7 @@ def test_a_reset_while_idle_is_the_records_cause_and_its_record_is_published() -
     conn, _, _ = p.connection()
     p.pool.put(conn)
     conn.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
-    assert conn.record.close_cause == BACKEND_RESET
+    assert conn.record.close_cause == CONN_BACKEND_RESET
     assert p.published == [conn.record] and p.pool.idle_count() == 0
 
 
@@ -155,7 +154,7 @@ def test_a_connection_to_a_member_that_left_its_slot_is_closed_not_handed_out() 
     old, _, _ = p.connection("web-1", "10.0.0.1:80")
     p.pool.put(old)
     assert p.pool.take("web-1", "10.0.0.9:80") is None
-    assert old.record.close_cause == MEMBER_LEFT and old in p.pool.closing
+    assert old.record.close_cause == CONN_MEMBER_LEFT and old in p.pool.closing
 
 
 async def test_shutdown_closes_every_idle_connection_and_every_later_return() -> None:
@@ -165,9 +164,9 @@ async def test_shutdown_closes_every_idle_connection_and_every_later_return() ->
     busy, _, _ = p.connection()
     closing = asyncio.ensure_future(p.pool.close_all(timeout=1.0))
     await asyncio.sleep(0)
-    assert idle.record.close_cause == SHUTDOWN
+    assert idle.record.close_cause == CONN_SHUTDOWN
     p.pool.put(busy)  # its exchange ended during the shutdown: closed, not kept
-    assert busy.record.close_cause == SHUTDOWN and p.pool.idle_count() == 0
+    assert busy.record.close_cause == CONN_SHUTDOWN and p.pool.idle_count() == 0
     idle.connection_lost(None)
     busy.connection_lost(None)
     await closing  # every closing connection lost: close_all returns before its timeout

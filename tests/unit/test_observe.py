@@ -9,17 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from balancer.causes import BACKEND_RESET, CLIENT_CLOSED, CLIENT_RESET
 from balancer.loglines import json_line
 from balancer.observe import Observer
-from balancer.record import (
-    BACKEND_RESET,
-    BALANCER,
-    CLIENT_CLOSED,
-    CLIENT_RESET,
-    PEER,
-    BackendConnectionRecord,
-    ConnectionRecord,
-)
+from balancer.record import BALANCER, PEER, BackendConnectionRecord, ConnectionRecord
 
 
 def tls_record() -> ConnectionRecord:

@@ -117,10 +117,10 @@ def test_no_import_cycle_at_any_level() -> None:
 
 
 def test_the_readme_names_every_close_cause() -> None:
-    """CLOSE_CAUSES is the one list of why a connection ended; the README's record table must
-    name each (a cause added in code and not documented fails here)."""
+    """causes.CLOSE_CAUSES is the one list of why a client connection ended; the README's
+    record table must name each (a cause added in code and not documented fails here)."""
+    from balancer.causes import CLOSE_CAUSES
     from balancer.errors import BalancerError
-    from balancer.record import CLOSE_CAUSES
 
     readme = (PACKAGE.parent / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `close_cause`"))
@@ -131,6 +131,38 @@ def test_the_readme_names_every_close_cause() -> None:
     # the backend's FIN or RST with a response owed); no other may take a cause's name.
     same_fact = {"header_timeout", "backend_timeout", "backend_closed", "backend_reset"}
     assert not reasons & CLOSE_CAUSES.keys() - same_fact
+
+
+def test_the_readme_names_every_backend_connection_close_cause() -> None:
+    """Likewise for backend connections: their metric's row lists every cause."""
+    from balancer.causes import BACKEND_CONNECTION_CLOSE_CAUSES
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    row = next(
+        x
+        for x in readme.splitlines()
+        if x.startswith("| `balancer_backend_connections_closed_total`")
+    )
+    missing = [cause for cause in BACKEND_CONNECTION_CLOSE_CAUSES if f"`{cause}`" not in row]
+    assert not missing, missing
+
+
+def test_close_causes_are_named_in_one_module() -> None:
+    """Each vocabulary is causes.py's: no other module names a cause string as a constant (two
+    tables once had colliding names for the two kinds of connection)."""
+    from balancer.causes import BACKEND_CONNECTION_CLOSE_CAUSES, CLOSE_CAUSES
+
+    words = set(CLOSE_CAUSES) | set(BACKEND_CONNECTION_CLOSE_CAUSES)
+    for path in PACKAGE.glob("*.py"):
+        if path.name == "causes.py":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Constant)
+                and node.value.value in words
+            ):
+                raise AssertionError(f"{path.name}:{node.lineno} names {node.value.value!r}")
 
 
 def _subclasses(cls: type) -> list[type]:

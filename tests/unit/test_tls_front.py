@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from balancer.causes import TLS_FAILED
 from balancer.certs import CertPaths
 from balancer.config import TLSConfig
-from balancer.record import TLS_FAILED
 from balancer.tls import NOT_TLS, server_context
 from balancer.tls_front import TLSFront
 from tests.fakes import FakeSession

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from balancer.record import BACKEND_CLOSED, CLIENT_CLOSED
+from balancer.causes import BACKEND_CLOSED, CLIENT_CLOSED
 from balancer.tunnel import Tunnel
 from tests.fakes import FakeForwarder, FakeSession
 
