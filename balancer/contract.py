@@ -114,7 +114,7 @@ class ForwarderSession(Session, UpstreamUser, Protocol):
     def http(self) -> FlowState | None: ...
 
     @property
-    def tls(self) -> object | None:
+    def tls_front(self) -> object | None:
         """Not None on a TLS listener (a PROXY v2 header then says so)."""
         ...
 

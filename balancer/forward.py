@@ -150,7 +150,7 @@ class Forwarder:
         if version == "v1":
             return encode_v1(source, destination)
         tls = None
-        if session.tls is not None:
+        if session.tls_front is not None:
             named = None if record.tls_version is None else f"TLSv{record.tls_version}"
             tls = TLSFacts(named, record.tls_cipher, record.tls_sni, record.tls_alpn)
         return encode_v2(source, destination, tls)

@@ -174,7 +174,7 @@ class ListenerContext:
     """A session's view of its listener: the three objects above, its router over the loop's
     groups, and what is derived from them once per listener rather than per connection."""
 
-    __slots__ = ("exchanges", "router", "services", "settings", "state")
+    __slots__ = ("exchange_settings", "router", "services", "settings", "state")
 
     def __init__(
         self, settings: ListenerSettings, services: LoopServices, state: ListenerState | None = None
@@ -186,7 +186,7 @@ class ListenerContext:
         self.router = Router(
             [(route, groups[route.group]) for route in listener.routes], groups[listener.group]
         )
-        self.exchanges = ExchangeSettings(
+        self.exchange_settings = ExchangeSettings(
             services.next_request_id, services.clock, services.publish_request, settings.dispatch
         )
 

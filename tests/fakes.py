@@ -150,7 +150,7 @@ class FakeSession:
         self.closing = False
         self.tunnel = False
         self.http: Any = None
-        self.tls: Any = None
+        self.tls_front: Any = None
         self.written = b""  # to the client
         self.closed: tuple[str, bool] | None = None  # (cause, backend_closes)
         self.aborted = False

@@ -78,7 +78,7 @@ def test_the_proxy_header_names_the_client_and_where_it_connected() -> None:
 def test_a_v2_header_tells_the_tls_the_balancer_terminated() -> None:
     session, fwd = session_with()
     session.destination = ("192.0.2.1", 443)
-    session.tls = object()
+    session.tls_front = object()
     record = session.record
     record.tls_version, record.tls_cipher, record.tls_sni = (
         "1.3",
