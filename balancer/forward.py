@@ -64,8 +64,8 @@ class Forwarder:
     """The backend side of one client session (see the module docstring)."""
 
     __slots__ = (
-        "backend", "chosen", "connect_task", "dispatch", "kept", "kept_lease", "lease",
-        "pending", "served", "session",
+        "backend", "chosen", "connect_task", "dispatch", "kept", "lease", "pending", "served",
+        "session",
     )  # fmt: skip
 
     def __init__(self, session: ForwarderSession) -> None:
@@ -79,10 +79,9 @@ class Forwarder:
         self.connect_task: asyncio.Task[None] | None = None
         self.pending: list[bytes] | None = None  # never: for the backend, while connecting
         self.served = 0  # requests given a backend connection (safe mode: the first is new)
-        # Dispatch, reuse never (a routed listener): the connection of the last exchange and
-        # its lease, kept for the next request to the same group (see hand_back).
-        self.kept: BackendConnection | None = None
-        self.kept_lease: Lease | None = None
+        # Dispatch, reuse never (a routed listener): the connection of the last exchange, kept
+        # for the next request to the same group (see hand_back).
+        self.kept: KeptConnection | None = None
 
     # Read through the session, not kept: every slot is 8 bytes on each idle connection.
     @property
@@ -130,30 +129,11 @@ class Forwarder:
                 backend.leg.transport.abort()
             return
         if group.send_proxy != "none":  # before any byte of the client's
-            backend.leg.write(self._proxy_header(group.send_proxy))
+            backend.leg.write(proxy_header(session, group.send_proxy))
         if self.dispatch:
             self.use(lease, backend, reused=False)
         else:
             self._connected(lease, backend)
-
-    def _proxy_header(self, version: str) -> bytes:
-        """The PROXY header that names this session's client (and, v2, its TLS) to a
-        backend: the real client and the address it connected to, as a PROXY header it
-        came with said, else as the client leg's socket says."""
-        session, record = self.session, self.session.record
-        source = (record.client_ip, record.client_port)
-        destination = session.destination
-        if destination is None:
-            transport = session.client.transport
-            sockname = transport.get_extra_info("sockname") if transport is not None else None
-            destination = (sockname[0], sockname[1]) if sockname else ("0.0.0.0", 0)
-        if version == "v1":
-            return encode_v1(source, destination)
-        tls = None
-        if session.tls_front is not None:
-            named = None if record.tls_version is None else f"TLSv{record.tls_version}"
-            tls = TLSFacts(named, record.tls_cipher, record.tls_sni, record.tls_alpn)
-        return encode_v2(source, destination, tls)
 
     def _connected(self, lease: Lease, backend: BackendConnection) -> None:
         """Reuse never: the connection's one backend connection is up."""
@@ -266,14 +246,14 @@ class Forwarder:
         services = self.ctx.services
         self.chosen = session.exchanges.queue[0].group  # its route's (None: the listener's)
         group = self.group
-        kept, kept_lease = self.kept, self.kept_lease
+        kept = self.kept
         if kept is not None:
-            if kept_lease is not None and kept_lease.pool is group.pool and kept.leg.usable:
-                self.kept = self.kept_lease = None
-                kept.user = session
-                self.use(kept_lease, kept, reused=True)  # the same group: the same connection
+            self.kept = None
+            if kept.lease.pool is group.pool and kept.conn.leg.usable:
+                kept.conn.user = session
+                self.use(kept.lease, kept.conn, reused=True)  # the same group: the same one
                 return
-            self.let_go_kept(CONN_REUSE_NEVER)  # another group: closed, one opened there
+            kept.let_go(CONN_REUSE_NEVER)  # another group: closed, one opened there
         lease = group.pool.acquire(services.clock(), (), hash_key(session, group))
         if lease is None:
             session.fail(NoBackendAvailable(f"no backend of group {group.name} is ready"))
@@ -317,12 +297,12 @@ class Forwarder:
         if framer is not None and framer.drop_held():
             reusable = False  # it sent more than its response: not to be trusted again
         self.backend = None
-        if self.group.reuse == "never" and reusable and backend.leg.usable:
+        lease = self.lease
+        if self.group.reuse == "never" and reusable and backend.leg.usable and lease is not None:
             # HAProxy's http-reuse never: the connection stays this session's (with its
             # lease), for its next request if that goes to the same group (activate); until
-            # then its events come here.
-            self.kept, self.kept_lease, self.lease = backend, self.lease, None
-            backend.user = self
+            # then its events go to the KeptConnection.
+            self.kept, self.lease = KeptConnection(self, backend, lease), None
             return
         self.release_lease()
         if self.group.reuse == "never":
@@ -335,7 +315,7 @@ class Forwarder:
     def drop(self, backend: BackendConnection, reset: bool) -> None:
         """The active connection is gone under the exchange (`reset`: by an RST): its record,
         saying so, is the pool's to publish; the session goes on without it."""
-        self._retire(backend, CONN_BACKEND_RESET if reset else CONN_BACKEND_CLOSED)
+        self.retire(backend, CONN_BACKEND_RESET if reset else CONN_BACKEND_CLOSED)
         self.backend = None
         self.release_lease()
 
@@ -384,7 +364,7 @@ class Forwarder:
         self.backend = None
         self.release_lease()
         cause = CONN_BACKEND_TIMEOUT if timed_out else CONN_DEAD_ON_REUSE if record.reused else None
-        self._retire(backend, cause)
+        self.retire(backend, cause)
         if self.dispatch:
             exchange.pending = replay
         else:
@@ -394,36 +374,7 @@ class Forwarder:
         self.connect(avoid=None if lease is None else lease.state)
         return True
 
-    def let_go_kept(self, cause: str) -> None:
-        """The kept connection (see hand_back) is not used again: its lease is released and
-        the pool closes it and publishes its record with `cause`."""
-        kept, lease = self.kept, self.kept_lease
-        self.kept = self.kept_lease = None
-        if lease is not None:
-            lease.release()
-        if kept is not None:
-            self._retire(kept, cause)
-
-    # ---- the kept connection's events: the forwarder is its user between requests ----------
-
-    def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
-        self.let_go_kept(CONN_STRAY_BYTES)  # bytes with no request out: not to be trusted again
-
-    def on_backend_eof(self, backend: BackendConnection) -> None:
-        backend.leg.peer_fin()
-        self.let_go_kept(CONN_BACKEND_CLOSED)  # the backend closed it idle
-
-    def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
-        reset = backend.leg.lost(exc)  # (read now: the descriptor is still its own)
-        self.let_go_kept(CONN_BACKEND_RESET if reset else CONN_BACKEND_CLOSED)
-
-    def block_reading(self, why: str) -> None:
-        pass  # nothing is written to a kept connection between requests
-
-    def unblock_reading(self, why: str) -> None:
-        pass
-
-    def _retire(self, backend: BackendConnection, cause: str | None) -> None:
+    def retire(self, backend: BackendConnection, cause: str | None) -> None:
         """A backend connection this session gives up (a retry's dead one, a kept one let go,
         one lost under its exchange): the pool closes it (our FIN, if the leg is still there)
         and publishes its record with what ended it (`cause`; None: its FIN or RST)."""
@@ -471,7 +422,7 @@ class Forwarder:
         """The session ends: the backend leg closes (FIN and linger), or (reuse modes) goes to
         the pool, which closes it and publishes its record."""
         if self.kept is not None:
-            self.let_go_kept(CONN_REUSE_NEVER)
+            self.kept.let_go(CONN_REUSE_NEVER)
         backend = self.backend
         if backend is None or not backend.leg.usable:
             return
@@ -490,6 +441,67 @@ class Forwarder:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
+
+
+class KeptConnection:
+    """A routed listener's backend connection between requests (reuse never): the session's,
+    with its lease, for its next request if that goes to the same group (Forwarder.activate).
+    Meanwhile its events come here (upstream.UpstreamUser): bytes unasked, the backend's FIN
+    or RST end it, and the forwarder forgets it."""
+
+    __slots__ = ("conn", "fwd", "lease")
+
+    def __init__(self, fwd: Forwarder, conn: BackendConnection, lease: Lease) -> None:
+        self.fwd = fwd
+        self.conn = conn
+        self.lease = lease
+        conn.user = self
+
+    def let_go(self, cause: str) -> None:
+        """Not used again: its lease is released; the pool closes it and publishes its record
+        with `cause`."""
+        fwd = self.fwd
+        if fwd.kept is self:
+            fwd.kept = None
+        self.lease.release()
+        fwd.retire(self.conn, cause)
+
+    def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
+        self.let_go(CONN_STRAY_BYTES)  # bytes with no request out: not to be trusted again
+
+    def on_backend_eof(self, backend: BackendConnection) -> None:
+        backend.leg.peer_fin()
+        self.let_go(CONN_BACKEND_CLOSED)  # the backend closed it idle
+
+    def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
+        reset = backend.leg.lost(exc)  # (read now: the descriptor is still its own)
+        self.let_go(CONN_BACKEND_RESET if reset else CONN_BACKEND_CLOSED)
+
+    def block_reading(self, why: str) -> None:
+        pass  # nothing is written to a kept connection between requests
+
+    def unblock_reading(self, why: str) -> None:
+        pass
+
+
+def proxy_header(session: ForwarderSession, version: str) -> bytes:
+    """The PROXY header that names this session's client (and, v2, its TLS) to a
+    backend: the real client and the address it connected to, as a PROXY header it
+    came with said, else as the client leg's socket says."""
+    record = session.record
+    source = (record.client_ip, record.client_port)
+    destination = session.destination
+    if destination is None:
+        transport = session.client.transport
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        destination = (sockname[0], sockname[1]) if sockname else ("0.0.0.0", 0)
+    if version == "v1":
+        return encode_v1(source, destination)
+    tls = None
+    if session.tls_front is not None:
+        named = None if record.tls_version is None else f"TLSv{record.tls_version}"
+        tls = TLSFacts(named, record.tls_cipher, record.tls_sni, record.tls_alpn)
+    return encode_v2(source, destination, tls)
 
 
 def _said(state: BackendState, seconds: float | None, what: str) -> None:

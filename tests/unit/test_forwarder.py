@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from balancer.forward import Forwarder, hash_key
+from balancer.forward import Forwarder, hash_key, proxy_header
 from balancer.http1 import HeadLimits, RequestReader
 from balancer.proxy_protocol import HeaderReader
 from balancer.record import BackendConnectionRecord
@@ -65,18 +65,18 @@ def parsed(header: bytes) -> Any:
 
 
 def test_the_proxy_header_names_the_client_and_where_it_connected() -> None:
-    session, fwd = session_with()
+    session, _ = session_with()
     session.destination = ("192.0.2.1", 443)  # as a PROXY header it came with said
-    assert fwd._proxy_header("v1") == b"PROXY TCP4 10.0.0.7 192.0.2.1 5555 443\r\n"
+    assert proxy_header(session, "v1") == b"PROXY TCP4 10.0.0.7 192.0.2.1 5555 443\r\n"
     session.destination = None  # else the client leg's own socket says
     session.client.transport = SimpleNamespace(get_extra_info=lambda name: ("10.0.0.1", 8443))
-    header = parsed(fwd._proxy_header("v2"))
+    header = parsed(proxy_header(session, "v2"))
     assert header.source == ("10.0.0.7", 5555) and header.destination == ("10.0.0.1", 8443)
     assert not header.tlvs  # no TLS on this listener: no SSL TLV
 
 
 def test_a_v2_header_tells_the_tls_the_balancer_terminated() -> None:
-    session, fwd = session_with()
+    session, _ = session_with()
     session.destination = ("192.0.2.1", 443)
     session.tls_front = object()
     record = session.record
@@ -85,7 +85,7 @@ def test_a_v2_header_tells_the_tls_the_balancer_terminated() -> None:
         "TLS_AES_128_GCM_SHA256",
         "a.test",
     )
-    header = parsed(fwd._proxy_header("v2"))
+    header = parsed(proxy_header(session, "v2"))
     ssl_tlv = header.tlvs[0x20]  # PP2_TYPE_SSL
     assert b"TLSv1.3" in ssl_tlv and b"TLS_AES_128_GCM_SHA256" in ssl_tlv
     assert header.tlvs[0x02] == b"a.test"  # PP2_TYPE_AUTHORITY: the SNI
