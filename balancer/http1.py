@@ -61,6 +61,9 @@ class RequestHead(NamedTuple):
     target: bytes  # as the client sent it
     host: bytes | None  # the Host header's value, or the absolute-form target's authority
     hashed: bytes | None  # HeadLimits.hashed_header's value (policy hash), if it was sent
+    # HTTP/1.0 with Connection: keep-alive: its response must say keep-alive too, or the
+    # client takes the connection to end with it (RFC 9112 §9.3; ab -k waits for the close).
+    keep_alive_10: bool = False
 
 
 # RequestHead(...) runs a Python-level __new__; this is the same tuple at half the cost.
@@ -340,8 +343,11 @@ class RequestReader:
         wanted = self._limits.hashed_header
         if wanted is not None:  # (only a listener with a group hashing a header or cookie)
             hashed = next((v for n, v in self._headers if n.lower() == wanted), None)
+        keeps_10 = keep_alive and version == "1.0"
         self.heads.append(
-            _new_head(RequestHead, (method, keep_alive, upgrade, self._url, self._host, hashed))
+            _new_head(
+                RequestHead, (method, keep_alive, upgrade, self._url, self._host, hashed, keeps_10)
+            )
         )
 
     def _enter_framing(self) -> None:

@@ -26,9 +26,12 @@ _FRAMING_HEADERS = re.compile(
 _CONNECTION_WORDS = frozenset((b"close", b"keep-alive"))
 MAX_RESPONSE_HEAD_BYTES = 65536
 
-# What a response answers: (a HEAD request, a request that closes), made once.
-_EXPECT = {(h, c): (h, c) for h in (False, True) for c in (False, True)}
-_NOTHING = (False, False)
+# What a response answers: (a HEAD request, a request that closes, an HTTP/1.0 request that
+# keeps the connection: its response must say so), made once.
+_EXPECT = {
+    (h, c, k): (h, c, k) for h in (False, True) for c in (False, True) for k in (False, True)
+}
+_NOTHING = (False, False, False)
 
 # Framer states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _TUNNEL = range(8)
@@ -59,6 +62,8 @@ class ResponseFramer:
         "_message_keep_alive",
         "_remaining",
         "_request_closes",
+        "_request_keeps_10",
+        "_said_keep_alive",
         "_start",
         "_state",
         "_status",
@@ -77,8 +82,11 @@ class ResponseFramer:
         self._state = _HEAD
         self._held = b""
         self._remaining = 0
-        self._expect_head: list[tuple[bool, bool]] = []  # (HEAD request, request closes)
+        # (HEAD request, request closes, HTTP/1.0 request keeping the connection)
+        self._expect_head: list[tuple[bool, bool, bool]] = []
         self._request_closes = False  # the response under way answers a request that closes
+        self._request_keeps_10 = False  # ... an HTTP/1.0 one that keeps it (see expect)
+        self._said_keep_alive = False  # its head says Connection: keep-alive
         self._message_keep_alive = True
         self.force_close = False
         self.started = 0
@@ -95,8 +103,11 @@ class ResponseFramer:
         self.client_closes = False
         self.upgraded = False
 
-    def expect(self, is_head: bool, closes: bool = False) -> None:
-        self._expect_head.append(_EXPECT[is_head, closes])
+    def expect(self, is_head: bool, closes: bool = False, keeps_10: bool = False) -> None:
+        """A request was forwarded: a HEAD's response has no body; a request that closes gets
+        a response that says close; an HTTP/1.0 request that keeps the connection
+        (`keeps_10`) gets one that says keep-alive, whatever the backend's says."""
+        self._expect_head.append(_EXPECT[is_head, closes, keeps_10])
 
     @property
     def awaiting(self) -> int:
@@ -135,14 +146,16 @@ class ResponseFramer:
                     return _joined(out, data, 0, pos)
                 end += 4
                 head = data[pos:end]
-                if (
-                    self._on_head(head, end)
-                    and (self.force_close or self._request_closes)
-                    and self._message_keep_alive  # (one that says it closes stays as it is)
-                ):
+                rewritten = None
+                if self._on_head(head, end) and self._message_keep_alive:
+                    # (A response that says it closes stays as it is.)
+                    if self.force_close or self._request_closes:
+                        rewritten = _with_close(head)
+                    elif self._request_keeps_10 and not self._said_keep_alive:
+                        rewritten = _with_keep_alive(head)
+                if rewritten is not None:
                     if out is None:
                         out = [data[:pos]]
-                    rewritten = _with_close(head)
                     out.append(rewritten)
                     if self._state == _HEAD:  # a response with no body: ended with its head
                         self.sizes[-1] += len(rewritten) - len(head)
@@ -214,7 +227,10 @@ class ResponseFramer:
                 self._carried, self._start = 0, end
             return False  # interim (100 Continue, 103): the final response follows
         self.started += 1
-        is_head, self._request_closes = self._expect_head[0] if self._expect_head else _NOTHING
+        is_head, self._request_closes, self._request_keeps_10 = (
+            self._expect_head[0] if self._expect_head else _NOTHING
+        )
+        said_keep_alive = False
         length: bytes | None = None
         chunked = False
         keep_alive = minor == b"1"  # the default of the version; Connection may change it
@@ -237,11 +253,14 @@ class ResponseFramer:
                     token = token.strip()
                     if token == b"close":
                         keep_alive = False
-                    elif token == b"keep-alive" and minor == b"0":
-                        keep_alive = True
+                    elif token == b"keep-alive":
+                        said_keep_alive = True
+                        if minor == b"0":
+                            keep_alive = True
         if chunked and length is not None:
             raise BadBackendResponse("both Content-Length and Transfer-Encoding")
         self._message_keep_alive = keep_alive
+        self._said_keep_alive = said_keep_alive
         if is_head or status in (204, 304):
             self._message_done(end)
         elif chunked:
@@ -332,6 +351,12 @@ _CONNECTION_LINE = re.compile(rb"\r\n(?:connection|keep-alive)[ \t]*:[^\r\n]*", 
 def _with_close(head: bytes) -> bytes:
     """The same response head, ending the connection: used while draining for shutdown."""
     return _CONNECTION_LINE.sub(b"", head[:-2]) + b"Connection: close\r\n\r\n"
+
+
+def _with_keep_alive(head: bytes) -> bytes:
+    """The same response head, keeping an HTTP/1.0 client's connection (it asked, and the
+    connection stays): its other Connection options are the backend's hop, not the client's."""
+    return _CONNECTION_LINE.sub(b"", head[:-2]) + b"Connection: keep-alive\r\n\r\n"
 
 
 # Responses the balancer writes itself -------------------------------------------------------

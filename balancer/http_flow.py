@@ -115,7 +115,7 @@ class HttpFlow:
         exchanges, router = session.exchanges, session.ctx.router
         for head in reader.heads:
             record.requests += 1
-            framer.expect(head.method == b"HEAD", not head.keep_alive)
+            framer.expect(head.method == b"HEAD", not head.keep_alive, head.keep_alive_10)
             exchange = exchanges.open(head)
             if router.rules:
                 exchange.group = router.for_request(head.host, head.target)

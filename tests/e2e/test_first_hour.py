@@ -298,3 +298,17 @@ def test_every_flag_has_help() -> None:
             if action.option_strings and action.dest != "help":
                 assert action.help, (verb, action.option_strings)
         assert "--help" in balancer_cli(verb, "--help").stdout
+
+
+# 11. `ab -k` (HTTP/1.0 keep-alive) ran until its timeout: an HTTP/1.1 backend's response,
+#     relayed, did not say keep-alive, so ab waited for a close that never came.
+
+
+def test_ab_with_keep_alive_reuses_its_connections(farm_ports, certs_dir, tmp_path) -> None:
+    ab = need("ab")
+    with balancer(farm_ports, certs_dir, tmp_path) as running:
+        output = run(ab, "-k", "-s", "5", "-n", "400", "-c", "4", running.url("http"),
+                     timeout=30).stdout  # fmt: skip
+    assert "Complete requests:      400" in output, output
+    assert "Failed requests:        0" in output, output
+    assert "Keep-Alive requests:    400" in output, output  # every one over a kept connection

@@ -219,6 +219,26 @@ def test_framer_sizes_are_the_bytes_relayed_rewrites_and_close_delimited_bodies_
     assert framer.sizes == [len(out), len(out2)] and len(out2) == 26
 
 
+def test_an_http10_keep_alive_request_gets_a_response_that_says_keep_alive() -> None:
+    """RFC 9112 §9.3: an HTTP/1.0 client keeps the connection only if the response says
+    keep-alive; an HTTP/1.1 backend's response need not (ab -k waited for a close)."""
+    framer = ResponseFramer()
+    framer.expect(False, keeps_10=True)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\n\r\n"
+    out = framer.feed(head + b"ok")
+    assert out == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+    assert framer.sizes == [len(out)] and not framer.close_after
+    said = b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n"
+    framer.expect(False, keeps_10=True)
+    assert framer.feed(said) == said  # said already: relayed untouched
+    closes = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    framer.expect(False, keeps_10=True)
+    assert framer.feed(closes) == closes and framer.close_after  # it closes: as it says
+    plain = ResponseFramer()
+    plain.expect(False)  # an HTTP/1.1 request: nothing to add
+    assert plain.feed(head + b"ok") == head + b"ok"
+
+
 def test_framer_tracks_keep_alive_and_close_delimited_bodies() -> None:
     framer = ResponseFramer()
     framer.expect(False)

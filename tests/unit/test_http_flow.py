@@ -127,6 +127,15 @@ def test_a_request_that_says_close_ends_the_connection_after_its_response() -> N
     assert b"Connection: close" in session.written  # the response says so too
 
 
+def test_an_http10_client_that_keeps_the_connection_is_told_so_and_it_stays() -> None:
+    http, session, fwd = flow()
+    http.on_client_data(b"GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+    assert b"Connection: keep-alive" in fwd.sent  # and the backend is asked to keep it too
+    http.on_response_data(OK)  # an HTTP/1.1 backend's: says nothing of keep-alive
+    assert b"Connection: keep-alive\r\n" in session.written and session.written.endswith(b"ok")
+    assert session.closed is None and session.deadline_kind == IDLE
+
+
 def test_a_head_begun_is_bounded_by_the_header_deadline() -> None:
     http, session, _ = flow()
     http.on_client_data(b"GET / HTTP/1.1\r\nHo")
