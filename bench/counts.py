@@ -4,6 +4,7 @@ Python, object allocations, objects left to the cyclic GC, and syscalls.
     python bench/counts.py                  # reuse never and always, 2000 connections each
     python bench/counts.py --reuse never --connections 5000 --json
     python bench/counts.py --reuse never --functions 40   # where the calls go
+    python bench/counts.py --keepalive                    # per keep-alive request (ab -k)
 
 The balancer runs in this process (uvloop, access log on, one worker), a small HTTP/1.1 farm
 in another, and `ab -c 8` (a new HTTP/1.0 connection per request; a Python client where ab is
@@ -90,9 +91,16 @@ with ThreadPoolExecutor(8) as pool:
 """
 
 
+KEEPALIVE = False  # --keepalive: `ab -k`, each of the 8 connections carrying many requests
+
+
 def load_command(port: int, count: int) -> list[str]:
     if shutil.which("ab"):
-        return ["ab", "-q", "-n", str(count), "-c", str(CONCURRENCY), f"http://127.0.0.1:{port}/"]
+        keepalive = ["-k"] if KEEPALIVE else []
+        url = f"http://127.0.0.1:{port}/"
+        return ["ab", "-q", *keepalive, "-n", str(count), "-c", str(CONCURRENCY), url]
+    if KEEPALIVE:
+        raise RuntimeError("--keepalive needs ab (apache2-utils)")
     return [sys.executable, "-c", CLIENT, str(port), str(count)]
 
 
@@ -264,7 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         "--functions", type=int, default=0, metavar="N",
         help="the N most called functions (Python and C), per connection",
     )  # fmt: skip
+    parser.add_argument(
+        "--keepalive", action="store_true",
+        help="keep-alive requests (ab -k): the counts are per request, not per connection",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    global KEEPALIVE
+    KEEPALIVE = args.keepalive
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         counter = build_alloc_counter(workdir)
@@ -285,10 +299,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _line(row: dict[str, Any]) -> str:
     return (
-        f"reuse {row['reuse']}: per connection {row['python_calls']} Python calls, "
+        f"reuse {row['reuse']}: per {'request' if KEEPALIVE else 'connection'} "
+        f"{row['python_calls']} Python calls, "
         f"{row['c_calls']} C calls, {row['allocations']} allocations, "
         f"{row['gc_only']} GC-only objects {row['gc_only_kinds']}, {row['syscalls']} syscalls "
-        f"({row['connections']} connections a pass, {row['seconds']} s)"
+        f"({row['connections']} {'requests over 8 connections' if KEEPALIVE else 'connections'} "
+        f"a pass, {row['seconds']} s)"
     )
 
 
