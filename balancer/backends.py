@@ -48,6 +48,7 @@ class BackendState:
         "ejections",
         "ejections_total",
         "failures",
+        "name",
         "peer_active",
         "ready",
         "weight",
@@ -55,6 +56,9 @@ class BackendState:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        # Its name, kept (not a property): a policy reads it for every candidate of every pick.
+        # A discovered slot's member changes `backend`, never the name.
+        self.name = backend.name
         self.active = 0  # this worker's leases
         self.peer_active = 0  # the other workers' (pool.PeerCounts), as last read
         self.weight = backend.weight  # as configured, or as an operator set it (BackendTable)
@@ -66,10 +70,6 @@ class BackendState:
         self.down_until = 0.0
         self.connections_total = 0
         self.connect_failures_total = 0
-
-    @property
-    def name(self) -> str:
-        return self.backend.name
 
     @property
     def load(self) -> int:
