@@ -16,12 +16,17 @@ nginx's `server_name` and `location` prefixes). Pure: it sees bytes and names, n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 
-from balancer.config import EMPTY_RESPONSE, RESPONSE_TIMEOUT, RouteConfig
+from balancer.backends import Backend
+from balancer.config import CONN_FAILURE, EMPTY_RESPONSE, RESPONSE_TIMEOUT, Config, RouteConfig
+from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.http1 import origin_form
-from balancer.pool import BackendPool
+from balancer.policies import POLICIES, ConsistentHash
+from balancer.pool import BackendPool, BackendTable, PeerCounts
 from balancer.upstream import Connector
+from balancer.writebatch import WriteBatch
 
 
 class Group:
@@ -50,6 +55,48 @@ class Group:
 
     def __repr__(self) -> str:
         return f"Group({self.name!r}, reuse={self.reuse!r})"
+
+
+def build_groups(
+    config: Config,
+    backends: Sequence[Backend],
+    peers: PeerCounts | None,
+    table: BackendTable,
+    worker_pid: int,
+    deadlines: DeadlineWheel[Wakeable],
+    writes: WriteBatch,
+    clock: Callable[[], float],
+) -> dict[str, Group]:
+    """Each configured group's pool and connector, in one worker; their backends sit one
+    group after another in `backends` and the shared tables."""
+    groups: dict[str, Group] = {}
+    first = 0
+    next_id = itertools.count(1).__next__  # backend connection ids, one series a worker
+    upstream, attempts = config.upstream, config.limits.max_connect_attempts
+    for group in config.groups:
+        mine = backends[first : first + len(group.backends)]
+        check, timeouts = group.health_check, group.timeouts
+        policy = POLICIES[group.policy]()
+        if isinstance(policy, ConsistentHash):
+            policy.balance_factor = group.hash_balance_factor
+        policy.members(mine)  # (the ring: every backend, as configured)
+        pool = BackendPool(
+            mine, policy, timeouts.backend_down_seconds, peers, table,
+            check.passive_fall, check.eject_max_seconds, check.slow_start_seconds, first,
+        )  # fmt: skip
+        pool.count_5xx = check.passive_5xx
+        pool.count_timeouts = check.passive_timeouts
+        connector = Connector(
+            pool, timeouts, attempts if CONN_FAILURE in upstream.retry_on else 1,
+            deadlines, writes, clock, next_id, worker_pid,
+        )  # fmt: skip
+        groups[group.name] = Group(
+            group.name, pool, connector, group.reuse, timeouts.backend_response_seconds,
+            group.send_proxy, upstream.retries, upstream.retry_on,
+            group.hash_key if group.policy == "hash" else None,
+        )  # fmt: skip
+        first += len(mine)
+    return groups
 
 
 def host_of(host_header: bytes) -> bytes:

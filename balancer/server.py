@@ -32,21 +32,20 @@ from balancer.accept import (
 )
 from balancer.admin import AdminServer
 from balancer.backends import Backend, BackendState
-from balancer.config import CONN_FAILURE, Config, ConfigError, HealthCheck, ListenerConfig
+from balancer.config import Config, ConfigError, HealthCheck, ListenerConfig
 from balancer.deadlines import DeadlineWheel, Wakeable
 from balancer.discovery import Discovery, discovery_for
 from balancer.drain import Drainer, watch
-from balancer.groups import Group
+from balancer.groups import build_groups
 from balancer.health import HealthChecker, checker_for
 from balancer.listener import ListenerContext, ListenerSettings, LoopServices
 from balancer.observe import DnsMetrics, HealthMetrics, ListenerTotals, Observer, StateCollector
-from balancer.policies import POLICIES, ConsistentHash
-from balancer.pool import BackendPool, BackendTable, PeerCounts
+from balancer.pool import BackendTable, PeerCounts
 from balancer.proxy_protocol import encode_local
 from balancer.record import BackendConnectionRecord, ConnectionRecord
 from balancer.session import ClientSession, state_of
 from balancer.tls import server_context
-from balancer.upstream import Connector, IdlePool
+from balancer.upstream import IdlePool
 from balancer.writebatch import WriteBatch
 
 log = logging.getLogger("balancer")
@@ -156,7 +155,9 @@ class Balancer:
         if ssl_contexts is None:
             ssl_contexts = build_ssl_contexts(config)
         worker_pid = os.getpid()
-        self.groups = self._groups(backends, peers, table, worker_pid)
+        self.groups = build_groups(
+            config, backends, peers, table, worker_pid, self.deadlines, self.writes, clock
+        )
         dispatch = {x.name: dispatches(config, x) for x in config.listeners}
         # Backend connections between exchanges (dispatching listeners), one pool a worker; it
         # also closes and publishes the dead ones a retry leaves behind (any listener).
@@ -211,45 +212,6 @@ class Balancer:
         )
         self._watcher: asyncio.Task[None] | None = None
         self.draining = False  # shutdown has begun (a flag: _publish reads it per connection)
-
-    def _groups(
-        self,
-        backends: list[Backend],
-        peers: PeerCounts | None,
-        table: BackendTable,
-        worker_pid: int,
-    ) -> dict[str, Group]:
-        """Each configured group's pool and connector; their backends sit one group after
-        another in `backends` and the shared tables."""
-        groups: dict[str, Group] = {}
-        first = 0
-        next_id = itertools.count(1).__next__  # backend connection ids, one series a worker
-        for config in self.config.groups:
-            mine = backends[first : first + len(config.backends)]
-            check, timeouts = config.health_check, config.timeouts
-            policy = POLICIES[config.policy]()
-            if isinstance(policy, ConsistentHash):
-                policy.balance_factor = config.hash_balance_factor
-            policy.members(mine)  # (the ring: every backend, as configured)
-            pool = BackendPool(
-                mine, policy, timeouts.backend_down_seconds, peers, table,
-                check.passive_fall, check.eject_max_seconds, check.slow_start_seconds, first,
-            )  # fmt: skip
-            pool.count_5xx = check.passive_5xx
-            pool.count_timeouts = check.passive_timeouts
-            upstream = self.config.upstream
-            attempts = self.config.limits.max_connect_attempts
-            connector = Connector(
-                pool, timeouts, attempts if CONN_FAILURE in upstream.retry_on else 1,
-                self.deadlines, self.writes, self._clock, next_id, worker_pid,
-            )  # fmt: skip
-            groups[config.name] = Group(
-                config.name, pool, connector, config.reuse, timeouts.backend_response_seconds,
-                config.send_proxy, upstream.retries, upstream.retry_on,
-                config.hash_key if config.policy == "hash" else None,
-            )  # fmt: skip
-            first += len(mine)
-        return groups
 
     def backend_states(self) -> list[BackendState]:
         return [state for group in self.groups.values() for state in group.pool.states]

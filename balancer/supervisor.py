@@ -197,6 +197,17 @@ class Generation:
                 self.discovery.carry(old.discovery)
             await self.discovery.first()
 
+    def backend_addresses(self) -> Iterator[tuple[str, str, str]]:
+        """(name, group, address) of each backend (balancer_backend_info); a discovered
+        slot's member's address, or "" while the slot is empty."""
+        members = self.discovery.view() if self.discovery is not None else {}
+        for group in self.config.groups:
+            for backend in group.backends:
+                address = str(backend.address)
+                if group.discover is not None:
+                    address = members.get(backend.name, "")
+                yield backend.name, group.name, address
+
     def check(self, metrics: HealthMetrics) -> None:
         """The generation serves: its checker and resolver start (the metrics now speak of
         its backends)."""
@@ -260,7 +271,7 @@ class Supervisor:
         )
         self.health_metrics = HealthMetrics(self.registry)
         self.dns_metrics = DnsMetrics(self.registry)
-        self.registry.register(BackendInfo(self._backend_addresses))
+        self.registry.register(BackendInfo(lambda: self.generation.backend_addresses()))
         self.control = Control(
             lambda: (self.generation.config, self.generation.table, self.generation.token),
             self.metrics.admin_writes,
@@ -272,18 +283,6 @@ class Supervisor:
     def children(self) -> Mapping[int, Worker]:
         """Worker processes by pid, until reaped (the admin views ask the live ones)."""
         return self._children
-
-    def _backend_addresses(self) -> Iterator[tuple[str, str, str]]:
-        """(name, group, address) of each backend; a discovered slot's member's address, or
-        "" while the slot is empty."""
-        discovery = self.generation.discovery
-        members = discovery.view() if discovery is not None else {}
-        for group in self.generation.config.groups:
-            for backend in group.backends:
-                address = str(backend.address)
-                if group.discover is not None:
-                    address = members.get(backend.name, "")
-                yield backend.name, group.name, address
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -310,7 +309,7 @@ class Supervisor:
             on_started()
         self.metrics.last_reload.set(time.time())
         self.metrics.last_reload_ok.set(1)
-        self._said_certificates(generation.config)
+        said_certificates(generation.config, self.metrics)
         log.info(
             "supervisor (pid %d, %s): %d worker(s) running: %s",
             os.getpid(),
@@ -492,14 +491,6 @@ class Supervisor:
 
     # ---- reload ----------------------------------------------------------------------------
 
-    def _said_certificates(self, config: Config) -> None:
-        """Each served certificate's notAfter, as the running generation loaded it."""
-        gauge = self.metrics.certificate_not_after
-        gauge.clear()
-        for _, path in configured_certificates(config):
-            with contextlib.suppress(OSError, ValueError):
-                gauge.labels(path).set(certificate_not_after(path).timestamp())
-
     async def reload(self) -> None:
         """SIGHUP: check the file as `balancer check` does, then start a new generation.
         One reload at a time: a SIGHUP during one waits for it."""
@@ -547,7 +538,7 @@ class Supervisor:
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload.set(time.time())
         self.metrics.last_reload_ok.set(1)
-        self._said_certificates(new.config)
+        said_certificates(new.config, self.metrics)
         for name, (host, port) in self.addresses.items():
             if name != "admin" and name not in new.sockets:
                 continue
@@ -640,6 +631,15 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)  # held: the loop keeps only a weak reference
         task.add_done_callback(self._tasks.discard)
+
+
+def said_certificates(config: Config, metrics: SupervisorMetrics) -> None:
+    """Each served certificate's notAfter, as the running generation loaded it."""
+    gauge = metrics.certificate_not_after
+    gauge.clear()
+    for _, path in configured_certificates(config):
+        with contextlib.suppress(OSError, ValueError):
+            gauge.labels(path).set(certificate_not_after(path).timestamp())
 
 
 def _log_descriptors() -> set[int]:
