@@ -21,7 +21,7 @@ last good answer is kept for [dns] hold_seconds after it was last confirmed (HAP
 valid`), each failure logged and counted, tried again every retry_seconds; past the hold the
 members leave. A generation's first answer is its farm as it starts: those members serve at
 once, as configured backends do (checks take them down if they fail), and a reload carries
-the slots of a group whose `discover` it kept.
+the members of a group whose `discover` name it kept (into its new slot count).
 
 The resolver is dnspython's, asynchronous, with the file's nameservers or /etc/resolv.conf's.
 It runs where the health checks run: in the supervisor for every worker, or in a lone
@@ -123,9 +123,12 @@ class Slots:
             changes.append(Change(slot, JOIN, member))
         return changes
 
-    def copy(self) -> Slots:
-        other = Slots(len(self.members))
-        other.members, other.leaving = list(self.members), list(self.leaving)
+    def copy(self, count: int) -> Slots:
+        """These slots' members in `count` slots (a reload that changed `slots`): each in its
+        own slot while there is room; those past it wait for the next answer to place them."""
+        other = Slots(count)
+        kept = min(count, len(self.members))
+        other.members[:kept], other.leaving[:kept] = self.members[:kept], self.leaving[:kept]
         return other
 
 
@@ -285,14 +288,17 @@ class Discovery:
             group.started = True
 
     def carry(self, old: Discovery) -> None:
-        """A reload: the slots of each group whose name, port and slot count the file kept,
-        members as they were (up, as configured backends start)."""
+        """A reload: the members of each group whose name and port (or SRV name) the file kept,
+        as they were (up, as configured backends start), in as many slots as it now has."""
         previous = {group.config.name: group for group in old.groups}
         for group in self.groups:
             before = previous.get(group.config.name)
-            if before is None or before.discover != group.discover:
+            if before is None or (before.discover.name, before.discover.port) != (
+                group.discover.name, group.discover.port,
+            ):  # fmt: skip
                 continue
-            group.slots, group.last_ok, group.started = before.slots.copy(), before.last_ok, True
+            group.slots = before.slots.copy(group.discover.slots)
+            group.last_ok, group.started = before.last_ok, True
             for slot, member in enumerate(group.slots.members):
                 if member is not None:
                     leaving = group.slots.leaving[slot] is not None

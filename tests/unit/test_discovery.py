@@ -185,3 +185,35 @@ def test_bad_discovery_keys_are_named(
 ) -> None:
     problems = config_problems({"groups": [{"name": "web", **group}], "dns": dns})
     assert any(problem.startswith(f"lb.toml: {says}") for problem in problems), problems
+
+
+def test_a_reload_carries_the_members_into_its_slots_even_when_their_count_changed() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from balancer.discovery import Discovery
+    from balancer.observe import DnsMetrics
+    from balancer.server import backends_of
+
+    def generation(slots: int, name: str = "web.internal:80") -> Discovery:
+        config = parse_config({
+            "listeners": [{"bind": "127.0.0.1:80"}],
+            "groups": [{"name": "web", "discover": name, "slots": slots}],
+            "dns": {"nameservers": ["127.0.0.1:5353"]},
+        }, "lb.toml")  # fmt: skip
+        backends = backends_of(config)
+        return Discovery(
+            config, backends, BackendTable.of(backends), DnsMetrics(CollectorRegistry())
+        )
+
+    old = generation(3)
+    old.groups[0].slots.apply([A, B, C], now=1.0)
+    old.groups[0].slots.apply([A, C], now=2.0)  # B leaving
+    old.groups[0].started = True
+    fewer = generation(2)
+    fewer.carry(old)
+    assert fewer.table.address(0) == ("10.0.0.1", 80) and fewer.table.state(0) == "up"
+    assert fewer.table.address(1) == ("10.0.0.2", 80) and fewer.table.state(1) == "draining"
+    assert fewer.groups[0].slots.members == [A, B] and fewer.groups[0].started
+    other = generation(3, name="api.internal:80")  # another name: another farm, resolved anew
+    other.carry(old)
+    assert other.table.address(0) is None and not other.groups[0].started
