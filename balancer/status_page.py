@@ -169,8 +169,13 @@ def _backends(
     backends: list[dict[str, Any]], rates: dict[str, tuple[float, float]], now: float
 ) -> str:
     rows = []
+    empty: dict[str, int] = {}  # a discovered group's slots without a member, counted apart
     for backend in backends:
         state = str(backend.get("state", "up"))
+        if state == "empty":
+            group = str(backend.get("group", ""))
+            empty[group] = empty.get(group, 0) + 1
+            continue
         if state == "up" and backend.get("ejected_by_workers"):  # passive checks skip it
             state = "ejected"
         colour = _STATE_COLOURS.get(state, "#1f2328")
@@ -196,7 +201,11 @@ def _backends(
         ])  # fmt: skip
     head = ("backend", "group", "address", "state", "for", "weight", "in flight", "responses/s",
             "5xx/s", "total", "connect failures", "last check", "check time")  # fmt: skip
-    return _table("Backends", "backends", head, rows)
+    table = _table("Backends", "backends", head, rows)
+    if empty:
+        said = "; ".join(f"group {html.escape(g)}: {n} empty slot(s)" for g, n in empty.items())
+        table += f"<p id=empty-slots>DNS discovery: {said} (members DNS may name next)</p>"
+    return table
 
 
 def _handshakes(families: dict[str, Family]) -> str:

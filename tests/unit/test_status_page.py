@@ -94,3 +94,14 @@ def test_the_summary_says_version_workers_uptime_and_the_last_reload() -> None:
     assert 'data-state="down">down</span></td><td>2 min</td>' in page
     ok.set(1)
     assert "last reload: ok" in render(generate_latest(registry).decode(), [], NOW).decode()
+
+
+def test_empty_dns_slots_are_counted_in_a_line_not_listed() -> None:
+    backends = [
+        {"name": "web-1", "group": "web", "address": "10.0.0.1:80", "state": "up"},
+        {"name": "web-2", "group": "web", "address": "", "state": "empty"},
+        {"name": "web-3", "group": "web", "address": "", "state": "empty"},
+    ]
+    page = render("", backends, NOW).decode()
+    assert "<td>web-1</td>" in page and "web-2" not in page and "web-3" not in page
+    assert "DNS discovery: group web: 2 empty slot(s)" in page
