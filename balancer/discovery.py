@@ -307,13 +307,14 @@ class Discovery:
 
     def attach(self, checker: HealthChecker | None) -> None:
         """The generation's checks run: it checks every member the slots hold now (as they
-        stand: up, unless the table says down) and each one that joins later."""
+        stand: up, unless the table says down; not those leaving) and each one that joins
+        later."""
         self.checker = checker
         if checker is None:
             return
         for group in self.groups:
             for slot, member in enumerate(group.slots.members):
-                if member is not None:
+                if member is not None and group.slots.leaving[slot] is None:
                     index = group.first + slot
                     backend = self._backend(self.backends[index], member)
                     checker.member(index, backend, up=self.table.up(index))
@@ -397,6 +398,8 @@ class Discovery:
                          " (health-checked first)" if checks_on else "")  # fmt: skip
             elif change.kind == LEAVE:
                 self.table.set_member(group.first + slot, LEAVING)
+                if self.checker is not None:
+                    self.checker.left(group.first + slot)
                 log.info("group %s: %s leaves (%s drains)", name, member.address, backend.name)
             else:
                 self.table.set_member(group.first + slot, MEMBER, weight=member.weight)

@@ -158,6 +158,7 @@ class HealthChecker:
         firsts: Sequence[bytes] = (),
     ) -> None:
         self.backends = list(backends)
+        self.configured = list(backends)  # (a discovered slot's: its empty placeholder)
         self.specs = list(specs)  # each backend's (its group's); type "none": not checked
         # What each backend's checks send first (its group's PROXY header for checks, or b"").
         self.firsts = list(firsts) or [b""] * len(self.backends)
@@ -203,6 +204,17 @@ class HealthChecker:
             if task is not None:
                 task.cancel()
             self._start(index, 0.0)
+
+    def left(self, index: int) -> None:
+        """A discovered slot's member left (DNS no longer names it): no more checks of it
+        (its host is likely going away: failing checks would say a backend is down that no
+        longer is one), and if they had it down, it is no longer said to be."""
+        self.backends[index] = self.configured[index]
+        spec, health = self.specs[index], self.health[index]
+        self.last[index] = None
+        if health.state == DOWN:
+            self.health[index] = Health(spec.rise, spec.fall, UP)
+            self.changed(index, UP, CheckResult(True, "left", 0.0))
 
     async def _run(self, index: int, delay: float) -> None:
         spec = self.specs[index]

@@ -165,6 +165,30 @@ async def test_the_members_a_balancer_starts_with_are_checked_too(
     assert set((await served(port_of(balancer), 6)).keys()) == {"m2"}
 
 
+async def test_a_member_that_leaves_is_no_longer_checked_nor_said_to_be_down(
+    dnsmasq: Dnsmasq, members: list[Backend], balancer_factory: Any
+) -> None:
+    """Scale-in: DNS drops a member whose host is going away; its failing checks must not
+    leave an alerting `balancer_backend_up 0` behind for a backend that is no longer one."""
+    config = discovered(dnsmasq, f"web.test:{members[0].port}", health_check=FAST_CHECKS)
+    balancer, _ = await balancer_factory(config)
+    members[0].health = "fail"  # 127.0.0.2, web-1
+    async with asyncio.timeout(5):
+        while states(balancer)["web-1"][1] != "down":
+            await asyncio.sleep(0.02)
+    dnsmasq.set_hosts(["127.0.0.3 web.test"])
+    async with asyncio.timeout(5):
+        while states(balancer)["web-1"][1] != "draining":
+            await asyncio.sleep(0.02)
+    checks_of_left = len(members[0].seen)
+    async with asyncio.timeout(5):  # three more checks of the one that stays, at least
+        seen = len(members[1].seen)
+        while len(members[1].seen) < seen + 3:
+            await asyncio.sleep(0.02)
+    assert len(members[0].seen) <= checks_of_left + 1  # (one may have been under way)
+    assert 'balancer_backend_up{backend="web-1"} 1.0' in await scrape(balancer)
+
+
 async def test_srv_records_give_each_member_its_port_and_weight(
     tmp_path: Path, balancer_factory: Any
 ) -> None:
