@@ -25,6 +25,8 @@ from balancer.config_values import (
     SECONDS,
     Address,
     Reader,
+    is_host_name,
+    parse_address,
     positive_int,
     positive_number,
 )
@@ -33,7 +35,6 @@ MAX_SLOTS = 1024
 DEFAULT_SLOTS = 16  # HAProxy's server-template takes a count; ours has a default
 # RFC 2782's service name: `_service._proto.name`.
 _SRV_NAME = re.compile(r"_[A-Za-z0-9-]{1,62}\._(?:tcp|udp)\.(?:[A-Za-z0-9_-]{1,63}\.?)+")
-_LABELS = re.compile(r"(?=.{1,253}\.?$)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)+")
 DISCOVER = (
     "a name and port such as 'web.internal:8080' (its A and AAAA records), or an SRV name such "
     "as '_http._tcp.web.internal'"
@@ -84,7 +85,7 @@ def discover_value(value: object) -> Discover:
     name, _, port = value.rpartition(":")
     if not name or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(value)
-    if _LABELS.fullmatch(name) is None or name.replace(".", "").isdigit():
+    if not is_host_name(name):
         raise ValueError(value)  # (an address is a backend, not a name to discover)
     return Discover(name.rstrip("."), int(port))
 
@@ -97,11 +98,10 @@ def nameserver(value: object) -> Address:
         return Address(str(ipaddress.ip_address(value)), 53)
     except ValueError:
         pass
-    host, _, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    address = parse_address(value)  # "ip:port" or "[v6]:port"
+    if address.host == "localhost" or not address.port:
         raise ValueError(value)
-    return Address(str(ipaddress.ip_address(host)), int(port))
+    return address
 
 
 def dns_section(r: Reader, data: Mapping[str, Any]) -> DnsConfig:

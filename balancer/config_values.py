@@ -122,9 +122,14 @@ def backend_address(value: object) -> Address:
     host, _, port_text = value.rpartition(":")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(value)
-    if _HOST_NAME.fullmatch(host) is None or host.replace(".", "").isdigit():
+    if not is_host_name(host):
         raise ValueError(value)
     return Address(host, int(port_text))
+
+
+def is_host_name(name: str) -> bool:
+    """A name as DNS and /etc/hosts have them (see _HOST_NAME), not a dotted number."""
+    return _HOST_NAME.fullmatch(name) is not None and not name.replace(".", "").isdigit()
 
 
 def is_ip_address(host: str) -> bool:

@@ -230,7 +230,9 @@ class Lookup:
 class Discovered:
     """One discovered group in a generation: its slots and where they sit in the tables."""
 
-    __slots__ = ("config", "dropped_said", "failing", "first", "last_ok", "slots", "started")
+    __slots__ = (
+        "config", "delay", "dropped_said", "failing", "first", "last_ok", "slots", "started",
+    )  # fmt: skip
 
     def __init__(self, config: GroupConfig, first: int) -> None:
         assert config.discover is not None
@@ -241,6 +243,7 @@ class Discovered:
         self.started = False  # its first resolution done (or its slots carried over)
         self.failing = False  # its resolutions fail now (said once, and once when they stop)
         self.dropped_said = 0  # the count of slotless members last logged
+        self.delay = 0.0  # until its resolver loop's first resolution (after `first`: the TTL)
 
     @property
     def discover(self) -> Discover:
@@ -276,16 +279,15 @@ class Discovery:
             first += len(group.backends)
         metrics.groups([group.config.name for group in self.groups], RESULTS)
         self._tasks: list[asyncio.Task[None]] = []
-        self._first_delays: dict[int, float] = {}  # by id(group): after the first answers
 
     async def first(self) -> None:
         """Every group not carried over, resolved once (bounded by the timeout): the farm a
         generation starts with."""
         pending = [group for group in self.groups if not group.started]
         delays = await asyncio.gather(*(self._resolve(group) for group in pending))
-        self._first_delays = dict(zip((id(g) for g in pending), delays, strict=True))
-        for group in pending:  # from now on a member joins while running (checked first)
-            group.started = True
+        for group, delay in zip(pending, delays, strict=True):
+            group.delay = delay
+            group.started = True  # from now on a member joins while running (checked first)
 
     def carry(self, old: Discovery) -> None:
         """A reload: the members of each group whose name and port (or SRV name) the file kept,
@@ -323,10 +325,7 @@ class Discovery:
         if self._tasks:
             return
         loop = asyncio.get_running_loop()
-        delays = self._first_delays
-        self._tasks = [
-            loop.create_task(self._run(group, delays.get(id(group), 0.0))) for group in self.groups
-        ]
+        self._tasks = [loop.create_task(self._run(group, group.delay)) for group in self.groups]
 
     async def stop(self) -> None:
         for task in self._tasks:
