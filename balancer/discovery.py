@@ -34,8 +34,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -46,7 +47,6 @@ from balancer.backends import Backend
 from balancer.config import Config, GroupConfig
 from balancer.config_dns import Discover, DnsConfig
 from balancer.health import HealthChecker
-from balancer.observe import DnsMetrics
 from balancer.pool import LEAVING, MEMBER, BackendTable
 
 log = logging.getLogger("balancer")
@@ -251,6 +251,17 @@ class Discovered:
         return self.config.discover
 
 
+class DnsReport(Protocol):
+    """Where resolutions and memberships are published (observe.DnsMetrics): discovery.py
+    reports to it and does not know the metrics."""
+
+    def groups(self, names: Iterable[str], results: Iterable[str]) -> None: ...
+
+    def resolved(self, group: str, result: str) -> None: ...
+
+    def members(self, group: str, serving: int, dropped: int) -> None: ...
+
+
 class Discovery:
     """The resolver loop of every discovered group of a generation (see the module
     docstring): writes the shared BackendTable, tells the health checker."""
@@ -260,7 +271,7 @@ class Discovery:
         config: Config,
         backends: Sequence[Backend],
         table: BackendTable,
-        metrics: DnsMetrics,
+        metrics: DnsReport,
         lookup: Lookup | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -446,7 +457,7 @@ def resolver_problems(config: Config) -> list[str]:
 
 
 def discovery_for(
-    config: Config, backends: Sequence[Backend], table: BackendTable, metrics: DnsMetrics
+    config: Config, backends: Sequence[Backend], table: BackendTable, metrics: DnsReport
 ) -> Discovery | None:
     """A generation's discovery, if any group discovers its members."""
     if not any(group.discover is not None for group in config.groups):

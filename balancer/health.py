@@ -28,14 +28,14 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import h11
 
 from balancer.backends import Backend
 from balancer.config import HealthCheck
-from balancer.observe import HealthMetrics
 from balancer.pool import BackendTable
 
 log = logging.getLogger("balancer")
@@ -256,11 +256,22 @@ class HealthChecker:
         ]
 
 
+class HealthReport(Protocol):
+    """Where the checks' verdicts are published (observe.HealthMetrics): health.py reports to
+    it and does not know the metrics."""
+
+    def backends(self, names: Iterable[str]) -> None: ...
+
+    def changed(self, name: str, up: bool) -> None: ...
+
+    def observed(self, name: str, ok: bool) -> None: ...
+
+
 def checker_for(
     backends: Sequence[Backend],
     specs: Sequence[HealthCheck],
     table: BackendTable,
-    metrics: HealthMetrics,
+    metrics: HealthReport,
     firsts: Sequence[bytes] = (),
 ) -> HealthChecker:
     """A checker that keeps the verdicts in `table` (what every worker's pool reads) and the

@@ -22,6 +22,14 @@ def picks(policy, candidates, count: int) -> str:
     return "".join(policy.pick(candidates).name for _ in range(count))
 
 
+def test_every_policy_the_config_accepts_has_a_class() -> None:
+    """config.py validates policy names without importing the policies (it sits below them):
+    the two lists are one."""
+    from balancer.config import POLICY_NAMES
+
+    assert tuple(POLICIES) == POLICY_NAMES
+
+
 def test_round_robin_equal_weights_take_turns() -> None:
     assert picks(RoundRobin(), states(("a", 1), ("b", 1), ("c", 1)), 7) == "abcabca"
 
