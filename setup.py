@@ -13,10 +13,12 @@ from setuptools import setup
 # process side (cli, supervisor, worker, admin, control, health checks, certs, demo) runs
 # once or rarely and stays interpreted: compiling it buys nothing and costs build time.
 COMPILED = [
-    "accept", "backends", "deadlines", "drain", "errors", "exchange", "forward", "groups",
-    "http1", "http1_response", "http_flow", "legs", "listener", "loglines", "observe", "pool",
-    "policies", "prelude", "proxy_protocol", "record", "server", "session", "sni", "tcpinfo",
-    "tls", "tls_front", "tunnel", "upstream", "writebatch",
+    "backend/connection", "backend/groups", "backend/policies", "backend/pool", "backend/state",
+    "client/drain", "client/exchange", "client/forward", "client/http_flow", "client/listener",
+    "client/prelude", "client/session", "client/tls_front", "client/tunnel", "facts/record",
+    "net/accept", "net/deadlines", "net/legs", "net/tcpinfo", "net/tls", "net/writebatch",
+    "observe/loglines", "observe/metrics", "process/server", "wire/errors", "wire/http1",
+    "wire/http1_response", "wire/proxy_protocol", "wire/sni",
 ]  # fmt: skip
 
 ext_modules = []
@@ -24,7 +26,7 @@ if os.environ.get("BALANCER_MYPYC") == "1":
     from mypyc.build import mypycify
 
     ext_modules = mypycify(
-        [f"balancer/{name}.py" for name in COMPILED],
+        [f"balancer/{path}.py" for path in COMPILED],
         opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
     )
 

@@ -21,21 +21,21 @@ from pathlib import Path
 from typing import IO, Any
 
 from balancer import __version__, build
-from balancer.certs import KEY_TYPES, CertsExist, CertsIncomplete, make_certs
-from balancer.config import (
+from balancer.backend.discovery import resolver_problems
+from balancer.backend.policies import POLICIES
+from balancer.config.overrides import Overrides, apply_overrides
+from balancer.config.resolve import resolve_backends
+from balancer.config.schema import (
     EVENT_LOOPS,
     Config,
     ConfigError,
     parse_config,
 )
-from balancer.control import read_token
-from balancer.discovery import resolver_problems
-from balancer.overrides import Overrides, apply_overrides
-from balancer.policies import POLICIES
-from balancer.resolve import resolve_backends
-from balancer.server import Balancer, SSLContexts, StartError, build_ssl_contexts
-from balancer.supervisor import Supervisor
-from balancer.tls import TLSSetupError, certificate_problems, expiry_warnings
+from balancer.demo.certs import KEY_TYPES, CertsExist, CertsIncomplete, make_certs
+from balancer.net.tls import TLSSetupError, certificate_problems, expiry_warnings
+from balancer.process.control import read_token
+from balancer.process.server import Balancer, SSLContexts, StartError, build_ssl_contexts
+from balancer.process.supervisor import Supervisor
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("balancer")
@@ -43,7 +43,7 @@ LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 def _workers_flag(value: str) -> int | str:
-    """--workers: a count, or "auto" (checked with the file's keys, by config.py)."""
+    """--workers: a count, or "auto" (checked with the file's keys, by config/schema.py)."""
     return value if value == "auto" else int(value) if value.isdigit() else value
 
 
@@ -333,7 +333,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from balancer.demo import demo_config, run_demo
+    from balancer.demo.run import demo_config, run_demo
 
     certs_dir: Path = args.certs_dir
     try:

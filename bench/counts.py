@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
-from balancer.config import parse_config  # noqa: E402
-from balancer.server import Balancer  # noqa: E402
+from balancer.config.schema import parse_config  # noqa: E402
+from balancer.process.server import Balancer  # noqa: E402
 
 WARMUP = 300
 CONCURRENCY = 8

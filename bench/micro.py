@@ -20,13 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client import CollectorRegistry
 
-from balancer.backends import Backend
-from balancer.exchange import Exchanges, ExchangeSettings
-from balancer.http1 import HeadLimits, RequestHead, RequestReader, ResponseFramer
-from balancer.observe import Observer
-from balancer.policies import LeastConnections, RoundRobin
-from balancer.pool import BackendPool
-from balancer.record import BackendConnectionRecord, ConnectionRecord
+from balancer.backend.policies import LeastConnections, RoundRobin
+from balancer.backend.pool import BackendPool
+from balancer.backend.state import Backend
+from balancer.client.exchange import Exchanges, ExchangeSettings
+from balancer.facts.record import BackendConnectionRecord, ConnectionRecord
+from balancer.observe.metrics import Observer
+from balancer.wire.http1 import HeadLimits, RequestHead, RequestReader, ResponseFramer
 
 REQUEST = (
     b"GET /index.html HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: wrk/4.1\r\n"
@@ -71,7 +71,7 @@ def main() -> None:
         framer.feed(RESPONSE)
         framer.statuses.clear()
 
-    request_head = RequestHead(b"GET", True, False, b"/index.html", b"localhost")
+    request_head = RequestHead(b"GET", True, False, b"/index.html", b"localhost", None)
     upstream = BackendConnectionRecord("b0", "x:1", 0.0, 1)
     exchanges = Exchanges(
         rec,
@@ -82,7 +82,7 @@ def main() -> None:
         exchanges.open(request_head)
         exchanges.forwarded(upstream, True, False)
         exchanges.first_byte()
-        exchanges.completed([200])
+        exchanges.completed([200], [512])
 
     rows = [
         (

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from balancer.certs import make_certs  # noqa: E402
+from balancer.demo.certs import make_certs  # noqa: E402
 
 PROXY_CPU, LOAD_CPU = "0", "1"
 # S5 reads RSS this long after the last response, with the connections still open: idle, not
@@ -203,7 +203,7 @@ class Bench:
         else:
             self.farm_kind = "embedded Python backends (nginx not installed)"
             code = (
-                "import asyncio, uvloop; from balancer.farm import start_farm\n"
+                "import asyncio, uvloop; from balancer.demo.farm import start_farm\n"
                 "async def main():\n"
                 f"    await start_farm(['web1','web2'], ports={self.farm_ports})\n"
                 "    await asyncio.Event().wait()\n"

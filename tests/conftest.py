@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-import balancer.session
-from balancer.certs import CertPaths, make_certs
+import balancer.client.session
+from balancer.demo.certs import CertPaths, make_certs
 
 # The compiled build (BALANCER_MYPYC=1, setup.py): the connection path's modules are
 # extension modules. Its classes refuse stand-ins of other types and subclasses written in
 # Python, and its calls between modules are bound at build time (monkeypatching a module's
 # function does not reach them): the few tests built on such fakes run in the pure build.
-COMPILED = not balancer.session.__file__.endswith(".py")
+COMPILED = not balancer.client.session.__file__.endswith(".py")
 
 
 def pytest_report_header() -> str:

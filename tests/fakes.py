@@ -110,15 +110,15 @@ class Clock:
 
 
 class FakeSession:
-    """A client session as its parts see it (balancer.contract): a real record and exchange
+    """A client session as its parts see it (client/contract.py): a real record and exchange
     queue, a listener context of plain attributes, and every call the part makes written
     down (`calls`) instead of done. `fail` answers through the flow, as ClientSession's does
     (the flow under test is set as `http`)."""
 
     def __init__(self, dispatch: bool = False, draining: bool = False) -> None:
-        from balancer.exchange import Exchanges, ExchangeSettings
-        from balancer.http1 import HeadLimits
-        from balancer.record import ConnectionRecord
+        from balancer.client.exchange import Exchanges, ExchangeSettings
+        from balancer.facts.record import ConnectionRecord
+        from balancer.wire.http1 import HeadLimits
 
         self.clock = Clock()
         self.published: list[Any] = []

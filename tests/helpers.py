@@ -30,9 +30,9 @@ from typing import IO, Any
 import h11
 import httptools
 
-from balancer.config import Config, parse_config
-from balancer.record import ConnectionRecord
-from balancer.server import Balancer
+from balancer.config.schema import Config, parse_config
+from balancer.facts.record import ConnectionRecord
+from balancer.process.server import Balancer
 
 PATTERN = bytes(range(256)) * 4096  # 1 MiB
 

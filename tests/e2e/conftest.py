@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from balancer.certs import make_certs
-from balancer.farm import start_farm
+from balancer.demo.certs import make_certs
+from balancer.demo.farm import start_farm
 
 LISTENING = re.compile(r"listening: (\S+) on \S+:(\d+)")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer.certs import make_certs
+from balancer.demo.certs import make_certs
 from tests.e2e.conftest import BalancerProcess, need, run
 
 pytestmark = pytest.mark.e2e

@@ -377,7 +377,7 @@ def test_sigterm_under_ab_ends_in_refusals_not_resets(certs_dir, tmp_path) -> No
 
 FARM_PROCESS = """
 import asyncio, uvloop
-from balancer.farm import start_farm
+from balancer.demo.farm import start_farm
 async def main():
     started = await start_farm(["web1", "web2"])
     print(*(port for _, port in started), flush=True)

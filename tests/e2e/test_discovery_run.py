@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer.farm import start_farm
+from balancer.demo.farm import start_farm
 from tests.dnsmasq import Dnsmasq, free_port
 from tests.e2e.conftest import BalancerProcess, need, run
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from balancer.certs import make_certs
 from balancer.cli import FD_RESERVE
-from balancer.config import Config
+from balancer.config.schema import Config
+from balancer.demo.certs import make_certs
 from tests.e2e.conftest import BalancerProcess, Running, balancer, need, run
 
 pytestmark = pytest.mark.e2e

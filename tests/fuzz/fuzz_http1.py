@@ -14,8 +14,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from balancer.errors import BadBackendResponse, ClientError
-    from balancer.http1 import HeadLimits, RequestReader, ResponseFramer
+    from balancer.wire.errors import BadBackendResponse, ClientError
+    from balancer.wire.http1 import HeadLimits, RequestReader, ResponseFramer
 
 
 def one_input(data: bytes) -> None:

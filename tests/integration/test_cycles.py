@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 import balancer
-from balancer.config import parse_config
-from balancer.record import LegTeardown
+from balancer.config.schema import parse_config
+from balancer.facts.record import LegTeardown
 from tests.helpers import (
     Client,
     client_context,

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from balancer.config import parse_config
-from balancer.server import Balancer
+from balancer.config.schema import parse_config
+from balancer.process.server import Balancer
 from tests.dnsmasq import Dnsmasq, free_port
 from tests.helpers import Backend, admin_json, get, port_of, scrape
 

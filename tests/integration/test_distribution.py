@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from balancer.config import parse_config
-from balancer.pool import PeerCounts
-from balancer.server import Balancer
+from balancer.backend.pool import PeerCounts
+from balancer.config.schema import parse_config
+from balancer.process.server import Balancer
 from tests.helpers import Backend, Client, get, make_config, port_of, raw_exchange
 
 
@@ -28,7 +28,7 @@ async def test_round_robin_spreads_30_connections_10_each(farm, balancer_factory
 async def test_weights_are_respected(balancer_factory) -> None:
     heavy, light = await Backend("heavy").start(), await Backend("light").start()
     try:
-        from balancer.config import parse_config
+        from balancer.config.schema import parse_config
 
         config = parse_config(
             {

@@ -8,8 +8,8 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from balancer.config import parse_config
-from balancer.pool import DRAINING, ENABLED
+from balancer.backend.pool import DRAINING, ENABLED
+from balancer.config.schema import parse_config
 from tests.helpers import port_of
 
 

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import socket
 
-from balancer import http_flow
+from balancer.client import http_flow
 from tests.helpers import (
     Client,
     admin_json,

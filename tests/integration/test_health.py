@@ -7,7 +7,7 @@ import contextlib
 from collections import Counter
 from typing import Any
 
-from balancer.server import Balancer
+from balancer.process.server import Balancer
 from tests.helpers import Backend, get, make_config, port_of, raw_exchange, scrape
 
 # Fast checks: a verdict in a few tenths of a second.
@@ -144,7 +144,7 @@ async def test_a_reset_mid_response_ejects_the_backend(
 async def test_a_backup_serves_only_while_no_primary_is_up(
     farm: list[Backend], balancer_factory
 ) -> None:
-    from balancer.config import parse_config
+    from balancer.config.schema import parse_config
 
     config = parse_config(
         {

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from balancer.server import Balancer
+from balancer.process.server import Balancer
 from tests.helpers import Client, admin_json, get, make_config, port_of, scrape
 
 

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from balancer.certs import CertPaths, make_certs
-from balancer.config import parse_config
-from balancer.loglines import json_line
-from balancer.proxy_protocol import (
+from balancer.config.schema import parse_config
+from balancer.demo.certs import CertPaths, make_certs
+from balancer.observe.loglines import json_line
+from balancer.wire.proxy_protocol import (
     PP2_SUBTYPE_SSL_VERSION,
     PP2_TYPE_SSL,
     HeaderReader,

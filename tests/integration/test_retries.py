@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from balancer.config import parse_config
+from balancer.config.schema import parse_config
 from tests.helpers import Backend, Client, dead_port, port_of
 from tests.integration.test_reuse import lines, start
 

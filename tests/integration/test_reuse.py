@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from balancer import http_flow
-from balancer.config import parse_config
-from balancer.server import Balancer
+from balancer.client import http_flow
+from balancer.config.schema import parse_config
+from balancer.process.server import Balancer
 from tests.helpers import (
     Client,
     Recorder,

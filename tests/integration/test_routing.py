@@ -9,8 +9,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from balancer.config import parse_config
-from balancer.loglines import json_line
+from balancer.config.schema import parse_config
+from balancer.observe.loglines import json_line
 from tests.helpers import Backend, Client, admin_json, dead_port, port_of
 
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from balancer.aggregate import Totals, join_backends, join_connections
-from balancer.views import Views
+from balancer.observe.aggregate import Totals, join_backends, join_connections
+from balancer.process.views import Views
 
 
 def page(accepted: int, open_now: int, seconds: list[float]) -> str:

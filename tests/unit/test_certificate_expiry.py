@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from balancer.config import parse_config
-from balancer.tls import certificate_not_after, expiry_warnings
+from balancer.config.schema import parse_config
+from balancer.net.tls import certificate_not_after, expiry_warnings
 
 NOW = datetime.datetime(2026, 12, 5, 12, 0, tzinfo=datetime.UTC)
 

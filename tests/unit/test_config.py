@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from balancer.config import (
+from balancer.config.overrides import Overrides, apply_overrides
+from balancer.config.schema import (
     Address,
     ConfigError,
     parse_address,
     parse_config,
 )
-from balancer.demo import demo_config
-from balancer.overrides import Overrides, apply_overrides
-from balancer.server import Balancer
+from balancer.demo.run import demo_config
+from balancer.process.server import Balancer
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"listeners": [{"bind": "127.0.0.1:8080"}], "backends": [{"address": "127.0.0.1:9001"}]}

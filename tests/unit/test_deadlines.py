@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from balancer.deadlines import DeadlineWheel
+from balancer.net.deadlines import DeadlineWheel
 
 
 def wheel() -> tuple[DeadlineWheel[str], list[float]]:

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from balancer.backends import Backend
-from balancer.config import ConfigError, parse_config
-from balancer.config_dns import DnsConfig
-from balancer.discovery import JOIN, LEAVE, WEIGHT, Change, Member, Slots, next_delay
-from balancer.policies import ConsistentHash
-from balancer.pool import EMPTY, LEAVING, MEMBER, BackendPool, BackendTable
+from balancer.backend.discovery import JOIN, LEAVE, WEIGHT, Change, Member, Slots, next_delay
+from balancer.backend.policies import ConsistentHash
+from balancer.backend.pool import EMPTY, LEAVING, MEMBER, BackendPool, BackendTable
+from balancer.backend.state import Backend
+from balancer.config.dns import DnsConfig
+from balancer.config.schema import ConfigError, parse_config
 
 A, B, C, D, E = (Member(f"10.0.0.{n}", 80) for n in range(1, 6))
 
@@ -190,9 +190,9 @@ def test_bad_discovery_keys_are_named(
 def test_a_reload_carries_the_members_into_its_slots_even_when_their_count_changed() -> None:
     from prometheus_client import CollectorRegistry
 
-    from balancer.discovery import Discovery
-    from balancer.observe import DnsMetrics
-    from balancer.server import backends_of
+    from balancer.backend.discovery import Discovery
+    from balancer.observe.metrics import DnsMetrics
+    from balancer.process.server import backends_of
 
     def generation(slots: int, name: str = "web.internal:80") -> Discovery:
         config = parse_config({

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import itertools
 
-from balancer.exchange import Exchanges, ExchangeSettings
-from balancer.http1 import HeadLimits, RequestReader, ResponseFramer
-from balancer.record import ConnectionRecord, RequestRecord
+from balancer.client.exchange import Exchanges, ExchangeSettings
+from balancer.facts.record import ConnectionRecord, RequestRecord
+from balancer.wire.http1 import HeadLimits, RequestReader, ResponseFramer
 
 
 def exchanges(dispatch: bool = False) -> tuple[Exchanges, list[RequestRecord]]:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from balancer.cli import FD_RESERVE, budget_file_descriptors
-from balancer.config import parse_config
+from balancer.config.schema import parse_config
 
 
 def config(max_connections: int | None = None):

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from balancer.forward import Forwarder, hash_key, proxy_header
-from balancer.http1 import HeadLimits, RequestReader
-from balancer.proxy_protocol import HeaderReader
-from balancer.record import BackendConnectionRecord
-from balancer.upstream import BackendConnection
-from balancer.writebatch import WriteBatch
+from balancer.backend.connection import BackendConnection
+from balancer.client.forward import Forwarder, hash_key, proxy_header
+from balancer.facts.record import BackendConnectionRecord
+from balancer.net.writebatch import WriteBatch
+from balancer.wire.http1 import HeadLimits, RequestReader
+from balancer.wire.proxy_protocol import HeaderReader
 from tests.fakes import FakeSession, FakeSocket, FakeTransport
 
 # The forwarder reads its group and the worker's services as compiled classes in a compiled

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from balancer.config import ConfigError, RouteConfig, parse_config
-from balancer.groups import Group, Router, host_of
-from balancer.server import checks_of
+from balancer.backend.groups import Group, Router, host_of
+from balancer.config.schema import ConfigError, RouteConfig, parse_config
+from balancer.process.server import checks_of
 
 LISTENER = {"name": "http", "bind": "127.0.0.1:8080"}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from balancer.config import ConfigError, parse_config
-from balancer.health import DOWN, UP, Health
+from balancer.backend.health import DOWN, UP, Health
+from balancer.config.schema import ConfigError, parse_config
 
 MINIMAL = {"listeners": [{"bind": "127.0.0.1:80"}], "backends": [{"address": "127.0.0.1:1"}]}
 

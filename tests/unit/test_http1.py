@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balancer.errors import (
+from balancer.wire.errors import (
     BadBackendResponse,
     BadRequest,
     BodyTooLarge,
@@ -18,7 +18,7 @@ from balancer.errors import (
     URITooLong,
     VersionNotSupported,
 )
-from balancer.http1 import (
+from balancer.wire.http1 import (
     MAX_CHUNK_LINE_BYTES,
     HeadLimits,
     RequestReader,

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from balancer.causes import BACKEND_CLOSED, CLIENT_CLOSED, HTTP_CLOSE
-from balancer.errors import BadRequest
-from balancer.http_flow import HttpFlow
-from balancer.listener import HEADER, IDLE, RESPONSE
+from balancer.client.http_flow import HttpFlow
+from balancer.client.listener import HEADER, IDLE, RESPONSE
+from balancer.facts.causes import BACKEND_CLOSED, CLIENT_CLOSED, HTTP_CLOSE
+from balancer.wire.errors import BadRequest
 from tests.fakes import FakeForwarder, FakeSession
 
 # A compiled HttpFlow holds a compiled Forwarder (a direct call each request, no Protocol):

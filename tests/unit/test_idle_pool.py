@@ -7,7 +7,9 @@ import asyncio
 
 import pytest
 
-from balancer.causes import (
+from balancer.backend.connection import BackendConnection, IdlePool
+from balancer.config.schema import Upstream
+from balancer.facts.causes import (
     CONN_BACKEND_CLOSED,
     CONN_BACKEND_RESET,
     CONN_IDLE_TIMEOUT,
@@ -17,11 +19,9 @@ from balancer.causes import (
     CONN_SHUTDOWN,
     CONN_STRAY_BYTES,
 )
-from balancer.config import Upstream
-from balancer.deadlines import DeadlineWheel, Wakeable
-from balancer.record import BackendConnectionRecord
-from balancer.upstream import BackendConnection, IdlePool
-from balancer.writebatch import WriteBatch
+from balancer.facts.record import BackendConnectionRecord
+from balancer.net.deadlines import DeadlineWheel, Wakeable
+from balancer.net.writebatch import WriteBatch
 from tests.fakes import Clock, FakeSocket, FakeTransport
 
 CLOSE_WAIT = 8  # TCP_INFO's state after the peer's FIN

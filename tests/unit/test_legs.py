@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from balancer import legs, tcpinfo
-from balancer.legs import Leg
-from balancer.record import BALANCER, PEER, LegTeardown
-from balancer.writebatch import WriteBatch
+from balancer.facts.record import BALANCER, PEER, LegTeardown
+from balancer.net import legs, tcpinfo
+from balancer.net.legs import Leg
+from balancer.net.writebatch import WriteBatch
 from tests.fakes import ESTABLISHED, Clock, FakeSocket, FakeTransport
 
 
@@ -261,7 +261,7 @@ def test_close_notify_is_not_sent_to_a_peer_whose_fin_is_in(
 
 
 def test_fake_tls_stands_for_the_real_session_interface() -> None:
-    from balancer.tls import TLSSession
+    from balancer.net.tls import TLSSession
 
     for name in ("established", "close_notify_sent", "close"):
         assert hasattr(TLSSession(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)), name)

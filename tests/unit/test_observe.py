@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from balancer.causes import BACKEND_RESET, CLIENT_CLOSED, CLIENT_RESET
-from balancer.loglines import json_line
-from balancer.observe import Observer
-from balancer.record import BALANCER, PEER, BackendConnectionRecord, ConnectionRecord
+from balancer.facts.causes import BACKEND_RESET, CLIENT_CLOSED, CLIENT_RESET
+from balancer.facts.record import BALANCER, PEER, BackendConnectionRecord, ConnectionRecord
+from balancer.observe.loglines import json_line
+from balancer.observe.metrics import Observer
 
 
 def tls_record() -> ConnectionRecord:
@@ -205,7 +205,7 @@ def test_the_access_log_line_is_exactly_the_records_dict_as_json(record: Connect
 def test_a_privileged_port_refused_says_how_to_get_the_privilege() -> None:
     import errno
 
-    from balancer.server import bind_failure
+    from balancer.process.server import bind_failure
 
     error = bind_failure("http", "0.0.0.0", 80, PermissionError(errno.EACCES, "Permission denied"))
     text = str(error)
@@ -215,8 +215,8 @@ def test_a_privileged_port_refused_says_how_to_get_the_privilege() -> None:
 
 
 def test_publish_request_counts_responses_by_class_and_times_them() -> None:
-    from balancer.loglines import request_json_line
-    from balancer.record import RequestRecord
+    from balancer.facts.record import RequestRecord
+    from balancer.observe.loglines import request_json_line
 
     registry, log = CollectorRegistry(), io.StringIO()
     observer = Observer(registry, access_log=log)

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from balancer.backends import Backend, BackendState
-from balancer.policies import POLICIES, ConsistentHash, LeastConnections, RoundRobin
-from balancer.pool import DRAINING, BackendPool, BackendTable, PeerCounts
+from balancer.backend.policies import POLICIES, ConsistentHash, LeastConnections, RoundRobin
+from balancer.backend.pool import DRAINING, BackendPool, BackendTable, PeerCounts
+from balancer.backend.state import Backend, BackendState
 
 
 def states(*spec: tuple[str, int]) -> list[BackendState]:
@@ -23,9 +23,9 @@ def picks(policy, candidates, count: int) -> str:
 
 
 def test_every_policy_the_config_accepts_has_a_class() -> None:
-    """config.py validates policy names without importing the policies (it sits below them):
+    """config/schema.py validates policy names without importing the policies (it sits below them):
     the two lists are one."""
-    from balancer.config import POLICY_NAMES
+    from balancer.config.schema import POLICY_NAMES
 
     assert tuple(POLICIES) == POLICY_NAMES
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from balancer.config_values import networks
-from balancer.prelude import Prelude, trusted
-from balancer.proxy_protocol import (
+from balancer.client.prelude import Prelude, trusted
+from balancer.config.values import networks
+from balancer.wire.proxy_protocol import (
     PP2_SUBTYPE_SSL_CIPHER,
     PP2_SUBTYPE_SSL_VERSION,
     PP2_TYPE_AUTHORITY,
@@ -24,7 +24,7 @@ from balancer.proxy_protocol import (
     encode_v1,
     encode_v2,
 )
-from balancer.sni import NOT_TLS, ClientHelloReader, server_name
+from balancer.wire.sni import NOT_TLS, ClientHelloReader, server_name
 
 
 def read_whole(data: bytes, step: int = 1) -> tuple[object, bytes]:

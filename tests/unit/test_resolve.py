@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from balancer import cli
-from balancer.config import ConfigError, parse_config
-from balancer.config_values import Address, backend_address
-from balancer.resolve import resolve_backends
+from balancer.config.resolve import resolve_backends
+from balancer.config.schema import ConfigError, parse_config
+from balancer.config.values import Address, backend_address
 
 
 @pytest.mark.parametrize(

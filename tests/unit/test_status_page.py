@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from balancer.status_page import Rates, render
+from balancer.observe.status_page import Rates, render
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from balancer.causes import TLS_FAILED
-from balancer.certs import CertPaths
-from balancer.config import TLSConfig
-from balancer.tls import NOT_TLS, server_context
-from balancer.tls_front import TLSFront
+from balancer.client.tls_front import TLSFront
+from balancer.config.schema import TLSConfig
+from balancer.demo.certs import CertPaths
+from balancer.facts.causes import TLS_FAILED
+from balancer.net.tls import NOT_TLS, server_context
 from tests.fakes import FakeSession
 
 # A compiled TLSFront reads the session's listener and leg as compiled classes: the fakes

@@ -12,9 +12,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from balancer.certs import CertPaths, make_certs
-from balancer.config import TLSConfig
-from balancer.tls import TLSSession, TLSSetupError, certificate_names, server_context
+from balancer.config.schema import TLSConfig
+from balancer.demo.certs import CertPaths, make_certs
+from balancer.net.tls import TLSSession, TLSSetupError, certificate_names, server_context
 
 
 @pytest.fixture

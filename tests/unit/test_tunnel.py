@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from balancer.causes import BACKEND_CLOSED, CLIENT_CLOSED
-from balancer.tunnel import Tunnel
+from balancer.client.tunnel import Tunnel
+from balancer.facts.causes import BACKEND_CLOSED, CLIENT_CLOSED
 from tests.fakes import FakeForwarder, FakeSession
 
 # A compiled Tunnel holds a compiled Forwarder: the fakes are for the pure build.

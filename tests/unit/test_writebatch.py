@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from balancer.writebatch import FLUSH_BYTES, WriteBatch
+from balancer.net.writebatch import FLUSH_BYTES, WriteBatch
 
 
 class Transport:

@@ -1,0 +1,426 @@
+"""The backend side: a backend TCP connection with a life of its own, and the connector.
+
+Theory of operation
+-------------------
+`Connector.connect()` asks the pool for a backend (the policy picks; `Lease` counts it),
+connects, and on refusal or timeout marks that backend down and tries the next, at most
+`max_connect_attempts` times. The connect timeout is a deadline on the shared wheel that
+cancels the connecting task (cheaper than asyncio.timeout: no loop timer per attempt).
+
+A `BackendConnection` is the protocol of one backend TCP connection. It owns its `Leg` (the
+teardown facts, the kernel's byte counts) and its `BackendConnectionRecord`, and reports every
+event to whoever uses it now through the small `UpstreamUser` protocol: it never reaches into
+a client session. In the reuse modes a connection belongs to the worker's `IdlePool` between
+exchanges (the pool is then its user): see IdlePool for how it is kept, read and closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from balancer.backend.pool import BackendPool, Lease
+from balancer.backend.state import BackendState
+from balancer.config.schema import Timeouts, Upstream
+from balancer.facts.causes import (
+    CONN_BACKEND_CLOSED,
+    CONN_BACKEND_RESET,
+    CONN_IDLE_TIMEOUT,
+    CONN_MAX_REQUESTS,
+    CONN_MEMBER_LEFT,
+    CONN_POOL_FULL,
+    CONN_SHUTDOWN,
+    CONN_STRAY_BYTES,
+)
+from balancer.facts.record import BackendConnectionRecord, failed_on
+from balancer.net.deadlines import DeadlineWheel, Wakeable
+from balancer.net.legs import Leg
+from balancer.net.writebatch import WriteBatch
+from balancer.wire.errors import BackendUnreachable, NoBackendAvailable
+
+log = logging.getLogger("balancer")
+
+
+class ConnectAttempts(Protocol):
+    """Where the connector counts its attempts: a connection's record, or a request's."""
+
+    backend: str | None
+    backend_address: str | None
+    backend_group: str | None
+    connect_attempts: int
+    connect_failures: int
+    failed_backends: list[str] | None
+
+
+class UpstreamUser(Protocol):
+    """What a backend connection reports to whoever holds it now: the client session it
+    serves, the idle pool between exchanges, or (a routed listener's group under reuse
+    never) the forwarder that keeps it for its client's next request."""
+
+    def on_backend_data(self, backend: BackendConnection, data: bytes) -> None: ...
+
+    def on_backend_eof(self, backend: BackendConnection) -> None: ...
+
+    def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None: ...
+
+    def block_reading(self, why: str) -> None: ...
+
+    def unblock_reading(self, why: str) -> None: ...
+
+
+class BackendConnection(asyncio.Protocol):
+    """One backend TCP connection: its Leg and record; events go to its user."""
+
+    __slots__ = (
+        "connect_task",
+        "connect_timed_out",
+        "idle_since",
+        "leg",
+        "lost_early",
+        "pool",
+        "pool_wake",
+        "record",
+        "user",
+    )
+
+    def __init__(
+        self,
+        user: UpstreamUser,
+        record: BackendConnectionRecord,
+        writes: WriteBatch,
+        clock: Callable[[], float],
+    ) -> None:
+        self.user = user
+        self.record = record
+        self.leg = Leg(record.leg, writes, clock)
+        self.connect_task: asyncio.Task[Any] | None = None
+        self.connect_timed_out = False
+        self.idle_since: float | None = None  # in the idle pool since
+        self.pool: IdlePool | None = None  # the pool it returns to between exchanges
+        self.pool_wake: float | None = None  # when the pool's deadline on the wheel wakes it
+        # Lost between its connect and its taking up by the session: whether by a reset (the
+        # leg's facts taken as it was lost); the session handles it when it takes it up.
+        self.lost_early: bool | None = None
+
+    def __call__(self) -> BackendConnection:
+        """Its own protocol factory (create_connection's first argument): no closure made
+        per connect."""
+        return self
+
+    def on_deadline(self) -> None:
+        """The connect timeout (see Connector.connect) stops the attempt; any other deadline
+        is the pool's (idle timeout, linger)."""
+        if self.connect_task is not None:
+            self.connect_timed_out = True
+            self.connect_task.cancel()
+        elif self.pool is not None:
+            self.pool.on_backend_deadline(self)
+
+    # ---- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.leg.attach(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.leg.facts.bytes_in += len(data)
+        self.user.on_backend_data(self, data)
+
+    def eof_received(self) -> bool:
+        self.user.on_backend_eof(self)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.user.on_backend_lost(self, exc)
+        self.leg.give_back()  # if the user had no use for the leg's end (an abandoned attempt)
+
+    def pause_writing(self) -> None:
+        self.user.block_reading("backend_full")
+
+    def resume_writing(self) -> None:
+        self.user.unblock_reading("backend_full")
+
+    @property
+    def reading_paused(self) -> bool:
+        """Paused because the client's write buffer is full (flow control)."""
+        return "client_full" in self.leg.paused_for
+
+
+class Connector:
+    """Pick a backend, connect, and on refusal or timeout try the next one."""
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        timeouts: Timeouts,
+        max_attempts: int,
+        deadlines: DeadlineWheel[Wakeable],
+        writes: WriteBatch,
+        clock: Callable[[], float],
+        next_id: Callable[[], int],
+        worker_pid: int,
+    ) -> None:
+        self.pool = pool
+        self.timeouts = timeouts
+        self.max_attempts = max_attempts  # backends tried per connect (conn-failure retries)
+        self.deadlines = deadlines
+        self.writes = writes
+        self.clock = clock
+        self.next_id = next_id  # backend connection ids, per worker
+        self.worker_pid = worker_pid
+
+    async def connect(
+        self,
+        user: UpstreamUser,
+        attempts: ConnectAttempts,
+        task: asyncio.Task[Any],
+        loop: asyncio.AbstractEventLoop,
+        first: Lease | None = None,
+        avoid: BackendState | None = None,
+        key: bytes = b"",
+    ) -> tuple[Lease, BackendConnection]:
+        """A connected backend and its lease; the attempts are counted in `attempts`.
+
+        `first`, if given, is a lease already taken (the policy's pick): tried first.
+        `avoid`, if given, is not picked unless no other backend is ready (a retry's).
+        `key`: the hash key (policy "hash"): each attempt takes the key's next backend.
+        Raises BackendError (no backend ready, or every one tried refused or timed out).
+        `task` is the task running this coroutine: the connect deadline cancels it.
+        """
+        pool, clock = self.pool, self.clock
+        tried: list[Any] = [] if avoid is None else [avoid]
+        # Why the last attempt failed; the error is made as it is raised, since one kept in a
+        # local would hold its own traceback, which holds this frame: a reference cycle.
+        unreachable: str | None = None
+        for _ in range(self.max_attempts):
+            lease, first = first or pool.acquire(clock(), tried, key), None
+            if lease is None and avoid is not None:
+                tried.remove(avoid)  # the only one ready: it, after all
+                avoid = None
+                lease = pool.acquire(clock(), tried, key)
+            if lease is None:
+                break
+            backend = lease.state.backend
+            tried.append(lease.state)
+            attempts.backend = backend.name
+            attempts.backend_address = backend.address
+            attempts.backend_group = backend.group
+            attempts.connect_attempts += 1
+            started = clock()
+            record = BackendConnectionRecord(backend.name, backend.address, started, self.next_id())
+            record.worker_pid = self.worker_pid
+            conn = BackendConnection(user, record, self.writes, clock)
+            conn.connect_task = task
+            self.deadlines.schedule(conn, started + self.timeouts.connect_seconds)
+            try:
+                try:
+                    # The backend's addresses in turn, within one attempt and its deadline.
+                    hosts = backend.connect_hosts
+                    for host in hosts:
+                        try:
+                            await loop.create_connection(conn, host, backend.port)
+                            break
+                        except OSError:
+                            if host is hosts[-1]:
+                                raise
+                except asyncio.CancelledError:
+                    if not conn.connect_timed_out:
+                        raise
+                    task.uncancel()
+                    if conn.leg.transport is not None:  # connected as the deadline passed
+                        conn.leg.transport.abort()
+                    raise TimeoutError("connect timed out") from None
+                finally:
+                    self.deadlines.discard(conn)
+                    conn.connect_task = None
+            except (OSError, TimeoutError) as failure:
+                attempts.connect_failures += 1
+                failed_on(attempts, backend.name)
+                seconds = pool.connect_failed(lease, clock())
+                log.warning(
+                    "backend %s (%s) ejected for %.0f s by this worker (pid %d): connect %s",
+                    backend.name, backend.address, seconds, self.worker_pid,
+                    "timed out" if isinstance(failure, TimeoutError) else "refused",
+                )  # fmt: skip
+                unreachable = f"{backend.address}: {failure!r}"
+                continue
+            except BaseException:
+                lease.release()
+                if conn.leg.transport is not None:
+                    conn.leg.transport.abort()
+                raise
+            record.connected_at = clock()
+            pool.connect_succeeded(lease)
+            local = conn.leg.transport.get_extra_info("sockname")
+            if local:
+                record.local_port = local[1]
+            # (Not from a connection lost as it connected: its descriptor may be another's.)
+            info = conn.leg.tcp_info() if conn.leg.usable else None
+            if info is not None:
+                record.tcp_handshake_rtt_seconds = info.rtt_seconds
+            return lease, conn
+        if unreachable is None:
+            raise NoBackendAvailable("no backend is ready")
+        raise BackendUnreachable(unreachable)
+
+
+class IdlePool:
+    """Backend connections between exchanges (reuse modes), and those being closed.
+
+    Theory of operation: a session hands a connection back at a response boundary with
+    nothing pending (`put`), or gives up one it cannot reuse (`close`). Idle connections are
+    kept per backend, taken most recent first (the warmest; the rest age out), closed after
+    `idle_timeout_seconds`, past `max_requests_per_connection`, or beyond `idle_per_backend`.
+    An idle connection is still read: the backend's FIN, an RST or stray bytes close it at
+    once, and its record says which. Closing is by FIN and linger, as on every leg; when a
+    connection is lost its record is published.
+    """
+
+    def __init__(
+        self,
+        settings: Upstream,
+        linger_seconds: float,
+        deadlines: DeadlineWheel[Wakeable],
+        clock: Callable[[], float],
+        publish: Callable[[BackendConnectionRecord], None],
+        call_later: Callable[[float, Callable[[], None]], Any],
+    ) -> None:
+        self.settings = settings
+        self.linger_seconds = linger_seconds
+        self.deadlines = deadlines
+        self.clock = clock
+        self.publish = publish
+        self.call_later = call_later
+        self.idle: dict[str, list[BackendConnection]] = {}
+        self.closing: set[BackendConnection] = set()
+        self.draining = False
+        self._all_closed: asyncio.Event | None = None  # set when shutdown's closes are done
+
+    def idle_count(self) -> int:
+        return sum(len(conns) for conns in self.idle.values())
+
+    def take(self, backend: str, address: str) -> BackendConnection | None:
+        """The most recently idle connection to `backend`, now the caller's; None if none.
+        One to another address (a discovered slot whose member changed) is closed: that
+        member left."""
+        conns = self.idle.get(backend)
+        while conns:
+            conn = conns.pop()  # its idle deadline stays filed: see on_backend_deadline
+            self._idle_ended(conn)
+            if conn.record.address != address:
+                self.close(conn, CONN_MEMBER_LEFT)
+            elif conn.leg.usable:
+                return conn
+        return None
+
+    def _idle_ended(self, conn: BackendConnection) -> None:
+        since, conn.idle_since = conn.idle_since, None
+        if since is not None:
+            conn.record.idle_seconds += self.clock() - since
+
+    def put(self, conn: BackendConnection) -> None:
+        """Keep a connection whose exchange ended cleanly, or close it if it may not stay."""
+        conn.user = conn.pool = self
+        record, settings = conn.record, self.settings
+        conns = self.idle.setdefault(record.backend, [])
+        if self.draining:
+            self.close(conn, CONN_SHUTDOWN)
+        elif record.requests >= settings.max_requests_per_connection:
+            self.close(conn, CONN_MAX_REQUESTS)
+        elif len(conns) >= settings.idle_per_backend:
+            self.close(conn, CONN_POOL_FULL)
+        elif conn.leg.usable:
+            now = self.clock()
+            conn.idle_since = now
+            conns.append(conn)
+            conn.leg.resume("client_full")  # read while idle: a FIN or stray bytes must be seen
+            # Filed once: a connection taken and put back between wake-ups keeps its earlier
+            # wake-up, which files it again for the rest of its time (two wheel operations
+            # per request saved in the reuse modes' keep-alive traffic).
+            if conn.pool_wake is None:
+                self._wake(conn, now + settings.idle_timeout_seconds)
+
+    def close(self, conn: BackendConnection, cause: str) -> None:
+        """End a connection by FIN and linger; its record is published when it is lost."""
+        conn.user = conn.pool = self
+        conn.record.ended_by(cause)
+        if not conn.leg.usable:
+            return
+        self._forget_idle(conn)
+        self.closing.add(conn)
+        conn.leg.read_to_end()
+        if conn.leg.shutdown():
+            self._wake(conn, self.clock() + self.linger_seconds)
+
+    def _wake(self, conn: BackendConnection, at: float) -> None:
+        conn.pool_wake = at
+        self.deadlines.schedule(conn, at)
+
+    async def close_all(self, timeout: float) -> None:
+        """Shutdown: every idle connection ends now (later returns are closed too); wait, at
+        most `timeout`, until each is closed and its record published."""
+        self.draining = True
+        for conns in list(self.idle.values()):
+            for conn in list(conns):
+                self.close(conn, CONN_SHUTDOWN)
+        if self.closing:
+            self._all_closed = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+
+    def _forget_idle(self, conn: BackendConnection) -> None:
+        conns = self.idle.get(conn.record.backend)
+        if conns and conn in conns:
+            conns.remove(conn)
+        self.deadlines.discard(conn)
+        conn.pool_wake = None
+        self._idle_ended(conn)
+
+    # ---- UpstreamUser: events of idle and closing connections -----------------------------
+
+    def on_backend_data(self, conn: BackendConnection, data: bytes) -> None:
+        if conn not in self.closing:  # a backend may not speak unasked
+            self.close(conn, CONN_STRAY_BYTES)
+
+    def on_backend_eof(self, conn: BackendConnection) -> None:
+        if conn in self.closing:
+            conn.leg.peer_fin_while_closing(self.call_later)
+            return
+        conn.leg.peer_fin()
+        self.close(conn, CONN_BACKEND_CLOSED)  # our FIN goes at once: theirs is in
+
+    def on_backend_lost(self, conn: BackendConnection, exc: Exception | None) -> None:
+        if conn.leg.lost(exc):
+            conn.record.ended_by(CONN_BACKEND_RESET)
+        self.retire(conn)
+
+    def retire(self, conn: BackendConnection) -> None:
+        """A connection is gone (its leg lost, by whoever held it): publish its record."""
+        self._forget_idle(conn)
+        self.closing.discard(conn)
+        conn.record.closed_at = self.clock()
+        self.publish(conn.record)
+        if self._all_closed is not None and not self.closing:
+            self._all_closed.set()
+
+    def on_backend_deadline(self, conn: BackendConnection) -> None:
+        """Woken by the wheel: the linger of a closing connection is over, or an idle one's
+        timeout may be (if it was used since, it is filed again for the rest)."""
+        conn.pool_wake = None
+        if conn in self.closing:
+            if conn.leg.usable:
+                conn.leg.linger_over()
+        elif conn.idle_since is not None:
+            due = conn.idle_since + self.settings.idle_timeout_seconds
+            if self.clock() >= due:
+                self.close(conn, CONN_IDLE_TIMEOUT)
+            else:
+                self._wake(conn, due)
+
+    def block_reading(self, why: str) -> None:
+        pass  # nothing is written to an idle connection
+
+    def unblock_reading(self, why: str) -> None:
+        pass
