@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -76,8 +76,8 @@ class OpenConnection(Protocol):
     def force_close(self) -> None: ...
 
 
-# Deadline kinds: what a session waits for, and the timeout (a `Timeouts` field) bounding the
-# wait. A kind that ends the connection when it passes is also its close cause.
+# Deadline kinds: what a session can wait for. session.DEADLINES is their table (the timeout
+# bounding each, what passing it does); a kind that ends the connection is its close cause.
 TLS_HANDSHAKE = "tls_handshake_timeout"
 HEADER = HEADER_TIMEOUT
 IDLE = IDLE_TIMEOUT
@@ -85,15 +85,6 @@ RESPONSE = BACKEND_TIMEOUT
 TUNNEL_IDLE = TUNNEL_IDLE_TIMEOUT
 LINGER = "linger"
 FIRST_BYTES = FIRST_BYTES_TIMEOUT  # a PROXY header, or a ClientHello to route by SNI
-DEADLINE_TIMEOUTS: dict[str, str] = {
-    FIRST_BYTES: "client_header_seconds",
-    TLS_HANDSHAKE: "tls_handshake_seconds",
-    HEADER: "client_header_seconds",
-    IDLE: "keepalive_idle_seconds",
-    RESPONSE: "backend_response_seconds",
-    TUNNEL_IDLE: "tunnel_idle_seconds",
-    LINGER: "linger_seconds",
-}
 
 
 def _ignore_request(record: RequestRecord) -> None:
@@ -113,8 +104,9 @@ class ListenerSettings:
     # (and in tcp mode) one backend connection serves the whole client connection.
     dispatch: bool = False
     hashed_header: bytes | None = None  # a header its groups' policy hash reads (http1.py)
+    # Each deadline kind's timeout, from `timeouts` (session.deadline_seconds).
+    deadline_seconds: Mapping[str, float] = field(kw_only=True)
     head_limits: HeadLimits = field(init=False)
-    deadline_seconds: dict[str, float] = field(init=False)  # DEADLINE_TIMEOUTS, resolved
     # Read at every accept (session.await_prelude), so resolved once here.
     accept_proxy_from: tuple[Network, ...] = field(init=False)
     routes_by_sni: bool = field(init=False)  # a tcp listener routing TLS by SNI, passed through
@@ -128,9 +120,7 @@ class ListenerSettings:
             max_body_bytes=limits.max_body_bytes,
             hashed_header=self.hashed_header,
         )
-        seconds = {kind: getattr(self.timeouts, key) for kind, key in DEADLINE_TIMEOUTS.items()}
         object.__setattr__(self, "head_limits", head_limits)
-        object.__setattr__(self, "deadline_seconds", seconds)
         object.__setattr__(self, "accept_proxy_from", self.listener.accept_proxy_from)
         sni = any(route.sni is not None for route in self.listener.routes)
         object.__setattr__(self, "routes_by_sni", sni)

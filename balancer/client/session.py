@@ -30,7 +30,7 @@ Invariants:
   the reasons). Memory per connection is bounded by the transports' high-water marks.
 - One deadline per session on the shared wheel. Activity only moves `_deadline` forward (a
   float store); a wake-up that finds it later files the session again, so the hot path rarely
-  touches the wheel. The kinds are a table (listener.DEADLINE_TIMEOUTS, _ON_DEADLINE).
+  touches the wheel. The kinds are one table (`DEADLINES`: timeout, what passing does).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 from balancer.backend.connection import BackendConnection
 from balancer.client.exchange import Exchanges
@@ -57,6 +58,7 @@ from balancer.client.listener import (
 from balancer.client.prelude import Prelude, trusted
 from balancer.client.tls_front import TLSFront
 from balancer.client.tunnel import Tunnel
+from balancer.config.schema import Timeouts
 from balancer.facts.causes import (
     BACKEND_RESET,
     CLIENT_CLOSED,
@@ -377,7 +379,7 @@ class ClientSession(asyncio.Protocol):
         if self.phase != FINISHED:
             self.set_deadline(LINGER)
 
-    def _linger_over(self) -> None:
+    def linger_over(self) -> None:
         """The peers did not answer our FIN in time: close what is left."""
         backend = self.fwd.backend
         for leg in (self.client, backend.leg if backend is not None else None):
@@ -427,7 +429,8 @@ class ClientSession(asyncio.Protocol):
     # ---- deadlines -------------------------------------------------------------------------
 
     def set_deadline(self, kind: str, seconds: float | None = None) -> None:
-        """Wait for `kind` (a DEADLINE_TIMEOUTS key) for its timeout, or `seconds`."""
+        """Wait for `kind` (a DEADLINES key) for its timeout, or `seconds` (a group's own
+        response timeout; a connect's, to let it finish)."""
         services = self.ctx.services
         if seconds is None:
             seconds = self.ctx.settings.deadline_seconds[kind]
@@ -452,11 +455,9 @@ class ClientSession(asyncio.Protocol):
             self._wake = self._deadline
             services.deadlines.schedule(self, self._deadline)
             return
-        kind = self.deadline_kind
-        if kind == LINGER:
-            self._linger_over()
-        elif self.phase < CLOSING:
-            _ON_DEADLINE[kind](self)
+        deadline = DEADLINES[self.deadline_kind]
+        if self.phase < CLOSING or deadline.while_closing:
+            deadline.on_pass(self)
 
     # ---- shutdown, admin -------------------------------------------------------------------
 
@@ -483,7 +484,7 @@ class ClientSession(asyncio.Protocol):
             self.abort_client()
         else:
             self.close_client(SHUTDOWN)
-        self._linger_over()
+        self.linger_over()
 
 
 # ---- a session waits for its prelude (prelude.py) before it begins --------------------------
@@ -571,13 +572,31 @@ def _idle_timed_out(session: ClientSession) -> None:
         session.close_client(session.deadline_kind)
 
 
-# What each deadline kind does when it passes (LINGER is handled before: it acts even while
-# closing).
-_ON_DEADLINE: dict[str, Callable[[ClientSession], None]] = {
-    TLS_HANDSHAKE: _tls_handshake_timed_out,
-    HEADER: _header_timed_out,
-    RESPONSE: _response_timed_out,
-    IDLE: _idle_timed_out,
-    TUNNEL_IDLE: _idle_timed_out,
-    FIRST_BYTES: _first_bytes_timed_out,
+def _linger_over(session: ClientSession) -> None:
+    session.linger_over()
+
+
+class DeadlineKind(NamedTuple):
+    """What a session can wait for, bounded: the `[timeouts]` key that bounds the wait, what
+    the session does when it passes, and whether it still applies once the session is
+    closing. A kind that ends the connection names its close cause (causes.py)."""
+
+    timeout: str
+    on_pass: Callable[[ClientSession], None]
+    while_closing: bool = False
+
+
+DEADLINES: dict[str, DeadlineKind] = {
+    FIRST_BYTES: DeadlineKind("client_header_seconds", _first_bytes_timed_out),
+    TLS_HANDSHAKE: DeadlineKind("tls_handshake_seconds", _tls_handshake_timed_out),
+    HEADER: DeadlineKind("client_header_seconds", _header_timed_out),
+    RESPONSE: DeadlineKind("backend_response_seconds", _response_timed_out),  # or the group's
+    IDLE: DeadlineKind("keepalive_idle_seconds", _idle_timed_out),
+    TUNNEL_IDLE: DeadlineKind("tunnel_idle_seconds", _idle_timed_out),
+    LINGER: DeadlineKind("linger_seconds", _linger_over, while_closing=True),
 }
+
+
+def deadline_seconds(timeouts: Timeouts) -> dict[str, float]:
+    """Each kind's timeout, resolved once per listener (ListenerSettings.deadline_seconds)."""
+    return {kind: getattr(timeouts, deadline.timeout) for kind, deadline in DEADLINES.items()}

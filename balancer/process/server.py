@@ -30,7 +30,7 @@ from balancer.backend.pool import BackendTable, PeerCounts
 from balancer.backend.state import Backend, BackendState
 from balancer.client.drain import Drainer, watch
 from balancer.client.listener import ListenerContext, ListenerSettings, LoopServices
-from balancer.client.session import ClientSession, state_of
+from balancer.client.session import ClientSession, deadline_seconds, state_of
 from balancer.config.schema import Config, ConfigError, HealthCheck, ListenerConfig
 from balancer.facts.record import BackendConnectionRecord, ConnectionRecord
 from balancer.net import tcpinfo
@@ -192,6 +192,7 @@ class Balancer:
                     ssl_context=ssl_contexts.get(listener.name),
                     dispatch=dispatch[listener.name],
                     hashed_header=_hashed_header(config, listener),
+                    deadline_seconds=deadline_seconds(config.timeouts),
                 ),
                 self.services,
             )

@@ -47,3 +47,24 @@ def test_many_owners_in_one_slot_are_all_due_together() -> None:
         w.schedule(f"c{i}", 1.0 + i / 10_000)  # all within one 10 ms slot
     assert len(armed) == 1
     assert sorted(w.pop_due(1.01)) == sorted(f"c{i}" for i in range(100))
+
+
+def test_every_deadline_kind_has_one_row_with_a_real_timeout() -> None:
+    """session.DEADLINES is the one table of what a session waits for: each kind listener.py
+    names has a row, each row's timeout is a [timeouts] key, resolved per listener."""
+    from dataclasses import fields, replace
+
+    from balancer.client import listener
+    from balancer.client.session import DEADLINES, deadline_seconds
+    from balancer.config.schema import Timeouts
+
+    kinds = {listener.FIRST_BYTES, listener.TLS_HANDSHAKE, listener.HEADER, listener.RESPONSE}
+    kinds |= {listener.IDLE, listener.TUNNEL_IDLE, listener.LINGER}
+    assert set(DEADLINES) == kinds
+    keys = {field.name for field in fields(Timeouts)}
+    assert {deadline.timeout for deadline in DEADLINES.values()} <= keys
+    timeouts = replace(Timeouts(), keepalive_idle_seconds=7.5, linger_seconds=0.25)
+    resolved = deadline_seconds(timeouts)
+    assert resolved[listener.IDLE] == 7.5 and resolved[listener.LINGER] == 0.25
+    # Only lingering still acts once the session is closing (it closes what is left).
+    assert [k for k, d in DEADLINES.items() if d.while_closing] == [listener.LINGER]
