@@ -47,8 +47,8 @@ def record() -> ConnectionRecord:
     r = ConnectionRecord(1, "http", 0.0, 1.7e9)
     r.client_ip, r.client_port, r.backend, r.backend_address = "127.0.0.1", 5000, "b0", "x:1"
     r.tcp_handshake_rtt_seconds = 5e-5
-    r.upstream = BackendConnectionRecord("b0", "x:1", 0.001, 1)
-    r.upstream.connected_at, r.upstream.tcp_handshake_rtt_seconds = 0.0012, 3e-5
+    r.backend_connection = BackendConnectionRecord("b0", "x:1", 0.001, 1)
+    r.backend_connection.connected_at, r.backend_connection.tcp_handshake_rtt_seconds = 0.0012, 3e-5
     r.requests, r.closed_at, r.close_cause = 1, 0.002, "client_closed"
     r.client_leg.initiator = r.client_leg.first_fin = "peer"
     return r
@@ -72,7 +72,7 @@ def main() -> None:
         framer.statuses.clear()
 
     request_head = RequestHead(b"GET", True, False, b"/index.html", b"localhost", None)
-    upstream = BackendConnectionRecord("b0", "x:1", 0.0, 1)
+    conn = BackendConnectionRecord("b0", "x:1", 0.0, 1)
     exchanges = Exchanges(
         rec,
         ExchangeSettings(itertools.count().__next__, time.monotonic, quiet.publish_request, False),
@@ -80,7 +80,7 @@ def main() -> None:
 
     def request_records() -> None:
         exchanges.open(request_head)
-        exchanges.forwarded(upstream, True, False)
+        exchanges.forwarded(conn, True, False)
         exchanges.first_byte()
         exchanges.completed([200], [512])
 

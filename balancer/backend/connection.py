@@ -9,7 +9,7 @@ cancels the connecting task (cheaper than asyncio.timeout: no loop timer per att
 
 A `BackendConnection` is the protocol of one backend TCP connection. It owns its `Leg` (the
 teardown facts, the kernel's byte counts) and its `BackendConnectionRecord`, and reports every
-event to whoever uses it now through the small `UpstreamUser` protocol: it never reaches into
+event to whoever uses it now through the small `BackendUser` protocol: it never reaches into
 a client session. In the reuse modes a connection belongs to the worker's `IdlePool` between
 exchanges (the pool is then its user): see IdlePool for how it is kept, read and closed.
 """
@@ -55,7 +55,7 @@ class ConnectAttempts(Protocol):
     failed_backends: list[str] | None
 
 
-class UpstreamUser(Protocol):
+class BackendUser(Protocol):
     """What a backend connection reports to whoever holds it now: the client session it
     serves, the idle pool between exchanges, or (a routed listener's group under reuse
     never) the forwarder that keeps it for its client's next request."""
@@ -88,7 +88,7 @@ class BackendConnection(asyncio.Protocol):
 
     def __init__(
         self,
-        user: UpstreamUser,
+        user: BackendUser,
         record: BackendConnectionRecord,
         writes: WriteBatch,
         clock: Callable[[], float],
@@ -173,7 +173,7 @@ class Connector:
 
     async def connect(
         self,
-        user: UpstreamUser,
+        user: BackendUser,
         attempts: ConnectAttempts,
         task: asyncio.Task[Any],
         loop: asyncio.AbstractEventLoop,
@@ -378,7 +378,7 @@ class IdlePool:
         conn.pool_wake = None
         self._idle_ended(conn)
 
-    # ---- UpstreamUser: events of idle and closing connections -----------------------------
+    # ---- BackendUser: events of idle and closing connections -----------------------------
 
     def on_backend_data(self, conn: BackendConnection, data: bytes) -> None:
         if conn not in self.closing:  # a backend may not speak unasked

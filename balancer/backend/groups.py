@@ -78,7 +78,7 @@ def build_groups(
     groups: dict[str, Group] = {}
     first = 0
     next_id = itertools.count(1).__next__  # backend connection ids, one series a worker
-    upstream, attempts = config.upstream, config.limits.max_connect_attempts
+    retries, attempts = config.upstream, config.limits.max_connect_attempts  # ([upstream])
     for group in config.groups:
         mine = backends[first : first + len(group.backends)]
         check, timeouts = group.health_check, group.timeouts
@@ -93,12 +93,12 @@ def build_groups(
         pool.count_5xx = check.passive_5xx
         pool.count_timeouts = check.passive_timeouts
         connector = Connector(
-            pool, timeouts, attempts if CONN_FAILURE in upstream.retry_on else 1,
+            pool, timeouts, attempts if CONN_FAILURE in retries.retry_on else 1,
             deadlines, writes, clock, next_id, worker_pid,
         )  # fmt: skip
         groups[group.name] = Group(
             group.name, pool, connector, group.reuse, timeouts.backend_response_seconds,
-            group.send_proxy, upstream.retries, upstream.retry_on,
+            group.send_proxy, retries.retries, retries.retry_on,
             group.hash_key if group.policy == "hash" else None,
         )  # fmt: skip
         first += len(mine)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from balancer.backend.connection import UpstreamUser  # (a base class: needed at run time)
+from balancer.backend.connection import BackendUser  # (a base class: needed at run time)
 
 if TYPE_CHECKING:
     from balancer.backend.connection import BackendConnection
@@ -104,9 +104,9 @@ class FlowState(Protocol):
     def reader(self) -> RequestReader | None: ...
 
 
-class ForwarderSession(Session, UpstreamUser, Protocol):
+class ForwarderSession(Session, BackendUser, Protocol):
     """The forwarder's session: its exchanges; the user of its backend connections (their
-    events come to it: upstream.UpstreamUser)."""
+    events come to it: connection.BackendUser)."""
 
     exchanges: Exchanges
     backend_eof: bool

@@ -106,16 +106,19 @@ class Exchanges:
                 return exchange
         return None
 
-    def forwarded(self, upstream: BackendConnectionRecord, reused: bool, oldest: bool) -> None:
+    def forwarded(self, conn: BackendConnectionRecord, reused: bool, oldest: bool) -> None:
         """Requests not yet forwarded are now on this backend connection: all of them (never
         mode), or only the oldest (`oldest`: reuse modes dispatch one at a time). A request on
         a connection that carried one before made no connect: its connect time is None."""
         now = self._settings.clock()
-        connect_wait = None if reused else upstream.connect_wait_seconds
+        connect_wait = None if reused else conn.connect_wait_seconds
         for exchange in self.queue:
             record = exchange.record
             if record.forwarded_at is None:
-                record.backend, record.backend_connection_id = upstream.backend, upstream.id
+                record.backend, record.backend_connection_id = (
+                    conn.backend,
+                    conn.id,
+                )
                 record.reused, record.forwarded_at = reused, now
                 record.connect_wait_seconds = connect_wait
             if oldest:

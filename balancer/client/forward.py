@@ -141,7 +141,7 @@ class Forwarder:
         self.lease = lease
         self.backend = backend
         record = session.record
-        record.upstream = backend.record
+        record.backend_connection = backend.record
         backend.record.requests = record.requests
         session.exchanges.forwarded(backend.record, False, False)
         pending, self.pending = self.pending, None
@@ -205,9 +205,9 @@ class Forwarder:
         are the first, which picks and connects it."""
         backend = self.backend
         if backend is not None:
-            upstream = backend.record
-            self.session.exchanges.forwarded(upstream, upstream.requests > 0, False)
-            upstream.requests = self.session.record.requests
+            backend_record = backend.record
+            self.session.exchanges.forwarded(backend_record, backend_record.requests > 0, False)
+            backend_record.requests = self.session.record.requests
         elif self.connect_task is None:
             self.connect()
 
@@ -274,9 +274,9 @@ class Forwarder:
         self.lease, self.backend = lease, backend
         session.backend_eof = False
         self.served += 1
-        upstream = backend.record
-        upstream.requests += 1
-        session.exchanges.forwarded(upstream, reused, True)
+        backend_record = backend.record
+        backend_record.requests += 1
+        session.exchanges.forwarded(backend_record, reused, True)
         exchange = session.exchanges.queue[0]
         pending, exchange.pending = exchange.pending, None
         if pending:
@@ -370,7 +370,7 @@ class Forwarder:
         else:
             self.pending = replay
             session.backend_eof = False
-            session.record.upstream = None  # the dead one has a line of its own
+            session.record.backend_connection = None  # the dead one has a line of its own
         self.connect(avoid=None if lease is None else lease.state)
         return True
 
@@ -446,7 +446,7 @@ class Forwarder:
 class KeptConnection:
     """A routed listener's backend connection between requests (reuse never): the session's,
     with its lease, for its next request if that goes to the same group (Forwarder.activate).
-    Meanwhile its events come here (upstream.UpstreamUser): bytes unasked, the backend's FIN
+    Meanwhile its events come here (backend_record.BackendUser): bytes unasked, the backend's FIN
     or RST end it, and the forwarder forgets it."""
 
     __slots__ = ("conn", "fwd", "lease")

@@ -282,7 +282,7 @@ class ClientSession(asyncio.Protocol):
         self.set_deadline(TUNNEL_IDLE)
         self.unblock_reading("upgrade")
 
-    # ---- backend leg (upstream.UpstreamUser) -----------------------------------------------
+    # ---- backend leg (connection.BackendUser) -----------------------------------------------
 
     def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
         if self.phase < CLOSING:

@@ -117,6 +117,7 @@ class ConnectionRecord:
         "accepted_unix",
         "backend",
         "backend_address",
+        "backend_connection",
         "backend_group",
         "client_ip",
         "client_leg",
@@ -143,7 +144,6 @@ class ConnectionRecord:
         "tls_sni",
         "tls_started_at",
         "tls_version",
-        "upstream",
         "worker_pid",
     )
 
@@ -182,7 +182,7 @@ class ConnectionRecord:
         # response (each dead connection has its own backend_connection line).
         self.retries = 0
         self.failed_backends: list[str] | None = None  # see failed_on
-        self.upstream: BackendConnectionRecord | None = None
+        self.backend_connection: BackendConnectionRecord | None = None
         # Teardown.
         self.close_cause: str | None = None
         self.closed_at: float | None = None
@@ -197,23 +197,31 @@ class ConnectionRecord:
     # The backend connection's facts, as this record shows them (an empty leg: never connected).
     @property
     def backend_leg(self) -> LegTeardown:
-        return LegTeardown() if self.upstream is None else self.upstream.leg
+        return LegTeardown() if self.backend_connection is None else self.backend_connection.leg
 
     @property
     def connected_at(self) -> float | None:
-        return None if self.upstream is None else self.upstream.connected_at
+        return None if self.backend_connection is None else self.backend_connection.connected_at
 
     @property
     def backend_local_port(self) -> int | None:
-        return None if self.upstream is None else self.upstream.local_port
+        return None if self.backend_connection is None else self.backend_connection.local_port
 
     @property
     def backend_tcp_handshake_rtt_seconds(self) -> float | None:
-        return None if self.upstream is None else self.upstream.tcp_handshake_rtt_seconds
+        return (
+            None
+            if self.backend_connection is None
+            else self.backend_connection.tcp_handshake_rtt_seconds
+        )
 
     @property
     def connect_wait_seconds(self) -> float | None:
-        return None if self.upstream is None else self.upstream.connect_wait_seconds
+        return (
+            None
+            if self.backend_connection is None
+            else self.backend_connection.connect_wait_seconds
+        )
 
     # Bytes at the sockets, per leg (see LegTeardown.bytes_in).
     @property

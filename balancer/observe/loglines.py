@@ -118,19 +118,19 @@ def json_line(r: ConnectionRecord) -> str:
             f'"sni":{_text(r.tls_sni)},"alpn":{_text(r.tls_alpn)},'
             f'"resumed":{_FLAG[r.tls_resumed]},"failure":{_text(r.tls_failure)}}}'
         )
-    upstream = r.upstream
-    backend_leg = _EMPTY_LEG if upstream is None else upstream.leg
+    backend_record = r.backend_connection
+    backend_leg = _EMPTY_LEG if backend_record is None else backend_record.leg
     if r.backend is None:
         backend = leg = "null"
     else:
-        if upstream is None:
+        if backend_record is None:
             local_port = connect_wait = rtt = None
         else:
-            connected_at, local_port = upstream.connected_at, upstream.local_port
+            connected_at, local_port = backend_record.connected_at, backend_record.local_port
             connect_wait = (
-                None if connected_at is None else connected_at - upstream.connect_started_at
+                None if connected_at is None else connected_at - backend_record.connect_started_at
             )
-            rtt = upstream.tcp_handshake_rtt_seconds
+            rtt = backend_record.tcp_handshake_rtt_seconds
         backend = (
             f'{{"name":{_name[r.backend]},"group":{_name[r.backend_group]},'
             f'"address":{_name[r.backend_address]},'

@@ -313,18 +313,18 @@ class Observer(Collector):
         client_bytes = cells.client_bytes
         client_bytes["in"].value += leg.bytes_in
         client_bytes["out"].value += leg.bytes_out
-        upstream = record.upstream
-        if upstream is not None:
-            connect_wait, rtt = self._backends[upstream.backend]
-            leg = upstream.leg
-            if upstream.connected_at is not None:
-                connect_wait.observe(upstream.connected_at - upstream.connect_started_at)
+        conn = record.backend_connection
+        if conn is not None:
+            connect_wait, rtt = self._backends[conn.backend]
+            leg = conn.leg
+            if conn.connected_at is not None:
+                connect_wait.observe(conn.connected_at - conn.connect_started_at)
                 cells.backend_closes[leg.initiator][leg.kind].value += 1
                 teardown = teardown_seconds(leg)
                 if teardown is not None:
                     self._teardown["backend"].observe(teardown)
-            if upstream.tcp_handshake_rtt_seconds is not None:
-                rtt.observe(upstream.tcp_handshake_rtt_seconds)
+            if conn.tcp_handshake_rtt_seconds is not None:
+                rtt.observe(conn.tcp_handshake_rtt_seconds)
             if leg.bytes_out or leg.bytes_in:
                 backend_bytes = cells.backend_bytes
                 backend_bytes["in"].value += leg.bytes_in

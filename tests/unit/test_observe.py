@@ -26,9 +26,11 @@ def tls_record() -> ConnectionRecord:
         True,
     )
     record.backend, record.backend_address = "web1", "10.0.0.1:80"
-    record.upstream = BackendConnectionRecord("web1", "10.0.0.1:80", connect_started_at=100.005)
-    record.upstream.connected_at = 100.0052
-    record.upstream.tcp_handshake_rtt_seconds = 0.00003
+    record.backend_connection = BackendConnectionRecord(
+        "web1", "10.0.0.1:80", connect_started_at=100.005
+    )
+    record.backend_connection.connected_at = 100.0052
+    record.backend_connection.tcp_handshake_rtt_seconds = 0.00003
     record.requests = 3
     record.client_leg.bytes_in, record.client_leg.bytes_out = 900, 5000
     record.backend_leg.bytes_in, record.backend_leg.bytes_out = 4000, 800
@@ -169,12 +171,12 @@ def records(draw: st.DrawFn) -> ConnectionRecord:
     record.backend, record.backend_address = draw(_maybe_text), draw(_maybe_text)
     record.backend_group = draw(_maybe_text)
     if draw(st.booleans()):
-        upstream = record.upstream = BackendConnectionRecord(
+        backend_record = record.backend_connection = BackendConnectionRecord(
             draw(st.text()), draw(st.text()), draw(st.floats(0, 1e6))
         )
-        upstream.local_port = draw(st.none() | st.integers(0, 65535))
-        upstream.connected_at = draw(_maybe_seconds)
-        upstream.tcp_handshake_rtt_seconds = draw(_maybe_seconds)
+        backend_record.local_port = draw(st.none() | st.integers(0, 65535))
+        backend_record.connected_at = draw(_maybe_seconds)
+        backend_record.tcp_handshake_rtt_seconds = draw(_maybe_seconds)
     record.first_request_at, record.closed_at = draw(_maybe_seconds), draw(_maybe_seconds)
     record.requests, record.error_status = (
         draw(st.integers(0, 10**6)),
@@ -182,7 +184,10 @@ def records(draw: st.DrawFn) -> ConnectionRecord:
     )
     record.client_leg.bytes_in = draw(st.integers(0, 2**50))
     record.close_cause = draw(_maybe_text)
-    for leg in (record.client_leg, *([record.upstream.leg] if record.upstream else [])):
+    for leg in (
+        record.client_leg,
+        *([record.backend_connection.leg] if record.backend_connection else []),
+    ):
         leg.bytes_out = draw(st.integers(0, 2**50))
         leg.initiator, leg.first_fin = (
             draw(st.sampled_from([None, PEER, BALANCER])),

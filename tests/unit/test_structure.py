@@ -222,3 +222,24 @@ def test_close_cause_has_one_writer() -> None:
                 if isinstance(target, ast.Attribute) and target.attr == "close_cause":
                     where = f"{path.relative_to(PACKAGE)}:{node.lineno}"
                     assert path == PACKAGE / "facts" / "record.py", f"{where} sets close_cause"
+
+
+def test_one_word_for_the_backend() -> None:
+    """ "Backend" in the code; "upstream" only for the `[upstream]` section (its dataclass
+    `Upstream`, `Config.upstream`), which keeps the name operators know from nginx."""
+    found = []
+    for module, path in sorted(MODULES.items()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = (
+                node.id if isinstance(node, ast.Name)
+                else node.attr if isinstance(node, ast.Attribute)
+                else node.arg if isinstance(node, ast.arg)
+                else node.name if isinstance(node, ast.FunctionDef | ast.ClassDef)
+                else ""
+            )  # fmt: skip
+            if "upstream" in name.lower() and module != "config.schema" and name != "Upstream":
+                if not (isinstance(node, ast.Attribute) and name == "upstream"):
+                    found.append(f"{module}:{node.lineno} {name}")
+                elif ast.unparse(node) not in {"config.upstream", "self.config.upstream"}:
+                    found.append(f"{module}:{node.lineno} {ast.unparse(node)}")
+    assert not found, found
