@@ -125,7 +125,7 @@ class BackendConnection(asyncio.Protocol):
         self.leg.attach(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.leg.facts.bytes_in += len(data)
+        self.leg.received(len(data))
         self.user.on_backend_data(self, data)
 
     def eof_received(self) -> bool:

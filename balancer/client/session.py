@@ -191,7 +191,7 @@ class ClientSession(asyncio.Protocol):
             self._loop.call_soon(self.client.reassert_pause)  # before the loop polls
 
     def data_received(self, data: bytes) -> None:
-        self.record.client_leg.bytes_in += len(data)
+        self.client.received(len(data))
         if self.prelude is not None:
             rest = read_prelude(self, data)
             if not rest:

@@ -98,7 +98,7 @@ class TLSFront:
         except ssl.SSLError:
             return
         if tls.close_notify_received:
-            self.session.record.client_leg.close_notify_received = True
+            self.session.client.close_notify_seen()
 
     def _failed(self, reason: str, received: bytes) -> None:
         """Send the alert OpenSSL chose, record why, close. No backend was touched. A plain
@@ -125,8 +125,7 @@ class TLSFront:
         record.tls_resumed = facts.resumed
         record.tls_sni = facts.sni
         record.tls_alpn = facts.alpn
-        record.client_leg.close_notify_received = False
-        record.client_leg.close_notify_sent = False
+        session.client.tls_established()
         session.handshake_over()
 
     def fin_while_handshaking(self) -> str:
@@ -138,8 +137,10 @@ class TLSFront:
         return CLIENT_CLOSED
 
     def fin_after_handshake(self) -> None:
-        # A FIN with no close_notify before it: the client truncated the TLS stream.
-        self.session.record.client_leg.close_notify_received = self.tls.close_notify_received
+        # A FIN with no close_notify before it: the client truncated the TLS stream (the leg
+        # says false from the handshake on).
+        if self.tls.close_notify_received:
+            self.session.client.close_notify_seen()
 
     def reset(self) -> None:
         """The client reset the leg; mid-handshake, that is how the handshake failed."""

@@ -189,6 +189,10 @@ class Leg:
 
     # ---- writing ---------------------------------------------------------------------------
 
+    def received(self, size: int) -> None:
+        """`size` bytes arrived (counted as read; the kernel's count replaces it at close)."""
+        self.facts.bytes_in += size
+
     def write(self, data: bytes) -> None:
         """Queue bytes for the end of the loop's round (see writebatch)."""
         self.facts.bytes_out += len(data)
@@ -230,6 +234,16 @@ class Leg:
         facts.close_notify_received = True
         if facts.initiator is None:
             facts.initiator = PEER
+
+    def tls_established(self) -> None:
+        """The side speaks TLS now: whether each close_notify was sent is a fact from here on
+        (false until one is), where a plain connection has none (None)."""
+        self.facts.close_notify_received = self.facts.close_notify_sent = False
+
+    def close_notify_seen(self) -> None:
+        """The peer's close_notify, found by the TLS session after the fact (read while we
+        were closing, or before its FIN): noted, and no claim about who began the close."""
+        self.facts.close_notify_received = True
 
     def peer_reset(self) -> None:
         self.facts.rst_received = True

@@ -243,3 +243,20 @@ def test_one_word_for_the_backend() -> None:
                 elif ast.unparse(node) not in {"config.upstream", "self.config.upstream"}:
                     found.append(f"{module}:{node.lineno} {ast.unparse(node)}")
     assert not found, found
+
+
+def test_a_leg_writes_its_own_facts() -> None:
+    """A side's teardown facts (`LegTeardown`: FIN, RST, close_notify, bytes, who began) are
+    written by its Leg alone (net/legs.py), so one rule says when each becomes true."""
+    written = []
+    for module, path in sorted(MODULES.items()):
+        if module in {"net.legs", "facts.record"}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign | ast.AugAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    text = ast.unparse(target)
+                    if ".facts." in text or "_leg." in text or text.startswith("facts."):
+                        written.append(f"{module}:{node.lineno} {text}")
+    assert not written, written

@@ -14,6 +14,7 @@ from balancer.client.tls_front import TLSFront
 from balancer.config.schema import TLSConfig
 from balancer.demo.certs import CertPaths
 from balancer.facts.causes import TLS_FAILED
+from balancer.facts.record import LegTeardown
 from balancer.net.tls import NOT_TLS, server_context
 from tests.fakes import FakeSession
 
@@ -25,11 +26,18 @@ pytestmark = pytest.mark.incompatible_with_mypyc
 class FakeClientLeg:
     """The client leg as the TLS front uses it: what it writes, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, facts: LegTeardown) -> None:
+        self.facts = facts  # (the record's client_leg, as a real Leg's)
         self.tls: Any = None
         self.out = bytearray()
         self.stamping = True
         self.close_notify_in = False
+
+    def tls_established(self) -> None:
+        self.facts.close_notify_received = self.facts.close_notify_sent = False
+
+    def close_notify_seen(self) -> None:
+        self.facts.close_notify_received = True
 
     def stop_stamping(self) -> None:
         self.stamping = False
@@ -41,7 +49,7 @@ class FakeClientLeg:
         self.out += data
 
     def peer_close_notify(self) -> None:
-        self.close_notify_in = True
+        self.close_notify_in = self.facts.close_notify_received = True
 
     def take(self) -> bytes:
         data, self.out = bytes(self.out), bytearray()
@@ -53,7 +61,7 @@ class TLSSession(FakeSession):
 
     def __init__(self) -> None:
         super().__init__()
-        self.client: Any = FakeClientLeg()
+        self.client: Any = FakeClientLeg(self.record.client_leg)
         self.over = False
         self.ended_with: bytes | None = None
 
