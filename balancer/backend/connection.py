@@ -190,7 +190,7 @@ class Connector:
         `task` is the task running this coroutine: the connect deadline cancels it.
         """
         pool, clock = self.pool, self.clock
-        tried: list[Any] = [] if avoid is None else [avoid]
+        tried: list[BackendState] = [] if avoid is None else [avoid]
         # Why the last attempt failed; the error is made as it is raised, since one kept in a
         # local would hold its own traceback, which holds this frame: a reference cycle.
         unreachable: str | None = None
