@@ -32,7 +32,7 @@ from balancer.config.schema import (
 )
 from balancer.net.deadlines import DeadlineWheel, Wakeable
 from balancer.net.writebatch import WriteBatch
-from balancer.wire.http1 import origin_form
+from balancer.wire.backend_head import origin_form
 
 
 class Group:

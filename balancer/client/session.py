@@ -144,26 +144,14 @@ class ClientSession(asyncio.Protocol):
     # ---- client leg ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        ctx, record, services, state = self.ctx, self.record, self.ctx.services, self.ctx.state
+        state = self.ctx.state
         self.client.attach(transport)
         state.accepted_total += 1
-        record.accepted_unix = services.wall_clock()
-        record.worker_pid = services.worker_pid
-        peer = transport.get_extra_info("peername")  # uvloop's and asyncio's: kept, no syscall
-        if peer:
-            # Interned: connections from one address (a NAT, a CDN, a load test) share it.
-            record.client_ip, record.client_port = sys.intern(peer[0]), peer[1]
-        if state.local_port is not None:
-            record.local_port = state.local_port
-        elif local := transport.get_extra_info("sockname"):
-            record.local_port = local[1]
-        info = self.client.tcp_info()
-        if info is not None:
-            record.tcp_handshake_rtt_seconds = info.rtt_seconds
+        _record_the_accept(self, transport)
         state.connections.add(self)
-        if len(state.connections) > ctx.settings.limits.max_connections:
+        if len(state.connections) > self.ctx.settings.limits.max_connections:
             state.rejected_total += 1
-            record.ended_by(MAX_CONNECTIONS)
+            self.record.ended_by(MAX_CONNECTIONS)
             self.abort_client()
             return
         if not await_prelude(self):
@@ -485,6 +473,25 @@ class ClientSession(asyncio.Protocol):
         else:
             self.close_client(SHUTDOWN)
         self.linger_over()
+
+
+def _record_the_accept(session: ClientSession, transport: asyncio.BaseTransport) -> None:
+    """What the accept tells the record: when (wall clock), which worker, the client's address
+    and our port, and the TCP handshake's RTT (the kernel's, read right after the accept)."""
+    record, services, state = session.record, session.ctx.services, session.ctx.state
+    record.accepted_unix = services.wall_clock()
+    record.worker_pid = services.worker_pid
+    peer = transport.get_extra_info("peername")  # uvloop's and asyncio's: kept, no syscall
+    if peer:
+        # Interned: connections from one address (a NAT, a CDN, a load test) share it.
+        record.client_ip, record.client_port = sys.intern(peer[0]), peer[1]
+    if state.local_port is not None:
+        record.local_port = state.local_port
+    elif local := transport.get_extra_info("sockname"):
+        record.local_port = local[1]
+    info = session.client.tcp_info()
+    if info is not None:
+        record.tcp_handshake_rtt_seconds = info.rtt_seconds
 
 
 # ---- a session waits for its prelude (prelude.py) before it begins --------------------------

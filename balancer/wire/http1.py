@@ -1,8 +1,9 @@
 """HTTP/1.x requests at the byte level; with http1_response.py, the only code that slices HTTP.
 
 - `RequestReader`: client bytes in, bytes for the backend out. Request heads are parsed by
-  httptools (llhttp, strict) and re-serialised from the parsed fields with forwarding headers
-  added and hop-by-hop headers handled; bodies are streamed, re-chunked when chunked.
+  httptools (llhttp, strict) and re-serialised from the parsed fields (backend_head.py:
+  forwarding headers added, hop-by-hop headers handled); bodies are streamed, re-chunked
+  when chunked.
 - `ResponseFramer` and `error_response` (http1_response.py, re-exported here): the backend's
   responses followed, the balancer's own written.
 
@@ -16,11 +17,11 @@ from typing import NamedTuple
 
 import httptools
 
+from balancer.wire.backend_head import backend_head
 from balancer.wire.errors import (
     BadRequest,
     BodyTooLarge,
     ClientError,
-    CodingNotImplemented,
     HeaderTooLarge,
     MethodNotAllowed,
     URITooLong,
@@ -28,13 +29,6 @@ from balancer.wire.errors import (
 )
 from balancer.wire.http1_response import ResponseFramer, error_response
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) plus the forwarding headers we set ourselves.
-_DROPPED = frozenset(
-    b"connection keep-alive proxy-connection te trailer transfer-encoding upgrade "
-    b"x-forwarded-proto x-forwarded-port".split()
-)
-# Request headers _rewrite looks at; any other is copied as it came.
-_NOTED = _DROPPED | {b"x-forwarded-for", b"host", b"content-length"}
 MAX_HEADERS = 100
 # A chunk-size line is a hex size and optional extensions; real ones are a few bytes. llhttp
 # streams them without a bound (5,000 leading zeros parse), so the reader bounds them itself.
@@ -68,8 +62,6 @@ class RequestHead(NamedTuple):
 
 # RequestHead(...) runs a Python-level __new__; this is the same tuple at half the cost.
 _new_head = tuple.__new__
-_REQUEST_LINE_ENDS = {"1.1": b"HTTP/1.1\r\n", "1.0": b"HTTP/1.0\r\n"}  # versions we accept
-_CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade"))
 
 
 class RequestReader:
@@ -329,7 +321,11 @@ class RequestReader:
             raise MethodNotAllowed("CONNECT is not proxied")
         upgrade = parser.should_upgrade()
         keep_alive = parser.should_keep_alive()
-        head, self._chunked = self._rewrite(method, version, upgrade, keep_alive)
+        head, self._chunked, self._host = backend_head(
+            method, version, upgrade, keep_alive, self._url, self._headers, self._client_ip,
+            self._forwarded, self.backend_keep_alive, self._limits.max_body_bytes,
+        )  # fmt: skip
+        self._body_bytes = 0
         self._fed_consumed += self._head_bytes + len(method) + 14  # request line, final CRLF
         # That count assumes "name: value" lines: whitespace around values is not counted.
         self._framing_allowance += _HEAD_WHITESPACE_SLACK
@@ -399,84 +395,6 @@ class RequestReader:
         if self._closing_request:
             self.finished = True
 
-    def _rewrite(
-        self, method: bytes, version: str, upgrade: bool, keep_alive: bool
-    ) -> tuple[bytes, bool]:
-        """Re-serialise the head from parsed fields; returns (head bytes, body is chunked)."""
-        named_by_connection: set[bytes] | None = None
-        chunked = False
-        hosts = 0
-        upgrade_value = b""
-        forwarded_for = b""
-        length: bytes | None = None
-        target, authority = origin_form(self._url)
-        lines = [b"%b %b %b" % (method, target, _REQUEST_LINE_ENDS[version])]
-        self._host = authority
-        if authority is not None:  # RFC 9112 §3.2.2: the target's host replaces Host
-            lines.append(b"Host: %b\r\n" % authority)
-            hosts = 1
-        for name, value in self._headers:
-            lower = name.lower()
-            if lower not in _NOTED:
-                lines.append(b"%b: %b\r\n" % (name, value))
-                continue
-            if lower == b"connection":
-                named_by_connection = named_by_connection or set()
-                named_by_connection.update(t.strip().lower() for t in value.split(b","))
-            elif lower == b"transfer-encoding":
-                if version == "1.0":
-                    raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-                if value.strip().lower() != b"chunked":
-                    # We re-chunk the body ourselves; any other coding would be lost or wrong.
-                    raise CodingNotImplemented(f"Transfer-Encoding: {value!r}")
-                chunked = True
-            elif lower == b"upgrade":
-                upgrade_value = value
-            elif lower == b"x-forwarded-for":
-                forwarded_for = (
-                    value + b", " if not forwarded_for else forwarded_for + value + b", "
-                )
-                continue
-            elif lower == b"host":
-                if authority is not None:
-                    continue
-                hosts += 1
-                self._host = value
-            elif lower == b"content-length":
-                length = value  # llhttp has checked it is one valid number
-            if lower in _DROPPED:
-                continue
-            lines.append(b"%b: %b\r\n" % (name, value))
-        if version == "1.1" and hosts != 1:
-            raise BadRequest("HTTP/1.1 request needs exactly one Host header")
-        limit = self._limits.max_body_bytes
-        if limit is not None and length is not None and int(length) > limit:
-            raise BodyTooLarge(
-                f"Content-Length {int(length)} over {limit} bytes"
-            )  # before any byte
-        self._body_bytes = 0
-        if named_by_connection and not named_by_connection <= _CONNECTION_OPTIONS:
-            lines = [
-                line
-                for line in lines
-                if line.split(b":", 1)[0].lower() not in named_by_connection or line is lines[0]
-            ]
-        lines.append(b"X-Forwarded-For: %b%b\r\n" % (forwarded_for, self._client_ip))
-        lines.append(self._forwarded)
-        if chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        if upgrade:
-            lines.append(b"Connection: upgrade\r\nUpgrade: %b\r\n" % upgrade_value)
-        elif self.backend_keep_alive:
-            if version == "1.0":
-                lines.append(b"Connection: keep-alive\r\n")
-        elif version == "1.1" and not keep_alive:
-            lines.append(b"Connection: close\r\n")
-        elif version == "1.0" and keep_alive:
-            lines.append(b"Connection: keep-alive\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines), chunked
-
 
 def _new_parser(reader: RequestReader) -> httptools.HttpRequestParser:
     parser = httptools.HttpRequestParser(reader)
@@ -496,29 +414,6 @@ def _http09(data: bytes) -> BadRequest | None:
     return None
 
 
-def origin_form(url: bytes) -> tuple[bytes, bytes | None]:
-    """An absolute-form target (`http://host:port/path?q`) as (origin-form, authority); any
-    other target as (itself, None). A proxy must take the Host from such a target and ignore
-    the Host header (RFC 9112 §3.2.2); the backend gets the origin form, as nginx sends it."""
-    if url[:1] == b"/" or b"://" not in url[:9]:
-        return url, None  # the common case, decided by two slices
-    scheme, _, rest = url.partition(b"://")
-    if scheme.lower() not in (b"http", b"https"):
-        raise BadRequest(f"absolute-form target with scheme {scheme!r}")
-    end = len(rest)
-    for stop in (b"/", b"?", b"#"):
-        found = rest.find(stop)
-        if 0 <= found < end:
-            end = found
-    authority, path = rest[:end], rest[end:]
-    if not authority or b"@" in authority:
-        raise BadRequest("absolute-form target without a host, or with userinfo")
-    if not path.startswith(b"/"):
-        path = b"/" + path
-    return path, authority
-
-
 __all__ = [
     "HeadLimits", "RequestHead", "RequestReader", "ResponseFramer", "error_response",
-    "origin_form",
 ]  # fmt: skip

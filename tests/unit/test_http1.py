@@ -587,3 +587,26 @@ def test_odd_absolute_form_targets_are_400(target: bytes) -> None:
     r = reader()
     r.feed(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % target)
     assert isinstance(r.error, BadRequest)
+
+
+def test_the_backend_head_is_rewritten_from_fields_alone() -> None:
+    """backend_head is the one place a head for the backend is made (an HTTP/2 stream's
+    fields will take the same path): hop-by-hop headers out, forwarding headers in, the
+    client's X-Forwarded-For extended, Host from an absolute-form target."""
+    from balancer.wire.backend_head import backend_head
+
+    head, chunked, host = backend_head(
+        b"POST", "1.1", False, True, b"http://example.test:8080/a?b",
+        [(b"Host", b"ignored"), (b"Keep-Alive", b"timeout=5"), (b"X-Forwarded-For", b"10.0.0.1"),
+         (b"Transfer-Encoding", b"chunked"), (b"Accept", b"*/*")],
+        b"192.0.2.7", b"X-Forwarded-Proto: https\r\nX-Forwarded-Port: 443\r\n", True, None,
+    )  # fmt: skip
+    assert (chunked, host) == (True, b"example.test:8080")
+    assert head == (
+        b"POST /a?b HTTP/1.1\r\nHost: example.test:8080\r\nAccept: */*\r\n"
+        b"X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"
+        b"X-Forwarded-Proto: https\r\nX-Forwarded-Port: 443\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    with pytest.raises(BadRequest):  # HTTP/1.1 needs exactly one Host
+        backend_head(b"GET", "1.1", False, True, b"/", [], b"1.2.3.4", b"", False, None)

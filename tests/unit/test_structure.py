@@ -14,6 +14,7 @@ LAYERS = ("config", "wire", "facts", "net", "backend", "client", "observe", "pro
 TOP_LEVEL = {"__init__", "__main__", "cli"}
 PURE = (
     "config.schema", "config.values", "config.dns", "config.overrides", "wire.errors",
+    "wire.backend_head",
     "wire.http1", "wire.http1_response", "wire.proxy_protocol", "wire.sni", "facts.record",
     "facts.causes", "net.deadlines", "net.writebatch", "backend.state", "backend.policies",
     "backend.pool", "client.exchange", "client.prelude", "observe.aggregate",
@@ -21,7 +22,7 @@ PURE = (
 )  # fmt: skip
 IO_MODULES = {"asyncio", "socket", "ssl", "os", "time", "uvloop", "selectors", "subprocess"}
 # DESIGN.md: a class past ~400 lines or a module past ~700 is asking to be split.
-MAX_CLASS_LINES, MAX_MODULE_LINES = 430, 700
+MAX_CLASS_LINES, MAX_MODULE_LINES = 400, 700
 
 
 def module_name(path: Path) -> str:
