@@ -58,7 +58,10 @@ class OpenConnection(Protocol):
     admin view and the drainer see it."""
 
     record: ConnectionRecord
-    phase: int
+
+    @property
+    def phase(self) -> int:
+        """session.Phase (an IntEnum): ordered, only forward."""
 
     @property
     def tunnel(self) -> bool: ...
