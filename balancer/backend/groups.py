@@ -23,12 +23,12 @@ from balancer.backend.connection import Connector
 from balancer.backend.policies import POLICIES, ConsistentHash
 from balancer.backend.pool import BackendPool, BackendTable, PeerCounts
 from balancer.backend.state import Backend
+from balancer.config.listeners import RouteConfig
 from balancer.config.schema import (
     CONN_FAILURE,
     EMPTY_RESPONSE,
     RESPONSE_TIMEOUT,
     Config,
-    RouteConfig,
 )
 from balancer.net.deadlines import DeadlineWheel, Wakeable
 from balancer.net.writebatch import WriteBatch

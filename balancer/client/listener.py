@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Protocol
 from balancer.backend.connection import IdlePool
 from balancer.backend.groups import Group, Router
 from balancer.client.exchange import ExchangeSettings
-from balancer.config.schema import Limits, ListenerConfig, Timeouts
+from balancer.config.listeners import ListenerConfig
+from balancer.config.schema import Limits, Timeouts
 from balancer.config.values import Network
 from balancer.facts.causes import (
     BACKEND_TIMEOUT,

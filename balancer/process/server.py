@@ -31,7 +31,8 @@ from balancer.backend.state import Backend, BackendState
 from balancer.client.drain import Drainer, watch
 from balancer.client.listener import ListenerContext, ListenerSettings, LoopServices
 from balancer.client.session import ClientSession, deadline_seconds, state_of
-from balancer.config.schema import Config, ConfigError, HealthCheck, ListenerConfig
+from balancer.config.listeners import ListenerConfig
+from balancer.config.schema import Config, ConfigError, HealthCheck
 from balancer.facts.record import BackendConnectionRecord, ConnectionRecord
 from balancer.net import tcpinfo
 from balancer.net.accept import (

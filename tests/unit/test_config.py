@@ -10,12 +10,8 @@ from pathlib import Path
 import pytest
 
 from balancer.config.overrides import Overrides, apply_overrides
-from balancer.config.schema import (
-    Address,
-    ConfigError,
-    parse_address,
-    parse_config,
-)
+from balancer.config.schema import ConfigError, parse_config
+from balancer.config.values import Address, parse_address
 from balancer.demo.run import demo_config
 from balancer.process.server import Balancer
 

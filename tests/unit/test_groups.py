@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from balancer.backend.groups import Group, Router, host_of
-from balancer.config.schema import ConfigError, RouteConfig, parse_config
+from balancer.config.listeners import RouteConfig
+from balancer.config.schema import ConfigError, parse_config
 from balancer.process.server import checks_of
 
 LISTENER = {"name": "http", "bind": "127.0.0.1:8080"}

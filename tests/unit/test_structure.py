@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "balancer"
 LAYERS = ("config", "wire", "facts", "net", "backend", "client", "observe", "process", "demo")
 TOP_LEVEL = {"__init__", "__main__", "cli"}
 PURE = (
-    "config.schema", "config.values", "config.dns", "config.overrides", "wire.errors",
+    "config.schema", "config.listeners", "config.values", "config.dns", "config.overrides",
+    "wire.errors",
     "wire.backend_head",
     "wire.http1", "wire.http1_response", "wire.proxy_protocol", "wire.sni", "facts.record",
     "facts.causes", "net.deadlines", "net.writebatch", "backend.state", "backend.policies",
