@@ -159,6 +159,15 @@ class Forwarder:
         if backend.lost_early is not None or backend.leg.facts.peer_fin_at is not None:
             self.took_up(backend)
 
+    def client_full(self, full: bool) -> None:
+        """The client's socket buffer filled (drained): the backend is not read meanwhile."""
+        backend = self.backend
+        if backend is not None:
+            if full:
+                backend.leg.pause("client_full")
+            else:
+                backend.leg.resume("client_full")
+
     def took_up(self, backend: BackendConnection) -> None:
         """What the connection did between its connect and now, it does now: a backend that
         hung up (FIN) or was lost (a killed one's RST) as we connected is handled as if

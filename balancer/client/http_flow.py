@@ -324,6 +324,10 @@ class HttpFlow:
         if self.framer is not None:
             self.framer.force_close = True
 
+    def client_full(self, full: bool) -> None:
+        """The client's socket buffer filled (drained): the backend is not read meanwhile."""
+        self.fwd.client_full(full)
+
     @property
     def head_under_way(self) -> bool:
         return self.reader is not None and self.reader.in_head

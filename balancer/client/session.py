@@ -9,10 +9,12 @@ flow (http_flow.py: request reader, response framer, error answers) and the forw
 (forward.py: the backend connection(s), their leases and the idle pool).
 
     phase:  HANDSHAKING ──► EXCHANGING ───────────────► CLOSING ──► FINISHED
-            (TLS only)       │  HTTP requests and         ▲   our FIN/RST; lingering for
-                             │  responses (http_flow)     │   the legs to close
-                             └─► TUNNEL ──────────────────┘
-                                 tcp listeners, or after 101: bytes both ways
+            (TLS only)  │    │  HTTP requests and         ▲   our FIN/RST; lingering for
+                        │    │  responses (http_flow)     │   the legs to close
+                        │    └─► TUNNEL ──────────────────┤
+                        │        tcp listeners, or after 101: bytes both ways
+                        └──► MULTIPLEXING ────────────────┘
+                             ALPN h2: streams (h2_flow), each its own backend connection
     end:    either side's FIN/RST/close_notify, a deadline, an error, or shutdown ──► each leg
             closes by FIN and linger (legs.py) ──► both closed: `_maybe_finish` publishes
     before: on listeners behind an L4 balancer, or routing TLS by SNI, the phase begins
@@ -44,6 +46,7 @@ from typing import NamedTuple
 from balancer.backend.connection import BackendConnection
 from balancer.client.exchange import Exchanges
 from balancer.client.forward import Forwarder
+from balancer.client.h2_flow import H2Flow
 from balancer.client.http_flow import HttpFlow
 from balancer.client.listener import (
     FIRST_BYTES,
@@ -79,16 +82,19 @@ class Phase(IntEnum):
     """Where a session is; ordered, and a session only moves forward (module docstring)."""
 
     HANDSHAKING = 0
-    EXCHANGING = 1
-    TUNNEL = 2
-    CLOSING = 3
-    FINISHED = 4
+    EXCHANGING = 1  # HTTP/1.x requests and responses (http_flow)
+    MULTIPLEXING = 2  # HTTP/2 streams (h2_flow)
+    TUNNEL = 3
+    CLOSING = 4
+    FINISHED = 5
 
 
 # By their names here: a module global is read faster than a class attribute.
-HANDSHAKING, EXCHANGING, TUNNEL, CLOSING, FINISHED = Phase
+HANDSHAKING, EXCHANGING, MULTIPLEXING, TUNNEL, CLOSING, FINISHED = Phase
+_FLOWING = (MULTIPLEXING, TUNNEL)  # a flow takes every client byte (HTTP/1: from the start)
 # What the admin view calls each phase (EXCHANGING: "active" while a request is under way).
 PHASE_STATES: dict[int, str] = {HANDSHAKING: "handshaking", TUNNEL: "active", CLOSING: "closing"}
+PHASE_STATES[MULTIPLEXING] = "active"
 PHASE_STATES[FINISHED] = "closing"
 
 
@@ -132,7 +138,7 @@ class ClientSession(asyncio.Protocol):
         self.http: HttpFlow | None = None if tcp else HttpFlow(self, self.fwd)
         # Where the client's and the backend's events go: the HTTP flow, or the tunnel (tcp
         # listeners; an HTTP connection after a 101).
-        self.flow: HttpFlow | Tunnel = self.http or Tunnel(self, self.fwd)
+        self.flow: HttpFlow | Tunnel | H2Flow = self.http or Tunnel(self, self.fwd)
         self.tls_front: TLSFront | None = None  # TLS listeners (its TLSSession: client.tls)
         self.exchanges = Exchanges(self.record, ctx.exchange_settings)
         self.client_eof = False
@@ -210,7 +216,7 @@ class ClientSession(asyncio.Protocol):
         self._on_client_data(data)
 
     def _on_client_data(self, data: bytes) -> None:
-        if self.phase == TUNNEL or self.http is not None:  # (tcp: once the tunnel is up)
+        if self.phase in _FLOWING or self.http is not None:  # (tcp: once the tunnel is up)
             self.flow.on_client_data(data)
 
     def handshake_over(self) -> None:
@@ -219,6 +225,9 @@ class ClientSession(asyncio.Protocol):
             self.phase = TUNNEL
             self.fwd.connect()
             self.set_deadline(TUNNEL_IDLE)
+        elif self.record.tls_alpn == "h2":  # (the listener offers it: `alpn`)
+            self.phase, self.http = MULTIPLEXING, None
+            self.flow = H2Flow(self)
         else:
             self.phase = EXCHANGING
             self.set_deadline(HEADER)
@@ -252,16 +261,14 @@ class ClientSession(asyncio.Protocol):
         if self.client_eof:
             return
         self.client_eof = True
-        if self.phase == TUNNEL or self.http is not None:  # (tcp: once the tunnel is up)
+        if self.phase in _FLOWING or self.http is not None:  # (tcp: once the tunnel is up)
             self.flow.on_client_eof()
 
     def pause_writing(self) -> None:
-        if self.fwd.backend is not None:
-            self.fwd.backend.leg.pause("client_full")
+        self.flow.client_full(True)
 
     def resume_writing(self) -> None:
-        if self.fwd.backend is not None:
-            self.fwd.backend.leg.resume("client_full")
+        self.flow.client_full(False)
 
     def block_reading(self, why: str) -> None:
         self.client.pause(why)
@@ -469,9 +476,8 @@ class ClientSession(asyncio.Protocol):
         if self.phase >= CLOSING:
             return
         http = self.http
-        if http is not None:
-            http.drain()
-        if self.phase == HANDSHAKING or self.phase == TUNNEL or self.fwd.connect_task:
+        self.flow.drain()
+        if self.phase == HANDSHAKING or self.phase in _FLOWING or self.fwd.connect_task:
             return
         if http is not None and (http.busy or self.record.requests == 0):
             return

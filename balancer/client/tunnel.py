@@ -58,6 +58,14 @@ class Tunnel:
         session.extend_deadline(session.ctx.settings.timeouts.tunnel_idle_seconds)
         session.write_client(data)
 
+    def drain(self) -> None:
+        """Shutdown leaves a tunnel be: drain.py closes a drained backend's tunnels, and the
+        shutdown grace ends the rest."""
+
+    def client_full(self, full: bool) -> None:
+        """The client's socket buffer filled (drained): the backend is not read meanwhile."""
+        self.fwd.client_full(full)
+
     def on_backend_eof(self) -> None:
         """The backend sends no more: passed on to the client as a half-close, or the end."""
         session = self.session

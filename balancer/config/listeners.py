@@ -19,6 +19,7 @@ from balancer.config.values import (
     boolean,
     check_path,
     choice,
+    choices,
     host_pattern,
     networks,
     parse_address,
@@ -29,6 +30,10 @@ from balancer.config.values import (
 PROTOCOLS = ("http", "https")
 MODES = ("http", "tcp")
 DEFAULT_GROUP = "default"  # the group top-level [[backends]] (and policy) make
+# What a TLS listener in http mode may offer by ALPN, and offers unless told (`alpn`): h2 is
+# opt-in until its defences against the known HTTP/2 attacks are in (issue #22).
+ALPN_PROTOCOLS = ("h2", "http/1.1")
+DEFAULT_ALPN = ("http/1.1",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,9 @@ class ListenerConfig:
     # A TLS listener's own certificate/key pairs (the first its default, the rest chosen by
     # SNI), in place of [tls] cert/key and [[tls.certificates]]; versions, ciphers as [tls].
     certificates: tuple[tuple[str, str], ...] = ()
+    # A TLS http listener's ALPN offer, in preference order: "h2" and/or "http/1.1" (a client
+    # that chooses h2 gets h2_flow.py; one that asks for nothing, HTTP/1.1). () elsewhere.
+    alpn: tuple[str, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -65,7 +73,7 @@ class ListenerConfig:
 
 LISTENER_KEYS = (
     "name", "bind", "tls", "mode", "protocol", "group", "routes", "accept_proxy_from",
-    "certificates",
+    "certificates", "alpn",
 )  # fmt: skip
 
 
@@ -102,15 +110,30 @@ def listeners_section(
         if certificates and protocol != "https":
             r.problem(f"{path}.certificates", item["certificates"], "tls = true on this "
                       "listener: certificates are for a listener that terminates TLS")  # fmt: skip
+        alpn = _alpn(r, item, path, protocol == "https" and mode == "http")
         if isinstance(bind, Address):
             listeners.append(ListenerConfig(
                 name, bind, protocol or "http", mode or "http", group, routes, proxy_from,
-                certificates,
+                certificates, alpn,
             ))  # fmt: skip
     if not listeners and not r.problems:
         r.problem("listeners", MISSING, "at least one [[listeners]] table (or --http / --https)")
     unique(r, "listeners", [x.name for x in listeners])
     return listeners
+
+
+def _alpn(r: Reader, item: Mapping[str, Any], path: str, offers: bool) -> tuple[str, ...]:
+    """The listener's ALPN offer: a TLS http listener's, as given or DEFAULT_ALPN."""
+    if not offers:
+        if "alpn" in item:
+            r.problem(f"{path}.alpn", item["alpn"], "no alpn here: it is offered by a "
+                      "listener with tls = true in mode 'http'")  # fmt: skip
+        return ()
+    alpn = r.get(item, "alpn", f"{path}.alpn", choices(ALPN_PROTOCOLS),
+                 "a list of 'h2' and 'http/1.1', most preferred first", DEFAULT_ALPN)  # fmt: skip
+    if alpn == ():
+        r.problem(f"{path}.alpn", item["alpn"], "at least one of 'h2' and 'http/1.1'")
+    return alpn or DEFAULT_ALPN
 
 
 def certificate_pairs(

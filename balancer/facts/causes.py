@@ -35,6 +35,7 @@ FIRST_BYTES_TIMEOUT = "first_bytes_timeout"
 PROXY_REFUSED = "proxy_refused"
 PROXY_INVALID = "proxy_header_invalid"
 BACKEND_DRAINED = "backend_drained"
+H2_ERROR = "h2_error"
 CLOSE_CAUSES: dict[str, str] = {
     CLIENT_CLOSED: "the client closed (FIN or close_notify) at a request boundary",
     CLIENT_RESET: "the client reset the connection (RST)",
@@ -56,6 +57,7 @@ CLOSE_CAUSES: dict[str, str] = {
     PROXY_REFUSED: "a listener accepting PROXY headers: a client outside accept_proxy_from",
     PROXY_INVALID: "a listener accepting PROXY headers: the first bytes were not a valid one",
     BACKEND_DRAINED: "its backend was drained, and its group closes tunnels (drain_seconds)",
+    H2_ERROR: "HTTP/2: the client broke the protocol; GOAWAY sent with the error code",
 }
 
 # Why a backend connection ended (BackendConnectionRecord.close_cause).

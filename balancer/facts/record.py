@@ -413,6 +413,7 @@ class RequestRecord:
         "retries",
         "reused",
         "status",
+        "stream_id",
         "target",
     )
 
@@ -426,6 +427,7 @@ class RequestRecord:
         self.host: bytes | None = None  # the Host header's value, or the target's authority
         self.head_at = head_at
         self.status: int | None = None  # the response's, or the balancer's own error status
+        self.stream_id: int | None = None  # HTTP/2: the request's stream (HTTP/1.x: None)
         # Bytes: the request's body as read (chunked framing not counted), and the response
         # as relayed to the client, head included (the balancer's own, if it answered; None:
         # no response was completed).

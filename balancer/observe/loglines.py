@@ -172,7 +172,7 @@ def request_json_line(r: RequestRecord) -> str:
         f'"time":"{rfc3339(r.head_unix)}",'
         f'"client":{{"ip":{_text(connection.client_ip)},"port":{connection.client_port}}},'
         f'"method":{_text(r.method.decode("latin-1"))},"target":{_text(r.target_shown)},'
-        f'"host":{_host(r.host)},"status":{_whole(r.status)},'
+        f'"host":{_host(r.host)},"stream":{_whole(r.stream_id)},"status":{_whole(r.status)},'
         f'"bytes":{{"request_body":{r.request_body_bytes},'
         f'"response":{_whole(r.response_bytes)}}},'
         f'"backend":{_text(r.backend)},"group":{_text(r.backend_group)},'

@@ -585,19 +585,20 @@ def build_ssl_contexts(config: Config) -> SSLContexts:
     listeners = [x for x in config.listeners if x.tls]
     if tls is None or not listeners:
         return {}
-    shared = [x for x in listeners if not x.certificates]
     contexts: SSLContexts = {}
-    if shared:  # ALPN http/1.1 if any of them speaks HTTP (as one context, as before)
-        context = server_context(
-            tls, ["http/1.1"] if any(x.mode == "http" for x in shared) else None
-        )
-        contexts = {x.name: context for x in shared}
+    shared: dict[tuple[str, ...], ssl.SSLContext] = {}  # [tls]'s, one a distinct ALPN offer
     for index, listener in enumerate(config.listeners):
-        if listener.tls and listener.certificates:
+        if not listener.tls:
+            continue
+        alpn = list(listener.alpn) or None
+        if listener.certificates:
             where = f"listeners[{index}].certificates"
             pairs = [(f"{where}[{i}]", *pair) for i, pair in enumerate(listener.certificates)]
-            alpn = ["http/1.1"] if listener.mode == "http" else None
             contexts[listener.name] = server_context(tls, alpn, pairs)
+        else:
+            if listener.alpn not in shared:
+                shared[listener.alpn] = server_context(tls, alpn)
+            contexts[listener.name] = shared[listener.alpn]
     return contexts
 
 

@@ -1,0 +1,290 @@
+"""HTTP/2 to clients (ALPN h2 on a TLS listener that offers it): streams as requests to
+HTTP/1.1 backends, flow control both ways, resets and GOAWAY, over real sockets; curl's
+--http2 and python-hyper's h2 (tests/h2client.py) as the clients."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import shutil
+import ssl
+from typing import Any
+
+import pytest
+
+from balancer.config.schema import ConfigError, parse_config
+from tests.h2client import H2Client
+from tests.helpers import client_context, pattern, port_of, start_balancer
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+def h2_config(backends: list[str], certs: Any, alpn: list[str] | None = None, **extra: Any) -> Any:
+    listener: dict[str, Any] = {"name": "https", "bind": "127.0.0.1:0", "tls": True}
+    listener["alpn"] = ["h2", "http/1.1"] if alpn is None else alpn
+    table: dict[str, Any] = {
+        "listeners": [listener],
+        "backends": [{"name": f"b{i}", "address": a} for i, a in enumerate(backends)],
+        "tls": {"cert": str(certs.cert), "key": str(certs.key)},
+        "request_log": True,
+        **extra,
+    }
+    return parse_config(table, "test")
+
+
+@pytest.fixture
+async def h2_balancer(farm, certs):
+    started = []
+
+    async def start(backends: list[str] | None = None, **extra: Any) -> Any:
+        log = io.StringIO()
+        config = h2_config(backends or [b.address for b in farm], certs, **extra)
+        balancer, recorder = await start_balancer(config, access_log=log)
+        started.append(balancer)
+        return port_of(balancer), recorder, log, balancer
+
+    yield start
+    for balancer in started:
+        await balancer.shutdown(grace=1.0)
+
+
+@pytest.fixture
+async def h2_client(certs):
+    """`await h2_client(port)`: a connected H2Client, closed after the test whatever happens."""
+    clients: list[H2Client] = []
+
+    async def connect(port: int) -> H2Client:
+        client = await asyncio.to_thread(H2Client, port, str(certs.ca))
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+def request_lines(log: io.StringIO) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    return [line for line in lines if line.get("type") == "request"]
+
+
+async def in_thread(client: H2Client, done: Any = None) -> None:
+    await asyncio.to_thread(client.read_until, done or client.all_done)
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    """A condition of the backends' (in this loop): checked each loop round, bounded."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def seen(farm: Any, path: str) -> bool:
+    return any(request.path == path for backend in farm for request in backend.seen)
+
+
+async def test_curl_http2_is_answered_over_h2_and_recorded(h2_balancer, certs, farm) -> None:
+    port, recorder, log, _ = await h2_balancer()
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--http2", "--cacert", str(certs.ca), "-w", "\n%{http_version}",
+        "--resolve", f"localhost:{port}:127.0.0.1", f"https://localhost:{port}/hello",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    body, version = out.decode().rsplit("\n", 1)
+    assert version == "2"
+    assert body.endswith("GET /hello\n")  # the backend's own answer
+    (record,) = await recorder.wait_for(1)
+    assert record.tls_alpn == "h2"
+    assert record.requests == 1
+    (line,) = request_lines(log)
+    assert line["stream"] == 1 and line["status"] == 200 and line["host"] == f"localhost:{port}"
+    # The backend heard HTTP/1.1 with the forwarding headers an HTTP/1.1 client's request gets.
+    (request,) = [seen for backend in farm for seen in backend.seen]
+    assert request.header("host") == f"localhost:{port}"
+    assert request.header("x-forwarded-for") == "127.0.0.1"
+    assert request.header("x-forwarded-proto") == "https"
+    assert request.header("x-forwarded-port") == str(port)
+    assert request.header("connection") == "close"  # (reuse never: one request a connection)
+
+
+async def test_streams_of_one_connection_run_at_once_on_several_backends(
+    h2_balancer, h2_client, farm
+) -> None:
+    port, recorder, log, _ = await h2_balancer()
+    client = await h2_client(port)
+    assert client.alpn == "h2"
+    # Slow answers first: had they been served one after another, the fast ones would wait.
+    slow = [client.request("/delay/300") for _ in range(3)]
+    fast = [client.request(f"/fast/{n}") for n in range(9)]
+    await in_thread(client, lambda: all(client.answers[s].ended for s in fast))
+    assert not any(client.answers[s].ended for s in slow)  # still waiting: streams interleave
+    await in_thread(client)
+    answers = [client.answers[s] for s in slow + fast]
+    assert all(a.status == 200 for a in answers)
+    assert {a.headers[b"x-backend"] for a in answers} == {b"web1", b"web2", b"web3"}
+    client.close()
+    (record,) = await recorder.wait_for(1)
+    assert record.requests == 12
+    lines = request_lines(log)
+    assert sorted(line["stream"] for line in lines) == sorted(slow + fast)
+    assert all(line["connection_id"] == record.id for line in lines)
+
+
+async def test_a_request_body_without_length_goes_chunked_and_whole(h2_balancer, h2_client) -> None:
+    port, _, log, _ = await h2_balancer()
+    body = pattern(1_000_000)  # fifteen times the initial window: credited back as written
+    client = await h2_client(port)
+    stream = client.request("/upload", method="POST", body=body, length=False)
+    await in_thread(client)
+    answer = client.answers[stream]
+    assert answer.status == 200
+    assert answer.headers[b"x-body-sha256"] == hashlib.sha256(body).hexdigest().encode()
+    assert bytes(answer.body) == body  # the backend echoes it
+    client.close()
+    (line,) = request_lines(log) or [None]
+    assert line is not None and line["bytes"]["request_body"] == len(body)
+
+
+async def test_a_large_response_flows_through_the_clients_windows(h2_balancer, h2_client) -> None:
+    port, _, _, _ = await h2_balancer()
+    client = await h2_client(port)
+    plain, chunked = client.request("/size/3000000"), client.request("/chunked/200000")
+    await in_thread(client)
+    assert bytes(client.answers[plain].body) == pattern(3_000_000)
+    assert bytes(client.answers[chunked].body) == pattern(200_000)
+    assert b"transfer-encoding" not in client.answers[chunked].headers  # (hop-by-hop)
+    client.close()
+
+
+async def test_a_stream_the_client_resets_ends_alone(h2_balancer, h2_client, farm) -> None:
+    port, _, log, _ = await h2_balancer()
+    client = await h2_client(port)
+    hanging = client.request("/slow")  # the backend never answers it
+    await until(lambda: seen(farm, "/slow"))  # its backend connection is open
+    await asyncio.to_thread(client.reset, hanging)
+    other = client.request("/after")
+    await in_thread(client, lambda: client.answers[other].ended)
+    assert client.answers[other].status == 200
+    client.close()
+    # The reset stream's backend connection was closed, not left to its timeout.
+    slow_backend = next(b for b in farm if any(s.path == "/slow" for s in b.seen))
+    await until(lambda: not slow_backend.open_connections)
+    lines = {line["stream"]: line for line in request_lines(log)}
+    assert lines[hanging]["status"] is None and lines[other]["status"] == 200
+
+
+async def test_a_broken_backend_gets_its_stream_a_502_or_a_reset(h2_balancer, h2_client) -> None:
+    port, _, _, _ = await h2_balancer()
+    client = await h2_client(port)
+    cut = client.request("/die/5000")  # 100 bytes of a 5,000-byte body, then FIN
+    await in_thread(client)
+    assert client.answers[cut].status == 200 and client.answers[cut].reset == 2  # INTERNAL_ERROR
+    assert not client.answers[cut].ended  # never passed off as whole
+    client.close()
+    port, _, _, _ = await h2_balancer(backends=["127.0.0.1:1"])  # nothing listens
+    client = await h2_client(port)
+    refused = client.request("/")
+    await in_thread(client)
+    assert client.answers[refused].status == 502 and client.answers[refused].ended
+    client.close()
+
+
+async def test_a_protocol_error_ends_the_connection_with_goaway(h2_balancer, h2_client) -> None:
+    port, recorder, _, _ = await h2_balancer()
+    client = await h2_client(port)
+    # A DATA frame on stream 0 (RFC 9113 §6.1: a connection error of type PROTOCOL_ERROR).
+    client.send_raw(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+    await in_thread(client, lambda: client.goaway is not None)
+    assert client.goaway is not None and client.goaway.error_code == 1
+    await in_thread(client, lambda: False)  # then the close
+    assert client.closed
+    client.close()
+    (record,) = await recorder.wait_for(1)
+    assert record.close_cause == "h2_error"
+
+
+async def test_shutdown_sends_goaway_and_lets_the_stream_finish(
+    h2_balancer, h2_client, certs, farm
+) -> None:
+    """curl's stream under way is answered whole; an idle client is told GOAWAY (NO_ERROR,
+    the last stream it opened) and the connection closes."""
+    port, recorder, _, balancer = await h2_balancer()
+    idle = await h2_client(port)
+    first = idle.request("/")
+    await in_thread(idle)
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--http2", "--cacert", str(certs.ca), "-w", "\n%{http_code}",
+        "--resolve", f"localhost:{port}:127.0.0.1", f"https://localhost:{port}/delay/400",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await until(lambda: seen(farm, "/delay/400"))
+    stopping = asyncio.create_task(balancer.shutdown(grace=5.0))
+    await in_thread(idle, lambda: idle.goaway is not None)
+    assert idle.goaway is not None
+    assert (idle.goaway.error_code, idle.goaway.last_stream_id) == (0, first)
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    assert out.decode().endswith("delayed\n\n200")  # whole, after the GOAWAY
+    idle.close()
+    await asyncio.wait_for(stopping, 6)
+    records = await recorder.wait_for(2)
+    assert {record.close_cause for record in records} == {"shutdown"}
+
+
+async def test_http11_clients_still_get_http11_on_the_same_listener(h2_balancer, certs) -> None:
+    port, recorder, _, _ = await h2_balancer()
+    context = client_context(certs.ca)
+    context.set_alpn_protocols(["http/1.1"])
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="localhost"
+    )
+    writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 5)
+    assert data.startswith(b"HTTP/1.1 200")
+    writer.close()
+    (record,) = await recorder.wait_for(1)
+    assert record.tls_alpn == "http/1.1"
+
+
+async def test_h2_is_offered_only_where_configured(farm, certs) -> None:
+    """The default offer is http/1.1 alone: a client asking for h2 gets HTTP/1.1."""
+    table = h2_config([farm[0].address], certs)
+    table_plain = parse_config(
+        {
+            "listeners": [{"name": "https", "bind": "127.0.0.1:0", "tls": True}],
+            "backends": [{"address": farm[0].address}],
+            "tls": {"cert": str(certs.cert), "key": str(certs.key)},
+        },
+        "test",
+    )
+    assert table.listeners[0].alpn == ("h2", "http/1.1")
+    assert table_plain.listeners[0].alpn == ("http/1.1",)
+    balancer, _ = await start_balancer(table_plain)
+    try:
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port_of(balancer), ssl=context, server_hostname="localhost"
+        )
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+        writer.close()
+    finally:
+        await balancer.shutdown(grace=1.0)
+
+
+@pytest.mark.parametrize(
+    ("listener", "fix"),
+    [
+        ({"bind": "127.0.0.1:0", "alpn": ["h2"]}, "tls = true"),
+        ({"bind": "127.0.0.1:0", "tls": True, "mode": "tcp", "alpn": ["h2"]}, "mode 'http'"),
+        ({"bind": "127.0.0.1:0", "tls": True, "alpn": []}, "at least one"),
+        ({"bind": "127.0.0.1:0", "tls": True, "alpn": ["h3"]}, "'h2' and 'http/1.1'"),
+    ],
+)
+def test_a_bad_alpn_names_the_key_and_the_fix(listener: dict[str, Any], fix: str) -> None:
+    table = {"listeners": [listener], "backends": [{"address": "127.0.0.1:9"}], "tls": {}}
+    with pytest.raises(ConfigError) as error:
+        parse_config(table, "test.toml")
+    assert "listeners[0].alpn" in str(error.value) and fix in str(error.value)
