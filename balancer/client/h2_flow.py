@@ -33,6 +33,9 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingReceived,
+    PriorityUpdated,
+    RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
     StreamReset,
@@ -69,6 +72,14 @@ if TYPE_CHECKING:
     from balancer.client.contract import H2Session
 
 MAX_CONCURRENT_STREAMS = 100  # as nginx's http2_max_concurrent_streams and HAProxy's
+# Frames that cost work and carry no request (HAProxy's "glitches"): PING, SETTINGS, PRIORITY,
+# an empty DATA, a tiny WINDOW_UPDATE while a response waits on it, a stream the client
+# resets before its answer (Rapid Reset, CVE-2023-44487). A connection has GLITCHES_FREE of
+# them, and GLITCHES_PER_ANSWER more for each response it took; past that, GOAWAY
+# ENHANCE_YOUR_CALM and the connection ends (`h2_error`).
+GLITCHES_FREE = 200
+GLITCHES_PER_ANSWER = 2
+TINY_WINDOW_UPDATE = 1024
 # A stream's response bytes held while the client's window is shut; past this its backend
 # connection stops being read until the window opens.
 HELD_HIGH_BYTES = 65536
@@ -81,7 +92,7 @@ _HOP_BY_HOP = frozenset(
 class H2Flow:
     """One HTTP/2 connection's streams (see the module docstring)."""
 
-    __slots__ = ("conn", "goaway_by", "session", "streams")
+    __slots__ = ("answered", "conn", "glitches", "goaway_by", "last_stream", "session", "streams")
 
     def __init__(self, session: H2Session) -> None:
         self.session = session
@@ -89,6 +100,9 @@ class H2Flow:
         # Who sent GOAWAY first (SHUTDOWN: we did, draining; CLIENT_CLOSED: the client): the
         # connection closes once its last stream ends.
         self.goaway_by: str | None = None
+        self.glitches = 0  # see GLITCHES_FREE
+        self.answered = 0  # responses relayed whole
+        self.last_stream = 0  # the highest stream acted on: what a GOAWAY names
         limits = session.ctx.settings.limits
         conn = self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         conn.local_settings.update(
@@ -109,11 +123,8 @@ class H2Flow:
         session.extend_deadline(session.ctx.settings.timeouts.keepalive_idle_seconds)
         try:
             events = self.conn.receive_data(data)
-        except ProtocolError as error:
-            code = getattr(error, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
-            self.conn.close_connection(error_code=code)
-            self.flush()
-            session.close_client(H2_ERROR)
+        except ProtocolError as error:  # (h2's own limits too: CONTINUATION, HPACK sizes)
+            self._refuse(getattr(error, "error_code", None) or ErrorCodes.PROTOCOL_ERROR)
             return
         for event in events:
             if isinstance(event, RequestReceived):
@@ -122,6 +133,8 @@ class H2Flow:
                     continue
                 self._request(event.stream_id, event.headers, event.stream_ended is not None)
             elif isinstance(event, DataReceived):
+                if not event.data and event.stream_ended is None:
+                    self.glitches += 1
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.body(event.data, event.flow_controlled_length)
@@ -139,22 +152,35 @@ class H2Flow:
                     stream.request_ended()
             elif isinstance(event, StreamReset):
                 stream = self.streams.get(event.stream_id)
-                if stream is not None:
+                if stream is not None:  # (not answered yet)
+                    self.glitches += 1
                     stream.cancel()
+            elif isinstance(event, PingReceived | RemoteSettingsChanged | PriorityUpdated):
+                self.glitches += 1
             elif isinstance(event, WindowUpdated):
+                if event.delta < TINY_WINDOW_UPDATE and self.streams:
+                    self.glitches += 1
                 for stream in list(self.streams.values()):
                     if event.stream_id in (0, stream.id):
                         stream.send_held()
             elif isinstance(event, ConnectionTerminated) and self.goaway_by is None:
                 self.goaway_by = CLIENT_CLOSED
+            if self.glitches > GLITCHES_FREE + GLITCHES_PER_ANSWER * self.answered:
+                self._refuse(ErrorCodes.ENHANCE_YOUR_CALM)  # (the rest of the read unread)
+                return
         self.flush()
         self._maybe_done()
+
+    def _refuse(self, code: int) -> None:
+        """The client broke the protocol, or went past its glitches: GOAWAY with `code` and the
+        last stream seen, then the connection ends (its streams' backends with it)."""
+        self.conn.close_connection(error_code=code, last_stream_id=self.last_stream)
+        self.flush()
+        self.session.close_client(H2_ERROR)
 
     def on_client_eof(self) -> None:
         """The client sends no more: streams under way are abandoned (it cannot read them
         out: an HTTP/2 client closes only when it is done)."""
-        for stream in list(self.streams.values()):
-            stream.cancel()
         self.session.close_client(CLIENT_CLOSED)
 
     def on_response_data(self, data: bytes) -> None:
@@ -171,9 +197,14 @@ class H2Flow:
             # By hand: h2's close_connection() would refuse every frame after it, the
             # answers of the streams under way included. Later streams are refused.
             self.flush()
-            last = self.conn.highest_inbound_stream_id
-            self.session.write_client(GoAwayFrame(0, last, ErrorCodes.NO_ERROR).serialize())
+            goaway = GoAwayFrame(0, self.last_stream, ErrorCodes.NO_ERROR)
+            self.session.write_client(goaway.serialize())
         self._maybe_done()
+
+    def close_backends(self) -> None:
+        """The client connection ends: every stream's backend connection ends with it."""
+        for stream in list(self.streams.values()):
+            stream.cancel()
 
     def client_full(self, full: bool) -> None:
         """The client's socket buffer filled (or drained): each stream's backend is paused
@@ -211,6 +242,7 @@ class H2Flow:
             services.clock(),
         )  # fmt: skip
         record.stream_id = stream_id
+        self.last_stream = stream_id
         session.record.requests += 1
         stream = H2Stream(self, stream_id, record)
         self.streams[stream_id] = stream
@@ -473,6 +505,7 @@ class H2Stream:
                 else:
                     conn.end_stream(self.id)
                 self.held_end = None
+                self.flow.answered += 1
                 self.record.done_at = self.flow.session.ctx.services.clock()
                 self._finish()
                 return

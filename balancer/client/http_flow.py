@@ -324,6 +324,10 @@ class HttpFlow:
         if self.framer is not None:
             self.framer.force_close = True
 
+    def close_backends(self) -> None:
+        """The client connection ends: so does the backend's (forward.Forwarder.close)."""
+        self.fwd.close()
+
     def client_full(self, full: bool) -> None:
         """The client's socket buffer filled (drained): the backend is not read meanwhile."""
         self.fwd.client_full(full)

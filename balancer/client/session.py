@@ -370,7 +370,7 @@ class ClientSession(asyncio.Protocol):
             client.read_to_end()
         self._backend_closes = backend_closes
         if not backend_closes:
-            self.fwd.close()
+            self.flow.close_backends()
         self._arm_linger()
 
     def abort_client(self) -> None:
@@ -379,7 +379,7 @@ class ClientSession(asyncio.Protocol):
             return
         self.phase = max(self.phase, CLOSING)
         self.client.reset()
-        self.fwd.close()
+        self.flow.close_backends()
         self._arm_linger()
 
     def _arm_linger(self) -> None:
@@ -404,7 +404,7 @@ class ClientSession(asyncio.Protocol):
         self.phase = max(self.phase, CLOSING)
         self.fwd.cancel()
         if not self._backend_closes:
-            self.fwd.close()
+            self.flow.close_backends()
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:

@@ -58,6 +58,10 @@ class Tunnel:
         session.extend_deadline(session.ctx.settings.timeouts.tunnel_idle_seconds)
         session.write_client(data)
 
+    def close_backends(self) -> None:
+        """The client connection ends: so does the backend's (forward.Forwarder.close)."""
+        self.fwd.close()
+
     def drain(self) -> None:
         """Shutdown leaves a tunnel be: drain.py closes a drained backend's tunnels, and the
         shutdown grace ends the rest."""

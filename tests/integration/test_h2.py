@@ -5,6 +5,7 @@ HTTP/1.1 backends, flow control both ways, resets and GOAWAY, over real sockets;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -288,3 +289,144 @@ def test_a_bad_alpn_names_the_key_and_the_fix(listener: dict[str, Any], fix: str
     with pytest.raises(ConfigError) as error:
         parse_config(table, "test.toml")
     assert "listeners[0].alpn" in str(error.value) and fix in str(error.value)
+
+
+# ---- the known attacks, refused ------------------------------------------------------------
+# Each sends the attack on one connection and asserts the connection ended with the GOAWAY
+# that names it, that the work it bought stayed bounded (backend connections, CPU of this
+# thread, where the balancer runs), and that the balancer serves the next client.
+
+REQUEST = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"https"),
+           (b":authority", b"localhost")]  # fmt: skip
+
+
+async def attacked(
+    h2_balancer: Any, h2_client: Any, farm: Any, attack: Any, **extra: Any
+) -> tuple[H2Client, float, int]:
+    """Run `attack(client)` in a thread; read until the connection ends. Returns the client,
+    this thread's CPU seconds meanwhile, and the backend connections made."""
+    import time
+
+    port, _, _, _ = await h2_balancer(**extra)
+    client = await h2_client(port)
+    before_cpu, before_conns = time.thread_time(), sum(b.connections for b in farm)
+    await asyncio.to_thread(attack, client)
+    await in_thread(client, lambda: False)  # until the server closes
+    cpu = time.thread_time() - before_cpu
+    assert client.closed
+    # The next client is served.
+    after = await h2_client(port)
+    stream = after.request("/")
+    await in_thread(after)
+    assert after.answers[stream].status == 200
+    return client, cpu, sum(b.connections for b in farm) - before_conns - 1
+
+
+async def test_rapid_reset_is_refused_with_enhance_your_calm(h2_balancer, h2_client, farm) -> None:
+    def attack(client: H2Client) -> None:
+        conn = client.conn
+        for _ in range(5000):  # CVE-2023-44487: open, reset, at once, without end
+            stream = conn.get_next_available_stream_id()
+            conn.send_headers(stream, REQUEST, end_stream=True)
+            conn.reset_stream(stream, 8)
+        with contextlib.suppress(OSError):  # (the server hung up before it was all sent)
+            client.flush()
+
+    client, cpu, connections = await attacked(h2_balancer, h2_client, farm, attack)
+    assert client.goaway is not None and client.goaway.error_code == 11  # ENHANCE_YOUR_CALM
+    # It acted on no stream past its budget, and GOAWAY says which was the last it took.
+    assert client.goaway.last_stream_id < 2 * 250
+    assert connections < 250 and cpu < 2.0
+
+
+@pytest.mark.parametrize("frame", ["ping", "settings", "empty_data", "tiny_window"])
+async def test_control_frame_floods_are_refused(h2_balancer, h2_client, farm, frame) -> None:
+    from hyperframe.frame import DataFrame, PingFrame, SettingsFrame, WindowUpdateFrame
+
+    def attack(client: H2Client) -> None:
+        stream = client.conn.get_next_available_stream_id()  # a POST kept open
+        client.conn.send_headers(stream, [(b":method", b"POST"), *REQUEST[1:]])
+        client.flush()
+        flood = {
+            "ping": lambda n: PingFrame(0, opaque_data=n.to_bytes(8, "big")),
+            "settings": lambda n: SettingsFrame(0, settings={4: 65535}),
+            "empty_data": lambda n: DataFrame(stream, b""),
+            "tiny_window": lambda n: WindowUpdateFrame(stream, window_increment=1),
+        }[frame]
+        with contextlib.suppress(OSError):
+            client.send_raw(b"".join(flood(n).serialize() for n in range(3000)))
+
+    client, cpu, connections = await attacked(h2_balancer, h2_client, farm, attack)
+    assert client.goaway is not None and client.goaway.error_code == 11
+    assert connections <= 1 and cpu < 2.0
+
+
+async def test_a_continuation_flood_is_refused(h2_balancer, h2_client, farm) -> None:
+    """HEADERS without END_HEADERS, then CONTINUATION frames without end (CVE-2024-27316's
+    family): h2 holds at most 64 of them before it gives up the connection."""
+    import hpack
+    from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+    def attack(client: H2Client) -> None:
+        block = hpack.Encoder().encode(REQUEST)
+        frames = [HeadersFrame(1, block).serialize()]
+        frames += [ContinuationFrame(1, b"\x40\x01a\x01b").serialize() for _ in range(5000)]
+        with contextlib.suppress(OSError):
+            client.send_raw(b"".join(frames))
+
+    client, cpu, connections = await attacked(h2_balancer, h2_client, farm, attack)
+    assert client.goaway is not None and client.goaway.error_code in (1, 11)
+    assert connections == 0 and cpu < 2.0
+
+
+async def test_an_hpack_bomb_is_refused(h2_balancer, h2_client, farm) -> None:
+    """One 4 KB dynamic-table entry referenced 3,000 times: 12 MB of headers from 7 KB."""
+    import hpack
+    from hyperframe.frame import HeadersFrame
+
+    def attack(client: H2Client) -> None:
+        block = hpack.Encoder().encode([*REQUEST, (b"x-bomb", b"a" * 4000)])
+        block += b"\xbe" * 3000  # indexed: the dynamic table's first entry (62), again
+        frame = HeadersFrame(1, block, flags=["END_HEADERS", "END_STREAM"])
+        client.send_raw(frame.serialize())
+
+    client, cpu, connections = await attacked(h2_balancer, h2_client, farm, attack)
+    assert client.goaway is not None and client.goaway.error_code in (9, 11)
+    assert connections == 0 and cpu < 2.0
+
+
+async def test_an_oversized_header_list_is_refused(h2_balancer, h2_client, farm) -> None:
+    def attack(client: H2Client) -> None:
+        client.request("/", headers=[("x-big", "b" * 100_000)])
+
+    client, _, connections = await attacked(h2_balancer, h2_client, farm, attack)
+    assert client.goaway is not None and client.goaway.error_code in (9, 11)
+    assert connections == 0
+
+
+async def test_too_many_concurrent_streams_are_refused(h2_balancer, h2_client, farm) -> None:
+    def attack(client: H2Client) -> None:
+        for _ in range(150):  # over SETTINGS_MAX_CONCURRENT_STREAMS (100), not yet read
+            client.request("/slow")
+
+    client, _, connections = await attacked(h2_balancer, h2_client, farm, attack)
+    assert client.goaway is not None and client.goaway.error_code == 1  # PROTOCOL_ERROR
+    assert connections <= 100
+
+
+async def test_a_window_shut_forever_ends_with_the_idle_timeout(
+    h2_balancer, h2_client, farm
+) -> None:
+    """SETTINGS_INITIAL_WINDOW_SIZE 0 and no WINDOW_UPDATE: the response waits, its backend
+    is no longer read, and the connection ends at keepalive_idle_seconds, the backend
+    connection with it."""
+    port, recorder, _, _ = await h2_balancer(timeouts={"keepalive_idle_seconds": 0.5})
+    client = await h2_client(port)
+    client.conn.update_settings({4: 0})
+    stream = client.request("/size/2000000")
+    await in_thread(client, lambda: False)
+    assert client.closed and not client.answers[stream].body
+    await until(lambda: not any(b.open_connections for b in farm))
+    client.close()
+    (record,) = await recorder.wait_for(1)
+    assert record.close_cause == "idle_timeout"
