@@ -17,8 +17,9 @@ COMPILED = [
     "client/drain", "client/exchange", "client/forward", "client/http_flow", "client/listener",
     "client/prelude", "client/session", "client/tls_front", "client/tunnel", "facts/record",
     "net/accept", "net/deadlines", "net/legs", "net/tcpinfo", "net/tls", "net/writebatch",
-    "observe/loglines", "observe/metrics", "process/server", "wire/backend_head", "wire/errors",
-    "wire/http1", "wire/http1_response", "wire/proxy_protocol", "wire/sni",
+    "observe/families", "observe/loglines", "observe/metrics", "process/server",
+    "wire/backend_head", "wire/errors", "wire/http1", "wire/http1_response",
+    "wire/proxy_protocol", "wire/sni",
 ]  # fmt: skip
 
 ext_modules = []

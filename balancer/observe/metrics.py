@@ -1,8 +1,8 @@
 """Records become metrics and log lines here, and only here.
 
 `Observer.publish(record)` is called once per closed connection, `publish_request` per request
-and `publish_backend_connection` per pooled backend connection. It knows every metric name and
-the access-log formats (the JSON lines at the end of this module); nothing else does. Gauges
+and `publish_backend_connection` per pooled backend connection. It counts into the families
+families.py names and writes the lines loglines.py renders; nothing else does either. Gauges
 that describe the present (open connections, per-backend activity) are read at scrape time by
 `StateCollector`, so they cost the connection path nothing.
 """
@@ -14,7 +14,6 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import IO, Any, NamedTuple, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -37,28 +36,30 @@ from balancer.facts.record import (
     RequestRecord,
     teardown_seconds,
 )
+from balancer.observe.families import (
+    BACKEND_CONNECTIONS_CLOSED,
+    BACKEND_RTT,
+    BYTES,
+    CLOSED,
+    CLOSES,
+    CONNECT_WAIT,
+    DURATION,
+    ERROR_RESPONSES,
+    FAMILIES,
+    REQUEST_DURATION,
+    REQUESTS,
+    RESPONSES,
+    TCP_RTT,
+    TEARDOWN,
+    TLS_FAILURES,
+    TLS_HANDSHAKE,
+    TLS_RESUMED,
+    Family,
+)
 from balancer.observe.loglines import backend_connection_json_line, json_line, request_json_line
 from balancer.wire.errors import ERRORS
 
 _go_float = cast(Callable[[float], str], floatToGoString)  # how Prometheus spells an `le`
-
-# From loopback (tens of µs) to a slow WAN (seconds).
-HANDSHAKE_BUCKETS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-DURATION_BUCKETS = (
-    0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
-    3600.0,
-)  # fmt: skip
-
-
-@dataclass(frozen=True, eq=False)  # a singleton per metric: hashed by identity, cheaply
-class _Family:
-    name: str
-    help: str
-    labels: tuple[str, ...]
-    buckets: tuple[float, ...] | None = None  # a histogram when set
 
 
 class _Histogram:
@@ -74,76 +75,6 @@ class _Histogram:
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1  # the first bound >= value: le
         self.sum += value
-
-
-CLOSED = _Family("balancer_connections_closed", "Client connections closed, by why they closed.",
-                 ("listener", "cause"))  # fmt: skip
-TCP_RTT = _Family(
-    "balancer_tcp_handshake_rtt_seconds",
-    "Client leg: SYN-ACK to ACK of the three-way handshake (TCP_INFO rtt after accept).",
-    ("listener",), HANDSHAKE_BUCKETS,
-)  # fmt: skip
-TLS_HANDSHAKE = _Family(
-    "balancer_tls_handshake_seconds",
-    "ClientHello's arrival to handshake complete, for handshakes that completed.",
-    ("listener", "version", "cipher"), HANDSHAKE_BUCKETS,
-)  # fmt: skip
-TLS_FAILURES = _Family("balancer_tls_handshake_failures", "TLS handshakes that failed, by reason.",
-                       ("listener", "reason"))  # fmt: skip
-TLS_RESUMED = _Family("balancer_tls_resumptions", "TLS handshakes that resumed an earlier session.",
-                      ("listener", "version"))  # fmt: skip
-CONNECT_WAIT = _Family(
-    "balancer_backend_connect_wait_seconds",
-    "Backend leg: connect() until the event loop saw the connection established (the wire's "
-    "SYN to SYN-ACK plus the loop's delay; the wire's alone is the handshake RTT).",
-    ("backend",), HANDSHAKE_BUCKETS,
-)  # fmt: skip
-BACKEND_RTT = _Family(
-    "balancer_backend_tcp_handshake_rtt_seconds",
-    "Backend leg: SYN to SYN-ACK of the three-way handshake (TCP_INFO rtt after connect).",
-    ("backend",), HANDSHAKE_BUCKETS,
-)  # fmt: skip
-DURATION = _Family("balancer_connection_duration_seconds",
-                   "Client connection lifetime, accept to close.", ("listener",),
-                   DURATION_BUCKETS)  # fmt: skip
-CLOSES = _Family(
-    "balancer_closes",
-    "Leg closes by leg (client, backend), who started it (peer, balancer) and kind "
-    "(fin, rst, close_notify).",
-    ("listener", "leg", "initiator", "kind"),
-)  # fmt: skip
-TEARDOWN = _Family(
-    "balancer_teardown_seconds",
-    "A leg's first FIN to its second (either side first); legs ended by RST excluded.",
-    ("leg",), HANDSHAKE_BUCKETS,
-)  # fmt: skip
-BYTES = _Family("balancer_bytes", "Bytes at the sockets, by leg and direction (in = received).",
-                ("listener", "leg", "direction"))  # fmt: skip
-REQUESTS = _Family("balancer_requests", "HTTP requests forwarded.", ("listener", "backend"))
-ERROR_RESPONSES = _Family(
-    "balancer_error_responses",
-    "Responses the balancer wrote itself (400, 408, 431, 502, 503, 504, ...).",
-    ("listener", "status"),
-)  # fmt: skip
-RESPONSES = _Family(
-    "balancer_responses",
-    "Responses relayed to clients, by backend and status class (1xx..5xx); the balancer's own "
-    "error responses are balancer_error_responses_total.",
-    ("listener", "backend", "class"),
-)  # fmt: skip
-REQUEST_DURATION = _Family(
-    "balancer_request_duration_seconds",
-    "A request head's arrival to its response's last byte relayed.",
-    ("listener", "backend"), DURATION_BUCKETS,
-)  # fmt: skip
-BACKEND_CONNECTIONS_CLOSED = _Family(
-    "balancer_backend_connections_closed",
-    "Backend connections closed (reuse modes), by backend and why.",
-    ("backend", "cause"),
-)  # fmt: skip
-FAMILIES = (CLOSED, TCP_RTT, TLS_HANDSHAKE, TLS_FAILURES, TLS_RESUMED, CONNECT_WAIT, BACKEND_RTT,
-            DURATION, CLOSES, RESPONSES, REQUEST_DURATION, BACKEND_CONNECTIONS_CLOSED,
-            TEARDOWN, BYTES, REQUESTS, ERROR_RESPONSES)  # fmt: skip
 
 
 class _Cell:
@@ -208,7 +139,7 @@ class _ListenerCells:
         )
 
 
-def _closes(cell: Callable[[_Family, tuple[str, ...]], _Cell], listener: str, leg: str) -> _Cells:
+def _closes(cell: Callable[[Family, tuple[str, ...]], _Cell], listener: str, leg: str) -> _Cells:
     """CLOSES cells of one leg, by initiator, then kind."""
     return _Cells(
         lambda initiator: _Cells(
@@ -238,10 +169,10 @@ class Observer(Collector):
         self.request_log = False  # request lines in the access log too (config request_log)
         self.recent: deque[ConnectionRecord] = deque(maxlen=recent)
         self.closed_total = 0
-        self._counts: dict[_Family, dict[tuple[str, ...], _Cell]] = {
+        self._counts: dict[Family, dict[tuple[str, ...], _Cell]] = {
             f: {} for f in FAMILIES if f.buckets is None
         }
-        self._histograms: dict[_Family, dict[tuple[str, ...], _Histogram]] = {
+        self._histograms: dict[Family, dict[tuple[str, ...], _Histogram]] = {
             f: {} for f in FAMILIES if f.buckets is not None
         }
         self._listeners = _Cells(lambda listener: _ListenerCells(self, listener))
@@ -254,14 +185,14 @@ class Observer(Collector):
         self._teardown = _Cells(lambda leg: self.histogram(TEARDOWN, (leg,)))
         registry.register(self)
 
-    def cell(self, family: _Family, labels: tuple[str, ...]) -> _Cell:
+    def cell(self, family: Family, labels: tuple[str, ...]) -> _Cell:
         counts = self._counts[family]
         found = counts.get(labels)
         if found is None:
             found = counts[labels] = _Cell()
         return found
 
-    def histogram(self, family: _Family, labels: tuple[str, ...]) -> _Histogram:
+    def histogram(self, family: Family, labels: tuple[str, ...]) -> _Histogram:
         histograms = self._histograms[family]
         found = histograms.get(labels)
         if found is None:

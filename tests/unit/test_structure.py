@@ -19,7 +19,7 @@ PURE = (
     "wire.http1", "wire.http1_response", "wire.proxy_protocol", "wire.sni", "facts.record",
     "facts.causes", "net.deadlines", "net.writebatch", "backend.state", "backend.policies",
     "backend.pool", "client.exchange", "client.prelude", "observe.aggregate",
-    "observe.status_page", "observe.loglines",
+    "observe.status_page", "observe.loglines", "observe.families",
 )  # fmt: skip
 IO_MODULES = {"asyncio", "socket", "ssl", "os", "time", "uvloop", "selectors", "subprocess"}
 # DESIGN.md: a class past ~400 lines or a module past ~700 is asking to be split.

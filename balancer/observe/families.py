@@ -1,0 +1,96 @@
+"""Every metric family the connection path counts into: its name, help and labels (and a
+histogram's buckets), in one place. observe/metrics.py counts into them and turns the counts
+into Prometheus families at scrape time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# From loopback (tens of µs) to a slow WAN (seconds).
+HANDSHAKE_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+DURATION_BUCKETS = (
+    0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)  # a singleton per metric: hashed by identity, cheaply
+class Family:
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] | None = None  # a histogram when set
+
+
+CLOSED = Family("balancer_connections_closed", "Client connections closed, by why they closed.",
+                 ("listener", "cause"))  # fmt: skip
+TCP_RTT = Family(
+    "balancer_tcp_handshake_rtt_seconds",
+    "Client leg: SYN-ACK to ACK of the three-way handshake (TCP_INFO rtt after accept).",
+    ("listener",), HANDSHAKE_BUCKETS,
+)  # fmt: skip
+TLS_HANDSHAKE = Family(
+    "balancer_tls_handshake_seconds",
+    "ClientHello's arrival to handshake complete, for handshakes that completed.",
+    ("listener", "version", "cipher"), HANDSHAKE_BUCKETS,
+)  # fmt: skip
+TLS_FAILURES = Family("balancer_tls_handshake_failures", "TLS handshakes that failed, by reason.",
+                       ("listener", "reason"))  # fmt: skip
+TLS_RESUMED = Family("balancer_tls_resumptions", "TLS handshakes that resumed an earlier session.",
+                      ("listener", "version"))  # fmt: skip
+CONNECT_WAIT = Family(
+    "balancer_backend_connect_wait_seconds",
+    "Backend leg: connect() until the event loop saw the connection established (the wire's "
+    "SYN to SYN-ACK plus the loop's delay; the wire's alone is the handshake RTT).",
+    ("backend",), HANDSHAKE_BUCKETS,
+)  # fmt: skip
+BACKEND_RTT = Family(
+    "balancer_backend_tcp_handshake_rtt_seconds",
+    "Backend leg: SYN to SYN-ACK of the three-way handshake (TCP_INFO rtt after connect).",
+    ("backend",), HANDSHAKE_BUCKETS,
+)  # fmt: skip
+DURATION = Family("balancer_connection_duration_seconds",
+                   "Client connection lifetime, accept to close.", ("listener",),
+                   DURATION_BUCKETS)  # fmt: skip
+CLOSES = Family(
+    "balancer_closes",
+    "Leg closes by leg (client, backend), who started it (peer, balancer) and kind "
+    "(fin, rst, close_notify).",
+    ("listener", "leg", "initiator", "kind"),
+)  # fmt: skip
+TEARDOWN = Family(
+    "balancer_teardown_seconds",
+    "A leg's first FIN to its second (either side first); legs ended by RST excluded.",
+    ("leg",), HANDSHAKE_BUCKETS,
+)  # fmt: skip
+BYTES = Family("balancer_bytes", "Bytes at the sockets, by leg and direction (in = received).",
+                ("listener", "leg", "direction"))  # fmt: skip
+REQUESTS = Family("balancer_requests", "HTTP requests forwarded.", ("listener", "backend"))
+ERROR_RESPONSES = Family(
+    "balancer_error_responses",
+    "Responses the balancer wrote itself (400, 408, 431, 502, 503, 504, ...).",
+    ("listener", "status"),
+)  # fmt: skip
+RESPONSES = Family(
+    "balancer_responses",
+    "Responses relayed to clients, by backend and status class (1xx..5xx); the balancer's own "
+    "error responses are balancer_error_responses_total.",
+    ("listener", "backend", "class"),
+)  # fmt: skip
+REQUEST_DURATION = Family(
+    "balancer_request_duration_seconds",
+    "A request head's arrival to its response's last byte relayed.",
+    ("listener", "backend"), DURATION_BUCKETS,
+)  # fmt: skip
+BACKEND_CONNECTIONS_CLOSED = Family(
+    "balancer_backend_connections_closed",
+    "Backend connections closed (reuse modes), by backend and why.",
+    ("backend", "cause"),
+)  # fmt: skip
+FAMILIES = (CLOSED, TCP_RTT, TLS_HANDSHAKE, TLS_FAILURES, TLS_RESUMED, CONNECT_WAIT, BACKEND_RTT,
+            DURATION, CLOSES, RESPONSES, REQUEST_DURATION, BACKEND_CONNECTIONS_CLOSED,
+            TEARDOWN, BYTES, REQUESTS, ERROR_RESPONSES)  # fmt: skip
