@@ -56,7 +56,7 @@ from balancer.facts.causes import (
     H2_ERROR,
     SHUTDOWN,
 )
-from balancer.facts.record import RequestRecord
+from balancer.facts.record import BALANCER, PEER, H2Facts, RequestRecord
 from balancer.wire.backend_head import backend_head
 from balancer.wire.errors import (
     BackendClosed,
@@ -92,7 +92,9 @@ _HOP_BY_HOP = frozenset(
 class H2Flow:
     """One HTTP/2 connection's streams (see the module docstring)."""
 
-    __slots__ = ("answered", "conn", "glitches", "goaway_by", "last_stream", "session", "streams")
+    __slots__ = (
+        "answered", "conn", "glitches", "goaway_by", "h2", "last_stream", "session", "streams",
+    )  # fmt: skip
 
     def __init__(self, session: H2Session) -> None:
         self.session = session
@@ -103,6 +105,7 @@ class H2Flow:
         self.glitches = 0  # see GLITCHES_FREE
         self.answered = 0  # responses relayed whole
         self.last_stream = 0  # the highest stream acted on: what a GOAWAY names
+        self.h2 = session.record.h2 = H2Facts()
         limits = session.ctx.settings.limits
         conn = self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         conn.local_settings.update(
@@ -129,7 +132,7 @@ class H2Flow:
         for event in events:
             if isinstance(event, RequestReceived):
                 if self.goaway_by == SHUTDOWN:  # (opened as our GOAWAY was on its way)
-                    self.conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                    self.reset(event.stream_id, ErrorCodes.REFUSED_STREAM)
                     continue
                 self._request(event.stream_id, event.headers, event.stream_ended is not None)
             elif isinstance(event, DataReceived):
@@ -151,6 +154,7 @@ class H2Flow:
                 if stream is not None:
                     stream.request_ended()
             elif isinstance(event, StreamReset):
+                _count(self.h2.rst_received, event.error_code or 0)
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:  # (not answered yet)
                     self.glitches += 1
@@ -163,18 +167,26 @@ class H2Flow:
                 for stream in list(self.streams.values()):
                     if event.stream_id in (0, stream.id):
                         stream.send_held()
-            elif isinstance(event, ConnectionTerminated) and self.goaway_by is None:
-                self.goaway_by = CLIENT_CLOSED
+            elif isinstance(event, ConnectionTerminated):
+                code = _error_name(event.error_code or 0)
+                self.h2.said_goaway(PEER, code, event.last_stream_id or 0)
+                self.goaway_by = self.goaway_by or CLIENT_CLOSED
             if self.glitches > GLITCHES_FREE + GLITCHES_PER_ANSWER * self.answered:
                 self._refuse(ErrorCodes.ENHANCE_YOUR_CALM)  # (the rest of the read unread)
                 return
         self.flush()
         self._maybe_done()
 
+    def reset(self, stream_id: int, code: ErrorCodes) -> None:
+        """RST_STREAM from us, counted."""
+        self.conn.reset_stream(stream_id, code)
+        _count(self.h2.rst_sent, code)
+
     def _refuse(self, code: int) -> None:
         """The client broke the protocol, or went past its glitches: GOAWAY with `code` and the
         last stream seen, then the connection ends (its streams' backends with it)."""
         self.conn.close_connection(error_code=code, last_stream_id=self.last_stream)
+        self.h2.said_goaway(BALANCER, _error_name(code), self.last_stream)
         self.flush()
         self.session.close_client(H2_ERROR)
 
@@ -199,6 +211,7 @@ class H2Flow:
             self.flush()
             goaway = GoAwayFrame(0, self.last_stream, ErrorCodes.NO_ERROR)
             self.session.write_client(goaway.serialize())
+            self.h2.said_goaway(BALANCER, "no_error", self.last_stream)
         self._maybe_done()
 
     def close_backends(self) -> None:
@@ -246,6 +259,9 @@ class H2Flow:
         session.record.requests += 1
         stream = H2Stream(self, stream_id, record)
         self.streams[stream_id] = stream
+        h2 = self.h2
+        h2.streams += 1
+        h2.max_concurrent_streams = max(h2.max_concurrent_streams, len(self.streams))
         authority = fields.get(b":authority")
         record.host = authority
         if authority is None or not target or method == b"CONNECT":
@@ -534,7 +550,7 @@ class H2Stream:
         conn = self.flow.conn
         try:
             if self.responded:
-                conn.reset_stream(self.id, ErrorCodes.INTERNAL_ERROR)
+                self.flow.reset(self.id, ErrorCodes.INTERNAL_ERROR)
             else:
                 body = f"{error.status_hint} {error.reason}\n".encode()
                 conn.send_headers(
@@ -594,3 +610,16 @@ class H2Stream:
             record.done_at = flow.session.ctx.services.clock()
         flow.session.ctx.exchange_settings.publish(record)
         flow.stream_done(self)
+
+
+def _error_name(code: int) -> str:
+    """An HTTP/2 error code as RFC 9113 names it, in lower case (an unknown one by number)."""
+    try:
+        return ErrorCodes(code).name.lower()
+    except ValueError:
+        return str(code)
+
+
+def _count(counts: dict[str, int], code: int) -> None:
+    name = _error_name(code)
+    counts[name] = counts.get(name, 0) + 1

@@ -109,6 +109,54 @@ class LegTeardown:
         }
 
 
+class H2Facts:
+    """An HTTP/2 connection's own facts (ConnectionRecord.h2; None on HTTP/1.x): its streams,
+    the most it had open at once, the GOAWAY each side sent (error code and the last stream it
+    named) and which came first, and RST_STREAM frames each way by error code. Error codes
+    are RFC 9113's names in lower case (`no_error`, `enhance_your_calm`, ...)."""
+
+    __slots__ = (
+        "goaway_first",
+        "goaway_received",
+        "goaway_sent",
+        "max_concurrent_streams",
+        "rst_received",
+        "rst_sent",
+        "streams",
+    )
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.max_concurrent_streams = 0
+        self.goaway_sent: tuple[str, int] | None = None  # (error code, last stream id)
+        self.goaway_received: tuple[str, int] | None = None
+        self.goaway_first: str | None = None  # BALANCER or PEER
+        self.rst_sent: dict[str, int] = {}  # by error code
+        self.rst_received: dict[str, int] = {}
+
+    def said_goaway(self, by: str, error: str, last_stream: int) -> None:
+        """A GOAWAY, sent (`by` BALANCER) or received (PEER); the first stands as first."""
+        if by == BALANCER:
+            self.goaway_sent = self.goaway_sent or (error, last_stream)
+        else:
+            self.goaway_received = self.goaway_received or (error, last_stream)
+        self.goaway_first = self.goaway_first or by
+
+    def to_dict(self) -> dict[str, Any]:
+        sent, received = self.goaway_sent, self.goaway_received
+        return {
+            "streams": self.streams,
+            "max_concurrent_streams": self.max_concurrent_streams,
+            "goaway_sent": None if sent is None else {"error": sent[0], "last_stream": sent[1]},
+            "goaway_received": None
+            if received is None
+            else {"error": received[0], "last_stream": received[1]},
+            "goaway_first": self.goaway_first,
+            "rst_stream_sent": self.rst_sent,
+            "rst_stream_received": self.rst_received,
+        }
+
+
 class ConnectionRecord:
     """Everything the balancer knows about one client connection, from accept to close."""
 
@@ -129,6 +177,7 @@ class ConnectionRecord:
         "error_status",
         "failed_backends",
         "first_request_at",
+        "h2",
         "id",
         "listener",
         "local_port",
@@ -166,6 +215,7 @@ class ConnectionRecord:
         self.tls_cipher: str | None = None
         self.tls_sni: str | None = None
         self.tls_alpn: str | None = None
+        self.h2: H2Facts | None = None  # ALPN h2: the HTTP/2 facts
         self.tls_resumed: bool | None = None
         self.tls_failure: str | None = None
         # HTTP.
@@ -293,6 +343,7 @@ class ConnectionRecord:
                 "resumed": self.tls_resumed,
                 "failure": self.tls_failure,
             },
+            "h2": None if self.h2 is None else self.h2.to_dict(),
             "backend": None
             if self.backend is None
             else {

@@ -91,6 +91,27 @@ BACKEND_CONNECTIONS_CLOSED = Family(
     "Backend connections closed (reuse modes), by backend and why.",
     ("backend", "cause"),
 )  # fmt: skip
+CLIENT_REQUESTS = Family(
+    "balancer_client_requests",
+    "Requests received from clients, by protocol (http/1.1, h2: a stream each).",
+    ("listener", "protocol"),
+)  # fmt: skip
+H2_GOAWAY = Family(
+    "balancer_h2_goaway",
+    "HTTP/2 GOAWAY frames, by direction (sent, received) and error code.",
+    ("listener", "direction", "error"),
+)  # fmt: skip
+H2_RST_STREAM = Family(
+    "balancer_h2_rst_stream",
+    "HTTP/2 RST_STREAM frames, by direction (sent, received) and error code.",
+    ("listener", "direction", "error"),
+)  # fmt: skip
+H2_CONCURRENT_STREAMS = Family(
+    "balancer_h2_max_concurrent_streams",
+    "HTTP/2 connections by the most streams they had open at once.",
+    ("listener",), (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0),
+)  # fmt: skip
 FAMILIES = (CLOSED, TCP_RTT, TLS_HANDSHAKE, TLS_FAILURES, TLS_RESUMED, CONNECT_WAIT, BACKEND_RTT,
             DURATION, CLOSES, RESPONSES, REQUEST_DURATION, BACKEND_CONNECTIONS_CLOSED,
-            TEARDOWN, BYTES, REQUESTS, ERROR_RESPONSES)  # fmt: skip
+            TEARDOWN, BYTES, REQUESTS, ERROR_RESPONSES, CLIENT_REQUESTS, H2_GOAWAY, H2_RST_STREAM,
+            H2_CONCURRENT_STREAMS)  # fmt: skip

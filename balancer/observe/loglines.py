@@ -5,12 +5,14 @@ connection for a person watching. Pure: records in, text out.
 
 from __future__ import annotations
 
+import json
 from json.encoder import encode_basestring_ascii
 
 from balancer.facts.record import (
     PEER,
     BackendConnectionRecord,
     ConnectionRecord,
+    H2Facts,
     LegTeardown,
     RequestRecord,
     rfc3339,
@@ -149,7 +151,8 @@ def json_line(r: ConnectionRecord) -> str:
         f'"proxied_by":{_text(r.proxied_by)}}},'
         f'"local_port":{r.local_port},'
         f'"tcp_handshake_rtt_seconds":{_number(r.tcp_handshake_rtt_seconds)},'
-        f'"tls":{tls},"backend":{backend},'
+        f'"tls":{tls},"h2":{"null" if r.h2 is None else _h2_json(r.h2)},'
+        f'"backend":{backend},'
         f'"connect_attempts":{r.connect_attempts},"connect_failures":{r.connect_failures},'
         f'"retries":{r.retries},"failed_backends":{_names(r.failed_backends)},'
         f'"requests":{r.requests},"first_request_seconds":'
@@ -161,6 +164,11 @@ def json_line(r: ConnectionRecord) -> str:
         f'"client_leg":{_leg_json(client_leg)},"backend_leg":{leg},"lifetime_seconds":'
         f"{'null' if closed_at is None else repr(closed_at - r.accepted_at)}}}\n"
     )
+
+
+def _h2_json(h2: H2Facts) -> str:
+    """(HTTP/2 connections only: the general encoder is fine there.)"""
+    return json.dumps(h2.to_dict(), separators=(",", ":"))
 
 
 def request_json_line(r: RequestRecord) -> str:

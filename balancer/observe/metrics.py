@@ -33,6 +33,7 @@ from balancer.facts.causes import CLOSE_CAUSES
 from balancer.facts.record import (
     BackendConnectionRecord,
     ConnectionRecord,
+    H2Facts,
     RequestRecord,
     teardown_seconds,
 )
@@ -40,12 +41,16 @@ from balancer.observe.families import (
     BACKEND_CONNECTIONS_CLOSED,
     BACKEND_RTT,
     BYTES,
+    CLIENT_REQUESTS,
     CLOSED,
     CLOSES,
     CONNECT_WAIT,
     DURATION,
     ERROR_RESPONSES,
     FAMILIES,
+    H2_CONCURRENT_STREAMS,
+    H2_GOAWAY,
+    H2_RST_STREAM,
     REQUEST_DURATION,
     REQUESTS,
     RESPONSES,
@@ -111,6 +116,7 @@ class _ListenerCells:
         "backend_closes",
         "client_bytes",
         "client_closes",
+        "client_requests",
         "closed",
         "duration",
         "error_responses",
@@ -131,6 +137,7 @@ class _ListenerCells:
         self.client_bytes = _Cells(lambda way: cell(BYTES, (listener, "client", way)))
         self.backend_bytes = _Cells(lambda way: cell(BYTES, (listener, "backend", way)))
         self.requests = _Cells(lambda backend: cell(REQUESTS, (listener, backend)))
+        self.client_requests = _Cells(lambda proto: cell(CLIENT_REQUESTS, (listener, proto)))
         self.responses = _Cells(
             lambda backend: _Cells(lambda kind: cell(RESPONSES, (listener, backend, kind)))
         )
@@ -212,6 +219,7 @@ class Observer(Collector):
             made = [cells.closed[cause] for cause in causes]  # (a cell made is exported)
             if http:
                 made += [cells.error_responses[status] for status in statuses]
+                made += [cells.client_requests[proto] for proto in ("http/1.1", "h2")]
                 for backend in backends:
                     made += [cells.requests[backend], cells.request_durations[backend]]
                     made += [cells.responses[backend][kind] for kind in _STATUS_CLASS[1:]]
@@ -234,6 +242,12 @@ class Observer(Collector):
                 self.cell(TLS_RESUMED, (record.listener, version)).value += 1
         if record.error_status is not None:
             cells.error_responses[str(record.error_status)].value += 1
+        h2 = record.h2
+        if h2 is not None:
+            cells.client_requests["h2"].value += h2.streams
+            self._publish_h2(record.listener, h2)
+        elif record.requests:
+            cells.client_requests["http/1.1"].value += record.requests
         if record.closed_at is not None:
             cells.duration.observe(record.closed_at - record.accepted_at)
         leg = record.client_leg
@@ -264,6 +278,15 @@ class Observer(Collector):
             self.access_log.write(json_line(record))
         if self.live is not None:
             self.live(record)
+
+    def _publish_h2(self, listener: str, h2: H2Facts) -> None:
+        self.histogram(H2_CONCURRENT_STREAMS, (listener,)).observe(h2.max_concurrent_streams)
+        for direction, goaway in (("sent", h2.goaway_sent), ("received", h2.goaway_received)):
+            if goaway is not None:
+                self.cell(H2_GOAWAY, (listener, direction, goaway[0])).value += 1
+        for direction, counts in (("sent", h2.rst_sent), ("received", h2.rst_received)):
+            for error, count in counts.items():
+                self.cell(H2_RST_STREAM, (listener, direction, error)).value += count
 
     def publish_request(self, record: RequestRecord) -> None:
         """A request whose response is done (or that ended without one)."""

@@ -17,7 +17,7 @@ import pytest
 
 from balancer.config.schema import ConfigError, parse_config
 from tests.h2client import H2Client
-from tests.helpers import client_context, pattern, port_of, start_balancer
+from tests.helpers import client_context, pattern, port_of, scrape, start_balancer
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 
@@ -30,6 +30,7 @@ def h2_config(backends: list[str], certs: Any, alpn: list[str] | None = None, **
         "backends": [{"name": f"b{i}", "address": a} for i, a in enumerate(backends)],
         "tls": {"cert": str(certs.cert), "key": str(certs.key)},
         "request_log": True,
+        "admin": "127.0.0.1:0",
         **extra,
     }
     return parse_config(table, "test")
@@ -100,6 +101,11 @@ async def test_curl_http2_is_answered_over_h2_and_recorded(h2_balancer, certs, f
     (record,) = await recorder.wait_for(1)
     assert record.tls_alpn == "h2"
     assert record.requests == 1
+    assert record.h2 is not None
+    assert (record.h2.streams, record.h2.max_concurrent_streams) == (1, 1)
+    assert record.h2.goaway_sent is None  # (curl 7.88 leaves without a GOAWAY of its own)
+    connection_line = json.loads(log.getvalue().splitlines()[-1])
+    assert connection_line["h2"]["streams"] == 1
     (line,) = request_lines(log)
     assert line["stream"] == 1 and line["status"] == 200 and line["host"] == f"localhost:{port}"
     # The backend heard HTTP/1.1 with the forwarding headers an HTTP/1.1 client's request gets.
@@ -114,7 +120,7 @@ async def test_curl_http2_is_answered_over_h2_and_recorded(h2_balancer, certs, f
 async def test_streams_of_one_connection_run_at_once_on_several_backends(
     h2_balancer, h2_client, farm
 ) -> None:
-    port, recorder, log, _ = await h2_balancer()
+    port, recorder, log, balancer = await h2_balancer()
     client = await h2_client(port)
     assert client.alpn == "h2"
     # Slow answers first: had they been served one after another, the fast ones would wait.
@@ -129,6 +135,13 @@ async def test_streams_of_one_connection_run_at_once_on_several_backends(
     client.close()
     (record,) = await recorder.wait_for(1)
     assert record.requests == 12
+    assert record.h2 is not None and record.h2.streams == 12
+    assert record.h2.max_concurrent_streams >= 4  # the three slow ones and a fast one at least
+    assert record.h2.goaway_received == ("no_error", 0)  # the client's, as it closed
+    assert (record.h2.goaway_first, record.h2.goaway_sent) == ("peer", None)
+    metrics = await scrape(balancer)
+    assert 'balancer_client_requests_total{listener="https",protocol="h2"} 12.0' in metrics
+    assert 'balancer_h2_max_concurrent_streams_count{listener="https"} 1.0' in metrics
     lines = request_lines(log)
     assert sorted(line["stream"] for line in lines) == sorted(slow + fast)
     assert all(line["connection_id"] == record.id for line in lines)
@@ -161,7 +174,7 @@ async def test_a_large_response_flows_through_the_clients_windows(h2_balancer, h
 
 
 async def test_a_stream_the_client_resets_ends_alone(h2_balancer, h2_client, farm) -> None:
-    port, _, log, _ = await h2_balancer()
+    port, recorder, log, _ = await h2_balancer()
     client = await h2_client(port)
     hanging = client.request("/slow")  # the backend never answers it
     await until(lambda: seen(farm, "/slow"))  # its backend connection is open
@@ -175,16 +188,20 @@ async def test_a_stream_the_client_resets_ends_alone(h2_balancer, h2_client, far
     await until(lambda: not slow_backend.open_connections)
     lines = {line["stream"]: line for line in request_lines(log)}
     assert lines[hanging]["status"] is None and lines[other]["status"] == 200
+    (record,) = await recorder.wait_for(1)
+    assert record.h2 is not None and record.h2.rst_received == {"cancel": 1}
 
 
 async def test_a_broken_backend_gets_its_stream_a_502_or_a_reset(h2_balancer, h2_client) -> None:
-    port, _, _, _ = await h2_balancer()
+    port, recorder, _, _ = await h2_balancer()
     client = await h2_client(port)
     cut = client.request("/die/5000")  # 100 bytes of a 5,000-byte body, then FIN
     await in_thread(client)
     assert client.answers[cut].status == 200 and client.answers[cut].reset == 2  # INTERNAL_ERROR
     assert not client.answers[cut].ended  # never passed off as whole
     client.close()
+    (record,) = await recorder.wait_for(1)
+    assert record.h2 is not None and record.h2.rst_sent == {"internal_error": 1}
     port, _, _, _ = await h2_balancer(backends=["127.0.0.1:1"])  # nothing listens
     client = await h2_client(port)
     refused = client.request("/")
@@ -205,6 +222,8 @@ async def test_a_protocol_error_ends_the_connection_with_goaway(h2_balancer, h2_
     client.close()
     (record,) = await recorder.wait_for(1)
     assert record.close_cause == "h2_error"
+    assert record.h2 is not None and record.h2.goaway_first == "balancer"
+    assert record.h2.goaway_sent == ("protocol_error", 0)
 
 
 async def test_shutdown_sends_goaway_and_lets_the_stream_finish(
@@ -232,6 +251,8 @@ async def test_shutdown_sends_goaway_and_lets_the_stream_finish(
     await asyncio.wait_for(stopping, 6)
     records = await recorder.wait_for(2)
     assert {record.close_cause for record in records} == {"shutdown"}
+    said = [(r.h2.goaway_sent, r.h2.goaway_first) for r in records if r.h2 is not None]
+    assert (("no_error", first), "balancer") in said  # the idle client's connection
 
 
 async def test_http11_clients_still_get_http11_on_the_same_listener(h2_balancer, certs) -> None:
