@@ -114,6 +114,7 @@ class ListenerSettings:
     # Read at every accept (session.await_prelude), so resolved once here.
     accept_proxy_from: tuple[Network, ...] = field(init=False)
     routes_by_sni: bool = field(init=False)  # a tcp listener routing TLS by SNI, passed through
+    h2c: bool = field(init=False)  # HTTP/2 with prior knowledge on this plain listener
 
     def __post_init__(self) -> None:
         limits = self.limits
@@ -128,6 +129,7 @@ class ListenerSettings:
         object.__setattr__(self, "accept_proxy_from", self.listener.accept_proxy_from)
         sni = any(route.sni is not None for route in self.listener.routes)
         object.__setattr__(self, "routes_by_sni", sni)
+        object.__setattr__(self, "h2c", self.listener.h2c)
 
 
 @dataclass

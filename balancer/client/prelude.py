@@ -5,6 +5,9 @@ for it is session.py's (`await_prelude`, `read_prelude`).
 
     accept ──► source trusted? (else refused) ──► PROXY header ──► ClientHello peeked (SNI
                routing only; its bytes kept) ──► the session begins with what is left
+
+On a plain listener with `h2c`, the first bytes are held until they show the HTTP/2
+connection preface (prior knowledge: the session begins as HTTP/2) or not (HTTP/1.x).
 """
 
 from __future__ import annotations
@@ -29,18 +32,24 @@ def trusted(client_ip: str, sources: Sequence[Network]) -> bool:
     return any(address in network for network in sources)
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
 class Prelude:
     """Collects a connection's first bytes until the session can begin (see the module
     docstring). `feed` returns None while waiting, else the bytes the session begins with;
     raises proxy_protocol.ProxyHeaderError for a bad header."""
 
-    __slots__ = ("header", "hello", "peek", "proxy")
+    __slots__ = ("h2c", "h2c_held", "header", "hello", "peek", "proxy")
 
-    def __init__(self, proxy: bool, sni: bool) -> None:
+    def __init__(self, proxy: bool, sni: bool, h2c: bool = False) -> None:
         self.proxy: HeaderReader | None = HeaderReader() if proxy else None
         self.hello: ClientHelloReader | None = ClientHelloReader() if sni else None
         self.header: ProxyHeader | None = None
         self.peek: Peek | None = None
+        # h2c: bytes held until they show the preface or not; then whether they did.
+        self.h2c_held: bytes | None = b"" if h2c else None
+        self.h2c = False
 
     def feed(self, data: bytes) -> bytes | None:
         if self.proxy is not None:
@@ -58,6 +67,13 @@ class Prelude:
             self.peek = peek
             data = self.hello.held
             self.hello = None
+        if self.h2c_held is not None:
+            held = self.h2c_held + data
+            if len(held) < len(H2_PREFACE) and H2_PREFACE.startswith(held):
+                self.h2c_held = held
+                return None  # (so far, the preface or an HTTP/1 request alike)
+            self.h2c, self.h2c_held = held.startswith(H2_PREFACE), None
+            data = held
         return data
 
     def settle(self, record: ConnectionRecord) -> tuple[str, int] | None:

@@ -175,9 +175,10 @@ class ClientSession(asyncio.Protocol):
         if not await_prelude(self):
             self.begin()
 
-    def begin(self, hello_read: bool = False) -> None:
+    def begin(self, hello_read: bool = False, h2c: bool = False) -> None:
         """The session proper begins: a TLS handshake, a request, or (tcp) the tunnel.
-        `hello_read`: bytes of the ClientHello were read already (after a PROXY header)."""
+        `hello_read`: bytes of the ClientHello were read already (after a PROXY header);
+        `h2c`: the first bytes were HTTP/2's preface (prior knowledge)."""
         services = self.ctx.services
         ssl_context = self.ctx.settings.ssl_context
         if ssl_context is not None:
@@ -188,6 +189,8 @@ class ClientSession(asyncio.Protocol):
             # read, the kernel's next stamp would be a later flight's: reading time stands.
             if not hello_read:
                 self.client.stamp_first_bytes(self._loop, services.wall_clock, tls.hello_arrived)
+        elif h2c:
+            self._multiplex()
         elif self.http is not None:
             self.set_deadline(HEADER)
         else:
@@ -226,11 +229,15 @@ class ClientSession(asyncio.Protocol):
             self.fwd.connect()
             self.set_deadline(TUNNEL_IDLE)
         elif self.record.tls_alpn == "h2":  # (the listener offers it: `alpn`)
-            self.phase, self.http = MULTIPLEXING, None
-            self.flow = H2Flow(self)
+            self._multiplex()
         else:
             self.phase = EXCHANGING
             self.set_deadline(HEADER)
+
+    def _multiplex(self) -> None:
+        """HTTP/2 from here: ALPN chose h2, or a plain listener's client sent its preface."""
+        self.phase, self.http = MULTIPLEXING, None
+        self.flow = H2Flow(self)
 
     def client_data_ended(self, data: bytes) -> None:
         """The client's TLS close_notify, after `data`: it sends no more."""
@@ -519,8 +526,8 @@ def await_prelude(session: ClientSession) -> bool:
     """At accept: whether the session waits for a prelude (or was refused one) rather than
     beginning now."""
     settings = session.ctx.settings
-    sources, sni = settings.accept_proxy_from, settings.routes_by_sni
-    if not sources and not sni:
+    sources, sni, h2c = settings.accept_proxy_from, settings.routes_by_sni, settings.h2c
+    if not sources and not sni and not h2c:
         return False
     # No address: the client reset the connection as it was accepted (HAProxy's health
     # checks do), before it could be asked. That is no refusal: the reset, coming next as
@@ -529,7 +536,7 @@ def await_prelude(session: ClientSession) -> bool:
     if sources and client_ip and not trusted(client_ip, sources):
         session.close_client(PROXY_REFUSED)
         return True
-    session.prelude = Prelude(bool(sources), sni)
+    session.prelude = Prelude(bool(sources), sni, h2c)
     session.set_deadline(FIRST_BYTES)
     return True
 
@@ -550,7 +557,7 @@ def read_prelude(session: ClientSession, data: bytes) -> bytes | None:
     session.destination = prelude.settle(session.record)
     if prelude.peek is not None:  # a tcp listener routing TLS by SNI (passthrough)
         session.fwd.chosen = session.ctx.router.for_server_name(prelude.peek.server_name)
-    session.begin(hello_read=bool(rest))
+    session.begin(hello_read=bool(rest), h2c=prelude.h2c)
     return rest
 
 

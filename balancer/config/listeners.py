@@ -65,6 +65,10 @@ class ListenerConfig:
     # A TLS http listener's ALPN offer, in preference order: "h2" and/or "http/1.1" (a client
     # that chooses h2 gets h2_flow.py; one that asks for nothing, HTTP/1.1). () elsewhere.
     alpn: tuple[str, ...] = ()
+    # A plain http listener: a client that begins with HTTP/2's preface (prior knowledge, as
+    # `curl --http2-prior-knowledge`) speaks HTTP/2; others HTTP/1.x. Off unless asked, as
+    # nginx's.
+    h2c: bool = False
 
     @property
     def tls(self) -> bool:
@@ -73,7 +77,7 @@ class ListenerConfig:
 
 LISTENER_KEYS = (
     "name", "bind", "tls", "mode", "protocol", "group", "routes", "accept_proxy_from",
-    "certificates", "alpn",
+    "certificates", "alpn", "h2c",
 )  # fmt: skip
 
 
@@ -111,10 +115,14 @@ def listeners_section(
             r.problem(f"{path}.certificates", item["certificates"], "tls = true on this "
                       "listener: certificates are for a listener that terminates TLS")  # fmt: skip
         alpn = _alpn(r, item, path, protocol == "https" and mode == "http")
+        h2c = r.get(item, "h2c", f"{path}.h2c", boolean, "true or false", False)
+        if h2c and (protocol == "https" or mode != "http"):
+            r.problem(f"{path}.h2c", h2c, "h2c on a plain (tls = false) listener in mode "
+                      "'http': over TLS, alpn = ['h2', 'http/1.1'] offers HTTP/2")  # fmt: skip
         if isinstance(bind, Address):
             listeners.append(ListenerConfig(
                 name, bind, protocol or "http", mode or "http", group, routes, proxy_from,
-                certificates, alpn,
+                certificates, alpn, bool(h2c),
             ))  # fmt: skip
     if not listeners and not r.problems:
         r.problem("listeners", MISSING, "at least one [[listeners]] table (or --http / --https)")

@@ -312,6 +312,44 @@ def test_a_bad_alpn_names_the_key_and_the_fix(listener: dict[str, Any], fix: str
     assert "listeners[0].alpn" in str(error.value) and fix in str(error.value)
 
 
+async def test_h2c_with_prior_knowledge_on_a_plain_listener(farm) -> None:
+    """`h2c = true`: curl --http2-prior-knowledge speaks HTTP/2 over plain TCP; an HTTP/1.1
+    client on the same listener is served as before."""
+    config = parse_config(
+        {
+            "listeners": [{"name": "http", "bind": "127.0.0.1:0", "h2c": True}],
+            "backends": [{"address": farm[0].address}],
+        },
+        "test",
+    )
+    balancer, recorder = await start_balancer(config)
+    try:
+        port = port_of(balancer)
+        for flag, version in (("--http2-prior-knowledge", "2"), ("--http1.1", "1.1")):
+            proc = await asyncio.create_subprocess_exec(
+                "curl", "-sS", flag, "-w", "\n%{http_version}", f"http://127.0.0.1:{port}/x",
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, _ = await asyncio.wait_for(proc.communicate(), 10)
+            assert out.decode().endswith(f"GET /x\n\n{version}")
+        h2, http1 = await recorder.wait_for(2)
+        assert h2.h2 is not None and h2.h2.streams == 1 and h2.tls_alpn is None
+        assert http1.h2 is None and http1.requests == 1
+    finally:
+        await balancer.shutdown(grace=1.0)
+
+
+def test_h2c_is_for_plain_http_listeners() -> None:
+    table = {
+        "listeners": [{"bind": "127.0.0.1:0", "tls": True, "h2c": True}],
+        "backends": [{"address": "127.0.0.1:9"}],
+        "tls": {},
+    }
+    with pytest.raises(ConfigError) as error:
+        parse_config(table, "test.toml")
+    assert "listeners[0].h2c" in str(error.value) and "alpn" in str(error.value)
+
+
 # ---- the known attacks, refused ------------------------------------------------------------
 # Each sends the attack on one connection and asserts the connection ended with the GOAWAY
 # that names it, that the work it bought stayed bounded (backend connections, CPU of this

@@ -147,3 +147,23 @@ def test_any_bytes_peeked_for_sni_give_a_name_a_wait_or_not_tls(data: bytes, ste
         if reader.feed(hello[at : at + step]) is not None:
             break
     server_name(data)  # any ClientHello body: a name or None, never an exception
+
+
+def test_h2c_prior_knowledge_is_told_from_http1_by_the_first_bytes() -> None:
+    """A plain listener with h2c holds the first bytes only while they could still be the
+    HTTP/2 preface; a request that parts from it early is HTTP/1.x at once."""
+    from balancer.client.prelude import H2_PREFACE
+
+    prelude = Prelude(proxy=False, sni=False, h2c=True)
+    sent = H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and an empty SETTINGS
+    for byte in range(len(H2_PREFACE) - 1):
+        assert prelude.feed(sent[byte : byte + 1]) is None
+    assert prelude.feed(sent[len(H2_PREFACE) - 1 :]) == sent  # nothing lost
+    assert prelude.h2c
+    for http1 in (b"GET / HTTP/1.1\r\n", b"PUT /x HTTP/1.1\r\n", b"PRI * HTTP/1.1\r\n"):
+        prelude = Prelude(proxy=False, sni=False, h2c=True)
+        assert prelude.feed(http1) == http1 and not prelude.h2c
+    prelude = Prelude(proxy=False, sni=False, h2c=True)
+    assert prelude.feed(b"PR") is None  # (PRI or an HTTP/1 method: not yet known)
+    assert prelude.feed(b"OPFIND / HTTP/1.1\r\n") == b"PROPFIND / HTTP/1.1\r\n"
+    assert not prelude.h2c
