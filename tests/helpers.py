@@ -152,6 +152,11 @@ class BackendProtocol(asyncio.Protocol):
             body = b"".join(self.body_parts)
             head += f"X-Body-Sha256: {self.body.hexdigest()}\r\nContent-Length: {len(body)}\r\n"
             self.transport.write(head.encode() + b"\r\n" + body)
+        elif path.startswith("/page/"):  # a page of N images (each another request)
+            images = "".join(f'<img src="/img/{n}.png">' for n in range(int(path.split("/")[2])))
+            body = f"<!doctype html><html><body>{images}</body></html>".encode()
+            head += "Content-Type: text/html\r\n"
+            self.transport.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         elif path.startswith("/size/"):
             body = pattern(int(path.split("/")[2]))
             self.transport.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)

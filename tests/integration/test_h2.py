@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import shutil
 import ssl
 from typing import Any
@@ -348,6 +349,58 @@ def test_h2c_is_for_plain_http_listeners() -> None:
     with pytest.raises(ConfigError) as error:
         parse_config(table, "test.toml")
     assert "listeners[0].h2c" in str(error.value) and "alpn" in str(error.value)
+
+
+async def test_nghttp_shows_the_frames_and_the_record_says_them(h2_balancer) -> None:
+    """nghttp (nghttp2's client) prints every frame: two streams on one connection, then its
+    GOAWAY; the record says the streams and that the client's GOAWAY came first."""
+    nghttp = shutil.which("nghttp")
+    if nghttp is None:
+        pytest.skip("nghttp is not installed (.ci/run installs nghttp2-client)")
+    port, recorder, _, _ = await h2_balancer()
+    base = f"https://127.0.0.1:{port}"
+    proc = await asyncio.create_subprocess_exec(
+        nghttp, "-nv", f"{base}/a", f"{base}/b", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    frames = out.decode()
+    assert proc.returncode == 0, frames
+    answered = re.findall(r"recv \(stream_id=(\d+)\) :status: 200", frames)
+    assert len(answered) == 2  # (its streams are 13 and 15: 3 to 11 anchor its priorities)
+    assert "[SETTINGS_MAX_CONCURRENT_STREAMS(0x03):100]" in frames  # ours
+    assert "[SETTINGS_ENABLE_PUSH(0x02):0]" in frames
+    assert (
+        frames.rstrip()
+        .splitlines()[-2]
+        .endswith("send GOAWAY frame <length=8, flags=0x00, stream_id=0>")
+    )
+    (record,) = await recorder.wait_for(1)
+    assert record.h2 is not None and record.h2.streams == 2
+    assert record.h2.goaway_first == "peer" and record.h2.goaway_received == ("no_error", 0)
+
+
+async def test_chromium_loads_a_page_of_many_images_over_one_h2_connection(
+    h2_balancer, farm
+) -> None:
+    chromium = next(
+        (path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None
+    )
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    port, recorder, _, _ = await h2_balancer()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors"]
+    proc = await asyncio.create_subprocess_exec(
+        chromium, *flags, "--dump-dom", f"https://127.0.0.1:{port}/page/30",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert out.decode().count("<img") == 30
+    images = {seen.path for backend in farm for seen in backend.seen if "/img/" in seen.path}
+    assert images == {f"/img/{n}.png" for n in range(30)}
+    records = await recorder.wait_for(1, timeout=10)
+    page = [r for r in records if r.h2 is not None and r.h2.streams >= 31]
+    assert len(page) == 1 and page[0].tls_alpn == "h2"  # the page and its images: one connection
+    assert page[0].h2 is not None and page[0].h2.max_concurrent_streams > 1
 
 
 # ---- the known attacks, refused ------------------------------------------------------------
