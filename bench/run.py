@@ -298,7 +298,11 @@ class Bench:
         http, https, admin = free_port(), free_port(), free_port()
         log_path = self.workdir / f"access-{key_type}-{reuse}{build}.log"
         config = self.workdir / f"balancer-{reuse}.toml"
-        config.write_text(f'[upstream]\nreuse = "{reuse}"\n')
+        # The https listener offers h2 (S6); --https sets its bind, keeping the rest.
+        config.write_text(
+            f'[upstream]\nreuse = "{reuse}"\n\n[[listeners]]\nname = "https"\n'
+            'bind = "127.0.0.1:1"\ntls = true\nalpn = ["h2", "http/1.1"]\n'
+        )
         backends = [arg for port in self.farm_ports for arg in ("--backend", f"127.0.0.1:{port}")]
         balancer = self._spawn(
             pinned(
@@ -359,7 +363,7 @@ defaults
   timeout server 60s
 frontend fe
   bind 127.0.0.1:{hp}
-  bind 127.0.0.1:{hps} ssl crt {certs["combined"]}
+  bind 127.0.0.1:{hps} ssl crt {certs["combined"]} alpn h2,http/1.1
   default_backend farm
 backend farm
   balance roundrobin
@@ -377,7 +381,7 @@ backend farm
         process = self._nginx(
             f"proxy-{key_type}-{'keepalive' if keepalive else 'close'}",
             f"""server {{ listen 127.0.0.1:{np_} backlog=4096;
-                    listen 127.0.0.1:{nps} ssl backlog=4096;
+                    listen 127.0.0.1:{nps} ssl http2 backlog=4096;
                     ssl_certificate {certs["cert"]}; ssl_certificate_key {certs["key"]};
                     ssl_protocols TLSv1.2 TLSv1.3;
                     location / {{ proxy_pass http://farm; proxy_http_version 1.1;
@@ -432,6 +436,16 @@ backend farm
             ["ab", "-q", "-n", str(requests), "-c", "32", *extra, f"{scheme}://127.0.0.1:{port}/"],
             parse_ab,
         )
+
+    def h2load(self, target: Target, scenario: str, requests: int) -> Sample | None:
+        """HTTP/2 over TLS: 16 connections, 10 streams each at once (h2load, nghttp2's)."""
+        if target.https_port is None or not shutil.which("h2load"):
+            return None
+        url = f"https://127.0.0.1:{target.https_port}/"
+        return self.measure(
+            target, scenario, ["h2load", "-c", "16", "-m", "10", "-n", str(requests), url],
+            parse_h2load,
+        )  # fmt: skip
 
     def idle_memory(self, target: Target, count: int) -> Sample | None:
         if target.process is None:
@@ -508,6 +522,17 @@ def parse_wrk(output: str) -> tuple[int, float, float | None, int]:
     return requests, seconds, p99_ms, errors + (int(non2xx.group(1)) if non2xx else 0)
 
 
+def parse_h2load(output: str) -> tuple[int, float, float | None, int]:
+    """h2load's `finished in 1.2s, ...` and `requests: N total, ..., S succeeded, F failed`."""
+    finished = re.search(r"finished in ([\d.]+)(m?s)", output)
+    done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed",
+                     output)  # fmt: skip
+    if not finished or not done:
+        return 0, 0.0, None, 1
+    seconds = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
+    return int(done.group(1)), seconds, None, int(done.group(2))
+
+
 def parse_ab(output: str) -> tuple[int, float, float | None, int]:
     complete = re.search(r"Complete requests:\s+(\d+)", output)
     taken = re.search(r"Time taken for tests:\s+([\d.]+)", output)
@@ -529,6 +554,7 @@ SCENARIOS = {
     "S3": "HTTPS, a full TLS 1.2 handshake per request: ab -c 32 -f TLS1.2",
     "S4": "HTTPS keep-alive: wrk -t1 -c64 --latency",
     "S5": "memory: RSS growth per idle keep-alive connection",
+    "S6": "HTTP/2 over TLS: h2load -c 16 -m 10 (16 connections, 10 streams each)",
 }
 
 
@@ -762,6 +788,8 @@ def run_scenario(bench: Bench, target: Target, scenario: str, full: bool) -> Sam
         return bench.ab(target, "S3", tls=True, requests=3000 if full else 1500)
     if scenario == "S4":
         return bench.wrk(target, "S4", tls=True)
+    if scenario == "S6":
+        return bench.h2load(target, "S6", requests=20000 if full else 10000)
     return None  # S5 runs once per target after the rounds
 
 
