@@ -51,6 +51,7 @@ from balancer.backend.groups import Group
 from balancer.client.listener import IDLE
 from balancer.facts.causes import (
     CLIENT_CLOSED,
+    CONN_DEAD_ON_REUSE,
     CONN_NOT_REUSABLE,
     CONN_REUSE_NEVER,
     H2_ERROR,
@@ -65,6 +66,7 @@ from balancer.wire.errors import (
     BadBackendResponse,
     BadRequest,
     BalancerError,
+    NoBackendAvailable,
 )
 
 if TYPE_CHECKING:
@@ -317,7 +319,9 @@ class H2Stream:
         "parser",
         "pending",
         "record",
+        "replay",
         "responded",
+        "reused",
         "trailers",
         "unacked",
     )
@@ -340,51 +344,72 @@ class H2Stream:
         self.unacked = 0  # request body bytes not yet credited back to the client's window
         self.blocked = False  # the backend's socket is full: no credit back meanwhile
         self.group: Group | None = None
+        self.reused = False  # on an idle backend connection from the pool
+        self.replay: bytes | None = None  # the request again, if it had no body
 
     # ---- the request ---------------------------------------------------------------------
 
     def connect(self, group: Group, head: bytes, method: bytes) -> None:
+        """Send the request on an idle backend connection (reuse always; safe: once this
+        client has had an answer), else on a new one."""
         self.group = group
         self.record.backend_group = group.name
         self.pending.append(head)
-        self.parser = parser = h11.Connection(h11.CLIENT)
-        # h11 reads the response only: told of a request with no body, whatever was sent.
-        parser.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
-        parser.send(h11.EndOfMessage())
         if self.ended:
+            self.replay = head  # (no body: a dead reused connection's request goes again)
             self._request_end_bytes()
-        loop = self.flow.session.ctx.services.loop or asyncio.get_running_loop()
-        self.connect_task = loop.create_task(self._connect(group))
+        self.parser = _response_reader(method)
+        services = self.flow.session.ctx.services
+        lease = None
+        if group.reuse == "always" or (group.reuse == "safe" and self.flow.answered):
+            lease = group.pool.acquire(services.clock(), (), b"")
+            if lease is None:
+                self.answer(NoBackendAvailable(f"no backend of group {group.name} is ready"))
+                return
+            backend = services.idle.take(lease.state.name, lease.state.backend.address)
+            if backend is not None:
+                backend.user = self
+                self._use(lease, backend, reused=True)
+                return
+        loop = services.loop or asyncio.get_running_loop()
+        self.connect_task = loop.create_task(self._connect(group, lease))
 
-    async def _connect(self, group: Group) -> None:
+    async def _connect(self, group: Group, first: Lease | None) -> None:
         task = self.connect_task
         assert task is not None
-        session = self.flow.session
-        services = session.ctx.services
-        loop = services.loop or asyncio.get_running_loop()
+        loop = self.flow.session.ctx.services.loop or asyncio.get_running_loop()
         try:
-            lease, backend = await group.connector.connect(self, self.record, task, loop)
+            lease, backend = await group.connector.connect(self, self.record, task, loop, first)
         except BackendError as error:
             self.connect_task = None
             self.answer(error)
             return
         self.connect_task = None
-        self.lease, self.backend = lease, backend
+        self._use(lease, backend, reused=False)
+
+    def _use(self, lease: Lease, backend: BackendConnection, reused: bool) -> None:
+        """The request goes out on `backend`."""
+        session = self.flow.session
+        services = session.ctx.services
+        self.lease, self.backend, self.reused = lease, backend, reused
         if self.flow.streams.get(self.id) is not self or session.closing:
             self._let_go(CONN_NOT_REUSABLE)
             return
         record, conn = self.record, backend.record
         conn.requests += 1
         record.backend_connection_id = conn.id
-        record.connect_wait_seconds = conn.connect_wait_seconds
-        record.reused = False
+        record.connect_wait_seconds = None if reused else conn.connect_wait_seconds
+        record.reused = reused
         record.forwarded_at = now = services.clock()
-        services.deadlines.schedule(self, now + group.response_seconds)
+        assert self.group is not None
+        services.deadlines.schedule(self, now + self.group.response_seconds)
         pending, self.pending = self.pending, []
         backend.leg.write(b"".join(pending))
         self._ack()
         self.flow.flush()  # (the window credit, for body bytes that came while connecting)
-        if backend.lost_early is not None or backend.leg.facts.peer_fin_at is not None:
+        if not reused and (
+            backend.lost_early is not None or backend.leg.facts.peer_fin_at is not None
+        ):
             self.on_backend_eof(backend)
 
     def body(self, data: bytes, credited: int) -> None:
@@ -569,7 +594,18 @@ class H2Stream:
 
     def _broken(self) -> None:
         """The backend connection ended (or said something unreadable) with the response
-        owed or under way."""
+        owed or under way. A reused one that ended before any response byte was dead as it
+        was taken (the backend had closed it idle): a request without a body goes once more,
+        on a new connection, as the HTTP/1.1 path does."""
+        record, group = self.record, self.group
+        if self.reused and record.first_byte_at is None and self.replay and group is not None:
+            self._let_go(CONN_DEAD_ON_REUSE)
+            record.retries += 1
+            self.pending, self.replay = [self.replay], None
+            self.parser = _response_reader(record.method)
+            loop = self.flow.session.ctx.services.loop or asyncio.get_running_loop()
+            self.connect_task = loop.create_task(self._connect(group, None))
+            return
         error: BalancerError = BadBackendResponse("the backend's response was cut or unreadable")
         if self.record.first_byte_at is None:
             error = BackendClosed("the backend closed the connection before responding")
@@ -623,3 +659,12 @@ def _error_name(code: int) -> str:
 def _count(counts: dict[str, int], code: int) -> None:
     name = _error_name(code)
     counts[name] = counts.get(name, 0) + 1
+
+
+def _response_reader(method: bytes) -> h11.Connection:
+    """h11, to read one response: told of a request with no body, whatever was sent (the
+    method alone matters: a HEAD's response has none)."""
+    parser = h11.Connection(h11.CLIENT)
+    parser.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+    parser.send(h11.EndOfMessage())
+    return parser

@@ -313,6 +313,22 @@ def test_a_bad_alpn_names_the_key_and_the_fix(listener: dict[str, Any], fix: str
     assert "listeners[0].alpn" in str(error.value) and fix in str(error.value)
 
 
+async def test_streams_take_idle_backend_connections_under_reuse_always(
+    h2_balancer, h2_client, farm
+) -> None:
+    """Reuse always: a stream takes an idle backend connection when one waits, as an
+    HTTP/1.1 request would; one after another, six streams need one connection."""
+    port, _, log, _ = await h2_balancer(backends=[farm[0].address], upstream={"reuse": "always"})
+    client = await h2_client(port)
+    for _ in range(6):
+        stream = client.request("/one-by-one")
+        await in_thread(client, lambda stream=stream: client.answers[stream].ended)
+    assert farm[0].connections == 1
+    lines = request_lines(log)
+    assert [line["reused"] for line in lines] == [False] + [True] * 5
+    assert len({line["backend_connection_id"] for line in lines}) == 1
+
+
 async def test_h2c_with_prior_knowledge_on_a_plain_listener(farm) -> None:
     """`h2c = true`: curl --http2-prior-knowledge speaks HTTP/2 over plain TCP; an HTTP/1.1
     client on the same listener is served as before."""
