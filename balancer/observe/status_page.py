@@ -116,11 +116,22 @@ def _by(family: Family | None, label: str) -> dict[str, float]:
 def _listeners(families: dict[str, Family]) -> str:
     accepted = _by(families.get("balancer_connections_accepted"), "listener")
     active = _by(families.get("balancer_connections_active"), "listener")
+    by_protocol: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    requests = families.get("balancer_client_requests")
+    for (_, labels), value in requests.samples.items() if requests is not None else ():
+        found = dict(labels)
+        by_protocol[found.get("listener", "")][found.get("protocol", "")] += value
     rows = [
-        [html.escape(name), f"{accepted[name]:.0f}", f"{active.get(name, 0):.0f}"]
+        [html.escape(name), f"{accepted[name]:.0f}", f"{active.get(name, 0):.0f}",
+         _share(by_protocol[name].get("h2", 0.0), sum(by_protocol[name].values()))]
         for name in sorted(accepted)
-    ]
-    return _table("Listeners", "listeners", ("listener", "accepted", "open now"), rows)
+    ]  # fmt: skip
+    head = ("listener", "accepted", "open now", "HTTP/2 share of requests")
+    return _table("Listeners", "listeners", head, rows)
+
+
+def _share(part: float, whole: float) -> str:
+    return "none" if not whole else f"{100 * part / whole:.0f}%"
 
 
 def _value(families: dict[str, Family], name: str) -> float | None:

@@ -105,3 +105,18 @@ def test_empty_dns_slots_are_counted_in_a_line_not_listed() -> None:
     page = render("", backends, NOW).decode()
     assert "<td>web-1</td>" in page and "web-2" not in page and "web-3" not in page
     assert "DNS discovery: group web: 2 empty slot(s)" in page
+
+
+def test_each_listener_shows_its_http2_share_of_requests() -> None:
+    registry = CollectorRegistry()
+    accepted = Counter("balancer_connections_accepted", "a", ["listener"], registry=registry)
+    requests = Counter("balancer_client_requests", "r", ["listener", "protocol"],
+                       registry=registry)  # fmt: skip
+    accepted.labels("https").inc(5)
+    accepted.labels("http").inc(2)
+    requests.labels("https", "h2").inc(30)
+    requests.labels("https", "http/1.1").inc(10)
+    page = render(generate_latest(registry).decode(), [], NOW).decode()
+    assert "<th>HTTP/2 share of requests</th>" in page
+    assert "<td>https</td><td>5</td><td>0</td><td>75%</td>" in page
+    assert "<td>http</td><td>2</td><td>0</td><td>none</td>" in page  # no request counted
