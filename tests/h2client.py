@@ -38,9 +38,11 @@ class GoAway:
 
 
 class H2Client:
-    def __init__(self, port: int, ca: str, timeout: float = 5.0) -> None:
+    def __init__(self, port: int, ca: str, timeout: float = 5.0, keylog: str | None = None) -> None:
         context = ssl.create_default_context(cafile=ca)
         context.set_alpn_protocols(["h2"])
+        if keylog is not None:  # (the TLS secrets, for a capture to be decrypted with)
+            context.keylog_filename = keylog
         raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock = context.wrap_socket(raw, server_hostname="localhost")
         self.alpn = self.sock.selected_alpn_protocol()

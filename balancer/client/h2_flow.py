@@ -82,6 +82,7 @@ MAX_CONCURRENT_STREAMS = 100  # as nginx's http2_max_concurrent_streams and HAPr
 GLITCHES_FREE = 200
 GLITCHES_PER_ANSWER = 2
 TINY_WINDOW_UPDATE = 1024
+_FRAME_HEADER_BYTES, _GOAWAY = 9, 0x7  # RFC 9113 §4.1, §6.8
 # A stream's response bytes held while the client's window is shut; past this its backend
 # connection stops being read until the window opens.
 HELD_HIGH_BYTES = 65536
@@ -129,7 +130,8 @@ class H2Flow:
         try:
             events = self.conn.receive_data(data)
         except ProtocolError as error:  # (h2's own limits too: CONTINUATION, HPACK sizes)
-            self._refuse(getattr(error, "error_code", None) or ErrorCodes.PROTOCOL_ERROR)
+            code = getattr(error, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
+            self._refuse(code, queued=True)
             return
         for event in events:
             if isinstance(event, RequestReceived):
@@ -184,11 +186,15 @@ class H2Flow:
         self.conn.reset_stream(stream_id, code)
         _count(self.h2.rst_sent, code)
 
-    def _refuse(self, code: int) -> None:
+    def _refuse(self, code: int, queued: bool = False) -> None:
         """The client broke the protocol, or went past its glitches: GOAWAY with `code` and the
-        last stream seen, then the connection ends (its streams' backends with it)."""
-        self.conn.close_connection(error_code=code, last_stream_id=self.last_stream)
-        self.h2.said_goaway(BALANCER, _error_name(code), self.last_stream)
+        last stream acted on, then the connection ends (its streams' backends with it).
+        `queued`: h2 has queued that GOAWAY itself (a protocol error it found), naming the
+        highest stream it saw."""
+        last = self.conn.highest_inbound_stream_id if queued else self.last_stream
+        if not queued:
+            self.conn.close_connection(error_code=code, last_stream_id=last)
+        self.h2.said_goaway(BALANCER, _error_name(code), last)
         self.flush()
         self.session.close_client(H2_ERROR)
 
@@ -215,6 +221,27 @@ class H2Flow:
             self.session.write_client(goaway.serialize())
             self.h2.said_goaway(BALANCER, "no_error", self.last_stream)
         self._maybe_done()
+
+    def closing_data(self, data: bytes) -> None:
+        """Bytes after the connection began to close: read for a GOAWAY only (how the client
+        left is a fact the record keeps), the rest skipped frame by frame. h2 takes no frame
+        once it has said GOAWAY itself, and holds the one it refused, so the frames are
+        walked here from where its buffer stopped: by their headers alone."""
+        # (h2's FrameBuffer keeps what it has not made a frame of in `_data`: h2 4.x, tested)
+        buffer = self.conn.incoming_buffer
+        pending, offset = getattr(buffer, "_data", b"") + data, 0
+        while len(pending) - offset >= _FRAME_HEADER_BYTES:
+            length = int.from_bytes(pending[offset : offset + 3], "big")
+            end = offset + _FRAME_HEADER_BYTES + length
+            if end > len(pending):
+                break
+            if pending[offset + 3] == _GOAWAY and length >= 8:
+                payload = pending[offset + _FRAME_HEADER_BYTES : end]
+                last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+                error = _error_name(int.from_bytes(payload[4:8], "big"))
+                self.h2.said_goaway(PEER, error, last)
+            offset = end
+        setattr(buffer, "_data", pending[offset:])  # noqa: B010 (a private attribute)
 
     def close_backends(self) -> None:
         """The client connection ends: every stream's backend connection ends with it."""

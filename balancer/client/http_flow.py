@@ -324,6 +324,9 @@ class HttpFlow:
         if self.framer is not None:
             self.framer.force_close = True
 
+    def closing_data(self, data: bytes) -> None:
+        """Bytes the client sent after the connection began to close: dropped."""
+
     def close_backends(self) -> None:
         """The client connection ends: so does the backend's (forward.Forwarder.close)."""
         self.fwd.close()

@@ -207,9 +207,8 @@ class ClientSession(asyncio.Protocol):
                 return
             data = rest
         phase, tls = self.phase, self.tls_front
-        if phase >= CLOSING:
-            if tls is not None:
-                tls.discard_while_closing(data)
+        if phase >= CLOSING:  # (read for what the record keeps: close_notify, GOAWAY)
+            self.flow.closing_data(data if tls is None else tls.discard_while_closing(data))
             return
         if tls is not None:
             plaintext = tls.receive(data, phase == HANDSHAKING)

@@ -87,18 +87,19 @@ class TLSFront:
             return None
         return data or None
 
-    def discard_while_closing(self, data: bytes) -> None:
-        """After our FIN the client may still send (its close_notify, a request in flight);
-        read and drop it, noting a close_notify."""
+    def discard_while_closing(self, data: bytes) -> bytes:
+        """After our FIN the client may still send (its close_notify, a request in flight):
+        read, noting a close_notify; the plaintext is returned for the flow to look at."""
         tls = self.tls
         if not tls.established or tls.close_notify_received:
-            return
+            return b""
         try:
-            tls.receive(data)
+            plaintext = tls.receive(data)
         except ssl.SSLError:
-            return
+            return b""
         if tls.close_notify_received:
             self.session.client.close_notify_seen()
+        return plaintext
 
     def _failed(self, reason: str, received: bytes) -> None:
         """Send the alert OpenSSL chose, record why, close. No backend was touched. A plain

@@ -62,6 +62,9 @@ class Tunnel:
         """The client connection ends: so does the backend's (forward.Forwarder.close)."""
         self.fwd.close()
 
+    def closing_data(self, data: bytes) -> None:
+        """Bytes the client sent after the connection began to close: dropped."""
+
     def drain(self) -> None:
         """Shutdown leaves a tunnel be: drain.py closes a drained backend's tunnels, and the
         shutdown grace ends the rest."""

@@ -378,6 +378,91 @@ def test_tcp_mode_records_agree_with_a_capture(tmp_path: Path) -> None:
         assert (record["bytes"]["client_in"], record["bytes"]["client_out"]) == wire, where
 
 
+def test_h2_records_agree_with_a_decrypted_capture(farm_ports, tmp_path: Path) -> None:
+    """HTTP/2 (ALPN h2, TLS 1.3): each connection's ALPN, streams, and GOAWAY frames (who
+    sent one first, each side's error code and last stream) against the capture, decrypted
+    with the client's TLS secrets. One client leaves with GOAWAY first; one breaks the
+    protocol and is told GOAWAY PROTOCOL_ERROR first."""
+    from tests.h2client import H2Client
+
+    tshark = need("tshark")
+    certs = make_certs(tmp_path / "certs")
+    config = tmp_path / "h2.toml"
+    backends = "".join(f'[[backends]]\naddress = "127.0.0.1:{p}"\n' for p in farm_ports)
+    config.write_text(
+        '[[listeners]]\nname = "https"\nbind = "127.0.0.1:0"\ntls = true\n'
+        f'alpn = ["h2", "http/1.1"]\n[tls]\ncert = "{certs.cert}"\nkey = "{certs.key}"\n' + backends
+    )
+    args = ["-c", str(config), "--workers", "1", "--access-log", str(tmp_path / "access.log")]
+    pcap, keylog = tmp_path / "capture.pcap", tmp_path / "keys.log"
+    with BalancerProcess(args, {"https"}, tmp_path) as running:
+        port = running.ports["https"]
+        capture = start_capture(tshark, pcap, [port])
+        try:
+            leaving = H2Client(port, str(certs.ca), keylog=str(keylog))
+            streams = [leaving.request("/a"), leaving.request("/b")]
+            leaving.read_until(leaving.all_done)
+            leaving.close()  # GOAWAY (NO_ERROR, last stream 0), then FIN
+            breaking = H2Client(port, str(certs.ca), keylog=str(keylog))
+            first = breaking.request("/c")
+            breaking.read_until(breaking.all_done)
+            breaking.send_raw(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")  # DATA on stream 0
+            breaking.read_until(lambda: False)
+            breaking.close()
+        finally:
+            time.sleep(0.5)  # the last frames reach the capture
+            capture.send_signal(signal.SIGINT)
+            capture.wait(20)
+            if capture.stderr is not None:
+                capture.stderr.close()
+    records = {
+        r["client"]["port"]: r
+        for r in map(json.loads, (tmp_path / "access.log").read_text().splitlines())
+        if r["type"] == "connection"
+    }
+    assert len(records) == 2
+    frames = run(
+        tshark, "-r", str(pcap), "-o", f"tls.keylog_file:{keylog}", "-d", f"tcp.port=={port},tls",
+        "-T", "fields", "-E", "separator=|", "-e", "tcp.srcport", "-e", "tcp.dstport",
+        "-e", "tls.handshake.extensions_alpn_str", "-e", "http2.type", "-e", "http2.streamid",
+        "-e", "http2.goaway.error", "-e", "http2.goaway.last_stream_id",
+    ).stdout.splitlines()  # fmt: skip
+    seen: dict[int, dict[str, list[tuple[str, int, int]]]] = defaultdict(
+        lambda: {"goaway": [], "headers_in": [], "alpn": []}
+    )
+    for line in frames:
+        src, dst, alpn, types, ids, errors, lasts = (line.split("|") + [""] * 7)[:7]
+        client_port, sender = (int(dst), "balancer") if int(src) == port else (int(src), "peer")
+        if alpn and sender == "balancer":
+            seen[client_port]["alpn"].append((alpn, 0, 0))
+        kinds, stream_ids = types.split(","), ids.split(",")
+        goaways = iter(zip(errors.split(","), lasts.split(","), strict=True))
+        for kind, stream_id in zip(kinds, stream_ids, strict=False):
+            if kind == "7":  # GOAWAY
+                error, last = next(goaways)
+                seen[client_port]["goaway"].append((sender, int(error, 0), int(last)))
+            elif kind == "1" and sender == "peer":  # HEADERS: a request
+                seen[client_port]["headers_in"].append((sender, int(stream_id), 0))
+    assert set(seen) == set(records)
+    codes = {"no_error": 0, "protocol_error": 1}
+    for client_port, record in records.items():
+        wire, h2 = seen[client_port], record["h2"]
+        assert record["tls"]["alpn"] == "h2" and [a for a, _, _ in wire["alpn"]] == ["h2"]
+        assert h2["streams"] == len(wire["headers_in"])  # a HEADERS frame a request
+        first_goaway = wire["goaway"][0]
+        assert h2["goaway_first"] == first_goaway[0]
+        for direction, sender in (("goaway_sent", "balancer"), ("goaway_received", "peer")):
+            said = [(error, last) for who, error, last in wire["goaway"] if who == sender]
+            fact = h2[direction]
+            assert (fact is None) == (not said), (direction, fact, said, record, wire)
+            if fact is not None:
+                assert (codes[fact["error"]], fact["last_stream"]) == said[0]
+    by_cause = {r["close_cause"]: r for r in records.values()}
+    assert by_cause["h2_error"]["h2"]["goaway_sent"] == {"error": "protocol_error",
+                                                          "last_stream": first}  # fmt: skip
+    assert by_cause["client_closed"]["h2"]["streams"] == len(streams)
+
+
 def start_capture(tshark: str, pcap: Path, ports: list[int]) -> subprocess.Popen[str]:
     capture = subprocess.Popen(
         [tshark, "-i", "lo", "-w", str(pcap), "-f", " or ".join(f"tcp port {p}" for p in ports)],
