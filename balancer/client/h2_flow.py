@@ -302,7 +302,8 @@ class H2Flow:
         settings, connection = session.ctx.settings, session.record
         client_ip = (connection.client_ip or "").encode()
         port = connection.local_port or settings.listener.bind.port
-        forwarded = b"X-Forwarded-Proto: https\r\nX-Forwarded-Port: %d\r\n" % port
+        proto = b"https" if settings.ssl_context is not None else b"http"  # (h2c: plain)
+        forwarded = b"X-Forwarded-Proto: %b\r\nX-Forwarded-Port: %d\r\n" % (proto, port)
         group = session.ctx.router.for_request(authority, target)
         keeps = group.reuse != "never"  # else the backend is asked to close after it
         try:
@@ -528,6 +529,14 @@ class H2Stream:
             self.flow.flush()
 
     def _read_events(self, parser: h11.Connection) -> None:
+        try:
+            self._relay(parser)
+        except ProtocolError:  # (h2 refused a frame for the stream: it was closed meanwhile)
+            self.cancel()
+        self.flow.flush()
+
+    def _relay(self, parser: h11.Connection) -> None:
+        """The backend's response events, as HTTP/2 frames."""
         flow = self.flow
         while True:
             try:
@@ -554,7 +563,6 @@ class H2Stream:
             elif isinstance(event, h11.ConnectionClosed):
                 self._broken()
                 break
-        flow.flush()
 
     def send_held(self) -> None:
         """Response bytes within the client's window; END_STREAM once they are all out."""
@@ -659,8 +667,8 @@ class H2Stream:
         if clean and reuses and backend.leg.usable:
             backend.leg.resume("h2_window")
             idle.put(backend)
-        elif backend.leg.usable:
-            idle.close(backend, cause or CONN_REUSE_NEVER)
+        elif backend.leg.usable:  # (a clean end in a group that does not reuse: reuse_never)
+            idle.close(backend, cause or (CONN_NOT_REUSABLE if reuses else CONN_REUSE_NEVER))
         else:
             backend.user = idle
 

@@ -349,6 +349,8 @@ async def test_h2c_with_prior_knowledge_on_a_plain_listener(farm) -> None:
             )  # fmt: skip
             out, _ = await asyncio.wait_for(proc.communicate(), 10)
             assert out.decode().endswith(f"GET /x\n\n{version}")
+        protos = {seen.header("x-forwarded-proto") for seen in farm[0].seen}
+        assert protos == {"http"}  # (plain TCP, HTTP/2 or not)
         h2, http1 = await recorder.wait_for(2)
         assert h2.h2 is not None and h2.h2.streams == 1 and h2.tls_alpn is None
         assert http1.h2 is None and http1.requests == 1
@@ -529,6 +531,22 @@ async def test_an_oversized_header_list_is_refused(h2_balancer, h2_client, farm)
 
     client, _, connections = await attacked(h2_balancer, h2_client, farm, attack)
     assert client.goaway is not None and client.goaway.error_code in (9, 11)
+    assert connections == 0
+
+
+async def test_an_upgrade_header_is_refused(h2_balancer, h2_client, farm) -> None:
+    """Connection-specific headers (Upgrade, Connection, ...) make an HTTP/2 request malformed
+    (RFC 9113 §8.2.2): refused with PROTOCOL_ERROR (h2 ends the connection for it), never
+    forwarded; WebSocket stays on HTTP/1.1."""
+    import hpack
+    from hyperframe.frame import HeadersFrame
+
+    def attack(client: H2Client) -> None:
+        block = hpack.Encoder().encode([*REQUEST, (b"upgrade", b"websocket")])
+        client.send_raw(HeadersFrame(1, block, flags=["END_HEADERS", "END_STREAM"]).serialize())
+
+    client, _, connections = await attacked(h2_balancer, h2_client, farm, attack)
+    assert client.goaway is not None and client.goaway.error_code == 1
     assert connections == 0
 
 
