@@ -7,9 +7,10 @@ from __future__ import annotations
 import socket
 import ssl
 from dataclasses import dataclass, field
+from typing import Any
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
@@ -19,6 +20,17 @@ from h2.events import (
     TrailersReceived,
 )
 from h2.exceptions import ProtocolError
+
+
+class _ReadsOnAfterGoAway(H2Connection):
+    """h2 closes its state machine at the first GOAWAY it receives and takes no frame after
+    it; a server's graceful close sends two, with a PING between (RFC 9113 §6.8), and
+    answers the streams under way: this client keeps reading (and answering PINGs)."""
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        events = super()._receive_goaway_frame(frame)
+        self.state_machine.state = ConnectionState.CLIENT_OPEN
+        return events
 
 
 @dataclass
@@ -46,10 +58,11 @@ class H2Client:
         raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock = context.wrap_socket(raw, server_hostname="localhost")
         self.alpn = self.sock.selected_alpn_protocol()
-        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.conn = _ReadsOnAfterGoAway(H2Configuration(client_side=True, header_encoding=None))
         self.conn.initiate_connection()
         self.answers: dict[int, Answer] = {}
-        self.goaway: GoAway | None = None
+        self.goaway: GoAway | None = None  # the first
+        self.goaways: list[GoAway] = []  # all of them, in order
         self.closed = False
         self.flush()
 
@@ -152,7 +165,9 @@ class H2Client:
         elif isinstance(event, StreamReset):
             self.answers[event.stream_id].reset = int(event.error_code)
         elif isinstance(event, ConnectionTerminated):
-            self.goaway = GoAway(int(event.error_code), int(event.last_stream_id or 0))
+            said = GoAway(int(event.error_code), int(event.last_stream_id or 0))
+            self.goaway = self.goaway or said
+            self.goaways.append(said)
 
     def all_done(self) -> bool:
         return all(a.ended or a.reset is not None for a in self.answers.values())

@@ -33,6 +33,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingAckReceived,
     PingReceived,
     PriorityUpdated,
     RemoteSettingsChanged,
@@ -83,6 +84,8 @@ GLITCHES_FREE = 200
 GLITCHES_PER_ANSWER = 2
 TINY_WINDOW_UPDATE = 1024
 _FRAME_HEADER_BYTES, _GOAWAY = 9, 0x7  # RFC 9113 §4.1, §6.8
+_HIGHEST_STREAM_ID = 2**31 - 1  # a draining GOAWAY's first: no stream refused yet
+_DRAIN_PING = b"draining"  # its PING's opaque data (8 bytes)
 # A stream's response bytes held while the client's window is shut; past this its backend
 # connection stops being read until the window opens.
 HELD_HIGH_BYTES = 65536
@@ -96,7 +99,8 @@ class H2Flow:
     """One HTTP/2 connection's streams (see the module docstring)."""
 
     __slots__ = (
-        "answered", "conn", "glitches", "goaway_by", "h2", "last_stream", "session", "streams",
+        "answered", "conn", "glitches", "goaway_by", "goaway_final", "h2", "last_stream",
+        "session", "streams",
     )  # fmt: skip
 
     def __init__(self, session: H2Session) -> None:
@@ -105,6 +109,7 @@ class H2Flow:
         # Who sent GOAWAY first (SHUTDOWN: we did, draining; CLIENT_CLOSED: the client): the
         # connection closes once its last stream ends.
         self.goaway_by: str | None = None
+        self.goaway_final = False  # our last GOAWAY is out: later streams are refused
         self.glitches = 0  # see GLITCHES_FREE
         self.answered = 0  # responses relayed whole
         self.last_stream = 0  # the highest stream acted on: what a GOAWAY names
@@ -135,7 +140,7 @@ class H2Flow:
             return
         for event in events:
             if isinstance(event, RequestReceived):
-                if self.goaway_by == SHUTDOWN:  # (opened as our GOAWAY was on its way)
+                if self.goaway_final:  # (opened as our last GOAWAY was on its way)
                     self.reset(event.stream_id, ErrorCodes.REFUSED_STREAM)
                     continue
                 self._request(event.stream_id, event.headers, event.stream_ended is not None)
@@ -165,6 +170,8 @@ class H2Flow:
                     stream.cancel()
             elif isinstance(event, PingReceived | RemoteSettingsChanged | PriorityUpdated):
                 self.glitches += 1
+            elif isinstance(event, PingAckReceived) and event.ping_data == _DRAIN_PING:
+                self._last_goaway()
             elif isinstance(event, WindowUpdated):
                 if event.delta < TINY_WINDOW_UPDATE and self.streams:
                     self.glitches += 1
@@ -210,17 +217,30 @@ class H2Flow:
         """(Likewise.)"""
 
     def drain(self) -> None:
-        """Shutdown or reload: GOAWAY with the last stream taken; streams under way finish
-        (within the shutdown grace), then the connection closes."""
+        """Shutdown or reload, as RFC 9113 §6.8 advises: a GOAWAY naming the highest stream
+        id and a PING; once the PING comes back (a round trip: every stream the client
+        opened meanwhile is in), the last GOAWAY names the last stream taken and later ones
+        are refused. Streams under way finish (within the shutdown grace), then the
+        connection closes."""
         if self.goaway_by is None:
             self.goaway_by = SHUTDOWN
             # By hand: h2's close_connection() would refuse every frame after it, the
-            # answers of the streams under way included. Later streams are refused.
+            # answers of the streams under way included.
+            self.flush()
+            goaway = GoAwayFrame(0, _HIGHEST_STREAM_ID, ErrorCodes.NO_ERROR)
+            self.session.write_client(goaway.serialize())
+            self.h2.said_goaway(BALANCER, "no_error", _HIGHEST_STREAM_ID)
+            self.conn.ping(_DRAIN_PING)
+            self.flush()
+        self._maybe_done()
+
+    def _last_goaway(self) -> None:
+        if self.goaway_by == SHUTDOWN and not self.goaway_final:
+            self.goaway_final = True
             self.flush()
             goaway = GoAwayFrame(0, self.last_stream, ErrorCodes.NO_ERROR)
             self.session.write_client(goaway.serialize())
             self.h2.said_goaway(BALANCER, "no_error", self.last_stream)
-        self._maybe_done()
 
     def closing_data(self, data: bytes) -> None:
         """Bytes after the connection began to close: read for a GOAWAY only (how the client
@@ -325,7 +345,9 @@ class H2Flow:
 
     def _maybe_done(self) -> None:
         session = self.session
-        if self.goaway_by is not None and not self.streams and not session.closing:
+        if self.goaway_by is None or self.streams or session.closing:
+            return
+        if self.goaway_by != SHUTDOWN or self.goaway_final:  # (ours: once its PING is back)
             session.close_client(self.goaway_by)
 
 

@@ -112,7 +112,8 @@ class LegTeardown:
 class H2Facts:
     """An HTTP/2 connection's own facts (ConnectionRecord.h2; None on HTTP/1.x): its streams,
     the most it had open at once, the GOAWAY each side sent (error code and the last stream it
-    named) and which came first, and RST_STREAM frames each way by error code. Error codes
+    named: the last each sent) and which came first, and RST_STREAM frames each way by error
+    code. Error codes
     are RFC 9113's names in lower case (`no_error`, `enhance_your_calm`, ...)."""
 
     __slots__ = (
@@ -135,11 +136,13 @@ class H2Facts:
         self.rst_received: dict[str, int] = {}
 
     def said_goaway(self, by: str, error: str, last_stream: int) -> None:
-        """A GOAWAY, sent (`by` BALANCER) or received (PEER); the first stands as first."""
+        """A GOAWAY, sent (`by` BALANCER) or received (PEER). A side may send more than one
+        (a graceful close's first names the highest stream id, its last the real one): the
+        last one each side sent is kept, and who sent the first."""
         if by == BALANCER:
-            self.goaway_sent = self.goaway_sent or (error, last_stream)
+            self.goaway_sent = (error, last_stream)
         else:
-            self.goaway_received = self.goaway_received or (error, last_stream)
+            self.goaway_received = (error, last_stream)
         self.goaway_first = self.goaway_first or by
 
     def to_dict(self) -> dict[str, Any]:

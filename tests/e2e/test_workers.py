@@ -524,3 +524,57 @@ def test_health_checks_run_once_per_backend_for_all_workers(tmp_path) -> None:
     finally:
         for backend in backends:
             backend.close()
+
+
+def test_reloads_under_http2_lose_no_stream(farm_ports, certs_dir, tmp_path) -> None:
+    """HTTP/2 through reloads (issue #22, item 5): curl sends batches of 100 requests over a
+    few h2 connections at once while the balancer reloads five times. Each old worker says GOAWAY
+    twice (the highest stream id and a PING, then the last stream taken), finishes its
+    streams and closes; curl moves its next requests to a new connection. Every request
+    is answered 200: no stream that was taken is reset, none is lost."""
+    curl = need("curl")
+    config = tmp_path / "h2.toml"
+    config.write_text(
+        '[[listeners]]\nname = "https"\nbind = "127.0.0.1:0"\ntls = true\n'
+        'alpn = ["h2", "http/1.1"]\n'
+        f'[tls]\ncert = "{certs_dir / "server.crt"}"\nkey = "{certs_dir / "server.key"}"\n'
+        + "".join(f'[[backends]]\naddress = "127.0.0.1:{port}"\n' for port in farm_ports)
+    )
+    args = ["-c", str(config), "--workers", "2", "--access-log", str(tmp_path / "access.log")]
+    answers: list[str] = []
+    with BalancerProcess(args, {"https"}, tmp_path) as running:
+        port = running.ports["https"]
+        reloaded = threading.Event()
+
+        def load() -> None:  # batches of 100 until the reloads are done (bounded: 60 s)
+            deadline = time.monotonic() + 60
+            while not reloaded.is_set() and time.monotonic() < deadline:
+                batch = [
+                    arg
+                    for n in range(100)
+                    for arg in ("-o", "/dev/null", f"https://localhost:{port}/r{n}")
+                ]
+                done = subprocess.run(
+                    [curl, "-s", "--http2", "--parallel", "--parallel-max", "10",
+                     "--cacert", str(certs_dir / "ca.crt"),
+                     "-w", "%{http_code} %{http_version}\n", *batch],
+                    capture_output=True, text=True, timeout=60,
+                )  # fmt: skip
+                answers.extend(done.stdout.split("\n")[:-1])
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        try:
+            for generation in range(2, 7):
+                os.kill(running.process.pid, signal.SIGHUP)
+                running.wait_for_log(f"reload: generation {generation} serving", timeout=20)
+        finally:
+            reloaded.set()
+            loader.join(90)
+    assert answers and len(answers) % 100 == 0
+    assert set(answers) == {"200 2"}, Counter(answers)
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    records = [line for line in lines if line["type"] == "connection"]
+    assert {r["tls"]["alpn"] for r in records} == {"h2"}
+    assert sum(r["h2"]["streams"] for r in records) == len(answers)
+    assert len({r["worker_pid"] for r in records}) > 2  # the load crossed reloads
