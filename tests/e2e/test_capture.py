@@ -456,7 +456,7 @@ def test_h2_records_agree_with_a_decrypted_capture(farm_ports, tmp_path: Path) -
             fact = h2[direction]
             assert (fact is None) == (not said), (direction, fact, said, record, wire)
             if fact is not None:
-                assert (codes[fact["error"]], fact["last_stream"]) == said[0]
+                assert (codes[fact["error"]], fact["last_stream"]) == said[-1]  # the last
     by_cause = {r["close_cause"]: r for r in records.values()}
     assert by_cause["h2_error"]["h2"]["goaway_sent"] == {"error": "protocol_error",
                                                           "last_stream": first}  # fmt: skip
