@@ -455,7 +455,7 @@ class Forwarder:
 class KeptConnection:
     """A routed listener's backend connection between requests (reuse never): the session's,
     with its lease, for its next request if that goes to the same group (Forwarder.activate).
-    Meanwhile its events come here (backend_record.BackendUser): bytes unasked, the backend's FIN
+    Meanwhile its events come here (connection.BackendUser): bytes unasked, the backend's FIN
     or RST end it, and the forwarder forgets it."""
 
     __slots__ = ("conn", "fwd", "lease")

@@ -109,8 +109,9 @@ def listeners_section(
         proxy_from = r.get(item, "accept_proxy_from", f"{path}.accept_proxy_from", networks,
                            "a list of addresses or networks ('10.0.0.0/8', '127.0.0.1') of "
                            "the L4 balancers that send PROXY headers", ())  # fmt: skip
-        certificates = certificate_pairs(r, item.get("certificates", []), f"{path}.certificates",
-                                     "listeners.certificates")  # fmt: skip
+        certificates = certificate_pairs(
+            r, item.get("certificates", []), f"{path}.certificates", "listeners.certificates"
+        )
         if certificates and protocol != "https":
             r.problem(f"{path}.certificates", item["certificates"], "tls = true on this "
                       "listener: certificates are for a listener that terminates TLS")  # fmt: skip

@@ -57,7 +57,8 @@ CLOSE_CAUSES: dict[str, str] = {
     PROXY_REFUSED: "a listener accepting PROXY headers: a client outside accept_proxy_from",
     PROXY_INVALID: "a listener accepting PROXY headers: the first bytes were not a valid one",
     BACKEND_DRAINED: "its backend was drained, and its group closes tunnels (drain_seconds)",
-    H2_ERROR: "HTTP/2: the client broke the protocol; GOAWAY sent with the error code",
+    H2_ERROR: "HTTP/2: the client broke the protocol, or spent its glitches (h2_flow.py); "
+    "GOAWAY said the error code",
 }
 
 # Why a backend connection ended (BackendConnectionRecord.close_cause).

@@ -111,10 +111,9 @@ class LegTeardown:
 
 class H2Facts:
     """An HTTP/2 connection's own facts (ConnectionRecord.h2; None on HTTP/1.x): its streams,
-    the most it had open at once, the GOAWAY each side sent (error code and the last stream it
-    named: the last each sent) and which came first, and RST_STREAM frames each way by error
-    code. Error codes
-    are RFC 9113's names in lower case (`no_error`, `enhance_your_calm`, ...)."""
+    the most it had open at once, the last GOAWAY each side sent (error code, the last stream
+    it named) and who sent the first, and RST_STREAM frames each way by error code. Error
+    codes are RFC 9113's names in lower case (`no_error`, `enhance_your_calm`, ...)."""
 
     __slots__ = (
         "goaway_first",
