@@ -110,7 +110,7 @@ class H2Flow:
         # connection closes once its last stream ends.
         self.goaway_by: str | None = None
         self.goaway_final = False  # our last GOAWAY is out: later streams are refused
-        self.glitches = 0  # see GLITCHES_FREE
+        self.glitches = -1  # see GLITCHES_FREE (the client's preface SETTINGS is free)
         self.answered = 0  # responses relayed whole
         self.last_stream = 0  # the highest stream acted on: what a GOAWAY names
         self.h2 = session.record.h2 = H2Facts()
