@@ -1,8 +1,10 @@
 """The HTTP/2 flow of one client connection (ALPN h2): streams in, HTTP/1.1 to the backends.
 
 A TLS listener that offers h2 (`alpn`) hands a connection whose client chose it to an
-`H2Flow` once the handshake is over, in place of the HTTP/1 flow. Frames go through h2's
-state machine (python-hyper's sans-I/O HTTP/2, h11's sibling); the flow acts on its events:
+`H2Flow` once the handshake is over, in place of the HTTP/1 flow (a plain listener with
+`h2c`, one that began with the preface). Frames go through h2's state machine
+(python-hyper's sans-I/O HTTP/2, h11's sibling); the flow acts on its events, each stream
+an `H2Stream` (h2_stream.py):
 
     HEADERS ──► a stream: routed by :authority and path (the listener's rules), its head made
                 for the backend by wire/backend_head.py as an HTTP/1.1 request's is, sent on
@@ -22,11 +24,8 @@ a protocol error ends the connection with GOAWAY, its error code and the last st
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import TYPE_CHECKING
 
-import h11
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -47,31 +46,21 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
-from balancer.backend.connection import BackendConnection
-from balancer.backend.groups import Group
+from balancer.client.h2_stream import H2Stream
 from balancer.client.listener import IDLE
 from balancer.facts.causes import (
     CLIENT_CLOSED,
-    CONN_DEAD_ON_REUSE,
-    CONN_NOT_REUSABLE,
-    CONN_REUSE_NEVER,
     H2_ERROR,
     SHUTDOWN,
 )
 from balancer.facts.record import BALANCER, PEER, H2Facts, RequestRecord
 from balancer.wire.backend_head import backend_head
 from balancer.wire.errors import (
-    BackendClosed,
-    BackendError,
-    BackendTimeout,
-    BadBackendResponse,
     BadRequest,
     BalancerError,
-    NoBackendAvailable,
 )
 
 if TYPE_CHECKING:
-    from balancer.backend.pool import Lease
     from balancer.client.contract import H2Session
 
 MAX_CONCURRENT_STREAMS = 100  # as nginx's http2_max_concurrent_streams and HAProxy's
@@ -86,13 +75,6 @@ TINY_WINDOW_UPDATE = 1024
 _FRAME_HEADER_BYTES, _GOAWAY = 9, 0x7  # RFC 9113 §4.1, §6.8
 _HIGHEST_STREAM_ID = 2**31 - 1  # a draining GOAWAY's first: no stream refused yet
 _DRAIN_PING = b"draining"  # its PING's opaque data (8 bytes)
-# A stream's response bytes held while the client's window is shut; past this its backend
-# connection stops being read until the window opens.
-HELD_HIGH_BYTES = 65536
-# Response headers HTTP/2 forbids (connection-specific, RFC 9113 §8.2.2).
-_HOP_BY_HOP = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
-)
 
 
 class H2Flow:
@@ -351,360 +333,6 @@ class H2Flow:
             session.close_client(self.goaway_by)
 
 
-class H2Stream:
-    """One stream: a request to a backend and its response (the backend connection's user)."""
-
-    __slots__ = (
-        "backend",
-        "blocked",
-        "chunked",
-        "connect_task",
-        "ended",
-        "flow",
-        "group",
-        "held",
-        "held_end",
-        "id",
-        "lease",
-        "parser",
-        "pending",
-        "record",
-        "replay",
-        "responded",
-        "reused",
-        "trailers",
-        "unacked",
-    )
-
-    def __init__(self, flow: H2Flow, stream_id: int, record: RequestRecord) -> None:
-        self.flow = flow
-        self.id = stream_id
-        self.record = record
-        self.backend: BackendConnection | None = None
-        self.lease: Lease | None = None
-        self.connect_task: asyncio.Task[None] | None = None
-        self.parser: h11.Connection | None = None
-        self.chunked = False
-        self.ended = False  # the client's request is whole
-        self.responded = False  # our HEADERS went out
-        self.pending: list[bytes] = []  # request bytes while connecting
-        self.held = bytearray()  # response bytes the client's window has no room for yet
-        self.held_end: list[tuple[bytes, bytes]] | None = None  # END_STREAM (trailers) owed
-        self.trailers: list[tuple[bytes, bytes]] | None = None
-        self.unacked = 0  # request body bytes not yet credited back to the client's window
-        self.blocked = False  # the backend's socket is full: no credit back meanwhile
-        self.group: Group | None = None
-        self.reused = False  # on an idle backend connection from the pool
-        self.replay: bytes | None = None  # the request again, if it had no body
-
-    # ---- the request ---------------------------------------------------------------------
-
-    def connect(self, group: Group, head: bytes, method: bytes) -> None:
-        """Send the request on an idle backend connection (reuse always; safe: once this
-        client has had an answer), else on a new one."""
-        self.group = group
-        self.record.backend_group = group.name
-        self.pending.append(head)
-        if self.ended:
-            self.replay = head  # (no body: a dead reused connection's request goes again)
-            self._request_end_bytes()
-        self.parser = _response_reader(method)
-        services = self.flow.session.ctx.services
-        lease = None
-        if group.reuse == "always" or (group.reuse == "safe" and self.flow.answered):
-            lease = group.pool.acquire(services.clock(), (), b"")
-            if lease is None:
-                self.answer(NoBackendAvailable(f"no backend of group {group.name} is ready"))
-                return
-            backend = services.idle.take(lease.state.name, lease.state.backend.address)
-            if backend is not None:
-                backend.user = self
-                self._use(lease, backend, reused=True)
-                return
-        loop = services.loop or asyncio.get_running_loop()
-        self.connect_task = loop.create_task(self._connect(group, lease))
-
-    async def _connect(self, group: Group, first: Lease | None) -> None:
-        task = self.connect_task
-        assert task is not None
-        loop = self.flow.session.ctx.services.loop or asyncio.get_running_loop()
-        try:
-            lease, backend = await group.connector.connect(self, self.record, task, loop, first)
-        except BackendError as error:
-            self.connect_task = None
-            self.answer(error)
-            return
-        self.connect_task = None
-        self._use(lease, backend, reused=False)
-
-    def _use(self, lease: Lease, backend: BackendConnection, reused: bool) -> None:
-        """The request goes out on `backend`."""
-        session = self.flow.session
-        services = session.ctx.services
-        self.lease, self.backend, self.reused = lease, backend, reused
-        if self.flow.streams.get(self.id) is not self or session.closing:
-            self._let_go(CONN_NOT_REUSABLE)
-            return
-        record, conn = self.record, backend.record
-        conn.requests += 1
-        record.backend_connection_id = conn.id
-        record.connect_wait_seconds = None if reused else conn.connect_wait_seconds
-        record.reused = reused
-        record.forwarded_at = now = services.clock()
-        assert self.group is not None
-        services.deadlines.schedule(self, now + self.group.response_seconds)
-        pending, self.pending = self.pending, []
-        backend.leg.write(b"".join(pending))
-        self._ack()
-        self.flow.flush()  # (the window credit, for body bytes that came while connecting)
-        if not reused and (
-            backend.lost_early is not None or backend.leg.facts.peer_fin_at is not None
-        ):
-            self.on_backend_eof(backend)
-
-    def body(self, data: bytes, credited: int) -> None:
-        self.record.request_body_bytes += len(data)
-        self.unacked += credited
-        if self.chunked and data:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
-        self._send(data)
-        self._ack()
-
-    def request_ended(self) -> None:
-        self.ended = True
-        self._request_end_bytes()
-
-    def _request_end_bytes(self) -> None:
-        if not self.chunked:
-            return
-        trailers = b"".join(b"%b: %b\r\n" % pair for pair in self.trailers or ())
-        self._send(b"0\r\n" + trailers + b"\r\n")
-
-    def _send(self, data: bytes) -> None:
-        backend = self.backend
-        if backend is None:
-            self.pending.append(data)
-        elif backend.leg.usable:
-            backend.leg.write(data)
-
-    def _ack(self) -> None:
-        """Open the client's window again for the body bytes the backend has taken (none
-        while the backend's socket is full: see block_reading)."""
-        backend = self.backend
-        if self.unacked and backend is not None and not self.blocked:
-            conn = self.flow.conn
-            with contextlib.suppress(ProtocolError):  # (the stream closed meanwhile)
-                conn.acknowledge_received_data(self.unacked, self.id)
-            self.unacked = 0
-
-    def cancel(self) -> None:
-        """The client reset the stream (or went away): its backend connection ends."""
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
-        self._let_go(CONN_NOT_REUSABLE)
-        self._finish()
-
-    # ---- the backend's side (connection.BackendUser) ---------------------------------------
-
-    def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
-        parser = self.parser
-        if parser is None or backend is not self.backend:
-            return
-        record = self.record
-        if record.first_byte_at is None:
-            record.first_byte_at = self.flow.session.ctx.services.clock()
-        record.response_bytes = (record.response_bytes or 0) + len(data)
-        parser.receive_data(data)
-        self._read_events(parser)
-
-    def on_backend_eof(self, backend: BackendConnection) -> None:
-        backend.leg.peer_fin()
-        parser = self.parser
-        if parser is not None and backend is self.backend:
-            parser.receive_data(b"")
-            self._read_events(parser)
-
-    def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
-        if backend is not self.backend:
-            if backend.connect_task is not None:
-                backend.lost_early = backend.leg.lost(exc)
-            return
-        backend.leg.lost(exc)
-        if self.parser is not None:
-            self._broken()
-
-    def block_reading(self, why: str) -> None:
-        """The backend's socket is full: the client's window stays shut (no credit back)."""
-        self.blocked = True
-
-    def unblock_reading(self, why: str) -> None:
-        self.blocked = False
-        self._ack()
-        self.flow.flush()
-
-    def on_deadline(self) -> None:
-        """The group's response timeout, from the request's forwarding: a stream whose
-        response has not begun gets a 504 (one under way is left to the connection's)."""
-        if self.flow.streams.get(self.id) is self and self.record.first_byte_at is None:
-            self.answer(BackendTimeout("no response in time"))
-            self.flow.flush()
-
-    def _read_events(self, parser: h11.Connection) -> None:
-        try:
-            self._relay(parser)
-        except ProtocolError:  # (h2 refused a frame for the stream: it was closed meanwhile)
-            self.cancel()
-        self.flow.flush()
-
-    def _relay(self, parser: h11.Connection) -> None:
-        """The backend's response events, as HTTP/2 frames."""
-        flow = self.flow
-        while True:
-            try:
-                event = parser.next_event()
-            except h11.RemoteProtocolError:
-                self._broken()
-                break
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                break
-            if isinstance(event, h11.Response):
-                self.record.status = event.status_code
-                headers = [(b":status", b"%d" % event.status_code)]
-                headers += [(n, v) for n, v in event.headers if n not in _HOP_BY_HOP]
-                flow.conn.send_headers(self.id, headers)
-                self.responded = True
-            elif isinstance(event, h11.Data):
-                self.held += event.data
-                self.send_held()
-            elif isinstance(event, h11.EndOfMessage):
-                self.held_end = list(event.headers)
-                self.send_held()
-                self._let_go(None)
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                self._broken()
-                break
-
-    def send_held(self) -> None:
-        """Response bytes within the client's window; END_STREAM once they are all out."""
-        conn = self.flow.conn
-        held = self.held
-        try:
-            while held:
-                room = min(conn.local_flow_control_window(self.id), conn.max_outbound_frame_size)
-                if room <= 0:
-                    break
-                conn.send_data(self.id, bytes(held[:room]))
-                del held[:room]
-            if not held and self.held_end is not None:
-                if self.held_end:
-                    conn.send_headers(self.id, self.held_end, end_stream=True)
-                else:
-                    conn.end_stream(self.id)
-                self.held_end = None
-                self.flow.answered += 1
-                self.record.done_at = self.flow.session.ctx.services.clock()
-                self._finish()
-                return
-        except ProtocolError:  # the client closed the stream (RST_STREAM) meanwhile
-            self._finish()
-            return
-        self.client_full(len(held) > HELD_HIGH_BYTES)
-
-    def client_full(self, full: bool) -> None:
-        backend = self.backend
-        if backend is None or not backend.leg.usable:
-            return
-        if full:
-            backend.leg.pause("h2_window")
-        else:
-            backend.leg.resume("h2_window")
-
-    # ---- the end of a stream ---------------------------------------------------------------
-
-    def answer(self, error: BalancerError) -> None:
-        """The balancer's own response for this stream (or, once the backend's began, a
-        reset: a cut response must look cut)."""
-        record = self.record
-        if record.status is None or not self.responded:
-            record.status = error.status_hint
-        conn = self.flow.conn
-        try:
-            if self.responded:
-                self.flow.reset(self.id, ErrorCodes.INTERNAL_ERROR)
-            else:
-                body = f"{error.status_hint} {error.reason}\n".encode()
-                conn.send_headers(
-                    self.id,
-                    [(b":status", b"%d" % error.status_hint),
-                     (b"content-type", b"text/plain"),
-                     (b"content-length", b"%d" % len(body))],
-                )  # fmt: skip
-                conn.send_data(self.id, body, end_stream=True)
-                record.response_bytes = len(body)
-        except ProtocolError:
-            pass
-        self.responded = True
-        self._let_go(CONN_NOT_REUSABLE)
-        self._finish()
-
-    def _broken(self) -> None:
-        """The backend connection ended (or said something unreadable) with the response
-        owed or under way. A reused one that ended before any response byte was dead as it
-        was taken (the backend had closed it idle): a request without a body goes once more,
-        on a new connection, as the HTTP/1.1 path does."""
-        record, group = self.record, self.group
-        if self.reused and record.first_byte_at is None and self.replay and group is not None:
-            self._let_go(CONN_DEAD_ON_REUSE)
-            record.retries += 1
-            self.pending, self.replay = [self.replay], None
-            self.parser = _response_reader(record.method)
-            loop = self.flow.session.ctx.services.loop or asyncio.get_running_loop()
-            self.connect_task = loop.create_task(self._connect(group, None))
-            return
-        error: BalancerError = BadBackendResponse("the backend's response was cut or unreadable")
-        if self.record.first_byte_at is None:
-            error = BackendClosed("the backend closed the connection before responding")
-        self.answer(error)
-
-    def _let_go(self, cause: str | None) -> None:
-        """The backend connection is done with: kept for another request (reuse modes, a
-        clean end), or closed; the lease released."""
-        backend, self.backend = self.backend, None
-        parser, self.parser = self.parser, None
-        lease, self.lease = self.lease, None
-        if lease is not None:
-            lease.release()
-        if backend is None:
-            return
-        idle = self.flow.session.ctx.services.idle
-        clean = (
-            cause is None
-            and parser is not None
-            and parser.our_state is h11.DONE
-            and parser.their_state is h11.DONE
-        )
-        reuses = self.group is not None and self.group.reuse != "never"
-        if clean and reuses and backend.leg.usable:
-            backend.leg.resume("h2_window")
-            idle.put(backend)
-        elif backend.leg.usable:  # (a clean end in a group that does not reuse: reuse_never)
-            idle.close(backend, cause or (CONN_NOT_REUSABLE if reuses else CONN_REUSE_NEVER))
-        else:
-            backend.user = idle
-
-    def _finish(self) -> None:
-        flow = self.flow
-        if flow.streams.get(self.id) is not self:
-            return
-        record = self.record
-        if record.done_at is None:
-            record.done_at = flow.session.ctx.services.clock()
-        flow.session.ctx.exchange_settings.publish(record)
-        flow.stream_done(self)
-
-
 def _error_name(code: int) -> str:
     """An HTTP/2 error code as RFC 9113 names it, in lower case (an unknown one by number)."""
     try:
@@ -716,12 +344,3 @@ def _error_name(code: int) -> str:
 def _count(counts: dict[str, int], code: int) -> None:
     name = _error_name(code)
     counts[name] = counts.get(name, 0) + 1
-
-
-def _response_reader(method: bytes) -> h11.Connection:
-    """h11, to read one response: told of a request with no body, whatever was sent (the
-    method alone matters: a HEAD's response has none)."""
-    parser = h11.Connection(h11.CLIENT)
-    parser.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
-    parser.send(h11.EndOfMessage())
-    return parser
