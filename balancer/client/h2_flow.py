@@ -46,10 +46,12 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
-from balancer.client.h2_stream import H2Stream
+from balancer.client.h2_stream import H2Stream, KeptBackend
 from balancer.client.listener import IDLE
 from balancer.facts.causes import (
     CLIENT_CLOSED,
+    CONN_BACKEND_CLOSED,
+    CONN_REUSE_NEVER,
     H2_ERROR,
     SHUTDOWN,
 )
@@ -81,13 +83,16 @@ class H2Flow:
     """One HTTP/2 connection's streams (see the module docstring)."""
 
     __slots__ = (
-        "answered", "conn", "glitches", "goaway_by", "goaway_final", "h2", "last_stream",
-        "session", "streams",
+        "answered", "conn", "glitches", "goaway_by", "goaway_final", "h2", "kept",
+        "last_stream", "session", "streams",
     )  # fmt: skip
 
     def __init__(self, session: H2Session) -> None:
         self.session = session
         self.streams: dict[int, H2Stream] = {}
+        # Reuse never: backend connections this client connection keeps between its streams,
+        # by group, the most recent last.
+        self.kept: dict[str, list[KeptBackend]] = {}
         # Who sent GOAWAY first (SHUTDOWN: we did, draining; CLIENT_CLOSED: the client): the
         # connection closes once its last stream ends.
         self.goaway_by: str | None = None
@@ -246,9 +251,30 @@ class H2Flow:
         setattr(buffer, "_data", pending[offset:])  # noqa: B010 (a private attribute)
 
     def close_backends(self) -> None:
-        """The client connection ends: every stream's backend connection ends with it."""
+        """The client connection ends: every stream's backend connection ends with it, and
+        the ones it kept."""
         for stream in list(self.streams.values()):
             stream.cancel()
+        for kept in [kept for group in self.kept.values() for kept in group]:
+            kept.let_go(CONN_REUSE_NEVER)
+
+    def keep(self, kept: KeptBackend) -> None:
+        self.kept.setdefault(kept.group, []).append(kept)
+
+    def take_kept(self, group: str) -> KeptBackend | None:
+        """The most recently kept backend connection to `group` that is still open."""
+        kept = self.kept.get(group)
+        while kept:
+            taken = kept.pop()
+            if taken.conn.leg.usable:
+                return taken
+            taken.let_go(CONN_BACKEND_CLOSED)
+        return None
+
+    def forget_kept(self, kept: KeptBackend) -> None:
+        group = self.kept.get(kept.group)
+        if group is not None and kept in group:
+            group.remove(kept)
 
     def client_full(self, full: bool) -> None:
         """The client's socket buffer filled (or drained): each stream's backend is paused
@@ -307,10 +333,9 @@ class H2Flow:
         proto = b"https" if settings.ssl_context is not None else b"http"  # (h2c: plain)
         forwarded = b"X-Forwarded-Proto: %b\r\nX-Forwarded-Port: %d\r\n" % (proto, port)
         group = session.ctx.router.for_request(authority, target)
-        keeps = group.reuse != "never"  # else the backend is asked to close after it
-        try:
+        try:  # (kept open: for the pool, or under never for this connection's next stream)
             head, chunked, _host = backend_head(
-                method, "1.1", False, keeps, target, regular, client_ip, forwarded, keeps,
+                method, "1.1", False, True, target, regular, client_ip, forwarded, True,
                 settings.limits.max_body_bytes,
             )  # fmt: skip
         except BalancerError as error:

@@ -27,7 +27,14 @@ from h2.exceptions import ProtocolError
 
 from balancer.backend.connection import BackendConnection
 from balancer.backend.groups import Group
-from balancer.facts.causes import CONN_DEAD_ON_REUSE, CONN_NOT_REUSABLE, CONN_REUSE_NEVER
+from balancer.facts.causes import (
+    CONN_BACKEND_CLOSED,
+    CONN_BACKEND_RESET,
+    CONN_DEAD_ON_REUSE,
+    CONN_NOT_REUSABLE,
+    CONN_REUSE_NEVER,
+    CONN_STRAY_BYTES,
+)
 from balancer.facts.record import RequestRecord
 from balancer.wire.errors import (
     BackendClosed,
@@ -64,6 +71,12 @@ class StreamFlow(Protocol):
     def flush(self) -> None: ...
 
     def stream_done(self, stream: H2Stream) -> None: ...
+
+    def keep(self, kept: KeptBackend) -> None: ...
+
+    def take_kept(self, group: str) -> KeptBackend | None: ...
+
+    def forget_kept(self, kept: KeptBackend) -> None: ...
 
 
 class H2Stream:
@@ -116,7 +129,8 @@ class H2Stream:
 
     def connect(self, group: Group, head: bytes, method: bytes) -> None:
         """Send the request on an idle backend connection (reuse always; safe: once this
-        client has had an answer), else on a new one."""
+        client has had an answer; never: one this client connection keeps), else on a new
+        one."""
         self.group = group
         self.record.backend_group = group.name
         self.pending.append(head)
@@ -126,6 +140,11 @@ class H2Stream:
         self.parser = _response_reader(method)
         services = self.flow.session.ctx.services
         lease = None
+        kept = self.flow.take_kept(group.name) if group.reuse == "never" else None
+        if kept is not None:
+            kept.conn.user = self
+            self._use(kept.lease, kept.conn, reused=True)
+            return
         if group.reuse == "always" or (group.reuse == "safe" and self.flow.answered):
             lease = group.pool.acquire(services.clock(), (), b"")
             if lease is None:
@@ -384,23 +403,31 @@ class H2Stream:
         self.answer(error)
 
     def _let_go(self, cause: str | None) -> None:
-        """The backend connection is done with: kept for another request (reuse modes, a
-        clean end), or closed; the lease released."""
+        """The backend connection is done with: after a clean end, kept for another request
+        (reuse modes: the worker's pool; never: this client connection's next stream, with
+        its lease, as HAProxy's), else closed; the lease released."""
         backend, self.backend = self.backend, None
         parser, self.parser = self.parser, None
         lease, self.lease = self.lease, None
-        if lease is not None:
-            lease.release()
-        if backend is None:
-            return
-        idle = self.flow.session.ctx.services.idle
         clean = (
             cause is None
             and parser is not None
             and parser.our_state is h11.DONE
             and parser.their_state is h11.DONE
         )
-        reuses = self.group is not None and self.group.reuse != "never"
+        group = self.group
+        never = group is not None and group.reuse == "never"
+        if clean and never and lease is not None and backend is not None and backend.leg.usable:
+            assert group is not None
+            backend.leg.resume("h2_window")
+            self.flow.keep(KeptBackend(self.flow, group.name, lease, backend))
+            return
+        if lease is not None:
+            lease.release()
+        if backend is None:
+            return
+        idle = self.flow.session.ctx.services.idle
+        reuses = group is not None and group.reuse != "never"
         if clean and reuses and backend.leg.usable:
             backend.leg.resume("h2_window")
             idle.put(backend)
@@ -418,6 +445,50 @@ class H2Stream:
             record.done_at = flow.session.ctx.services.clock()
         flow.session.ctx.exchange_settings.publish(record)
         flow.stream_done(self)
+
+
+class KeptBackend:
+    """A backend connection an HTTP/2 client connection keeps between its streams (reuse
+    never: the client connection's own, as HAProxy's is), with its lease, for its next
+    stream to the same group. Meanwhile its events come here (connection.BackendUser):
+    bytes unasked, the backend's FIN or RST end it, and the flow forgets it."""
+
+    __slots__ = ("conn", "flow", "group", "lease")
+
+    def __init__(self, flow: StreamFlow, group: str, lease: Lease, conn: BackendConnection) -> None:
+        self.flow = flow
+        self.group = group
+        self.lease = lease
+        self.conn = conn
+        conn.user = self
+
+    def let_go(self, cause: str) -> None:
+        """Not used again: its lease is released; the pool closes it (if it is still open)
+        and publishes its record with `cause`."""
+        self.flow.forget_kept(self)
+        self.lease.release()
+        idle = self.flow.session.ctx.services.idle
+        if self.conn.leg.usable:
+            idle.close(self.conn, cause)
+        else:
+            self.conn.user = idle
+
+    def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
+        self.let_go(CONN_STRAY_BYTES)  # bytes with no request out: not to be trusted again
+
+    def on_backend_eof(self, backend: BackendConnection) -> None:
+        backend.leg.peer_fin()
+        self.let_go(CONN_BACKEND_CLOSED)  # the backend closed it idle
+
+    def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
+        reset = backend.leg.lost(exc)
+        self.let_go(CONN_BACKEND_RESET if reset else CONN_BACKEND_CLOSED)
+
+    def block_reading(self, why: str) -> None:
+        pass  # nothing is written to a kept connection between streams
+
+    def unblock_reading(self, why: str) -> None:
+        pass
 
 
 def _response_reader(method: bytes) -> h11.Connection:

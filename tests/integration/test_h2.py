@@ -105,7 +105,8 @@ async def test_curl_http2_is_answered_over_h2_and_recorded(h2_balancer, certs, f
     assert record.h2 is not None
     assert (record.h2.streams, record.h2.max_concurrent_streams) == (1, 1)
     assert record.h2.goaway_sent is None  # (curl 7.88 leaves without a GOAWAY of its own)
-    connection_line = json.loads(log.getvalue().splitlines()[-1])
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    (connection_line,) = [line for line in lines if line["type"] == "connection"]
     assert connection_line["h2"]["streams"] == 1
     (line,) = request_lines(log)
     assert line["stream"] == 1 and line["status"] == 200 and line["host"] == f"localhost:{port}"
@@ -115,7 +116,7 @@ async def test_curl_http2_is_answered_over_h2_and_recorded(h2_balancer, certs, f
     assert request.header("x-forwarded-for") == "127.0.0.1"
     assert request.header("x-forwarded-proto") == "https"
     assert request.header("x-forwarded-port") == str(port)
-    assert request.header("connection") == "close"  # (reuse never: one request a connection)
+    assert request.header("connection") is None  # kept: for this connection's next stream
 
 
 async def test_streams_of_one_connection_run_at_once_on_several_backends(
@@ -328,6 +329,32 @@ async def test_streams_take_idle_backend_connections_under_reuse_always(
     lines = request_lines(log)
     assert [line["reused"] for line in lines] == [False] + [True] * 5
     assert len({line["backend_connection_id"] for line in lines}) == 1
+
+
+async def test_under_reuse_never_a_connection_keeps_its_backend_connections_for_itself(
+    h2_balancer, h2_client, farm
+) -> None:
+    """Reuse never, as HAProxy's: a backend connection is this client connection's alone;
+    its next stream to the group takes it (one after another, six streams, one backend
+    connection), and it closes when the client leaves. Streams at once get their own."""
+    port, _, log, _ = await h2_balancer(backends=[farm[0].address])
+    client = await h2_client(port)
+    for _ in range(6):
+        stream = client.request("/one-by-one")
+        await in_thread(client, lambda stream=stream: client.answers[stream].ended)
+    assert farm[0].connections == 1
+    lines = request_lines(log)
+    assert [line["reused"] for line in lines] == [False] + [True] * 5
+    other = await h2_client(port)  # another client connection: a backend connection of its own
+    stream = other.request("/another")
+    await in_thread(other)
+    assert farm[0].connections == 2
+    slow = [client.request("/delay/200") for _ in range(3)]  # at once: one taken, two new
+    await in_thread(client, lambda: all(client.answers[s].ended for s in slow))
+    assert farm[0].connections == 4
+    client.close()
+    other.close()
+    await until(lambda: not farm[0].open_connections)  # closed with their client connections
 
 
 async def test_h2c_with_prior_knowledge_on_a_plain_listener(farm) -> None:
