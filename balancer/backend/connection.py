@@ -396,6 +396,18 @@ class IdlePool:
             conn.record.ended_by(CONN_BACKEND_RESET)
         self.retire(conn)
 
+    def give_up(self, conn: BackendConnection, cause: str | None) -> None:
+        """A connection its holder will not use again: closed by FIN and linger (if its leg
+        is still there) or, already lost, its record published now; `cause` is why (None:
+        the backend's FIN, or its RST if the leg is gone)."""
+        if cause is None:
+            cause = CONN_BACKEND_CLOSED if conn.leg.usable else CONN_BACKEND_RESET
+        if conn.leg.usable:
+            self.close(conn, cause)
+        else:
+            conn.record.ended_by(cause)
+            self.retire(conn)
+
     def retire(self, conn: BackendConnection) -> None:
         """A connection is gone (its leg lost, by whoever held it): publish its record."""
         self._forget_idle(conn)
@@ -421,6 +433,52 @@ class IdlePool:
 
     def block_reading(self, why: str) -> None:
         pass  # nothing is written to an idle connection
+
+    def unblock_reading(self, why: str) -> None:
+        pass
+
+
+class KeptConnection:
+    """A backend connection a client connection keeps between its requests (reuse never:
+    its own, as HAProxy's http-reuse never keeps it), with its lease, for its next request
+    to the same group. Meanwhile its events come here (BackendUser): bytes unasked, the
+    backend's FIN or RST end it, and `forget` tells its holder."""
+
+    __slots__ = ("conn", "forget", "idle", "lease")
+
+    def __init__(
+        self,
+        conn: BackendConnection,
+        lease: Lease,
+        idle: IdlePool,
+        forget: Callable[[KeptConnection], None],
+    ) -> None:
+        self.conn = conn
+        self.lease = lease
+        self.idle = idle
+        self.forget = forget
+        conn.user = self
+
+    def let_go(self, cause: str) -> None:
+        """Not used again: its lease is released; the pool closes it and publishes its record
+        with `cause`."""
+        self.forget(self)
+        self.lease.release()
+        self.idle.give_up(self.conn, cause)
+
+    def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
+        self.let_go(CONN_STRAY_BYTES)  # bytes with no request out: not to be trusted again
+
+    def on_backend_eof(self, backend: BackendConnection) -> None:
+        backend.leg.peer_fin()
+        self.let_go(CONN_BACKEND_CLOSED)  # the backend closed it idle
+
+    def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
+        reset = backend.leg.lost(exc)  # (read now: the descriptor is still its own)
+        self.let_go(CONN_BACKEND_RESET if reset else CONN_BACKEND_CLOSED)
+
+    def block_reading(self, why: str) -> None:
+        pass  # nothing is written to a kept connection between requests
 
     def unblock_reading(self, why: str) -> None:
         pass

@@ -34,7 +34,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from balancer.backend.connection import BackendConnection
+from balancer.backend.connection import BackendConnection, KeptConnection
 from balancer.backend.pool import Lease
 from balancer.backend.state import BackendState
 from balancer.client.exchange import REPLAY_MAX_BYTES, Exchange
@@ -46,7 +46,6 @@ from balancer.facts.causes import (
     CONN_DEAD_ON_REUSE,
     CONN_NOT_REUSABLE,
     CONN_REUSE_NEVER,
-    CONN_STRAY_BYTES,
 )
 from balancer.facts.record import failed_on
 from balancer.wire.errors import BackendError, NoBackendAvailable
@@ -311,7 +310,9 @@ class Forwarder:
             # HAProxy's http-reuse never: the connection stays this session's (with its
             # lease), for its next request if that goes to the same group (activate); until
             # then its events go to the KeptConnection.
-            self.kept, self.lease = KeptConnection(self, backend, lease), None
+            idle = self.ctx.services.idle
+            self.kept = KeptConnection(backend, lease, idle, self._forget_kept)
+            self.lease = None
             return
         self.release_lease()
         if self.group.reuse == "never":
@@ -384,17 +385,13 @@ class Forwarder:
         return True
 
     def retire(self, backend: BackendConnection, cause: str | None) -> None:
-        """A backend connection this session gives up (a retry's dead one, a kept one let go,
-        one lost under its exchange): the pool closes it (our FIN, if the leg is still there)
-        and publishes its record with what ended it (`cause`; None: its FIN or RST)."""
-        if cause is None:
-            cause = CONN_BACKEND_CLOSED if backend.leg.usable else CONN_BACKEND_RESET
-        idle = self.ctx.services.idle
-        if backend.leg.usable:
-            idle.close(backend, cause)
-        else:
-            backend.record.ended_by(cause)
-            idle.retire(backend)
+        """A backend connection this session gives up (a retry's dead one, one lost under
+        its exchange): the pool's to close and publish (IdlePool.give_up)."""
+        self.ctx.services.idle.give_up(backend, cause)
+
+    def _forget_kept(self, kept: KeptConnection) -> None:
+        if self.kept is kept:
+            self.kept = None
 
     # ---- passive checks: what the traffic says of the backend ------------------------------
 
@@ -450,47 +447,6 @@ class Forwarder:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
-
-
-class KeptConnection:
-    """A routed listener's backend connection between requests (reuse never): the session's,
-    with its lease, for its next request if that goes to the same group (Forwarder.activate).
-    Meanwhile its events come here (connection.BackendUser): bytes unasked, the backend's FIN
-    or RST end it, and the forwarder forgets it."""
-
-    __slots__ = ("conn", "fwd", "lease")
-
-    def __init__(self, fwd: Forwarder, conn: BackendConnection, lease: Lease) -> None:
-        self.fwd = fwd
-        self.conn = conn
-        self.lease = lease
-        conn.user = self
-
-    def let_go(self, cause: str) -> None:
-        """Not used again: its lease is released; the pool closes it and publishes its record
-        with `cause`."""
-        fwd = self.fwd
-        if fwd.kept is self:
-            fwd.kept = None
-        self.lease.release()
-        fwd.retire(self.conn, cause)
-
-    def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
-        self.let_go(CONN_STRAY_BYTES)  # bytes with no request out: not to be trusted again
-
-    def on_backend_eof(self, backend: BackendConnection) -> None:
-        backend.leg.peer_fin()
-        self.let_go(CONN_BACKEND_CLOSED)  # the backend closed it idle
-
-    def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
-        reset = backend.leg.lost(exc)  # (read now: the descriptor is still its own)
-        self.let_go(CONN_BACKEND_RESET if reset else CONN_BACKEND_CLOSED)
-
-    def block_reading(self, why: str) -> None:
-        pass  # nothing is written to a kept connection between requests
-
-    def unblock_reading(self, why: str) -> None:
-        pass
 
 
 def proxy_header(session: ForwarderSession, version: str) -> bytes:

@@ -46,7 +46,8 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
-from balancer.client.h2_stream import H2Stream, KeptBackend
+from balancer.backend.connection import BackendConnection, KeptConnection
+from balancer.client.h2_stream import H2Stream
 from balancer.client.listener import IDLE
 from balancer.facts.causes import (
     CLIENT_CLOSED,
@@ -63,6 +64,7 @@ from balancer.wire.errors import (
 )
 
 if TYPE_CHECKING:
+    from balancer.backend.pool import Lease
     from balancer.client.contract import H2Session
 
 MAX_CONCURRENT_STREAMS = 100  # as nginx's http2_max_concurrent_streams and HAProxy's
@@ -92,7 +94,7 @@ class H2Flow:
         self.streams: dict[int, H2Stream] = {}
         # Reuse never: backend connections this client connection keeps between its streams,
         # by group, the most recent last.
-        self.kept: dict[str, list[KeptBackend]] = {}
+        self.kept: dict[str, list[KeptConnection]] = {}
         # Who sent GOAWAY first (SHUTDOWN: we did, draining; CLIENT_CLOSED: the client): the
         # connection closes once its last stream ends.
         self.goaway_by: str | None = None
@@ -258,10 +260,13 @@ class H2Flow:
         for kept in [kept for group in self.kept.values() for kept in group]:
             kept.let_go(CONN_REUSE_NEVER)
 
-    def keep(self, kept: KeptBackend) -> None:
-        self.kept.setdefault(kept.group, []).append(kept)
+    def keep(self, group: str, lease: Lease, conn: BackendConnection) -> None:
+        """A backend connection kept for this connection's next stream to `group` (reuse
+        never), its events the KeptConnection's meanwhile."""
+        idle = self.session.ctx.services.idle
+        self.kept.setdefault(group, []).append(KeptConnection(conn, lease, idle, self._forget))
 
-    def take_kept(self, group: str) -> KeptBackend | None:
+    def take_kept(self, group: str) -> KeptConnection | None:
         """The most recently kept backend connection to `group` that is still open."""
         kept = self.kept.get(group)
         while kept:
@@ -271,10 +276,10 @@ class H2Flow:
             taken.let_go(CONN_BACKEND_CLOSED)
         return None
 
-    def forget_kept(self, kept: KeptBackend) -> None:
-        group = self.kept.get(kept.group)
-        if group is not None and kept in group:
-            group.remove(kept)
+    def _forget(self, kept: KeptConnection) -> None:
+        for group in self.kept.values():
+            if kept in group:
+                group.remove(kept)
 
     def client_full(self, full: bool) -> None:
         """The client's socket buffer filled (or drained): each stream's backend is paused

@@ -25,7 +25,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
-from balancer.backend.connection import BackendConnection
+from balancer.backend.connection import BackendConnection, KeptConnection
 from balancer.backend.groups import Group
 from balancer.facts.causes import (
     CONN_BACKEND_CLOSED,
@@ -33,7 +33,6 @@ from balancer.facts.causes import (
     CONN_DEAD_ON_REUSE,
     CONN_NOT_REUSABLE,
     CONN_REUSE_NEVER,
-    CONN_STRAY_BYTES,
 )
 from balancer.facts.record import RequestRecord
 from balancer.wire.errors import (
@@ -72,11 +71,9 @@ class StreamFlow(Protocol):
 
     def stream_done(self, stream: H2Stream) -> None: ...
 
-    def keep(self, kept: KeptBackend) -> None: ...
+    def keep(self, group: str, lease: Lease, conn: BackendConnection) -> None: ...
 
-    def take_kept(self, group: str) -> KeptBackend | None: ...
-
-    def forget_kept(self, kept: KeptBackend) -> None: ...
+    def take_kept(self, group: str) -> KeptConnection | None: ...
 
 
 class H2Stream:
@@ -397,6 +394,14 @@ class H2Stream:
             loop = self.flow.session.ctx.services.loop or asyncio.get_running_loop()
             self.connect_task = loop.create_task(self._connect(group, None))
             return
+        backend = self.backend
+        if backend is not None:  # what ended it, for its record: the backend's FIN or RST
+            facts = backend.leg.facts
+            ended = facts.peer_fin_at is not None or not backend.leg.usable
+            self._let_go(
+                CONN_BACKEND_RESET if facts.rst_received
+                else CONN_BACKEND_CLOSED if ended else CONN_NOT_REUSABLE
+            )  # fmt: skip
         error: BalancerError = BadBackendResponse("the backend's response was cut or unreadable")
         if self.record.first_byte_at is None:
             error = BackendClosed("the backend closed the connection before responding")
@@ -420,7 +425,7 @@ class H2Stream:
         if clean and never and lease is not None and backend is not None and backend.leg.usable:
             assert group is not None
             backend.leg.resume("h2_window")
-            self.flow.keep(KeptBackend(self.flow, group.name, lease, backend))
+            self.flow.keep(group.name, lease, backend)
             return
         if lease is not None:
             lease.release()
@@ -431,10 +436,8 @@ class H2Stream:
         if clean and reuses and backend.leg.usable:
             backend.leg.resume("h2_window")
             idle.put(backend)
-        elif backend.leg.usable:  # (a clean end in a group that does not reuse: reuse_never)
-            idle.close(backend, cause or (CONN_NOT_REUSABLE if reuses else CONN_REUSE_NEVER))
-        else:
-            backend.user = idle
+        else:  # closed, or (lost already) published: the pool's either way
+            idle.give_up(backend, cause or (CONN_NOT_REUSABLE if reuses else CONN_REUSE_NEVER))
 
     def _finish(self) -> None:
         flow = self.flow
@@ -445,50 +448,6 @@ class H2Stream:
             record.done_at = flow.session.ctx.services.clock()
         flow.session.ctx.exchange_settings.publish(record)
         flow.stream_done(self)
-
-
-class KeptBackend:
-    """A backend connection an HTTP/2 client connection keeps between its streams (reuse
-    never: the client connection's own, as HAProxy's is), with its lease, for its next
-    stream to the same group. Meanwhile its events come here (connection.BackendUser):
-    bytes unasked, the backend's FIN or RST end it, and the flow forgets it."""
-
-    __slots__ = ("conn", "flow", "group", "lease")
-
-    def __init__(self, flow: StreamFlow, group: str, lease: Lease, conn: BackendConnection) -> None:
-        self.flow = flow
-        self.group = group
-        self.lease = lease
-        self.conn = conn
-        conn.user = self
-
-    def let_go(self, cause: str) -> None:
-        """Not used again: its lease is released; the pool closes it (if it is still open)
-        and publishes its record with `cause`."""
-        self.flow.forget_kept(self)
-        self.lease.release()
-        idle = self.flow.session.ctx.services.idle
-        if self.conn.leg.usable:
-            idle.close(self.conn, cause)
-        else:
-            self.conn.user = idle
-
-    def on_backend_data(self, backend: BackendConnection, data: bytes) -> None:
-        self.let_go(CONN_STRAY_BYTES)  # bytes with no request out: not to be trusted again
-
-    def on_backend_eof(self, backend: BackendConnection) -> None:
-        backend.leg.peer_fin()
-        self.let_go(CONN_BACKEND_CLOSED)  # the backend closed it idle
-
-    def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
-        reset = backend.leg.lost(exc)
-        self.let_go(CONN_BACKEND_RESET if reset else CONN_BACKEND_CLOSED)
-
-    def block_reading(self, why: str) -> None:
-        pass  # nothing is written to a kept connection between streams
-
-    def unblock_reading(self, why: str) -> None:
-        pass
 
 
 def _response_reader(method: bytes) -> h11.Connection:

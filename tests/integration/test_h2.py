@@ -212,6 +212,27 @@ async def test_a_broken_backend_gets_its_stream_a_502_or_a_reset(h2_balancer, h2
     client.close()
 
 
+async def test_a_cut_streams_backend_connection_is_published_with_what_ended_it(
+    h2_balancer, h2_client
+) -> None:
+    """A backend that closes (FIN) or resets (RST) mid-response: the stream is reset, and its
+    backend connection still gets its line, saying which: the pool publishes it even when
+    it was lost under the stream."""
+    port, _, log, _ = await h2_balancer()
+    client = await h2_client(port)
+    closed, reset = client.request("/die/5000"), client.request("/reset")
+    await in_thread(client)
+    assert client.answers[closed].reset == client.answers[reset].reset == 2
+    client.close()
+
+    def causes() -> list[str]:
+        lines = [json.loads(line) for line in log.getvalue().splitlines()]
+        return sorted(x["close_cause"] for x in lines if x["type"] == "backend_connection")
+
+    await until(lambda: len(causes()) == 2)
+    assert causes() == ["backend_closed", "backend_reset"]
+
+
 async def test_a_protocol_error_ends_the_connection_with_goaway(h2_balancer, h2_client) -> None:
     port, recorder, _, _ = await h2_balancer()
     client = await h2_client(port)

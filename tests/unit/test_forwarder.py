@@ -37,8 +37,8 @@ def session_with(requests: bytes = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", **grou
                 "hash_key": None, "send_proxy": "none", "reuse": "never",
                 "response_seconds": 30.0, "connector": Connector(), **group}  # fmt: skip
     session.ctx.router.default = SimpleNamespace(name="web", **settings)
-    session.ctx.services.idle = SimpleNamespace(
-        closed=[], close=lambda conn, cause: session.ctx.services.idle.closed.append(cause)
+    session.ctx.services.idle = SimpleNamespace(  # (what the pool is given up with)
+        closed=[], give_up=lambda conn, cause: session.ctx.services.idle.closed.append(cause)
     )
     session.ctx.services.loop = None
     reader = RequestReader("10.0.0.7", "http", 80, HeadLimits())
@@ -120,7 +120,7 @@ async def test_a_request_whose_connection_died_before_any_response_byte_goes_aga
     assert fwd.retry(dead) is True
     assert exchange.record.retries == 1 and session.record.retries == 1
     assert exchange.record.failed_backends == ["web1"] == session.record.failed_backends
-    assert session.ctx.services.idle.closed == ["backend_closed"]  # the dead one: closed
+    assert session.ctx.services.idle.closed == [None]  # the dead one given up: its FIN or RST
     assert fwd.pending == [exchange.replay] and fwd.backend is None
     assert "connecting" in session.blocked and fwd.connect_task is not None
     fwd.connect_task.cancel()

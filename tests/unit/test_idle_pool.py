@@ -147,6 +147,21 @@ def test_a_reset_while_idle_is_the_records_cause_and_its_record_is_published() -
     assert p.published == [conn.record] and p.pool.idle_count() == 0
 
 
+def test_a_connection_given_up_is_closed_or_if_lost_published_with_its_cause() -> None:
+    """IdlePool.give_up, for whoever held it (a forwarder, a kept connection, an HTTP/2
+    stream): still open, closed by FIN; already lost under its holder, published now (it
+    would otherwise never be: its loss was its holder's event, not the pool's)."""
+    p = Pool()
+    open_conn, transport, _ = p.connection()
+    p.pool.give_up(open_conn, None)
+    assert open_conn.record.close_cause == "backend_closed" and open_conn.user is p.pool
+    assert "shutdown" in transport.sock.log and not p.published  # our FIN; published when lost
+    lost, _, _ = p.connection()
+    lost.leg.lost(ConnectionResetError())
+    p.pool.give_up(lost, "backend_reset")
+    assert p.published == [lost.record] and lost.record.close_cause == "backend_reset"
+
+
 def test_a_connection_to_a_member_that_left_its_slot_is_closed_not_handed_out() -> None:
     """A DNS-discovered slot (web-1) whose member changed: its idle connection to the old
     address is closed as member_left; the caller connects to the new member."""
