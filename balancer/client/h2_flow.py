@@ -12,14 +12,20 @@ an `H2Stream` (h2_stream.py):
     DATA    ──► the backend, as it comes (chunked when the client gave no content-length);
                 the client's window is opened again only once the bytes are written, so a
                 slow backend holds the client back rather than the balancer buffering
-    backend ──► h11 reads the response ──► HEADERS, DATA within the client's window (a stream
-                whose window is shut holds its bytes and, past a bound, pauses its backend),
-                END_STREAM (or the trailers)
+    backend ──► the response read (wire/response_reader.py) ──► HEADERS, DATA within the
+                client's window (a stream whose window is shut holds its bytes and, past a
+                bound, pauses its backend), END_STREAM (or the trailers)
     RST_STREAM from the client ──► its backend connection is closed; the other streams go on
 
 Each stream publishes a request record (`stream` its id) linked to the connection's record.
-A broken stream gets its own answer (502/503/504, or RST_STREAM once its response began);
-a protocol error ends the connection with GOAWAY, its error code and the last stream seen.
+A broken stream gets its own answer (502/503/504, or RST_STREAM once its response began); a
+malformed request (wire/h2_fields.py) is reset with PROTOCOL_ERROR, the connection going on
+(RFC 9113 §8.1.1); a protocol error ends the connection with GOAWAY, its error code and the
+last stream seen.
+
+h2's own checks of field sections are off, in and out: wire/h2_fields.py checks what comes
+in (in a fraction of the time), and what goes out is the balancer's own fields or a
+response's as llhttp read them, lowercased and without connection-specific fields.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from balancer.wire.errors import (
     BadRequest,
     BalancerError,
 )
+from balancer.wire.h2_fields import MalformedFields, request_fields, trailer_fields
 
 if TYPE_CHECKING:
     from balancer.backend.pool import Lease
@@ -104,7 +111,7 @@ class H2Flow:
         self.last_stream = 0  # the highest stream acted on: what a GOAWAY names
         self.h2 = session.record.h2 = H2Facts()
         limits = session.ctx.settings.limits
-        conn = self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        conn = self.conn = H2Connection(_CONFIGURATION)
         conn.local_settings.update(
             {
                 SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
@@ -146,7 +153,11 @@ class H2Flow:
             elif isinstance(event, TrailersReceived):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
-                    stream.trailers = event.headers
+                    try:
+                        stream.trailers = trailer_fields(event.headers)
+                    except MalformedFields:
+                        self._malformed(event.stream_id)
+                        stream.cancel()
             elif isinstance(event, StreamEnded):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -294,40 +305,34 @@ class H2Flow:
 
     # ---- streams ---------------------------------------------------------------------------
 
+    def _malformed(self, stream_id: int) -> None:
+        """A malformed request (RFC 9113 §8.1.1): its stream reset, a glitch counted."""
+        self.reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        self.glitches += 1
+
     def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         session = self.session
         services = session.ctx.services
-        fields: dict[bytes, bytes] = {}
-        regular: list[tuple[bytes, bytes]] = []
-        cookies: list[bytes] = []
-        for name, value in headers:
-            if name[:1] == b":":
-                fields[name] = value
-            elif name == b"cookie":  # split for compression; one field to HTTP/1.1
-                cookies.append(value)
-            elif name != b"host":
-                regular.append((name, value))
-            else:
-                fields.setdefault(b":authority", value)
-        if cookies:
-            regular.append((b"cookie", b"; ".join(cookies)))
-        method, target = fields.get(b":method", b""), fields.get(b":path", b"")
+        self.last_stream = stream_id
+        try:
+            method, target, authority, regular = request_fields(headers)
+        except MalformedFields:
+            self._malformed(stream_id)
+            return
         record = RequestRecord(
             session.ctx.exchange_settings.next_id(), session.record, method, target,
             services.clock(),
         )  # fmt: skip
         record.stream_id = stream_id
-        self.last_stream = stream_id
         session.record.requests += 1
         stream = H2Stream(self, stream_id, record)
         self.streams[stream_id] = stream
         h2 = self.h2
         h2.streams += 1
         h2.max_concurrent_streams = max(h2.max_concurrent_streams, len(self.streams))
-        authority = fields.get(b":authority")
         record.host = authority
-        if authority is None or not target or method == b"CONNECT":
-            stream.answer(BadRequest("an HTTP/2 request without :authority or :path, or CONNECT"))
+        if authority is None or method == b"CONNECT":
+            stream.answer(BadRequest("an HTTP/2 request without :authority, or CONNECT"))
             return
         if not ended and not any(name == b"content-length" for name, _ in regular):
             regular.append((b"transfer-encoding", b"chunked"))
@@ -361,6 +366,17 @@ class H2Flow:
             return
         if self.goaway_by != SHUTDOWN or self.goaway_final:  # (ours: once its PING is back)
             session.close_client(self.goaway_by)
+
+
+# h2's checks of field sections off (see the module docstring); bytes, not str, for fields.
+_CONFIGURATION = H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
 
 
 def _error_name(code: int) -> str:

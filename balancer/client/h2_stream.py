@@ -4,9 +4,9 @@ response relayed within the client's window.
     connect   an idle backend connection (reuse always; safe, once the client had an
               answer) or a new one (the group's connector); the head, then body bytes as
               they come; the client's window credited back only for bytes written
-    response  h11 reads it: HEADERS, DATA within the window (held past it; past 64 KiB held
-              the backend is not read), END_STREAM or the trailers; the connection goes back
-              to the pool after a clean end
+    response  read by wire/response_reader.py: HEADERS, DATA within the window (held past
+              it; past 64 KiB held the backend is not read), END_STREAM or the trailers; the
+              connection goes back to the pool after a clean end
     failure   no backend: 503; a refused connect: 502; no response in the group's time: 504;
               cut mid-response: RST_STREAM (never END_STREAM on a cut body); a reused
               connection dead on arrival: the request (without a body) once more, new
@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any, Protocol
 
-import h11
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
@@ -43,6 +42,7 @@ from balancer.wire.errors import (
     BalancerError,
     NoBackendAvailable,
 )
+from balancer.wire.response_reader import ResponseReader
 
 if TYPE_CHECKING:
     from balancer.backend.pool import Lease
@@ -51,10 +51,6 @@ if TYPE_CHECKING:
 # A stream's response bytes held while the client's window is shut; past this its backend
 # connection stops being read until the window opens.
 HELD_HIGH_BYTES = 65536
-# Response headers HTTP/2 forbids (connection-specific, RFC 9113 §8.2.2).
-_HOP_BY_HOP = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
-)
 
 
 class StreamFlow(Protocol):
@@ -108,7 +104,7 @@ class H2Stream:
         self.backend: BackendConnection | None = None
         self.lease: Lease | None = None
         self.connect_task: asyncio.Task[None] | None = None
-        self.parser: h11.Connection | None = None
+        self.parser: ResponseReader | None = None
         self.chunked = False
         self.ended = False  # the client's request is whole
         self.responded = False  # our HEADERS went out
@@ -134,7 +130,7 @@ class H2Stream:
         if self.ended:
             self.replay = head  # (no body: a dead reused connection's request goes again)
             self._request_end_bytes()
-        self.parser = _response_reader(method)
+        self.parser = ResponseReader(method == b"HEAD")
         services = self.flow.session.ctx.services
         lease = None
         kept = self.flow.take_kept(group.name) if group.reuse == "never" else None
@@ -246,14 +242,24 @@ class H2Stream:
         if record.first_byte_at is None:
             record.first_byte_at = self.flow.session.ctx.services.clock()
         record.response_bytes = (record.response_bytes or 0) + len(data)
-        parser.receive_data(data)
+        try:
+            parser.feed(data)
+        except BadBackendResponse:
+            self._broken()
+            self.flow.flush()
+            return
         self._read_events(parser)
 
     def on_backend_eof(self, backend: BackendConnection) -> None:
         backend.leg.peer_fin()
         parser = self.parser
         if parser is not None and backend is self.backend:
-            parser.receive_data(b"")
+            try:
+                parser.eof()
+            except BadBackendResponse:
+                self._broken()
+                self.flow.flush()
+                return
             self._read_events(parser)
 
     def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
@@ -281,41 +287,32 @@ class H2Stream:
             self.answer(BackendTimeout("no response in time"))
             self.flow.flush()
 
-    def _read_events(self, parser: h11.Connection) -> None:
+    def _read_events(self, parser: ResponseReader) -> None:
         try:
             self._relay(parser)
         except ProtocolError:  # (h2 refused a frame for the stream: it was closed meanwhile)
             self.cancel()
         self.flow.flush()
 
-    def _relay(self, parser: h11.Connection) -> None:
-        """The backend's response events, as HTTP/2 frames."""
-        flow = self.flow
-        while True:
-            try:
-                event = parser.next_event()
-            except h11.RemoteProtocolError:
-                self._broken()
-                break
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                break
-            if isinstance(event, h11.Response):
-                self.record.status = event.status_code
-                headers = [(b":status", b"%d" % event.status_code)]
-                headers += [(n, v) for n, v in event.headers if n not in _HOP_BY_HOP]
-                flow.conn.send_headers(self.id, headers)
-                self.responded = True
-            elif isinstance(event, h11.Data):
-                self.held += event.data
-                self.send_held()
-            elif isinstance(event, h11.EndOfMessage):
-                self.held_end = list(event.headers)
-                self.send_held()
-                self._let_go(None)
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                self._broken()
-                break
+    def _relay(self, parser: ResponseReader) -> None:
+        """What the backend's response has given so far, as HTTP/2 frames."""
+        status = parser.status
+        if status is None:
+            return
+        if not self.responded:
+            self.record.status = status
+            self.flow.conn.send_headers(self.id, [(b":status", b"%d" % status), *parser.fields])
+            self.responded = True
+        body = parser.body
+        if body:
+            for chunk in body:
+                self.held += chunk
+            body.clear()
+            self.send_held()
+        if parser.done and self.parser is parser:
+            self.held_end = parser.trailers
+            self.send_held()
+            self._let_go(None)
 
     def send_held(self) -> None:
         """Response bytes within the client's window; END_STREAM once they are all out."""
@@ -390,7 +387,7 @@ class H2Stream:
             self._let_go(CONN_DEAD_ON_REUSE)
             record.retries += 1
             self.pending, self.replay = [self.replay], None
-            self.parser = _response_reader(record.method)
+            self.parser = ResponseReader(record.method == b"HEAD")
             loop = self.flow.session.ctx.services.loop or asyncio.get_running_loop()
             self.connect_task = loop.create_task(self._connect(group, None))
             return
@@ -414,12 +411,7 @@ class H2Stream:
         backend, self.backend = self.backend, None
         parser, self.parser = self.parser, None
         lease, self.lease = self.lease, None
-        clean = (
-            cause is None
-            and parser is not None
-            and parser.our_state is h11.DONE
-            and parser.their_state is h11.DONE
-        )
+        clean = cause is None and parser is not None and parser.done and parser.reusable
         group = self.group
         never = group is not None and group.reuse == "never"
         if clean and never and lease is not None and backend is not None and backend.leg.usable:
@@ -448,12 +440,3 @@ class H2Stream:
             record.done_at = flow.session.ctx.services.clock()
         flow.session.ctx.exchange_settings.publish(record)
         flow.stream_done(self)
-
-
-def _response_reader(method: bytes) -> h11.Connection:
-    """h11, to read one response: told of a request with no body, whatever was sent (the
-    method alone matters: a HEAD's response has none)."""
-    parser = h11.Connection(h11.CLIENT)
-    parser.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
-    parser.send(h11.EndOfMessage())
-    return parser

@@ -583,20 +583,45 @@ async def test_an_oversized_header_list_is_refused(h2_balancer, h2_client, farm)
     assert connections == 0
 
 
-async def test_an_upgrade_header_is_refused(h2_balancer, h2_client, farm) -> None:
-    """Connection-specific headers (Upgrade, Connection, ...) make an HTTP/2 request malformed
-    (RFC 9113 §8.2.2): refused with PROTOCOL_ERROR (h2 ends the connection for it), never
-    forwarded; WebSocket stays on HTTP/1.1."""
-    import hpack
-    from hyperframe.frame import HeadersFrame
+MALFORMED = {
+    # Connection-specific fields (RFC 9113 §8.2.2): WebSocket stays on HTTP/1.1.
+    "upgrade": ("/", [("upgrade", "websocket")]),
+    "connection": ("/", [("connection", "keep-alive")]),
+    "transfer-encoding": ("/", [("transfer-encoding", "chunked")]),
+    "te": ("/", [("te", "gzip")]),
+    "uppercase name": ("/", [("X-Up", "1")]),
+    "CR in a value": ("/", [("x-a", "a\rb")]),
+    "edge whitespace": ("/", [("x-a", " a")]),
+    "unknown pseudo-field": ("/", [(":protocol", "websocket")]),
+    "host not the authority": ("/", [("host", "elsewhere")]),
+    "space in :path": ("/a b", []),
+    "empty :path": ("", []),
+}
 
-    def attack(client: H2Client) -> None:
-        block = hpack.Encoder().encode([*REQUEST, (b"upgrade", b"websocket")])
-        client.send_raw(HeadersFrame(1, block, flags=["END_HEADERS", "END_STREAM"]).serialize())
 
-    client, _, connections = await attacked(h2_balancer, h2_client, farm, attack)
-    assert client.goaway is not None and client.goaway.error_code == 1
-    assert connections == 0
+@pytest.mark.parametrize("case", MALFORMED)
+async def test_a_malformed_request_resets_its_stream_only(
+    h2_balancer, h2_client, farm, case
+) -> None:
+    """A malformed request (RFC 9113 §8.1.1) is a stream error: RST_STREAM PROTOCOL_ERROR,
+    never forwarded, and the connection serves its next request."""
+    path, fields = MALFORMED[case]
+    port, recorder, _, _ = await h2_balancer()
+    client = await h2_client(port)
+    client.conn.config.validate_outbound_headers = False  # (the client's h2 would refuse)
+    client.conn.config.normalize_outbound_headers = False
+    before = sum(b.connections for b in farm)
+    bad = client.request(path, headers=fields)
+    await in_thread(client)
+    good = client.request("/")
+    await in_thread(client)
+    assert client.answers[bad].reset == 1 and client.answers[bad].status is None
+    assert client.answers[good].status == 200 and client.goaway is None
+    assert sum(b.connections for b in farm) - before == 1  # the good one's alone
+    client.close()
+    (record,) = await recorder.wait_for(1)
+    assert record.h2 is not None and record.h2.rst_sent == {"protocol_error": 1}
+    assert record.requests == 1
 
 
 async def test_too_many_concurrent_streams_are_refused(h2_balancer, h2_client, farm) -> None:
