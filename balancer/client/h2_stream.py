@@ -412,6 +412,8 @@ class H2Stream:
         parser, self.parser = self.parser, None
         lease, self.lease = self.lease, None
         clean = cause is None and parser is not None and parser.done and parser.reusable
+        if parser is not None:
+            parser.close()
         group = self.group
         never = group is not None and group.reuse == "never"
         if clean and never and lease is not None and backend is not None and backend.leg.usable:

@@ -61,7 +61,7 @@ class ResponseReader:
     )
 
     def __init__(self, is_head: bool = False) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._is_head = is_head
         self._in_head = True  # fields are the head's (after it: the trailers)
         self._head_bytes = 0
@@ -75,11 +75,12 @@ class ResponseReader:
         self.reusable = False
 
     def feed(self, data: bytes) -> None:
-        if self.done:  # (bytes after the response: the connection cannot be trusted again)
+        parser = self._parser
+        if self.done or parser is None:  # (bytes after the response: not to be trusted)
             self.reusable = False
             return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, _HeadDone):
@@ -97,6 +98,12 @@ class ResponseReader:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
                 raise BadBackendResponse("response head too large")
+
+    def close(self) -> None:
+        """Done with: the parser let go. It and the reader refer to each other (it calls
+        the reader back); without this every response would leave the pair to the cyclic
+        GC, whose passes cost a tenth of a stream's CPU under h2load."""
+        self._parser = None
 
     def eof(self) -> None:
         """The backend closed: the end of a body delimited by the close, or a cut response
@@ -138,6 +145,7 @@ class ResponseReader:
         if self.done:
             return
         parser = self._parser
+        assert parser is not None  # (it is calling)
         status = parser.get_status_code()
         if status < 200:
             if status == 101:
