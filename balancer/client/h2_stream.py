@@ -303,15 +303,18 @@ class H2Stream:
             self.record.status = status
             self.flow.conn.send_headers(self.id, [(b":status", b"%d" % status), *parser.fields])
             self.responded = True
+        done = parser.done and self.parser is parser
+        if done:  # (known before the body goes: its last DATA frame can end the stream)
+            self.held_end = parser.trailers
         body = parser.body
         if body:
             for chunk in body:
                 self.held += chunk
             body.clear()
             self.send_held()
-        if parser.done and self.parser is parser:
-            self.held_end = parser.trailers
+        elif done:
             self.send_held()
+        if done:
             self._let_go(None)
 
     def send_held(self) -> None:
@@ -323,22 +326,33 @@ class H2Stream:
                 room = min(conn.local_flow_control_window(self.id), conn.max_outbound_frame_size)
                 if room <= 0:
                     break
-                conn.send_data(self.id, bytes(held[:room]))
+                chunk = bytes(held[:room])
                 del held[:room]
+                # The last DATA carries END_STREAM when no trailers follow (not an empty
+                # frame of its own: a frame less a response, and h2's work for it).
+                last = not held and self.held_end == []
+                conn.send_data(self.id, chunk, end_stream=last)
+                if last:
+                    self._answered()
+                    return
             if not held and self.held_end is not None:
                 if self.held_end:
                     conn.send_headers(self.id, self.held_end, end_stream=True)
                 else:
                     conn.end_stream(self.id)
-                self.held_end = None
-                self.flow.answered += 1
-                self.record.done_at = self.flow.session.ctx.services.clock()
-                self._finish()
+                self._answered()
                 return
         except ProtocolError:  # the client closed the stream (RST_STREAM) meanwhile
             self._finish()
             return
         self.client_full(len(held) > HELD_HIGH_BYTES)
+
+    def _answered(self) -> None:
+        """The response went out whole (END_STREAM)."""
+        self.held_end = None
+        self.flow.answered += 1
+        self.record.done_at = self.flow.session.ctx.services.clock()
+        self._finish()
 
     def client_full(self, full: bool) -> None:
         backend = self.backend

@@ -232,6 +232,7 @@ async def test_a_broken_backend_gets_its_stream_a_502_or_a_reset(h2_balancer, h2
     await in_thread(client)
     assert client.answers[cut].status == 200 and client.answers[cut].reset == 2  # INTERNAL_ERROR
     assert not client.answers[cut].ended  # never passed off as whole
+    assert len(client.answers[cut].body) == 100  # what came went on as it came
     client.close()
     (record,) = await recorder.wait_for(1)
     assert record.h2 is not None and record.h2.rst_sent == {"internal_error": 1}
@@ -467,6 +468,9 @@ async def test_nghttp_shows_the_frames_and_the_record_says_them(h2_balancer) -> 
     assert len(answered) == 2  # (its streams are 13 and 15: 3 to 11 anchor its priorities)
     assert "[SETTINGS_MAX_CONCURRENT_STREAMS(0x03):100]" in frames  # ours
     assert "[SETTINGS_ENABLE_PUSH(0x02):0]" in frames
+    # Each body's last DATA frame carries END_STREAM: no empty frame of its own after it.
+    assert len(re.findall(r"recv DATA frame <length=[1-9]\d*, flags=0x01", frames)) == 2
+    assert "recv DATA frame <length=0" not in frames
     assert (
         frames.rstrip()
         .splitlines()[-2]
