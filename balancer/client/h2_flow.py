@@ -49,7 +49,7 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from balancer.backend.connection import BackendConnection, KeptConnection
@@ -75,6 +75,13 @@ if TYPE_CHECKING:
     from balancer.client.contract import H2Session
 
 MAX_CONCURRENT_STREAMS = 100  # as nginx's http2_max_concurrent_streams and HAProxy's
+# A stream opened past it is refused alone (RST_STREAM REFUSED_STREAM, a glitch: RFC 9113
+# §5.1.2 asks a stream error, as nginx and HAProxy answer). h2 would end the connection for
+# it instead, before decoding its header block; its own bound is lifted to this backstop.
+# Refusals over many reads run out of glitches (ENHANCE_YOUR_CALM); a flood within one read
+# (h2 makes every stream of a read before the flow sees the first) meets the backstop, and
+# h2's PROTOCOL_ERROR: the streams h2 holds for one read stay bounded either way.
+H2_STREAMS_BACKSTOP = 2 * MAX_CONCURRENT_STREAMS
 # Frames that cost work and carry no request (HAProxy's "glitches"): PING, SETTINGS, PRIORITY,
 # an empty DATA, a tiny WINDOW_UPDATE while a response waits on it, a stream the client
 # resets before its answer (Rapid Reset, CVE-2023-44487). A connection has GLITCHES_FREE of
@@ -112,6 +119,13 @@ class H2Flow:
         self.h2 = session.record.h2 = H2Facts()
         limits = session.ctx.settings.limits
         conn = self.conn = H2Connection(_CONFIGURATION)
+        conn.local_settings = _LocalSettings(
+            client=False,
+            initial_values={  # (h2's own, as its constructor sets them)
+                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                SettingCodes.MAX_HEADER_LIST_SIZE: conn.DEFAULT_MAX_HEADER_LIST_SIZE,
+            },
+        )
         conn.local_settings.update(
             {
                 SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
@@ -311,6 +325,10 @@ class H2Flow:
         self.glitches += 1
 
     def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        if len(self.streams) >= MAX_CONCURRENT_STREAMS:  # (not acted on: no last_stream)
+            self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            self.glitches += 1
+            return
         session = self.session
         services = session.ctx.services
         self.last_stream = stream_id
@@ -366,6 +384,20 @@ class H2Flow:
             return
         if self.goaway_by != SHUTDOWN or self.goaway_final:  # (ours: once its PING is back)
             session.close_client(self.goaway_by)
+
+
+class _LocalSettings(Settings):
+    """Our SETTINGS as h2 sends them (SETTINGS_MAX_CONCURRENT_STREAMS among them), but for
+    the bound h2 itself enforces on concurrent streams: H2_STREAMS_BACKSTOP, so the flow
+    refuses a stream past the announced limit by itself (see MAX_CONCURRENT_STREAMS)."""
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        return H2_STREAMS_BACKSTOP
+
+    @max_concurrent_streams.setter
+    def max_concurrent_streams(self, value: int) -> None:
+        self[SettingCodes.MAX_CONCURRENT_STREAMS] = value
 
 
 # h2's checks of field sections off (see the module docstring); bytes, not str, for fields.

@@ -659,13 +659,63 @@ async def test_a_malformed_request_resets_its_stream_only(
     assert record.requests == 1
 
 
-async def test_too_many_concurrent_streams_are_refused(h2_balancer, h2_client, farm) -> None:
+async def test_streams_past_the_limit_are_refused_alone(h2_balancer, h2_client, farm) -> None:
+    """SETTINGS_MAX_CONCURRENT_STREAMS is 100: a stream opened past it (here: sent before
+    the client read our SETTINGS) is refused alone, RST_STREAM REFUSED_STREAM (RFC 9113
+    §5.1.2, as nginx and HAProxy), never forwarded; the connection goes on."""
+    port, recorder, _, _ = await h2_balancer()
+    client = await h2_client(port)
+    before = sum(b.connections for b in farm)
+    streams = [client.request("/slow") for _ in range(150)]
+
+    def refused() -> list[int]:
+        return [stream for stream in streams if client.answers[stream].reset == 7]
+
+    await in_thread(client, lambda: len(refused()) == 50)
+    assert refused() == streams[100:]
+    await until(lambda: sum(b.connections for b in farm) - before == 100)
+
+    def cancel_the_rest() -> None:
+        for stream in streams[:100]:
+            client.reset(stream)
+
+    await asyncio.to_thread(cancel_the_rest)
+    after = client.request("/")
+    await in_thread(client, lambda: client.answers[after].ended)
+    assert client.answers[after].status == 200 and client.goaway is None
+    assert sum(b.connections for b in farm) - before == 101  # (the refused: none)
+    client.close()
+    (record,) = await recorder.wait_for(1)
+    assert record.h2 is not None and record.h2.rst_sent == {"refused_stream": 50}
+    assert record.h2.max_concurrent_streams == 100 and record.h2.rst_received == {"cancel": 100}
+
+
+@pytest.mark.parametrize("batches", [1, 20])
+async def test_a_flood_past_the_stream_limit_ends_the_connection(
+    h2_balancer, h2_client, farm, batches
+) -> None:
+    """A client that keeps opening streams past the limit is ended, as nginx ends one past
+    twice its limit of refusals: in one read, at h2's backstop (PROTOCOL_ERROR, 200 streams
+    at most made for it); over many reads, each refusal a glitch (ENHANCE_YOUR_CALM)."""
+
     def attack(client: H2Client) -> None:
-        for _ in range(150):  # over SETTINGS_MAX_CONCURRENT_STREAMS (100), not yet read
-            client.request("/slow")
+        size = 400 // batches
+        for batch in range(batches):
+            # (a hostile client: it read our limit, and opens more all the same)
+            client.conn.remote_settings[3] = 2**31 - 1  # SETTINGS_MAX_CONCURRENT_STREAMS
+            client.conn.remote_settings.acknowledge()
+            try:
+                sent = [client.request("/slow") for _ in range(size)]
+            except OSError:  # (the server hung up)
+                return
+            if batch >= 100 // size and batches > 1:  # past the limit: until refused
+                client.read_until(lambda sent=sent: all(client.answers[s].reset for s in sent))
+            if client.closed:
+                return
 
     client, _, connections = await attacked(h2_balancer, h2_client, farm, attack)
-    assert client.goaway is not None and client.goaway.error_code == 1  # PROTOCOL_ERROR
+    assert client.goaway is not None
+    assert client.goaway.error_code == (1 if batches == 1 else 11)
     assert connections <= 100
 
 
