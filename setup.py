@@ -14,12 +14,13 @@ from setuptools import setup
 # once or rarely and stays interpreted: compiling it buys nothing and costs build time.
 COMPILED = [
     "backend/connection", "backend/groups", "backend/policies", "backend/pool", "backend/state",
-    "client/drain", "client/exchange", "client/forward", "client/http_flow", "client/listener",
-    "client/prelude", "client/session", "client/tls_front", "client/tunnel", "facts/record",
+    "client/drain", "client/exchange", "client/forward", "client/h2_flow", "client/h2_stream",
+    "client/http_flow", "client/listener", "client/prelude", "client/session",
+    "client/tls_front", "client/tunnel", "facts/record",
     "net/accept", "net/deadlines", "net/legs", "net/tcpinfo", "net/tls", "net/writebatch",
     "observe/families", "observe/loglines", "observe/metrics", "process/server",
-    "wire/backend_head", "wire/errors", "wire/http1", "wire/http1_response",
-    "wire/proxy_protocol", "wire/sni",
+    "wire/backend_head", "wire/errors", "wire/h2_fields", "wire/http1", "wire/http1_response",
+    "wire/proxy_protocol", "wire/response_reader", "wire/sni",
 ]  # fmt: skip
 
 ext_modules = []
