@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.run import PROXY_CPU, Bench, Target, free_port, pinned, run_scenario  # noqa: E402
 
+SUPERVISOR_PATHS = ("supervisor.py", "process/supervisor.py")
+
 
 def worktree(rev: str, into: Path) -> Path:
     """A checkout of `rev` (its balancer/ is what `python -m balancer` imports from there)."""
@@ -48,8 +50,10 @@ def start(
     http = free_port()
     backends = [arg for port in bench.farm_ports for arg in ("--backend", f"127.0.0.1:{port}")]
     command = [sys.executable, "-m", "balancer", "run", "--http", f"127.0.0.1:{http}"]
-    if (source / "balancer" / "supervisor.py").exists():  # one process per core, as HAProxy's
-        command += ["--workers", "1"]  # nbthread 1 and nginx's worker_processes 1
+    # One worker on the one proxy core, as HAProxy's nbthread 1 and nginx's worker_processes 1
+    # (commits from before workers had none; the supervisor moved into process/ at 651c081).
+    if any((source / "balancer" / where).exists() for where in SUPERVISOR_PATHS):
+        command += ["--workers", "1"]
     if config is not None:
         command += ["-c", str(config.resolve())]
     log = bench.workdir / f"access-{name}.log"
