@@ -78,9 +78,10 @@ class H2Client:
         body: bytes | None = None,
         headers: list[tuple[str, str]] | None = None,
         length: bool = True,
+        trailers: list[tuple[str, str]] | None = None,
     ) -> int:
         """Open a stream; the body (if any) is sent as far as the windows allow now, the rest
-        by `send_rest`. `length`: say content-length."""
+        by `send_rest`, then `trailers` (if any) end it. `length`: say content-length."""
         stream_id = self.conn.get_next_available_stream_id()
         fields = [(":method", method), (":path", path), (":scheme", "https"),
                   (":authority", "localhost")]  # fmt: skip
@@ -91,6 +92,8 @@ class H2Client:
         self.conn.send_headers(stream_id, encoded, end_stream=body is None)
         self.answers[stream_id] = Answer()
         if body is not None:
+            if trailers:
+                self._trailers[stream_id] = [(k.encode(), v.encode()) for k, v in trailers]
             self._bodies[stream_id] = memoryview(body)
             self.send_rest()
         self.flush()
@@ -101,6 +104,12 @@ class H2Client:
         if not hasattr(self, "_pending_bodies"):
             self._pending_bodies: dict[int, memoryview] = {}
         return self._pending_bodies
+
+    @property
+    def _trailers(self) -> dict[int, list[tuple[bytes, bytes]]]:
+        if not hasattr(self, "_pending_trailers"):
+            self._pending_trailers: dict[int, list[tuple[bytes, bytes]]] = {}
+        return self._pending_trailers
 
     def send_rest(self) -> None:
         for stream_id, rest in list(self._bodies.items()):
@@ -116,7 +125,11 @@ class H2Client:
             self._bodies[stream_id] = rest
             if not rest:
                 del self._bodies[stream_id]
-                self.conn.end_stream(stream_id)
+                trailers = self._trailers.pop(stream_id, None)
+                if trailers:
+                    self.conn.send_headers(stream_id, trailers, end_stream=True)
+                else:
+                    self.conn.end_stream(stream_id)
         self.flush()
 
     def reset(self, stream_id: int, code: int = 8) -> None:

@@ -5,6 +5,7 @@ assert what the balancer forwarded. Paths choose behaviours:
 
   /size/N        N bytes of a repeating pattern (Content-Length)
   /chunked/N     N bytes in chunks of 10000 (Transfer-Encoding: chunked)
+  /trailers      "hello", chunked, with a trailer section (X-Checksum: abc)
   /close         answers with `Connection: close` and closes
   /slow          never answers (also under a prefix: /static/slow)
   /delay/MS      answers after MS milliseconds
@@ -168,6 +169,11 @@ class BackendProtocol(asyncio.Protocol):
                 out.append(b"%x\r\n%b\r\n" % (len(piece), piece))
             out.append(b"0\r\n\r\n")
             self.transport.write(b"".join(out))
+        elif path == "/trailers":
+            self.transport.write(
+                f"{head}Transfer-Encoding: chunked\r\n\r\n".encode()
+                + b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n"
+            )
         elif path == "/close":
             self.transport.write(f"{head}Connection: close\r\nContent-Length: 2\r\n\r\nok".encode())
             self.transport.close()
@@ -185,7 +191,9 @@ class BackendProtocol(asyncio.Protocol):
             return
         else:
             body = f"{name} {request.method} {path}\n".encode()
-            self.transport.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            head += f"Content-Length: {len(body)}\r\n\r\n"
+            # (a HEAD's response is its head alone, its length the GET's: RFC 9110 §9.3.2)
+            self.transport.write(head.encode() + (b"" if request.method == "HEAD" else body))
         if not keep_alive:
             self.transport.close()
 

@@ -94,7 +94,7 @@ class ResponseReader:
                 self.reusable = False
                 return
             raise BadBackendResponse(f"malformed response: {error}") from None
-        if self.status is None:  # (llhttp holds no head bytes: the bound is counted here)
+        if self.status is None:  # (the head's bound, over the reads until it is whole)
             self._head_bytes += len(data)
             if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
                 raise BadBackendResponse("response head too large")

@@ -384,6 +384,36 @@ async def test_streams_take_idle_backend_connections_under_reuse_always(
     assert len({line["backend_connection_id"] for line in lines}) == 1
 
 
+async def test_head_and_trailers_cross_http2_both_ways(h2_balancer, h2_client, farm) -> None:
+    """A HEAD's response ends at its head (its Content-Length kept, no body) and its backend
+    connection serves the next stream; a response's trailers reach the client as its last
+    HEADERS frame; a request's trailers reach the backend after its chunked body."""
+    port, _, log, _ = await h2_balancer(backends=[farm[0].address], upstream={"reuse": "always"})
+    client = await h2_client(port)
+    head = client.request("/page", method="HEAD")
+    await in_thread(client, lambda: client.answers[head].ended)
+    trailed = client.request("/trailers")
+    await in_thread(client, lambda: client.answers[trailed].ended)
+    posted = client.request(
+        "/upload", method="POST", body=b"hello", length=False, trailers=[("x-sum", "1")]
+    )
+    await in_thread(client, lambda: client.answers[posted].ended)
+    answers = client.answers
+    assert answers[head].status == 200 and answers[head].body == b""
+    length = len(f"{farm[0].name} HEAD /page\n")  # (the GET's would be GET's words)
+    assert answers[head].headers[b"content-length"] == b"%d" % length
+    assert bytes(answers[trailed].body) == b"hello"
+    assert answers[trailed].trailers == {b"x-checksum": b"abc"}
+    assert answers[posted].status == 200 and bytes(answers[posted].body) == b"hello"
+    upload = farm[0].seen[-1]
+    assert ("x-sum", "1") in upload.headers and ("transfer-encoding", "chunked") in [
+        (name.lower(), value) for name, value in upload.headers
+    ]
+    assert farm[0].connections == 1  # (each stream's connection clean, taken by the next)
+    assert [line["reused"] for line in request_lines(log)] == [False, True, True]
+    client.close()
+
+
 async def test_under_reuse_never_a_connection_keeps_its_backend_connections_for_itself(
     h2_balancer, h2_client, farm
 ) -> None:
