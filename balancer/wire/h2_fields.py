@@ -37,7 +37,8 @@ _METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PATH: Final = re.compile(rb"(?:/[\x21-\x7e\x80-\xff]*|\*)")
 _AUTHORITY: Final = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]+")
 _PSEUDO: Final = frozenset((b":method", b":scheme", b":path", b":authority"))
-_CONNECTION_SPECIFIC: Final = frozenset(
+# Fields that are HTTP/1's own (RFC 9113 §8.2.2): never in an HTTP/2 field section, either way.
+CONNECTION_SPECIFIC: Final = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
 )
 
@@ -72,7 +73,7 @@ def request_fields(fields: Fields) -> RequestFields:
             continue
         if _NAME.fullmatch(name) is None:
             raise MalformedFields(f"field name {name[:40]!r} is not a lowercase token")
-        if name in _CONNECTION_SPECIFIC:
+        if name in CONNECTION_SPECIFIC:
             raise MalformedFields(f"connection-specific field {name!r}")
         if name == b"cookie":
             if cookies is None:
@@ -115,6 +116,6 @@ def trailer_fields(fields: Fields) -> Fields:
             raise MalformedFields(f"trailer {name[:40]!r}: NUL, CR, LF or edge whitespace")
         if _NAME.fullmatch(name) is None:  # (a pseudo-field too: ':' is not a token's)
             raise MalformedFields(f"trailer name {name[:40]!r} is not a lowercase token")
-        if name in _CONNECTION_SPECIFIC:
+        if name in CONNECTION_SPECIFIC:
             raise MalformedFields(f"connection-specific trailer {name!r}")
     return fields

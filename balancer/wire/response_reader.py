@@ -28,11 +28,9 @@ from typing import Final
 import httptools
 
 from balancer.wire.errors import BadBackendResponse
+from balancer.wire.h2_fields import CONNECTION_SPECIFIC
 
 MAX_RESPONSE_HEAD_BYTES: Final = 65536
-_CONNECTION_SPECIFIC: Final = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
-)
 _NOTED: Final = frozenset((b"connection", b"content-length", b"transfer-encoding"))
 _HEAD_END: Final = b"\r\n\r\n"
 
@@ -129,7 +127,7 @@ class ResponseReader:
         if value[-1:] in (b" ", b"\t"):
             value = value.rstrip(b" \t")
         if not self._in_head:
-            if name not in _CONNECTION_SPECIFIC:
+            if name not in CONNECTION_SPECIFIC:
                 self.trailers.append((name, value))
             return
         if name in _NOTED:
@@ -158,7 +156,7 @@ class ResponseReader:
         self._in_head = False
         self.reusable = parser.should_keep_alive()
         fields = self.fields
-        dropped = _CONNECTION_SPECIFIC
+        dropped = CONNECTION_SPECIFIC
         if self._connection is not None:
             named = {token.strip().lower() for v in self._connection for token in v.split(b",")}
             dropped = dropped | named
