@@ -40,6 +40,7 @@ class Answer:
     body: bytearray = field(default_factory=bytearray)
     trailers: dict[bytes, bytes] = field(default_factory=dict)
     ended: bool = False
+    ended_with_headers: bool = False  # END_STREAM on the HEADERS frame (no DATA frame)
     reset: int | None = None  # the RST_STREAM error code, if the server reset it
 
 
@@ -168,6 +169,7 @@ class H2Client:
             headers = dict(event.headers)
             answer.status = int(headers.pop(b":status"))
             answer.headers = headers
+            answer.ended_with_headers = event.stream_ended is not None
         elif isinstance(event, DataReceived):
             self.answers[event.stream_id].body += event.data
             self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)

@@ -299,11 +299,18 @@ class H2Stream:
         status = parser.status
         if status is None:
             return
+        done = parser.done and self.parser is parser
         if not self.responded:
             self.record.status = status
-            self.flow.conn.send_headers(self.id, [(b":status", b"%d" % status), *parser.fields])
+            # A response with no body (HEAD, 204, 304) ends with its HEADERS frame.
+            bodiless = done and not parser.body and not parser.trailers
+            head = [(b":status", b"%d" % status), *parser.fields]
+            self.flow.conn.send_headers(self.id, head, end_stream=bodiless)
             self.responded = True
-        done = parser.done and self.parser is parser
+            if bodiless:
+                self._answered()
+                self._let_go(None)
+                return
         if done:  # (known before the body goes: its last DATA frame can end the stream)
             self.held_end = parser.trailers
         body = parser.body

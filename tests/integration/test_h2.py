@@ -400,6 +400,8 @@ async def test_head_and_trailers_cross_http2_both_ways(h2_balancer, h2_client, f
     await in_thread(client, lambda: client.answers[posted].ended)
     answers = client.answers
     assert answers[head].status == 200 and answers[head].body == b""
+    assert answers[head].ended_with_headers  # (END_STREAM on HEADERS: no empty DATA frame)
+    assert not answers[trailed].ended_with_headers
     length = len(f"{farm[0].name} HEAD /page\n")  # (the GET's would be GET's words)
     assert answers[head].headers[b"content-length"] == b"%d" % length
     assert bytes(answers[trailed].body) == b"hello"
