@@ -12,9 +12,11 @@ connection goes on. What is checked, beyond what the backend's head needs anyway
 
 - names: lowercase tokens (§8.2.1, RFC 9110 §5.1); pseudo-fields only the four of a request,
   each once, before any regular field (§8.3);
-- values: no NUL, CR or LF, no leading or trailing space or tab (§8.2.1); :method a token,
-  :path printable without spaces ("/..." or "*"), :authority an authority without userinfo
-  (§8.3.1), since they become the backend's request line and Host;
+- values: no NUL, CR or LF, nor any other control character but tab (RFC 9110 §5.5), no
+  leading or trailing space or tab (§8.2.1); :method a token, :path visible ASCII without
+  spaces ("/..." or "*"), :authority an authority without userinfo (§8.3.1), since they
+  become the backend's request line and Host (a property test holds that what is accepted
+  is one head llhttp reads as the same request);
 - connection-specific fields (Connection, Keep-Alive, Proxy-Connection, Transfer-Encoding,
   Upgrade) and a TE other than "trailers" (§8.2.2); a Host that differs from :authority, or
   two Hosts (§8.3.1);
@@ -32,9 +34,11 @@ Fields = list[tuple[bytes, bytes]]
 
 # RFC 9110 §5.6.2's token, in lower case (an upper-case name is malformed in HTTP/2).
 _NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]\Z")
+# RFC 9113 §8.2.1 names NUL, CR and LF; RFC 9110 §5.5 allows no other control but tab in a
+# field value either, and the backend hears HTTP/1.1 (llhttp, for one, refuses them).
+_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]\Z")
 _METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_PATH: Final = re.compile(rb"(?:/[\x21-\x7e\x80-\xff]*|\*)")
+_PATH: Final = re.compile(rb"(?:/[\x21-\x7e]*|\*)")  # (a URI is ASCII: RFC 3986 §2)
 _AUTHORITY: Final = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]+")
 _PSEUDO: Final = frozenset((b":method", b":scheme", b":path", b":authority"))
 # Fields that are HTTP/1's own (RFC 9113 §8.2.2): never in an HTTP/2 field section, either way.
@@ -63,7 +67,7 @@ def request_fields(fields: Fields) -> RequestFields:
     host: bytes | None = None
     for name, value in fields:
         if value and _BAD_VALUE.search(value) is not None:
-            raise MalformedFields(f"field {name[:40]!r}: NUL, CR, LF or edge whitespace")
+            raise MalformedFields(f"field {name[:40]!r}: a control character or edge whitespace")
         if name[:1] == b":":
             if regular or cookies or host is not None:
                 raise MalformedFields(f"pseudo-field {name!r} after a regular field")
@@ -113,7 +117,7 @@ def trailer_fields(fields: Fields) -> Fields:
     trailer); raises MalformedFields."""
     for name, value in fields:
         if value and _BAD_VALUE.search(value) is not None:
-            raise MalformedFields(f"trailer {name[:40]!r}: NUL, CR, LF or edge whitespace")
+            raise MalformedFields(f"trailer {name[:40]!r}: a control character or edge whitespace")
         if _NAME.fullmatch(name) is None:  # (a pseudo-field too: ':' is not a token's)
             raise MalformedFields(f"trailer name {name[:40]!r} is not a lowercase token")
         if name in CONNECTION_SPECIFIC:
