@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from balancer.wire.errors import BadBackendResponse
 from balancer.wire.response_reader import MAX_RESPONSE_HEAD_BYTES, ResponseReader
@@ -107,3 +109,27 @@ def test_a_broken_response_is_refused(case: str) -> None:
     parts, at_eof = BROKEN[case]
     with pytest.raises(BadBackendResponse):
         read(*parts, eof=at_eof)
+
+
+WHOLE = [
+    b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 11\r\n\r\nhello world",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n"
+    b"X-A: 1\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 2\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\nabc",
+    b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n',
+]
+
+
+def _outcome(reader: ResponseReader) -> tuple[object, ...]:
+    return (reader.status, reader.fields, b"".join(reader.body), reader.trailers, reader.done,
+            reader.reusable)  # fmt: skip
+
+
+@given(st.sampled_from(WHOLE), st.lists(st.integers(min_value=0, max_value=200), max_size=8))
+def test_how_a_response_is_split_across_reads_changes_nothing(
+    whole: bytes, cuts: list[int]
+) -> None:
+    """llhttp is fed each read as it comes: any split of the same bytes reads the same."""
+    points = sorted({cut % (len(whole) + 1) for cut in cuts})
+    pieces = [whole[a:b] for a, b in zip([0, *points], [*points, len(whole)], strict=True)]
+    assert _outcome(read(*(p for p in pieces if p))) == _outcome(read(whole))
