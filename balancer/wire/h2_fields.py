@@ -48,8 +48,9 @@ CONNECTION_SPECIFIC: Final = frozenset(
 
 
 class MalformedFields(Exception):
-    """A field section HTTP/2 calls malformed; `args[0]` says why (for the log, not the
-    client: a reset carries no words)."""
+    """A field section HTTP/2 calls malformed; `args[0]` says why, for the tests and the
+    code's reader: the client's reset carries no words, and nothing is logged per stream
+    (a client could flood the log); the connection's record counts the resets by code."""
 
 
 class RequestFields(NamedTuple):
