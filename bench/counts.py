@@ -6,6 +6,7 @@ Python, object allocations, objects left to the cyclic GC, and syscalls.
     python bench/counts.py --reuse never --functions 40   # where the calls go
     python bench/counts.py --reuse never --allocators 40  # where the allocations are made
     python bench/counts.py --keepalive                    # per keep-alive request (ab -k)
+    python bench/counts.py --h2                           # per HTTP/2 stream (h2load)
 
 The balancer runs in this process (uvloop, access log on, one worker), a small HTTP/1.1 farm
 in another, and `ab -c 8` (a new HTTP/1.0 connection per request; a Python client where ab is
@@ -49,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 import uvloop  # noqa: E402
 
 from balancer.config.schema import parse_config  # noqa: E402
+from balancer.demo.certs import make_certs  # noqa: E402
 from balancer.process.server import Balancer  # noqa: E402
 
 WARMUP = 300
@@ -93,9 +95,16 @@ with ThreadPoolExecutor(8) as pool:
 
 
 KEEPALIVE = False  # --keepalive: `ab -k`, each of the 8 connections carrying many requests
+H2 = False  # --h2: h2load over TLS (ALPN h2), 4 connections of 10 streams at once: per stream
+H2_CONNECTIONS, H2_STREAMS = 4, 10
 
 
 def load_command(port: int, count: int) -> list[str]:
+    if H2:
+        if not shutil.which("h2load"):
+            raise RuntimeError("--h2 needs h2load (nghttp2-client)")
+        return ["h2load", "-n", str(count), "-c", str(H2_CONNECTIONS), "-m", str(H2_STREAMS),
+                f"https://127.0.0.1:{port}/"]  # fmt: skip
     if shutil.which("ab"):
         keepalive = ["-k"] if KEEPALIVE else []
         url = f"http://127.0.0.1:{port}/"
@@ -238,9 +247,18 @@ async def measure(
         assert farm.stdout is not None
         ports = farm.stdout.readline().split()
         log = open(workdir / f"access-{reuse}.log", "w")  # noqa: SIM115 (closed below)
+        listener: dict[str, Any] = {"name": "http", "bind": "127.0.0.1:0"}
+        tls: dict[str, Any] = {}
+        if H2:  # an https listener offering h2, on a certificate made for the pass
+            certs = workdir / "certs"
+            if not (certs / "server.crt").exists():
+                make_certs(certs)
+            listener.update(tls=True, alpn=["h2", "http/1.1"])
+            tls = {"tls": {"cert": str(certs / "server.crt"), "key": str(certs / "server.key")}}
         config = parse_config(
             {
-                "listeners": [{"name": "http", "bind": "127.0.0.1:0"}],
+                "listeners": [listener],
+                **tls,
                 "backends": [
                     {"name": f"web{i}", "address": f"127.0.0.1:{port}"}
                     for i, port in enumerate(ports)
@@ -333,12 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         help="the N functions that allocate most (self), per connection",
     )  # fmt: skip
     parser.add_argument(
+        "--h2", action="store_true",
+        help="HTTP/2 streams (h2load over TLS): the counts are per stream",
+    )  # fmt: skip
+    parser.add_argument(
         "--keepalive", action="store_true",
         help="keep-alive requests (ab -k): the counts are per request, not per connection",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    global KEEPALIVE
-    KEEPALIVE = args.keepalive
+    global KEEPALIVE, H2
+    KEEPALIVE, H2 = args.keepalive, args.h2
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         counter = build_alloc_counter(workdir)
@@ -352,13 +374,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row) if args.json else _line(row), flush=True)
             if args.syscalls and not args.json:
-                print("  syscalls per connection:", row.get("syscall_kinds", "n/a"), flush=True)
+                print(f"  syscalls per {_unit()}:", row.get("syscall_kinds", "n/a"), flush=True)
             if args.functions and not args.json:
                 for name, calls in row.get("functions", {}).items():
                     print(f"  {calls:6.2f}  {name}", flush=True)
             if args.allocators and not args.json:
                 print(
-                    f"  allocations per connection, {row.get('allocators_total')} under the "
+                    f"  allocations per {_unit()}, {row.get('allocators_total')} under the "
                     "hook, by the function that made them:"
                 )
                 for name, made in row.get("allocators", {}).items():
@@ -368,13 +390,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _line(row: dict[str, Any]) -> str:
     return (
-        f"reuse {row['reuse']}: per {'request' if KEEPALIVE else 'connection'} "
+        f"reuse {row['reuse']}: per {_unit()} "
         f"{row['python_calls']} Python calls, "
         f"{row['c_calls']} C calls, {row['allocations']} allocations, "
         f"{row['gc_only']} GC-only objects {row['gc_only_kinds']}, {row['syscalls']} syscalls "
-        f"({row['connections']} {'requests over 8 connections' if KEEPALIVE else 'connections'} "
-        f"a pass, {row['seconds']} s)"
+        f"({row['connections']} {_pass_words()} a pass, {row['seconds']} s)"
     )
+
+
+def _unit() -> str:
+    return "stream" if H2 else "request" if KEEPALIVE else "connection"
+
+
+def _pass_words() -> str:
+    if H2:
+        return f"streams over {H2_CONNECTIONS} connections of {H2_STREAMS} at once"
+    return "requests over 8 connections" if KEEPALIVE else "connections"
 
 
 if __name__ == "__main__":
