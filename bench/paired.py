@@ -2,6 +2,7 @@
 
     python bench/paired.py --base 26734ea                  # HEAD against a commit
     python bench/paired.py --base 26734ea --only S2 --rounds 6
+    python bench/paired.py --base 26734ea --only S6        # HTTP/2 (h2load), ALPN h2 offered
     python bench/paired.py --base HEAD --config-b reuse.toml  # one commit, two configurations
 
 On a noisy 2-core machine a change is judged by pairs, not by two separate runs: each round
@@ -45,11 +46,29 @@ def worktree(rev: str, into: Path) -> Path:
 
 
 def start(
-    bench: Bench, name: str, source: Path, config: Path | None, env: dict[str, str] | None = None
+    bench: Bench,
+    name: str,
+    source: Path,
+    config: Path | None,
+    env: dict[str, str] | None = None,
+    h2: bool = False,
 ) -> Target:
+    """`h2`: an https listener offering h2 too (S6), from a config written here unless one is
+    given."""
     http = free_port()
+    https = free_port() if h2 else None
     backends = [arg for port in bench.farm_ports for arg in ("--backend", f"127.0.0.1:{port}")]
     command = [sys.executable, "-m", "balancer", "run", "--http", f"127.0.0.1:{http}"]
+    if https is not None:
+        certs = bench.certificates("ecdsa")
+        if config is None:
+            config = bench.workdir / "paired-h2.toml"
+            config.write_text(
+                '[[listeners]]\nname = "https"\nbind = "127.0.0.1:1"\ntls = true\n'
+                'alpn = ["h2", "http/1.1"]\n'
+            )
+        command += ["--https", f"127.0.0.1:{https}", "--cert", str(certs["cert"]),
+                    "--key", str(certs["key"])]  # fmt: skip
     # One worker on the one proxy core, as HAProxy's nbthread 1 and nginx's worker_processes 1
     # (commits from before workers had none; the supervisor moved into process/ at 651c081).
     if any((source / "balancer" / where).exists() for where in SUPERVISOR_PATHS):
@@ -66,8 +85,10 @@ def start(
         env={**os.environ, **(env or {})},
     )
     bench.processes.append(process)
-    target = Target(name, http, None, process)
+    target = Target(name, http, https, process)
     bench.wait_ready(http, None)
+    if https is not None:
+        bench.wait_ready(https, None)
     return target
 
 
@@ -88,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--env-b", action="append", default=[], metavar="KEY=VALUE", help="environment for B"
     )
-    parser.add_argument("--only", action="append", choices=["S1", "S2"], help="scenario(s)")
+    parser.add_argument(
+        "--only", action="append", choices=["S1", "S2", "S6"], help="scenario(s); S6: HTTP/2"
+    )
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args(argv)
     scenarios = args.only or ["S1", "S2"]
@@ -102,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             for scenario in scenarios:
                 ratios = []
                 for round_number in range(args.rounds):
-                    a = start(bench, f"A {args.base}", base, args.config_a)
-                    b = start(bench, "B HEAD", ROOT, args.config_b, env_b)
+                    h2 = scenario == "S6"
+                    a = start(bench, f"A {args.base}", base, args.config_a, h2=h2)
+                    b = start(bench, "B HEAD", ROOT, args.config_b, env_b, h2=h2)
                     pair = (a, b) if round_number % 2 == 0 else (b, a)
                     samples = {}
                     for target in pair:
