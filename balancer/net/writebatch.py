@@ -10,9 +10,12 @@ transfer gains nothing from waiting, and the transport must see its bytes while 
 is still reading: its pause_writing() is what stops the reading (libuv reads up to 32 times
 256 KiB from one socket in one round; all of it would be queued first).
 
-Order is kept per transport. Whoever ends or inspects a transport (write_eof, close, a look
-at its buffer, a shutdown on its descriptor) calls `flush()` first; a transport found closing
-at flush time was aborted or lost its peer, and its bytes were going nowhere.
+Order is kept per transport, and a transport's small writes of one round go as one: an HTTP/2
+connection whose streams' responses came in the same round (or HTTP/1.1 pipelined answers)
+is written to once, where each transport.write() would have been a syscall of its own.
+Whoever ends or inspects a transport (write_eof, close, a look at its buffer, a shutdown on
+its descriptor) calls `flush()` first; a transport found closing at flush time was aborted
+or lost its peer, and its bytes were going nowhere.
 """
 
 from __future__ import annotations
@@ -57,11 +60,25 @@ class WriteBatch:
         queued = self._queued
         if not queued:
             return
+        bulk = self._queued_bytes >= FLUSH_BYTES
         self._queued = []
         self._queued_bytes = 0
+        if len(queued) == 1 or bulk:  # (bulk: the pieces as they are, not copied into one)
+            for transport, data in queued:
+                if not transport.is_closing():
+                    transport.write(data)
+            return
+        # One write per transport, in the order each first wrote (dicts keep insertion order).
+        gathered: dict[int, tuple[Writable, list[bytes]]] = {}
         for transport, data in queued:
+            entry = gathered.get(id(transport))
+            if entry is None:
+                gathered[id(transport)] = (transport, [data])
+            else:
+                entry[1].append(data)
+        for transport, parts in gathered.values():
             if not transport.is_closing():
-                transport.write(data)
+                transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def _end_of_round(self) -> None:
         self._scheduled = False
