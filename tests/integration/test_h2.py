@@ -368,6 +368,18 @@ def test_a_bad_alpn_names_the_key_and_the_fix(listener: dict[str, Any], fix: str
     assert "listeners[0].alpn" in str(error.value) and fix in str(error.value)
 
 
+async def six_one_after_another(client: H2Client, log: io.StringIO, backend: Any) -> list[Any]:
+    """Six streams, each opened once the one before ended: one backend connection carries
+    them all (the first new, the rest reused). Returns their request lines."""
+    for _ in range(6):
+        stream = client.request("/one-by-one")
+        await in_thread(client, lambda stream=stream: client.answers[stream].ended)
+    assert backend.connections == 1
+    lines = request_lines(log)
+    assert [line["reused"] for line in lines] == [False] + [True] * 5
+    return lines
+
+
 async def test_streams_take_idle_backend_connections_under_reuse_always(
     h2_balancer, h2_client, farm
 ) -> None:
@@ -375,12 +387,7 @@ async def test_streams_take_idle_backend_connections_under_reuse_always(
     HTTP/1.1 request would; one after another, six streams need one connection."""
     port, _, log, _ = await h2_balancer(backends=[farm[0].address], upstream={"reuse": "always"})
     client = await h2_client(port)
-    for _ in range(6):
-        stream = client.request("/one-by-one")
-        await in_thread(client, lambda stream=stream: client.answers[stream].ended)
-    assert farm[0].connections == 1
-    lines = request_lines(log)
-    assert [line["reused"] for line in lines] == [False] + [True] * 5
+    lines = await six_one_after_another(client, log, farm[0])
     assert len({line["backend_connection_id"] for line in lines}) == 1
 
 
@@ -424,16 +431,11 @@ async def test_under_reuse_never_a_connection_keeps_its_backend_connections_for_
     connection), and it closes when the client leaves. Streams at once get their own."""
     port, _, log, _ = await h2_balancer(backends=[farm[0].address])
     client = await h2_client(port)
-    for _ in range(6):
-        stream = client.request("/one-by-one")
-        await in_thread(client, lambda stream=stream: client.answers[stream].ended)
-    assert farm[0].connections == 1
-    lines = request_lines(log)
-    assert [line["reused"] for line in lines] == [False] + [True] * 5
+    await six_one_after_another(client, log, farm[0])
     other = await h2_client(port)  # another client connection: a backend connection of its own
-    stream = other.request("/another")
+    another = other.request("/another")
     await in_thread(other)
-    assert farm[0].connections == 2
+    assert other.answers[another].status == 200 and farm[0].connections == 2
     slow = [client.request("/delay/200") for _ in range(3)]  # at once: one taken, two new
     await in_thread(client, lambda: all(client.answers[s].ended for s in slow))
     assert farm[0].connections == 4
