@@ -15,7 +15,7 @@ TOP_LEVEL = {"__init__", "__main__", "cli"}
 PURE = (
     "config.schema", "config.listeners", "config.values", "config.dns", "config.overrides",
     "wire.errors",
-    "wire.backend_head",
+    "wire.backend_head", "wire.h2_fields", "wire.hpack_codec", "wire.response_reader",
     "wire.http1", "wire.http1_response", "wire.proxy_protocol", "wire.sni", "facts.record",
     "facts.causes", "net.deadlines", "net.writebatch", "backend.state", "backend.policies",
     "backend.pool", "client.exchange", "client.prelude", "observe.aggregate",
