@@ -20,7 +20,7 @@ COMPILED = [
     "net/accept", "net/deadlines", "net/legs", "net/tcpinfo", "net/tls", "net/writebatch",
     "observe/families", "observe/loglines", "observe/metrics", "process/server",
     "wire/backend_head", "wire/errors", "wire/h2_fields", "wire/http1", "wire/http1_response",
-    "wire/proxy_protocol", "wire/response_reader", "wire/sni",
+    "wire/hpack_codec", "wire/proxy_protocol", "wire/response_reader", "wire/sni",
 ]  # fmt: skip
 
 ext_modules = []

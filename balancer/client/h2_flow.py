@@ -69,6 +69,7 @@ from balancer.wire.errors import (
     BalancerError,
 )
 from balancer.wire.h2_fields import MalformedFields, request_fields, trailer_fields
+from balancer.wire.hpack_codec import FieldDecoder, FieldEncoder
 
 if TYPE_CHECKING:
     from balancer.backend.pool import Lease
@@ -119,6 +120,9 @@ class H2Flow:
         self.h2 = session.record.h2 = H2Facts()
         limits = session.ctx.settings.limits
         conn = self.conn = H2Connection(_CONFIGURATION)
+        # HPACK ours (wire/hpack_codec.py), through the two attributes h2 codes with.
+        conn.encoder = FieldEncoder()  # type: ignore[assignment]
+        conn.decoder = FieldDecoder()  # type: ignore[assignment]
         conn.local_settings = _LocalSettings(
             client=False,
             initial_values={  # (h2's own, as its constructor sets them)
