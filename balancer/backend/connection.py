@@ -272,7 +272,10 @@ class IdlePool:
     Theory of operation: a session hands a connection back at a response boundary with
     nothing pending (`put`), or gives up one it cannot reuse (`close`). Idle connections are
     kept per backend, taken most recent first (the warmest; the rest age out), closed after
-    `idle_timeout_seconds`, past `max_requests_per_connection`, or beyond `idle_per_backend`.
+    `idle_timeout_seconds`, past `max_requests_per_connection`, or beyond what the backend
+    may keep idle: `idle_per_backend`, or more while as many were busy at once lately (see
+    `put`), as HAProxy keeps idle connections by recent need, so a load past
+    `idle_per_backend` requests at once reuses its connections instead of churning them.
     An idle connection is still read: the backend's FIN, an RST or stray bytes close it at
     once, and its record says which. Closing is by FIN and linger, as on every leg; when a
     connection is lost its record is published.
@@ -294,6 +297,9 @@ class IdlePool:
         self.publish = publish
         self.call_later = call_later
         self.idle: dict[str, list[BackendConnection]] = {}
+        # Per backend: the most connections busy at once in this window and the one before
+        # (each window idle_timeout_seconds long), and when this window began.
+        self.busy_peaks: dict[str, list[float]] = {}
         self.closing: set[BackendConnection] = set()
         self.draining = False
         self._all_closed: asyncio.Event | None = None  # set when shutdown's closes are done
@@ -320,19 +326,29 @@ class IdlePool:
         if since is not None:
             conn.record.idle_seconds += self.clock() - since
 
-    def put(self, conn: BackendConnection) -> None:
-        """Keep a connection whose exchange ended cleanly, or close it if it may not stay."""
+    def put(self, conn: BackendConnection, others_busy: int = 0) -> None:
+        """Keep a connection whose exchange ended cleanly, or close it if it may not stay.
+
+        `others_busy`: the backend's other connections busy now (its leases this worker,
+        this one's released). The backend keeps `idle_per_backend` idle, or as many as were
+        busy at once within the last idle timeout or two, whichever is more: idle
+        connections never outnumber what the backend lately served at once."""
         conn.user = conn.pool = self
         record, settings = conn.record, self.settings
         conns = self.idle.setdefault(record.backend, [])
+        now = self.clock()
+        peaks = self.busy_peaks.get(record.backend)
+        if peaks is None or now - peaks[0] >= settings.idle_timeout_seconds:
+            peaks = self._next_window(record.backend, peaks, now)
+        if others_busy >= peaks[1]:
+            peaks[1] = others_busy + 1  # (with this one, busy until now)
         if self.draining:
             self.close(conn, CONN_SHUTDOWN)
         elif record.requests >= settings.max_requests_per_connection:
             self.close(conn, CONN_MAX_REQUESTS)
-        elif len(conns) >= settings.idle_per_backend:
+        elif len(conns) >= settings.idle_per_backend and len(conns) >= max(peaks[1], peaks[2]):
             self.close(conn, CONN_POOL_FULL)
         elif conn.leg.usable:
-            now = self.clock()
             conn.idle_since = now
             conns.append(conn)
             conn.leg.resume("client_full")  # read while idle: a FIN or stray bytes must be seen
@@ -341,6 +357,14 @@ class IdlePool:
             # per request saved in the reuse modes' keep-alive traffic).
             if conn.pool_wake is None:
                 self._wake(conn, now + settings.idle_timeout_seconds)
+
+    def _next_window(self, backend: str, peaks: list[float] | None, now: float) -> list[float]:
+        """A new window of busy counts for `backend`: the one just over becomes the last
+        (forgotten if it was not the one just before)."""
+        window = self.settings.idle_timeout_seconds
+        last = peaks[1] if peaks is not None and now - peaks[0] < 2 * window else 0.0
+        peaks = self.busy_peaks[backend] = [now, 0.0, last]
+        return peaks
 
     def close(self, conn: BackendConnection, cause: str) -> None:
         """End a connection by FIN and linger; its record is published when it is lost."""

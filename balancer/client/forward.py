@@ -123,7 +123,8 @@ class Forwarder:
         if session.closing:  # the client went away while we connected
             lease.release()
             if self.dispatch and group.reuse != "never":
-                services.idle.put(backend)  # fresh and clean: another request may have it
+                # fresh and clean: another request may have it
+                services.idle.put(backend, lease.state.active)
             else:
                 backend.leg.transport.abort()
             return
@@ -315,10 +316,11 @@ class Forwarder:
             self.lease = None
             return
         self.release_lease()
+        others_busy = 0 if lease is None else lease.state.active
         if self.group.reuse == "never":
             idle.close(backend, CONN_REUSE_NEVER)
         elif reusable and backend.leg.usable:
-            idle.put(backend)
+            idle.put(backend, others_busy)
         else:
             idle.close(backend, CONN_NOT_REUSABLE)
 

@@ -442,15 +442,17 @@ class H2Stream:
             backend.leg.resume("h2_window")
             self.flow.keep(group.name, lease, backend)
             return
+        others_busy = 0
         if lease is not None:
             lease.release()
+            others_busy = lease.state.active
         if backend is None:
             return
         idle = self.flow.session.ctx.services.idle
         reuses = group is not None and group.reuse != "never"
         if clean and reuses and backend.leg.usable:
             backend.leg.resume("h2_window")
-            idle.put(backend)
+            idle.put(backend, others_busy)
         else:  # closed, or (lost already) published: the pool's either way
             idle.give_up(backend, cause or (CONN_NOT_REUSABLE if reuses else CONN_REUSE_NEVER))
 

@@ -76,7 +76,8 @@ CONN_SHUTDOWN = "shutdown"
 CONN_MEMBER_LEFT = "member_left"
 BACKEND_CONNECTION_CLOSE_CAUSES: dict[str, str] = {
     CONN_IDLE_TIMEOUT: "idle in the pool past idle_timeout_seconds",
-    CONN_POOL_FULL: "handed back while idle_per_backend were idle already",
+    CONN_POOL_FULL: "handed back while idle_per_backend were idle already, and as many as "
+    "were lately busy at once",
     CONN_REUSE_NEVER: "its group does not reuse: one request (a routed listener's request for "
     "another group came next)",
     CONN_MAX_REQUESTS: "it carried max_requests_per_connection requests",

@@ -77,6 +77,32 @@ async def test_always_reuses_idle_connections_across_client_connections(farm) ->
     assert {x["close_cause"] for x in pooled} == {"shutdown"}
 
 
+async def test_more_requests_at_once_than_idle_per_backend_reuse_their_connections(
+    farm,
+) -> None:
+    """Six keep-alive clients' requests at once, three rounds, idle_per_backend = 2: the six
+    connections the first round opened carry the next two (the pool keeps as many idle as
+    were busy at once lately, as HAProxy keeps by recent need), not 6 + 4 + 4 of them."""
+    config = reuse_config([farm[0].address], "always", idle_per_backend=2)
+    balancer, log, recorder = await start(config)
+    clients = [await Client.connect(port_of(balancer)) for _ in range(6)]
+    try:
+        for _ in range(3):  # each answer in turn while the others are still busy
+            answers = await asyncio.gather(
+                *(c.request(path=f"/delay/{50 + 25 * i}") for i, c in enumerate(clients))
+            )
+            assert [a.status for a in answers] == [200] * 6
+        for client in clients:
+            await client.close()
+        await recorder.wait_for(6)
+    finally:
+        await balancer.shutdown(grace=1.0)
+    assert farm[0].connections == 6
+    requests = lines(log, "request")
+    assert [r["reused"] for r in requests].count(True) == 12
+    assert "pool_full" not in {x["close_cause"] for x in lines(log, "backend_connection")}
+
+
 async def test_in_a_reuse_mode_an_idle_client_holds_neither_reader_nor_framer(
     farm, monkeypatch
 ) -> None:

@@ -186,3 +186,41 @@ async def test_shutdown_closes_every_idle_connection_and_every_later_return() ->
     busy.connection_lost(None)
     await closing  # every closing connection lost: close_all returns before its timeout
     assert {r.backend for r in p.published} == {"web1"} and len(p.published) == 2
+
+
+def test_past_idle_per_backend_it_keeps_as_many_as_were_busy_at_once_lately() -> None:
+    """A load of five requests at once with idle_per_backend = 2: the five connections stay
+    (no churn); once the load has been gone for two idle timeouts, two do again."""
+    p = Pool(idle_per_backend=2, idle_timeout_seconds=4.0)
+    conns = [p.connection()[0] for _ in range(7)]
+    for busy_after, conn in zip((4, 3, 2, 1, 0), conns[:5], strict=True):  # one by one
+        p.pool.put(conn, others_busy=busy_after)
+    assert p.pool.idle_count() == 5  # as many as were busy at once
+    assert conns[5].record.close_cause is None
+    p.pool.put(conns[5], others_busy=0)  # a sixth: more than were ever busy at once
+    assert conns[5].record.close_cause == CONN_POOL_FULL
+    taken = [p.pool.take("web1", "10.0.0.1:80") for _ in range(5)]
+    p.advance(4.5)  # the next window: the last one's peak still counts
+    for conn in taken:
+        p.pool.put(conn, others_busy=0)
+    assert p.pool.idle_count() == 5
+    for _ in range(5):
+        p.pool.take("web1", "10.0.0.1:80")
+    p.advance(8.5)  # two windows without a burst: back to idle_per_backend
+    for conn in taken[:3]:
+        p.pool.put(conn, others_busy=0)
+    assert p.pool.idle_count() == 2
+    assert taken[2].record.close_cause == CONN_POOL_FULL
+    p.pool.put(conns[6], others_busy=0)
+    assert conns[6].record.close_cause == CONN_POOL_FULL
+
+
+def test_a_burst_on_one_backend_keeps_nothing_more_idle_for_another() -> None:
+    p = Pool(idle_per_backend=1)
+    for busy_after in (2, 1, 0):
+        p.pool.put(p.connection()[0], others_busy=busy_after)
+    other = [p.connection(backend="web2", address="10.0.0.2:80")[0] for _ in range(2)]
+    p.pool.put(other[0])
+    p.pool.put(other[1])
+    assert (len(p.pool.idle["web1"]), len(p.pool.idle["web2"])) == (3, 1)
+    assert other[1].record.close_cause == CONN_POOL_FULL
