@@ -19,8 +19,9 @@ COMPILED = [
     "client/tls_front", "client/tunnel", "facts/record",
     "net/accept", "net/deadlines", "net/legs", "net/tcpinfo", "net/tls", "net/writebatch",
     "observe/families", "observe/loglines", "observe/metrics", "process/server",
-    "wire/backend_head", "wire/errors", "wire/h2_fields", "wire/http1", "wire/http1_response",
-    "wire/hpack_codec", "wire/proxy_protocol", "wire/response_reader", "wire/sni",
+    "wire/backend_head", "wire/errors", "wire/h2_connection", "wire/h2_fields",
+    "wire/h2_frames", "wire/hpack_codec", "wire/http1", "wire/http1_response",
+    "wire/proxy_protocol", "wire/response_reader", "wire/sni",
 ]  # fmt: skip
 
 ext_modules = []

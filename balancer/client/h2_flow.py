@@ -2,9 +2,9 @@
 
 A TLS listener that offers h2 (`alpn`) hands a connection whose client chose it to an
 `H2Flow` once the handshake is over, in place of the HTTP/1 flow (a plain listener with
-`h2c`, one that began with the preface). Frames go through h2's state machine
-(python-hyper's sans-I/O HTTP/2, h11's sibling); the flow acts on its events, each stream
-an `H2Stream` (h2_stream.py):
+`h2c`, one that began with the preface). Frames go through the connection layer of
+wire/h2_connection.py (sans I/O: frames, stream states, flow control, HPACK); the flow acts
+on its events, each stream an `H2Stream` (h2_stream.py):
 
     HEADERS ──► a stream: routed by :authority and path (the listener's rules), its head made
                 for the backend by wire/backend_head.py as an HTTP/1.1 request's is, sent on
@@ -23,34 +23,14 @@ malformed request (wire/h2_fields.py) is reset with PROTOCOL_ERROR, the connecti
 (RFC 9113 §8.1.1); a protocol error ends the connection with GOAWAY, its error code and the
 last stream seen.
 
-h2's own checks of field sections are off, in and out: wire/h2_fields.py checks what comes
-in (in a fraction of the time), and what goes out is the balancer's own fields or a
-response's as llhttp read them, lowercased and without connection-specific fields.
+Field sections are checked by wire/h2_fields.py as they come in; what goes out is the
+balancer's own fields or a response's as llhttp read them, lowercased and without
+connection-specific fields.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    PingAckReceived,
-    PingReceived,
-    PriorityUpdated,
-    RemoteSettingsChanged,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
 
 from balancer.backend.connection import BackendConnection, KeptConnection
 from balancer.client.h2_stream import H2Stream
@@ -68,8 +48,27 @@ from balancer.wire.errors import (
     BadRequest,
     BalancerError,
 )
+from balancer.wire.h2_connection import H2Connection
 from balancer.wire.h2_fields import MalformedFields, request_fields, trailer_fields
-from balancer.wire.hpack_codec import FieldDecoder, FieldEncoder
+from balancer.wire.h2_frames import (
+    ENHANCE_YOUR_CALM,
+    NO_ERROR,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
+    ConnectionTerminated,
+    DataReceived,
+    H2ConnectionError,
+    PingAckReceived,
+    PingReceived,
+    PriorityReceived,
+    RequestReceived,
+    SettingsReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+    error_name,
+)
 
 if TYPE_CHECKING:
     from balancer.backend.pool import Lease
@@ -77,12 +76,10 @@ if TYPE_CHECKING:
 
 MAX_CONCURRENT_STREAMS = 100  # as nginx's http2_max_concurrent_streams and HAProxy's
 # A stream opened past it is refused alone (RST_STREAM REFUSED_STREAM, a glitch: RFC 9113
-# §5.1.2 asks a stream error, as nginx and HAProxy answer). h2 would end the connection for
-# it instead, before decoding its header block; its own bound is lifted to this backstop.
-# Refusals over many reads run out of glitches (ENHANCE_YOUR_CALM); a flood within one read
-# (h2 makes every stream of a read before the flow sees the first) meets the backstop, and
-# h2's PROTOCOL_ERROR: the streams h2 holds for one read stay bounded either way.
-H2_STREAMS_BACKSTOP = 2 * MAX_CONCURRENT_STREAMS
+# §5.1.2 asks a stream error, as nginx and HAProxy answer). Refusals over many reads run out
+# of glitches (ENHANCE_YOUR_CALM); a flood within one read (the connection layer makes every
+# stream of a read before the flow sees the first) meets its STREAMS_BACKSTOP (200) and
+# PROTOCOL_ERROR: the streams held for one read stay bounded either way.
 # Frames that cost work and carry no request (HAProxy's "glitches"): PING, SETTINGS, PRIORITY,
 # an empty DATA, a tiny WINDOW_UPDATE while a response waits on it, a stream the client
 # resets before its answer (Rapid Reset, CVE-2023-44487). A connection has GLITCHES_FREE of
@@ -91,7 +88,6 @@ H2_STREAMS_BACKSTOP = 2 * MAX_CONCURRENT_STREAMS
 GLITCHES_FREE = 200
 GLITCHES_PER_ANSWER = 2
 TINY_WINDOW_UPDATE = 1024
-_FRAME_HEADER_BYTES, _GOAWAY = 9, 0x7  # RFC 9113 §4.1, §6.8
 _HIGHEST_STREAM_ID = 2**31 - 1  # a draining GOAWAY's first: no stream refused yet
 _DRAIN_PING = b"draining"  # its PING's opaque data (8 bytes)
 
@@ -119,25 +115,8 @@ class H2Flow:
         self.last_stream = 0  # the highest stream acted on: what a GOAWAY names
         self.h2 = session.record.h2 = H2Facts()
         limits = session.ctx.settings.limits
-        conn = self.conn = H2Connection(_CONFIGURATION)
-        # HPACK ours (wire/hpack_codec.py), through the two attributes h2 codes with.
-        conn.encoder = FieldEncoder()  # type: ignore[assignment]
-        conn.decoder = FieldDecoder()  # type: ignore[assignment]
-        conn.local_settings = _LocalSettings(
-            client=False,
-            initial_values={  # (h2's own, as its constructor sets them)
-                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                SettingCodes.MAX_HEADER_LIST_SIZE: conn.DEFAULT_MAX_HEADER_LIST_SIZE,
-            },
-        )
-        conn.local_settings.update(
-            {
-                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
-                SettingCodes.ENABLE_PUSH: 0,
-            }
-        )
-        conn.initiate_connection()
+        # (our SETTINGS queued: the concurrent streams and the header list size announced)
+        self.conn = H2Connection(MAX_CONCURRENT_STREAMS, limits.max_header_bytes)
         session.set_deadline(IDLE)
         self.flush()
 
@@ -148,18 +127,17 @@ class H2Flow:
         session.extend_deadline(session.ctx.settings.timeouts.keepalive_idle_seconds)
         try:
             events = self.conn.receive_data(data)
-        except ProtocolError as error:  # (h2's own limits too: CONTINUATION, HPACK sizes)
-            code = getattr(error, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
-            self._refuse(code, queued=True)
+        except H2ConnectionError as error:  # (its limits too: CONTINUATION, HPACK sizes)
+            self._refuse(error.error_code, queued=True)
             return
         for event in events:
             if isinstance(event, RequestReceived):
                 if self.goaway_final:  # (opened as our last GOAWAY was on its way)
-                    self.reset(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                    self.reset(event.stream_id, REFUSED_STREAM)
                     continue
-                self._request(event.stream_id, event.headers, event.stream_ended is not None)
+                self._request(event.stream_id, event.headers, event.stream_ended)
             elif isinstance(event, DataReceived):
-                if not event.data and event.stream_ended is None:
+                if not event.data and not event.stream_ended:
                     self.glitches += 1
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -181,12 +159,12 @@ class H2Flow:
                 if stream is not None:
                     stream.request_ended()
             elif isinstance(event, StreamReset):
-                _count(self.h2.rst_received, event.error_code or 0)
+                _count(self.h2.rst_received, event.error_code)
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:  # (not answered yet)
                     self.glitches += 1
                     stream.cancel()
-            elif isinstance(event, PingReceived | RemoteSettingsChanged | PriorityUpdated):
+            elif isinstance(event, PingReceived | SettingsReceived | PriorityReceived):
                 self.glitches += 1
             elif isinstance(event, PingAckReceived) and event.ping_data == _DRAIN_PING:
                 self._last_goaway()
@@ -197,16 +175,16 @@ class H2Flow:
                     if event.stream_id in (0, stream.id):
                         stream.send_held()
             elif isinstance(event, ConnectionTerminated):
-                code = _error_name(event.error_code or 0)
-                self.h2.said_goaway(PEER, code, event.last_stream_id or 0)
+                code = error_name(event.error_code)
+                self.h2.said_goaway(PEER, code, event.last_stream_id)
                 self.goaway_by = self.goaway_by or CLIENT_CLOSED
             if self.glitches > GLITCHES_FREE + GLITCHES_PER_ANSWER * self.answered:
-                self._refuse(ErrorCodes.ENHANCE_YOUR_CALM)  # (the rest of the read unread)
+                self._refuse(ENHANCE_YOUR_CALM)  # (the rest of the read unread)
                 return
         self.flush()
         self._maybe_done()
 
-    def reset(self, stream_id: int, code: ErrorCodes) -> None:
+    def reset(self, stream_id: int, code: int) -> None:
         """RST_STREAM from us, counted."""
         self.conn.reset_stream(stream_id, code)
         _count(self.h2.rst_sent, code)
@@ -214,12 +192,12 @@ class H2Flow:
     def _refuse(self, code: int, queued: bool = False) -> None:
         """The client broke the protocol, or went past its glitches: GOAWAY with `code` and the
         last stream acted on, then the connection ends (its streams' backends with it).
-        `queued`: h2 has queued that GOAWAY itself (a protocol error it found), naming the
-        highest stream it saw."""
+        `queued`: the connection layer has queued that GOAWAY itself (a protocol error it
+        found), naming the highest stream it saw."""
         last = self.conn.highest_inbound_stream_id if queued else self.last_stream
         if not queued:
             self.conn.close_connection(error_code=code, last_stream_id=last)
-        self.h2.said_goaway(BALANCER, _error_name(code), last)
+        self.h2.said_goaway(BALANCER, error_name(code), last)
         self.flush()
         self.session.close_client(H2_ERROR)
 
@@ -242,11 +220,7 @@ class H2Flow:
         connection closes."""
         if self.goaway_by is None:
             self.goaway_by = SHUTDOWN
-            # By hand: h2's close_connection() would refuse every frame after it, the
-            # answers of the streams under way included.
-            self.flush()
-            goaway = GoAwayFrame(0, _HIGHEST_STREAM_ID, ErrorCodes.NO_ERROR)
-            self.session.write_client(goaway.serialize())
+            self.conn.goaway(NO_ERROR, _HIGHEST_STREAM_ID)  # (the streams' frames still go)
             self.h2.said_goaway(BALANCER, "no_error", _HIGHEST_STREAM_ID)
             self.conn.ping(_DRAIN_PING)
             self.flush()
@@ -255,31 +229,22 @@ class H2Flow:
     def _last_goaway(self) -> None:
         if self.goaway_by == SHUTDOWN and not self.goaway_final:
             self.goaway_final = True
+            self.conn.goaway(NO_ERROR, self.last_stream)
             self.flush()
-            goaway = GoAwayFrame(0, self.last_stream, ErrorCodes.NO_ERROR)
-            self.session.write_client(goaway.serialize())
             self.h2.said_goaway(BALANCER, "no_error", self.last_stream)
 
     def closing_data(self, data: bytes) -> None:
         """Bytes after the connection began to close: read for a GOAWAY only (how the client
-        left is a fact the record keeps), the rest skipped frame by frame. h2 takes no frame
-        once it has said GOAWAY itself, and holds the one it refused, so the frames are
-        walked here from where its buffer stopped: by their headers alone."""
-        # (h2's FrameBuffer keeps what it has not made a frame of in `_data`: h2 4.x, tested)
-        buffer = self.conn.incoming_buffer
-        pending, offset = getattr(buffer, "_data", b"") + data, 0
-        while len(pending) - offset >= _FRAME_HEADER_BYTES:
-            length = int.from_bytes(pending[offset : offset + 3], "big")
-            end = offset + _FRAME_HEADER_BYTES + length
-            if end > len(pending):
-                break
-            if pending[offset + 3] == _GOAWAY and length >= 8:
-                payload = pending[offset + _FRAME_HEADER_BYTES : end]
-                last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
-                error = _error_name(int.from_bytes(payload[4:8], "big"))
-                self.h2.said_goaway(PEER, error, last)
-            offset = end
-        setattr(buffer, "_data", pending[offset:])  # noqa: B010 (a private attribute)
+        left is a fact the record keeps), the rest skipped frame by frame."""
+        conn = self.conn
+        conn.close_reading()
+        try:
+            events = conn.receive_data(data)
+        except H2ConnectionError:  # (no preface yet: nothing to read)
+            return
+        for event in events:
+            if isinstance(event, ConnectionTerminated):
+                self.h2.said_goaway(PEER, error_name(event.error_code), event.last_stream_id)
 
     def close_backends(self) -> None:
         """The client connection ends: every stream's backend connection ends with it, and
@@ -325,12 +290,12 @@ class H2Flow:
 
     def _malformed(self, stream_id: int) -> None:
         """A malformed request (RFC 9113 §8.1.1): its stream reset, a glitch counted."""
-        self.reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        self.reset(stream_id, PROTOCOL_ERROR)
         self.glitches += 1
 
     def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         if len(self.streams) >= MAX_CONCURRENT_STREAMS:  # (not acted on: no last_stream)
-            self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            self.reset(stream_id, REFUSED_STREAM)
             self.glitches += 1
             return
         session = self.session
@@ -390,39 +355,6 @@ class H2Flow:
             session.close_client(self.goaway_by)
 
 
-class _LocalSettings(Settings):
-    """Our SETTINGS as h2 sends them (SETTINGS_MAX_CONCURRENT_STREAMS among them), but for
-    the bound h2 itself enforces on concurrent streams: H2_STREAMS_BACKSTOP, so the flow
-    refuses a stream past the announced limit by itself (see MAX_CONCURRENT_STREAMS)."""
-
-    @property
-    def max_concurrent_streams(self) -> int:
-        return H2_STREAMS_BACKSTOP
-
-    @max_concurrent_streams.setter
-    def max_concurrent_streams(self, value: int) -> None:
-        self[SettingCodes.MAX_CONCURRENT_STREAMS] = value
-
-
-# h2's checks of field sections off (see the module docstring); bytes, not str, for fields.
-_CONFIGURATION = H2Configuration(
-    client_side=False,
-    header_encoding=None,
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-)
-
-
-def _error_name(code: int) -> str:
-    """An HTTP/2 error code as RFC 9113 names it, in lower case (an unknown one by number)."""
-    try:
-        return ErrorCodes(code).name.lower()
-    except ValueError:
-        return str(code)
-
-
 def _count(counts: dict[str, int], code: int) -> None:
-    name = _error_name(code)
+    name = error_name(code)
     counts[name] = counts.get(name, 0) + 1

@@ -17,12 +17,7 @@ The stream sees its flow through `StreamFlow`, the few members it uses.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING, Any, Protocol
-
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
 
 from balancer.backend.connection import BackendConnection, KeptConnection
 from balancer.backend.groups import Group
@@ -42,6 +37,8 @@ from balancer.wire.errors import (
     BalancerError,
     NoBackendAvailable,
 )
+from balancer.wire.h2_connection import H2Connection
+from balancer.wire.h2_frames import INTERNAL_ERROR, StreamGone
 from balancer.wire.response_reader import ResponseReader
 
 if TYPE_CHECKING:
@@ -61,7 +58,7 @@ class StreamFlow(Protocol):
     streams: dict[int, Any]
     answered: int
 
-    def reset(self, stream_id: int, code: ErrorCodes) -> None: ...
+    def reset(self, stream_id: int, code: int) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -219,9 +216,7 @@ class H2Stream:
         while the backend's socket is full: see block_reading)."""
         backend = self.backend
         if self.unacked and backend is not None and not self.blocked:
-            conn = self.flow.conn
-            with contextlib.suppress(ProtocolError):  # (the stream closed meanwhile)
-                conn.acknowledge_received_data(self.unacked, self.id)
+            self.flow.conn.acknowledge_received_data(self.unacked, self.id)
             self.unacked = 0
 
     def cancel(self) -> None:
@@ -290,7 +285,7 @@ class H2Stream:
     def _read_events(self, parser: ResponseReader) -> None:
         try:
             self._relay(parser)
-        except ProtocolError:  # (h2 refused a frame for the stream: it was closed meanwhile)
+        except StreamGone:  # (the stream was closed meanwhile)
             self.cancel()
         self.flow.flush()
 
@@ -349,7 +344,7 @@ class H2Stream:
                     conn.end_stream(self.id)
                 self._answered()
                 return
-        except ProtocolError:  # the client closed the stream (RST_STREAM) meanwhile
+        except StreamGone:  # the client closed the stream (RST_STREAM) meanwhile
             self._finish()
             return
         self.client_full(len(held) > HELD_HIGH_BYTES)
@@ -381,7 +376,7 @@ class H2Stream:
         conn = self.flow.conn
         try:
             if self.responded:
-                self.flow.reset(self.id, ErrorCodes.INTERNAL_ERROR)
+                self.flow.reset(self.id, INTERNAL_ERROR)
             else:
                 body = f"{error.status_hint} {error.reason}\n".encode()
                 conn.send_headers(
@@ -392,7 +387,7 @@ class H2Stream:
                 )  # fmt: skip
                 conn.send_data(self.id, body, end_stream=True)
                 record.response_bytes = len(body)
-        except ProtocolError:
+        except StreamGone:
             pass
         self.responded = True
         self._let_go(CONN_NOT_REUSABLE)

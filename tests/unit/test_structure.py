@@ -16,6 +16,7 @@ PURE = (
     "config.schema", "config.listeners", "config.values", "config.dns", "config.overrides",
     "wire.errors",
     "wire.backend_head", "wire.h2_fields", "wire.hpack_codec", "wire.response_reader",
+    "wire.h2_connection", "wire.h2_frames",
     "wire.http1", "wire.http1_response", "wire.proxy_protocol", "wire.sni", "facts.record",
     "facts.causes", "net.deadlines", "net.writebatch", "backend.state", "backend.policies",
     "backend.pool", "client.exchange", "client.prelude", "observe.aggregate",
