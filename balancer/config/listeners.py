@@ -30,10 +30,10 @@ from balancer.config.values import (
 PROTOCOLS = ("http", "https")
 MODES = ("http", "tcp")
 DEFAULT_GROUP = "default"  # the group top-level [[backends]] (and policy) make
-# What a TLS listener in http mode may offer by ALPN, and offers unless told (`alpn`): h2 is
-# opt-in until its defences against the known HTTP/2 attacks are in (issue #22).
+# What a TLS listener in http mode may offer by ALPN, and offers unless told (`alpn`): h2
+# first, as browsers, curl and CDNs ask (`alpn = ["http/1.1"]` turns it off).
 ALPN_PROTOCOLS = ("h2", "http/1.1")
-DEFAULT_ALPN = ("http/1.1",)
+DEFAULT_ALPN = ("h2", "http/1.1")
 
 
 @dataclass(frozen=True, slots=True)

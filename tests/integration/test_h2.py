@@ -326,18 +326,22 @@ async def test_http11_clients_still_get_http11_on_the_same_listener(h2_balancer,
     assert record.tls_alpn == "http/1.1"
 
 
-async def test_h2_is_offered_only_where_configured(farm, certs) -> None:
-    """The default offer is http/1.1 alone: a client asking for h2 gets HTTP/1.1."""
-    table = h2_config([farm[0].address], certs)
-    table_plain = parse_config(
-        {
-            "listeners": [{"name": "https", "bind": "127.0.0.1:0", "tls": True}],
-            "backends": [{"address": farm[0].address}],
-            "tls": {"cert": str(certs.cert), "key": str(certs.key)},
-        },
-        "test",
-    )
-    assert table.listeners[0].alpn == ("h2", "http/1.1")
+async def test_h2_is_offered_by_default_and_off_where_configured(farm, certs) -> None:
+    """A TLS http listener offers h2 first unless told; with `alpn = ["http/1.1"]` a client
+    asking for h2 gets HTTP/1.1."""
+
+    def listener(**extra: Any) -> Any:
+        return parse_config(
+            {
+                "listeners": [{"name": "https", "bind": "127.0.0.1:0", "tls": True, **extra}],
+                "backends": [{"address": farm[0].address}],
+                "tls": {"cert": str(certs.cert), "key": str(certs.key)},
+            },
+            "test",
+        )
+
+    assert listener().listeners[0].alpn == ("h2", "http/1.1")
+    table_plain = listener(alpn=["http/1.1"])
     assert table_plain.listeners[0].alpn == ("http/1.1",)
     balancer, _ = await start_balancer(table_plain)
     try:
