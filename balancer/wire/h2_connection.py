@@ -530,6 +530,7 @@ class H2Connection(_Sending):
             return
         if len(payload) % 6:
             self._fail(FRAME_SIZE_ERROR, "a SETTINGS frame not whole settings")
+        opened = 0  # what a larger SETTINGS_INITIAL_WINDOW_SIZE gave every stream
         for offset in range(0, len(payload), 6):
             setting, value = SETTING.unpack_from(payload, offset)
             if setting == INITIAL_WINDOW_SIZE:
@@ -541,6 +542,7 @@ class H2Connection(_Sending):
                     stream.send_window += delta
                     if stream.send_window > MAX_WINDOW:
                         self._fail(FLOW_CONTROL_ERROR, "a stream's window past 2^31-1")
+                opened += delta
             elif setting == MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME_SIZE <= value <= 2**24 - 1:
                     self._fail(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")
@@ -552,6 +554,8 @@ class H2Connection(_Sending):
                 self.encoder.header_table_size = value
         self._out.append(frame(SETTINGS, ACK, 0))
         events.append(SettingsReceived())
+        if opened > 0 and self.streams:  # (held responses may go on: as a WINDOW_UPDATE)
+            events.append(WindowUpdated(0, opened))
 
     def _goaway_in(self, payload: bytes, events: list[Event]) -> None:
         last, code = TWO_WORDS.unpack_from(payload)

@@ -148,6 +148,23 @@ def test_our_data_keeps_within_the_clients_window() -> None:
     assert pair.server.local_flow_control_window(stream) == 50
 
 
+def test_a_larger_initial_window_from_settings_reopens_held_streams() -> None:
+    """A stream whose window the client shut (SETTINGS_INITIAL_WINDOW_SIZE 0) is told of the
+    room a later SETTINGS gives it, as a WINDOW_UPDATE would."""
+    pair = Pair()
+    pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    stream = pair.request()
+    pair.to_server()
+    assert pair.server.local_flow_control_window(stream) == 0
+    pair.to_client()
+    pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+    events = pair.to_server()
+    assert [(type(e), e.stream_id, e.delta) for e in events if isinstance(e, WindowUpdated)] == [
+        (WindowUpdated, 0, 1000)
+    ]
+    assert pair.server.local_flow_control_window(stream) == 1000
+
+
 def test_trailers_end_a_request() -> None:
     pair = Pair()
     stream = pair.request(POST, end=False)
