@@ -36,7 +36,9 @@ Fields = list[tuple[bytes, bytes]]
 _NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 # RFC 9113 §8.2.1 names NUL, CR and LF; RFC 9110 §5.5 allows no other control but tab in a
 # field value either, and the backend hears HTTP/1.1 (llhttp, for one, refuses them).
-_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]\Z")
+# (The edges are looked at apart: one alternation with anchors costs twice the class alone.)
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_EDGE_WHITESPACE: Final = (0x20, 0x09)
 _METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PATH: Final = re.compile(rb"(?:/[\x21-\x7e]*|\*)")  # (a URI is ASCII: RFC 3986 §2)
 _AUTHORITY: Final = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]+")
@@ -60,6 +62,15 @@ class RequestFields(NamedTuple):
     regular: Fields  # without Host; one cookie field, its crumbs joined
 
 
+def _bad_value(value: bytes) -> bool:
+    """A control character (tab aside), or a space or tab at either end (`value` not empty)."""
+    return (
+        value[0] in _EDGE_WHITESPACE
+        or value[-1] in _EDGE_WHITESPACE
+        or _CONTROL.search(value) is not None
+    )
+
+
 def request_fields(fields: Fields) -> RequestFields:
     """A request's header section, checked and split; raises MalformedFields."""
     pseudo: dict[bytes, bytes] = {}
@@ -67,7 +78,7 @@ def request_fields(fields: Fields) -> RequestFields:
     cookies: list[bytes] | None = None
     host: bytes | None = None
     for name, value in fields:
-        if value and _BAD_VALUE.search(value) is not None:
+        if value and _bad_value(value):
             raise MalformedFields(f"field {name[:40]!r}: a control character or edge whitespace")
         if name[:1] == b":":
             if regular or cookies or host is not None:
@@ -117,7 +128,7 @@ def trailer_fields(fields: Fields) -> Fields:
     """A request's trailer section, checked (it goes to the backend in the chunked body's
     trailer); raises MalformedFields."""
     for name, value in fields:
-        if value and _BAD_VALUE.search(value) is not None:
+        if value and _bad_value(value):
             raise MalformedFields(f"trailer {name[:40]!r}: a control character or edge whitespace")
         if _NAME.fullmatch(name) is None:  # (a pseudo-field too: ':' is not a token's)
             raise MalformedFields(f"trailer name {name[:40]!r} is not a lowercase token")
