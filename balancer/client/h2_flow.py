@@ -62,6 +62,7 @@ from balancer.wire.h2_frames import (
     PingReceived,
     PriorityReceived,
     RequestReceived,
+    ResetSent,
     SettingsReceived,
     StreamEnded,
     StreamReset,
@@ -158,6 +159,12 @@ class H2Flow:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.request_ended()
+            elif isinstance(event, ResetSent):  # (a stream error of the client's: a glitch)
+                _count(self.h2.rst_sent, event.error_code)
+                self.glitches += 1
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.cancel()
             elif isinstance(event, StreamReset):
                 _count(self.h2.rst_received, event.error_code)
                 stream = self.streams.get(event.stream_id)

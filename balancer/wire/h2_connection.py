@@ -4,7 +4,8 @@ Python built for every role and option) with what a server that answers every st
 an HTTP/1.1 backend needs, small enough for the compiled build.
 
     receive_data(bytes) ──► events: RequestReceived, DataReceived, TrailersReceived,
-                            StreamEnded, StreamReset, WindowUpdated, PingReceived,
+                            StreamEnded, StreamReset, ResetSent (a stream error of the
+                            client's, answered), WindowUpdated, PingReceived,
                             PingAckReceived, SettingsReceived, PriorityReceived,
                             ConnectionTerminated (the client's GOAWAY)
     send_headers / send_data / end_stream / reset_stream / acknowledge_received_data /
@@ -80,6 +81,7 @@ from balancer.wire.h2_frames import (
     PingReceived,
     PriorityReceived,
     RequestReceived,
+    ResetSent,
     SettingsReceived,
     StreamEnded,
     StreamGone,
@@ -354,9 +356,9 @@ class H2Connection(_Sending):
             if not stream_id:
                 self._fail(PROTOCOL_ERROR, "PRIORITY on stream 0")
             if len(payload) != 5:
-                self._stream_error(stream_id, FRAME_SIZE_ERROR)
+                self._stream_error(stream_id, FRAME_SIZE_ERROR, events)
             elif WORD.unpack_from(payload)[0] & 0x7FFFFFFF == stream_id:
-                self._stream_error(stream_id, PROTOCOL_ERROR)
+                self._stream_error(stream_id, PROTOCOL_ERROR, events)
             events.append(PriorityReceived())
         elif kind == GOAWAY:
             if stream_id or len(payload) < 8:
@@ -418,13 +420,13 @@ class H2Connection(_Sending):
         if stream is None:
             if stream_id <= self.highest_inbound_stream_id:
                 if stream_id not in self._reset:
-                    self._stream_error(stream_id, STREAM_CLOSED)
+                    self._stream_error(stream_id, STREAM_CLOSED, events)
                 return
             if not stream_id & 1:
                 self._fail(PROTOCOL_ERROR, f"an even stream id {stream_id} from a client")
             self.highest_inbound_stream_id = stream_id
             if refused:
-                self._stream_error(stream_id, refused)
+                self._stream_error(stream_id, refused, events)
                 return
             if len(self.streams) >= STREAMS_BACKSTOP:
                 self._fail(PROTOCOL_ERROR, "too many streams open at once")
@@ -435,10 +437,10 @@ class H2Connection(_Sending):
                 self._remote_ended(stream_id, stream, events)
             return
         if stream.state == _HALF_CLOSED_REMOTE or not stream.trailers_owed:
-            self._stream_error(stream_id, STREAM_CLOSED)
+            self._stream_error(stream_id, STREAM_CLOSED, events)
             return
         if not ended:  # (trailers end the stream: RFC 9113 §8.1)
-            self._stream_error(stream_id, PROTOCOL_ERROR)
+            self._stream_error(stream_id, PROTOCOL_ERROR, events)
             return
         stream.trailers_owed = False
         events.append(TrailersReceived(stream_id, fields))
@@ -465,12 +467,12 @@ class H2Connection(_Sending):
                 self._fail(PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
             self.acknowledge_received_data(length, 0)  # (no one reads it: the window back)
             if stream is not None or stream_id not in self._reset:
-                self._stream_error(stream_id, STREAM_CLOSED)
+                self._stream_error(stream_id, STREAM_CLOSED, events)
             return
         stream.receive_window -= length
         if stream.receive_window < 0:
             self.acknowledge_received_data(length, 0)
-            self._stream_error(stream_id, FLOW_CONTROL_ERROR)
+            self._stream_error(stream_id, FLOW_CONTROL_ERROR, events)
             return
         stream.held += length
         ended = bool(flags & END_STREAM)
@@ -498,11 +500,11 @@ class H2Connection(_Sending):
                 self._fail(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {stream_id}")
             return  # (a closed stream's: allowed a while, and nothing to do)
         if not delta:
-            self._stream_error(stream_id, PROTOCOL_ERROR)
+            self._stream_error(stream_id, PROTOCOL_ERROR, events)
             return
         stream.send_window += delta
         if stream.send_window > MAX_WINDOW:
-            self._stream_error(stream_id, FLOW_CONTROL_ERROR)
+            self._stream_error(stream_id, FLOW_CONTROL_ERROR, events)
             return
         events.append(WindowUpdated(stream_id, delta))
 
@@ -574,8 +576,10 @@ class H2Connection(_Sending):
         self._closed = True
         raise H2ConnectionError(code, reason)
 
-    def _stream_error(self, stream_id: int, code: int) -> None:
+    def _stream_error(self, stream_id: int, code: int, events: list[Event]) -> None:
+        """RST_STREAM with `code` (RFC 9113 §5.4.2), told to the flow: the stream is over."""
         self.reset_stream(stream_id, code)
+        events.append(ResetSent(stream_id, code))
 
     def close_connection(self, error_code: int, last_stream_id: int) -> None:
         """GOAWAY for an error of ours to name: nothing more is read but a GOAWAY."""

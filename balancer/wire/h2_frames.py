@@ -101,6 +101,16 @@ class StreamReset:
         self.error_code = error_code
 
 
+class ResetSent:
+    """This side reset the stream for a stream error of the client's (RST_STREAM queued)."""
+
+    __slots__ = ("error_code", "stream_id")
+
+    def __init__(self, stream_id: int, error_code: int) -> None:
+        self.stream_id = stream_id
+        self.error_code = error_code
+
+
 class WindowUpdated:
     __slots__ = ("delta", "stream_id")
 
@@ -137,7 +147,7 @@ class ConnectionTerminated:
 
 
 Event = (
-    RequestReceived | DataReceived | TrailersReceived | StreamEnded | StreamReset
+    RequestReceived | DataReceived | TrailersReceived | StreamEnded | StreamReset | ResetSent
     | WindowUpdated | PingReceived | PingAckReceived | SettingsReceived | PriorityReceived
     | ConnectionTerminated
 )  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from balancer.config.schema import ConfigError, parse_config
-from tests.h2client import H2Client
+from tests.h2client import Answer, H2Client
 from tests.helpers import client_context, pattern, port_of, scrape, start_balancer
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -695,6 +695,35 @@ async def test_a_malformed_request_resets_its_stream_only(
     (record,) = await recorder.wait_for(1)
     assert record.h2 is not None and record.h2.rst_sent == {"protocol_error": 1}
     assert record.requests == 1
+
+
+async def test_a_stream_error_of_the_clients_resets_that_stream_alone(
+    h2_balancer, h2_client, farm
+) -> None:
+    """Trailers without END_STREAM (RFC 9113 §8.1) on a request its backend is answering:
+    that stream is reset (PROTOCOL_ERROR), its backend connection closed, the reset counted
+    in the record; the connection serves its next request."""
+    from hyperframe.frame import HeadersFrame
+
+    port, recorder, _, _ = await h2_balancer()
+    client = await h2_client(port)
+    stream = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(stream, [(b":method", b"POST"), (b":path", b"/slow"), *REQUEST[2:]])
+    client.answers[stream] = Answer()
+    client.flush()
+    await until(lambda: seen(farm, "/slow"))
+    open_before = sum(len(b.open_connections) for b in farm)
+    block = client.conn.encoder.encode([(b"x-sum", b"1")])  # (the client's HPACK state kept)
+    client.send_raw(HeadersFrame(stream, block, flags=["END_HEADERS"]).serialize())
+    await in_thread(client, lambda: client.answers[stream].reset is not None)
+    assert client.answers[stream].reset == 1 and client.answers[stream].status is None
+    await until(lambda: sum(len(b.open_connections) for b in farm) == open_before - 1)
+    after = client.request("/")
+    await in_thread(client, lambda: client.answers[after].ended)
+    assert client.answers[after].status == 200 and client.goaway is None
+    client.close()
+    (record,) = await recorder.wait_for(1)
+    assert record.h2 is not None and record.h2.rst_sent == {"protocol_error": 1}
 
 
 async def test_streams_past_the_limit_are_refused_alone(h2_balancer, h2_client, farm) -> None:

@@ -32,6 +32,7 @@ from balancer.wire.h2_frames import (
     PingAckReceived,
     PingReceived,
     RequestReceived,
+    ResetSent,
     SettingsReceived,
     StreamEnded,
     StreamGone,
@@ -185,7 +186,9 @@ def test_trailers_without_end_stream_reset_the_stream_alone() -> None:
     block = hpack.Encoder().encode(POST)
     server.receive_data(HeadersFrame(1, block, flags=["END_HEADERS"]).serialize())
     trailers = hpack.Encoder().encode([(b"x-sum", b"1")])
-    server.receive_data(HeadersFrame(1, trailers, flags=["END_HEADERS"]).serialize())
+    events = server.receive_data(HeadersFrame(1, trailers, flags=["END_HEADERS"]).serialize())
+    assert [(type(e), e.stream_id, e.error_code) for e in events] == [(ResetSent, 1, 1)]
+    assert server.streams == {}
     (reset,) = frames(server.data_to_send())
     assert isinstance(reset, RstStreamFrame) and reset.error_code == 1
 
