@@ -82,10 +82,10 @@ MAX_CONCURRENT_STREAMS = 100  # as nginx's http2_max_concurrent_streams and HAPr
 # stream of a read before the flow sees the first) meets its STREAMS_BACKSTOP (200) and
 # PROTOCOL_ERROR: the streams held for one read stay bounded either way.
 # Frames that cost work and carry no request (HAProxy's "glitches"): PING, SETTINGS, PRIORITY,
-# an empty DATA, a tiny WINDOW_UPDATE while a response waits on it, a stream the client
-# resets before its answer (Rapid Reset, CVE-2023-44487). A connection has GLITCHES_FREE of
-# them, and GLITCHES_PER_ANSWER more for each response it took; past that, GOAWAY
-# ENHANCE_YOUR_CALM and the connection ends (`h2_error`).
+# an empty DATA, a tiny WINDOW_UPDATE while a response waits on it, a stream error of the
+# client's, a stream the client resets before its answer (Rapid Reset, CVE-2023-44487). A
+# connection has GLITCHES_FREE of them, and GLITCHES_PER_ANSWER more for each response it
+# took; past that, GOAWAY ENHANCE_YOUR_CALM and the connection ends (`h2_error`).
 GLITCHES_FREE = 200
 GLITCHES_PER_ANSWER = 2
 TINY_WINDOW_UPDATE = 1024
