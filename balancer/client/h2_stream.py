@@ -379,14 +379,18 @@ class H2Stream:
                 self.flow.reset(self.id, INTERNAL_ERROR)
             else:
                 body = f"{error.status_hint} {error.reason}\n".encode()
-                conn.send_headers(
-                    self.id,
-                    [(b":status", b"%d" % error.status_hint),
-                     (b"content-type", b"text/plain"),
-                     (b"content-length", b"%d" % len(body))],
-                )  # fmt: skip
-                conn.send_data(self.id, body, end_stream=True)
-                record.response_bytes = len(body)
+                status = (b":status", b"%d" % error.status_hint)
+                room = min(conn.local_flow_control_window(self.id), conn.max_outbound_frame_size)
+                if len(body) <= room:
+                    conn.send_headers(
+                        self.id,
+                        [status, (b"content-type", b"text/plain"),
+                         (b"content-length", b"%d" % len(body))],
+                    )  # fmt: skip
+                    conn.send_data(self.id, body, end_stream=True)
+                    record.response_bytes = len(body)
+                else:  # (the client's window has no room for the words: the status alone)
+                    conn.send_headers(self.id, [status], end_stream=True)
         except StreamGone:
             pass
         self.responded = True

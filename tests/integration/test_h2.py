@@ -244,6 +244,22 @@ async def test_a_broken_backend_gets_its_stream_a_502_or_a_reset(h2_balancer, h2
     client.close()
 
 
+async def test_our_own_answer_to_a_shut_window_is_its_status_alone(h2_balancer, h2_client) -> None:
+    """A client whose window is shut (SETTINGS_INITIAL_WINDOW_SIZE 0) gets the balancer's 502
+    as a HEADERS frame that ends the stream: no body that would not fit, nothing held."""
+    port, _, _, _ = await h2_balancer(backends=["127.0.0.1:1"])  # nothing listens
+    client = await h2_client(port)
+    client.conn.update_settings({4: 0})
+    refused = client.request("/")
+    await in_thread(client, lambda: client.answers[refused].ended)
+    answer = client.answers[refused]
+    assert answer.status == 502 and answer.ended_with_headers and not answer.body
+    after = client.request("/")  # (the connection goes on)
+    await in_thread(client, lambda: client.answers[after].ended)
+    assert client.answers[after].status == 502 and client.goaway is None
+    client.close()
+
+
 async def test_a_cut_streams_backend_connection_is_published_with_what_ended_it(
     h2_balancer, h2_client
 ) -> None:
