@@ -20,8 +20,9 @@ MAX_CONTINUATIONS of them and HEADER_BLOCK_FACTOR times the header list bound in
 (ENHANCE_YOUR_CALM past either); every header block decoded, refused stream or not, so the
 HPACK context stays whole (wire/hpack_codec.py, the list bounded as it is decoded); the
 trailers' END_STREAM; flow control both ways (FLOW_CONTROL_ERROR for a peer past our
-window or a window past 2^31-1); frames for a stream this side reset are dropped, and a
-closed stream's DATA is still counted against the connection's window and credited back.
+window or a window past 2^31-1; the connection's window credited back as DATA comes, a
+stream's only as the flow says its backend took the bytes, so a slow backend shuts its own
+stream and no other); frames for a stream this side reset are dropped.
 At most STREAMS_BACKSTOP streams open at once (PROTOCOL_ERROR past it): the flow refuses
 streams past the announced SETTINGS_MAX_CONCURRENT_STREAMS itself, one by one; this bounds
 what one read can open before the flow sees any of it.
@@ -103,14 +104,13 @@ _OPEN, _HALF_CLOSED_REMOTE, _HALF_CLOSED_LOCAL = 0, 1, 2
 
 
 class _Stream:
-    __slots__ = ("held", "receive_window", "send_window", "state", "trailers_owed", "unacked")
+    __slots__ = ("receive_window", "send_window", "state", "trailers_owed", "unacked")
 
     def __init__(self, send_window: int) -> None:
         self.state = _OPEN
         self.send_window = send_window  # what we may send on it
         self.receive_window = DEFAULT_WINDOW  # what the client may send, as we last said
         self.unacked = 0  # credited by the flow, not yet sent as WINDOW_UPDATE
-        self.held = 0  # DATA bytes in that the flow has not credited back yet
         self.trailers_owed = False  # its request's HEADERS came without END_STREAM
 
 
@@ -187,34 +187,28 @@ class _Sending:
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         """RST_STREAM: the stream ends here; its late frames are dropped."""
-        stream = self.streams.pop(stream_id, None)
-        if stream is not None:
-            self._release(stream)
+        self.streams.pop(stream_id, None)
         reset = self._reset
         reset[stream_id] = None
         if len(reset) > _RESET_KEPT:
             del reset[next(iter(reset))]
         self._out.append(frame(RST_STREAM, 0, stream_id, WORD.pack(error_code)))
 
-    def _release(self, stream: _Stream) -> None:
-        """A reset stream's DATA the flow will not credit: the connection's window back."""
-        if stream.held > 0:
-            held, stream.held = stream.held, 0
-            self.acknowledge_received_data(held, 0)
-
-    def acknowledge_received_data(self, size: int, stream_id: int) -> None:
-        """`size` bytes of a stream's DATA were taken: its window and the connection's are
-        opened again, by WINDOW_UPDATE once half a window is owed (not a frame a read)."""
-        self._conn_unacked += size
+    def _credit_connection(self) -> None:
+        """After a read: the connection's window is opened again for the DATA it carried (by
+        WINDOW_UPDATE once half a window is owed), as nginx does: a stream whose backend is
+        slow holds its own window shut, never the connection's, so the other streams' bodies
+        keep coming. What the balancer buffers stays bounded by the streams' windows."""
         if self._conn_unacked >= DEFAULT_WINDOW // 2:
             self._out.append(frame(WINDOW_UPDATE, 0, 0, WORD.pack(self._conn_unacked)))
             self._receive_window += self._conn_unacked
             self._conn_unacked = 0
-        stream = self.streams.get(stream_id) if stream_id else None
-        if stream is None:
-            return
-        stream.held -= size
-        if stream.state == _HALF_CLOSED_REMOTE:
+
+    def acknowledge_received_data(self, size: int, stream_id: int) -> None:
+        """`size` bytes of the stream's DATA were taken (written to its backend): its window
+        is opened again, by WINDOW_UPDATE once half a window is owed (not a frame a read)."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.state == _HALF_CLOSED_REMOTE:
             return  # (no more DATA comes on it)
         stream.unacked += size
         if stream.unacked >= DEFAULT_WINDOW // 2:
@@ -320,6 +314,7 @@ class H2Connection(_Sending):
             self._buffer = buffer[pos:]
             raise
         self._buffer = buffer[pos:]
+        self._credit_connection()
         return events
 
     def _frame_in(
@@ -460,21 +455,19 @@ class H2Connection(_Sending):
         self._receive_window -= length
         if self._receive_window < 0:
             self._fail(FLOW_CONTROL_ERROR, "DATA past the connection's window")
+        self._conn_unacked += length  # (credited back after the read: _credit_connection)
         data = self._unpadded(flags, payload)
         stream = self.streams.get(stream_id)
         if stream is None or stream.state == _HALF_CLOSED_REMOTE:
             if stream_id > self.highest_inbound_stream_id:
                 self._fail(PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
-            self.acknowledge_received_data(length, 0)  # (no one reads it: the window back)
             if stream is not None or stream_id not in self._reset:
                 self._stream_error(stream_id, STREAM_CLOSED, events)
             return
         stream.receive_window -= length
         if stream.receive_window < 0:
-            self.acknowledge_received_data(length, 0)
             self._stream_error(stream_id, FLOW_CONTROL_ERROR, events)
             return
-        stream.held += length
         ended = bool(flags & END_STREAM)
         if ended:
             stream.trailers_owed = False
@@ -515,9 +508,7 @@ class H2Connection(_Sending):
             self._fail(FRAME_SIZE_ERROR, "an RST_STREAM not 4 bytes")
         if stream_id > self.highest_inbound_stream_id:
             self._fail(PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
-        stream = self.streams.pop(stream_id, None)
-        if stream is not None:
-            self._release(stream)
+        if self.streams.pop(stream_id, None) is not None:
             events.append(StreamReset(stream_id, WORD.unpack_from(payload)[0]))
 
     def _settings_in(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
