@@ -32,14 +32,18 @@ def _leg_words(name: str, leg: LegTeardown) -> str:
 def connection_line(r: ConnectionRecord) -> str:
     """One compact line per closed connection, for a person watching (`balancer demo`)."""
     parts = [f"#{r.id} {r.listener} {r.client_ip}:{r.client_port}"]
-    parts[0] += f" -> {r.backend}" if r.backend is not None else " -> (no backend)"
+    if r.h2 is not None:  # (each stream has a backend of its own: the request lines say which)
+        parts[0] += f" -> HTTP/2, {r.h2.streams} stream{'' if r.h2.streams == 1 else 's'}"
+    else:
+        parts[0] += f" -> {r.backend}" if r.backend is not None else " -> (no backend)"
     if r.tls_failure is not None:
         parts.append(f"TLS failed: {r.tls_failure}")
     elif r.tls_finished_at is not None:
         handshake = (r.tls_handshake_seconds or 0) * 1000
         resumed = "resumed" if r.tls_resumed else "full"
         parts.append(f"TLS {r.tls_version} {handshake:.2f} ms ({resumed})")
-    parts.append(f"{r.requests} request{'' if r.requests == 1 else 's'}")
+    if r.h2 is None:
+        parts.append(f"{r.requests} request{'' if r.requests == 1 else 's'}")
     parts.append(_leg_words("client", r.client_leg))
     if r.connected_at is not None:
         parts.append(_leg_words("backend", r.backend_leg))

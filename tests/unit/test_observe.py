@@ -10,8 +10,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from balancer.facts.causes import BACKEND_RESET, CLIENT_CLOSED, CLIENT_RESET
-from balancer.facts.record import BALANCER, PEER, BackendConnectionRecord, ConnectionRecord
-from balancer.observe.loglines import json_line
+from balancer.facts.record import (
+    BALANCER,
+    PEER,
+    BackendConnectionRecord,
+    ConnectionRecord,
+    H2Facts,
+)
+from balancer.observe.loglines import connection_line, json_line
 from balancer.observe.metrics import Observer
 
 
@@ -256,3 +262,16 @@ def test_publish_request_counts_responses_by_class_and_times_them() -> None:
     observer.publish_request(request)
     assert len(log.getvalue().splitlines()) == 1  # request lines off: metrics only
     assert get("balancer_requests_total", listener="http", backend="web1") == 2
+
+
+def test_the_demos_line_says_what_a_connection_carried() -> None:
+    """`balancer demo` prints one line a connection: HTTP/1.x's backend and requests; an
+    HTTP/2 connection's streams (each went to a backend of its own)."""
+    record = tls_record()
+    assert connection_line(record).startswith("#7 https 198.51.100.4:50000 -> web1 | TLS 1.2")
+    assert "| 3 requests |" in connection_line(record)
+    record.h2 = H2Facts()
+    record.h2.streams = 2
+    line = connection_line(record)
+    assert line.startswith("#7 https 198.51.100.4:50000 -> HTTP/2, 2 streams | TLS 1.2")
+    assert "request" not in line
