@@ -331,7 +331,7 @@ class H2Stream:
                 chunk = bytes(held[:room])
                 del held[:room]
                 # The last DATA carries END_STREAM when no trailers follow (not an empty
-                # frame of its own: a frame less a response, and h2's work for it).
+                # frame of its own: a frame less a response, and the work for it).
                 last = not held and self.held_end == []
                 conn.send_data(self.id, chunk, end_stream=last)
                 if last:

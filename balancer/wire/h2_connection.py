@@ -242,7 +242,8 @@ class H2Connection(_Sending):
     what it sends in _Sending."""
 
     __slots__ = (
-        "_block", "_block_flags", "_block_frames", "_block_stream", "_buffer", "_closed",
+        "_block", "_block_flags", "_block_frames", "_block_refused", "_block_stream", "_buffer",
+        "_closed",
         "_preface", "_settings_seen", "decoder", "header_list_bound",
         "highest_inbound_stream_id", "local_settings_acked",
     )  # fmt: skip
@@ -268,6 +269,7 @@ class H2Connection(_Sending):
         # An open header block: its stream, the HEADERS frame's flags, its bytes so far.
         self._block_stream = 0
         self._block_flags = 0
+        self._block_refused = 0  # the stream error its stream gets once decoded (0: none)
         self._block: list[bytes] = []
         self._block_frames = 0
 
@@ -385,7 +387,7 @@ class H2Connection(_Sending):
         if flags & END_HEADERS:
             self._block_done(stream_id, flags, payload, events, refused)
             return
-        self._block_stream, self._block_flags = stream_id, flags | (refused << 8)
+        self._block_stream, self._block_flags, self._block_refused = stream_id, flags, refused
         self._block, self._block_frames = [payload], 0
 
     def _continuation(self, flags: int, payload: bytes, events: list[Event]) -> None:
@@ -396,10 +398,9 @@ class H2Connection(_Sending):
         ):
             self._fail(ENHANCE_YOUR_CALM, "a header block without end")
         if flags & END_HEADERS:
-            stream_id, first = self._block_stream, self._block_flags
-            block = b"".join(self._block)
+            stream_id, block = self._block_stream, b"".join(self._block)
             self._block_stream, self._block = 0, []
-            self._block_done(stream_id, first & 0xFF, block, events, first >> 8)
+            self._block_done(stream_id, self._block_flags, block, events, self._block_refused)
 
     def _block_done(
         self, stream_id: int, flags: int, block: bytes, events: list[Event], refused: int
@@ -544,7 +545,7 @@ class H2Connection(_Sending):
                 if value > 1:
                     self._fail(PROTOCOL_ERROR, f"SETTINGS_ENABLE_PUSH {value}")
             elif setting == HEADER_TABLE_SIZE:
-                self.encoder.header_table_size = value
+                self.encoder.table_size_changed()
         self._out.append(frame(SETTINGS, ACK, 0))
         events.append(SettingsReceived())
         if opened > 0 and self.streams:  # (held responses may go on: as a WINDOW_UPDATE)

@@ -1,9 +1,8 @@
 """HPACK (RFC 7541), the field-section compression of HTTP/2, for the balancer's side of it.
 
-h2 (python-hyper) frames and tracks streams; these two objects take the place of its HPACK
-coder on each connection (`conn.encoder`, `conn.decoder`: the attributes h2 calls through),
-because its own cost about 19 µs of a stream's 118 (measured: a steady request block decoded
-in 10.4 µs, a response head encoded in 8.5).
+One of each per HTTP/2 connection (wire/h2_connection.py), in place of python-hyper's hpack,
+which cost about 19 µs of a stream's 118 (measured: a steady request block decoded in 10.4
+µs, a response head encoded in 8.5).
 
 - `FieldDecoder`: a client's header blocks in, (name, value) byte pairs out. The whole of
   RFC 7541's decoding side: the static and dynamic tables, every representation, Huffman
@@ -13,13 +12,13 @@ in 10.4 µs, a response head encoded in 8.5).
 - `FieldEncoder`: a response head out, as HAProxy and nginx write theirs: a :status the
   static table holds is its one-byte index; any other field is a literal not added to the
   dynamic table (a static name's index where there is one), never indexed for credentials;
-  strings raw. The
-  encoder keeps no dynamic table, so a connection holds no compression state for its
-  responses; when the peer's SETTINGS_HEADER_TABLE_SIZE changes, the next block opens with a
-  table size update to 0, which is within any maximum.
+  strings raw. The encoder keeps no dynamic table, so a connection holds no compression
+  state for its responses; when the peer's SETTINGS_HEADER_TABLE_SIZE changes, the next
+  block opens with a table size update to 0, which is within any maximum.
 
-Errors are hpack's exception classes, which h2 turns into a connection error (an oversized
-list: ENHANCE_YOUR_CALM's DenialOfServiceError). Pure: bytes in, bytes out.
+Errors are hpack's exception classes, which the connection layer turns into a connection
+error (an oversized list: ENHANCE_YOUR_CALM; any other: COMPRESSION_ERROR). Pure: bytes in,
+bytes out.
 """
 
 from __future__ import annotations
@@ -158,10 +157,9 @@ class FieldDecoder:
     def header_table_size(self) -> int:
         return self._table_bytes
 
-    def decode(self, data: bytes, raw: bool = True) -> list[tuple[bytes, bytes]]:
-        """A header block's fields, in order (`raw` is h2's call: names and values are always
-        bytes here). Raises an hpack exception for a block that breaks RFC 7541 or the list
-        bound."""
+    def decode(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """A header block's fields, in order. Raises an hpack exception for a block that
+        breaks RFC 7541 or the list bound."""
         fields: list[tuple[bytes, bytes]] = []
         list_bytes = 0
         limit = self.max_header_list_size
@@ -284,18 +282,13 @@ class FieldEncoder:
     def __init__(self) -> None:
         self._size_update = False
 
-    @property
-    def header_table_size(self) -> int:
-        return 0  # the dynamic table this encoder uses: none
-
-    @header_table_size.setter
-    def header_table_size(self, value: int) -> None:
-        """The peer's SETTINGS_HEADER_TABLE_SIZE changed: say, once, that ours is 0."""
+    def table_size_changed(self) -> None:
+        """The peer's SETTINGS_HEADER_TABLE_SIZE changed: the next block says, once, that
+        this encoder's table is 0 (it uses none)."""
         self._size_update = True
 
-    def encode(self, headers: Iterable[tuple[bytes, bytes]], huffman: bool = True) -> bytes:
-        """A header block for `headers` (names already lowercase). `huffman` is h2's call;
-        strings go raw."""
+    def encode(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+        """A header block for `headers` (names already lowercase); strings go raw."""
         parts: list[bytes] = []
         if self._size_update:
             parts.append(b"\x20")

@@ -121,7 +121,7 @@ def test_it_writes_what_the_static_table_holds_as_one_byte_and_credentials_never
 
 def test_a_new_table_size_from_the_peer_is_answered_once_with_an_update_to_zero() -> None:
     encoder = FieldEncoder()
-    encoder.header_table_size = 1024
+    encoder.table_size_changed()  # (to 1024)
     first, second = encoder.encode([(b":status", b"200")]), encoder.encode([(b":status", b"200")])
     assert (first, second) == (b"\x20\x88", b"\x88")
     reference = Decoder()
