@@ -1,12 +1,7 @@
-"""The backend side: a backend TCP connection with a life of its own, and the connector.
+"""The backend side: a backend TCP connection with a life of its own, and the idle pool.
 
 Theory of operation
 -------------------
-`Connector.connect()` asks the pool for a backend (the policy picks; `Lease` counts it),
-connects, and on refusal or timeout marks that backend down and tries the next, at most
-`max_connect_attempts` times. The connect timeout is a deadline on the shared wheel that
-cancels the connecting task (cheaper than asyncio.timeout: no loop timer per attempt).
-
 A `BackendConnection` is the protocol of one backend TCP connection. It owns its `Leg` (the
 teardown facts, the kernel's byte counts) and its `BackendConnectionRecord`, and reports every
 event to whoever uses it now through the small `BackendUser` protocol: it never reaches into
@@ -22,9 +17,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from balancer.backend.pool import BackendPool, Lease
-from balancer.backend.state import BackendState
-from balancer.config.schema import Timeouts, Upstream
+from balancer.backend.pool import Lease
+from balancer.config.schema import Upstream
 from balancer.facts.causes import (
     CONN_BACKEND_CLOSED,
     CONN_BACKEND_RESET,
@@ -35,11 +29,10 @@ from balancer.facts.causes import (
     CONN_SHUTDOWN,
     CONN_STRAY_BYTES,
 )
-from balancer.facts.record import BackendConnectionRecord, failed_on
+from balancer.facts.record import BackendConnectionRecord
 from balancer.net.deadlines import DeadlineWheel, Wakeable
 from balancer.net.legs import Leg
 from balancer.net.writebatch import WriteBatch
-from balancer.wire.errors import BackendUnreachable, NoBackendAvailable
 
 log = logging.getLogger("balancer")
 
@@ -71,12 +64,18 @@ class BackendUser(Protocol):
     def unblock_reading(self, why: str) -> None: ...
 
 
+class Attempt(Protocol):
+    """A connect under way (connector.Connecting), as its connection's deadline sees it."""
+
+    def time_out(self) -> None: ...
+
+
 class BackendConnection(asyncio.Protocol):
     """One backend TCP connection: its Leg and record; events go to its user."""
 
     __slots__ = (
-        "connect_task",
         "connect_timed_out",
+        "connecting",
         "idle_since",
         "leg",
         "lost_early",
@@ -96,7 +95,7 @@ class BackendConnection(asyncio.Protocol):
         self.user = user
         self.record = record
         self.leg = Leg(record.leg, writes, clock)
-        self.connect_task: asyncio.Task[Any] | None = None
+        self.connecting: Attempt | None = None  # the connect under way (connector.py)
         self.connect_timed_out = False
         self.idle_since: float | None = None  # in the idle pool since
         self.pool: IdlePool | None = None  # the pool it returns to between exchanges
@@ -111,11 +110,11 @@ class BackendConnection(asyncio.Protocol):
         return self
 
     def on_deadline(self) -> None:
-        """The connect timeout (see Connector.connect) stops the attempt; any other deadline
-        is the pool's (idle timeout, linger)."""
-        if self.connect_task is not None:
+        """The connect timeout (see connector.py) stops the attempt; any other deadline is
+        the pool's (idle timeout, linger)."""
+        if self.connecting is not None:
             self.connect_timed_out = True
-            self.connect_task.cancel()
+            self.connecting.time_out()
         elif self.pool is not None:
             self.pool.on_backend_deadline(self)
 
@@ -146,124 +145,6 @@ class BackendConnection(asyncio.Protocol):
     def reading_paused(self) -> bool:
         """Paused because the client's write buffer is full (flow control)."""
         return "client_full" in self.leg.paused_for
-
-
-class Connector:
-    """Pick a backend, connect, and on refusal or timeout try the next one."""
-
-    def __init__(
-        self,
-        pool: BackendPool,
-        timeouts: Timeouts,
-        max_attempts: int,
-        deadlines: DeadlineWheel[Wakeable],
-        writes: WriteBatch,
-        clock: Callable[[], float],
-        next_id: Callable[[], int],
-        worker_pid: int,
-    ) -> None:
-        self.pool = pool
-        self.timeouts = timeouts
-        self.max_attempts = max_attempts  # backends tried per connect (conn-failure retries)
-        self.deadlines = deadlines
-        self.writes = writes
-        self.clock = clock
-        self.next_id = next_id  # backend connection ids, per worker
-        self.worker_pid = worker_pid
-
-    async def connect(
-        self,
-        user: BackendUser,
-        attempts: ConnectAttempts,
-        task: asyncio.Task[Any],
-        loop: asyncio.AbstractEventLoop,
-        first: Lease | None = None,
-        avoid: BackendState | None = None,
-        key: bytes = b"",
-    ) -> tuple[Lease, BackendConnection]:
-        """A connected backend and its lease; the attempts are counted in `attempts`.
-
-        `first`, if given, is a lease already taken (the policy's pick): tried first.
-        `avoid`, if given, is not picked unless no other backend is ready (a retry's).
-        `key`: the hash key (policy "hash"): each attempt takes the key's next backend.
-        Raises BackendError (no backend ready, or every one tried refused or timed out).
-        `task` is the task running this coroutine: the connect deadline cancels it.
-        """
-        pool, clock = self.pool, self.clock
-        tried: list[BackendState] = [] if avoid is None else [avoid]
-        # Why the last attempt failed; the error is made as it is raised, since one kept in a
-        # local would hold its own traceback, which holds this frame: a reference cycle.
-        unreachable: str | None = None
-        for _ in range(self.max_attempts):
-            lease, first = first or pool.acquire(clock(), tried, key), None
-            if lease is None and avoid is not None:
-                tried.remove(avoid)  # the only one ready: it, after all
-                avoid = None
-                lease = pool.acquire(clock(), tried, key)
-            if lease is None:
-                break
-            backend = lease.state.backend
-            tried.append(lease.state)
-            attempts.backend = backend.name
-            attempts.backend_address = backend.address
-            attempts.backend_group = backend.group
-            attempts.connect_attempts += 1
-            started = clock()
-            record = BackendConnectionRecord(backend.name, backend.address, started, self.next_id())
-            record.worker_pid = self.worker_pid
-            conn = BackendConnection(user, record, self.writes, clock)
-            conn.connect_task = task
-            self.deadlines.schedule(conn, started + self.timeouts.connect_seconds)
-            try:
-                try:
-                    # The backend's addresses in turn, within one attempt and its deadline.
-                    hosts = backend.connect_hosts
-                    for host in hosts:
-                        try:
-                            await loop.create_connection(conn, host, backend.port)
-                            break
-                        except OSError:
-                            if host is hosts[-1]:
-                                raise
-                except asyncio.CancelledError:
-                    if not conn.connect_timed_out:
-                        raise
-                    task.uncancel()
-                    if conn.leg.transport is not None:  # connected as the deadline passed
-                        conn.leg.transport.abort()
-                    raise TimeoutError("connect timed out") from None
-                finally:
-                    self.deadlines.discard(conn)
-                    conn.connect_task = None
-            except (OSError, TimeoutError) as failure:
-                attempts.connect_failures += 1
-                failed_on(attempts, backend.name)
-                seconds = pool.connect_failed(lease, clock())
-                log.warning(
-                    "backend %s (%s) ejected for %.0f s by this worker (pid %d): connect %s",
-                    backend.name, backend.address, seconds, self.worker_pid,
-                    "timed out" if isinstance(failure, TimeoutError) else "refused",
-                )  # fmt: skip
-                unreachable = f"{backend.address}: {failure!r}"
-                continue
-            except BaseException:
-                lease.release()
-                if conn.leg.transport is not None:
-                    conn.leg.transport.abort()
-                raise
-            record.connected_at = clock()
-            pool.connect_succeeded(lease)
-            local = conn.leg.transport.get_extra_info("sockname")
-            if local:
-                record.local_port = local[1]
-            # (Not from a connection lost as it connected: its descriptor may be another's.)
-            info = conn.leg.tcp_info() if conn.leg.usable else None
-            if info is not None:
-                record.tcp_handshake_rtt_seconds = info.rtt_seconds
-            return lease, conn
-        if unreachable is None:
-            raise NoBackendAvailable("no backend is ready")
-        raise BackendUnreachable(unreachable)
 
 
 class IdlePool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 
-from balancer.backend.connection import Connector
+from balancer.backend.connector import Connector
 from balancer.backend.policies import POLICIES, ConsistentHash
 from balancer.backend.pool import BackendPool, BackendTable, PeerCounts
 from balancer.backend.state import Backend

@@ -35,6 +35,7 @@ import os
 from typing import TYPE_CHECKING
 
 from balancer.backend.connection import BackendConnection, KeptConnection
+from balancer.backend.connector import Connecting
 from balancer.backend.pool import Lease
 from balancer.backend.state import BackendState
 from balancer.client.exchange import REPLAY_MAX_BYTES, Exchange
@@ -63,7 +64,7 @@ class Forwarder:
     """The backend side of one client session (see the module docstring)."""
 
     __slots__ = (
-        "backend", "chosen", "connect_task", "dispatch", "kept", "lease", "pending", "served",
+        "backend", "chosen", "connecting", "dispatch", "kept", "lease", "pending", "served",
         "session",
     )  # fmt: skip
 
@@ -75,7 +76,7 @@ class Forwarder:
         self.chosen: Group | None = None  # routed (request, SNI); None: the listener's group
         self.lease: Lease | None = None
         self.backend: BackendConnection | None = None
-        self.connect_task: asyncio.Task[None] | None = None
+        self.connecting: Connecting | None = None  # a connect under way (connector.py)
         self.pending: list[bytes] | None = None  # never: for the backend, while connecting
         self.served = 0  # requests given a backend connection (safe mode: the first is new)
         # Dispatch, reuse never (a routed listener): the connection of the last exchange, kept
@@ -96,35 +97,31 @@ class Forwarder:
 
     def connect(self, first: Lease | None = None, avoid: BackendState | None = None) -> None:
         """Connect to a backend the policy picks (`first`: this lease's backend first;
-        `avoid`: not this one, unless no other is ready)."""
+        `avoid`: not this one, unless no other is ready); connect_done or connect_failed
+        follows."""
         session = self.session
         session.block_reading("connecting")
         loop = self.ctx.services.loop or asyncio.get_running_loop()
-        self.connect_task = loop.create_task(self._connect(first, avoid))
-
-    async def _connect(self, first: Lease | None, avoid: BackendState | None) -> None:
-        task = self.connect_task
-        assert task is not None
-        session, services = self.session, self.ctx.services
-        loop = services.loop or asyncio.get_running_loop()
         # Connect attempts count on the connection's record, or (reuse modes) the request's.
         attempts = session.exchanges.queue[0].record if self.dispatch else session.record
         group = self.group  # (a retry's: the same; set before the connect began)
-        try:
-            lease, backend = await group.connector.connect(
-                session, attempts, task, loop, first, avoid, hash_key(session, group)
-            )
-        except BackendError as error:
-            self.connect_task = None
-            if not session.closing:
-                session.fail(error)
-            return
-        self.connect_task = None
+        self.connecting = group.connector.start(
+            self, session, attempts, loop, first, avoid, hash_key(session, group)
+        )
+
+    def connect_failed(self, error: BackendError) -> None:
+        self.connecting = None
+        if not self.session.closing:
+            self.session.fail(error)
+
+    def connect_done(self, lease: Lease, backend: BackendConnection) -> None:
+        self.connecting = None
+        session, group = self.session, self.group
         if session.closing:  # the client went away while we connected
             lease.release()
             if self.dispatch and group.reuse != "never":
                 # fresh and clean: another request may have it
-                services.idle.put(backend, lease.state.active)
+                self.ctx.services.idle.put(backend, lease.state.active)
             else:
                 backend.leg.transport.abort()
             return
@@ -217,7 +214,7 @@ class Forwarder:
             backend_record = backend.record
             self.session.exchanges.forwarded(backend_record, backend_record.requests > 0, False)
             backend_record.requests = self.session.record.requests
-        elif self.connect_task is None:
+        elif self.connecting is None:
             self.connect()
 
     # ---- reuse modes: one backend connection per exchange ----------------------------------
@@ -248,7 +245,7 @@ class Forwarder:
         """Give the oldest waiting exchange a backend connection: an idle one (always; safe:
         after this client's first request) or a new one."""
         session = self.session
-        if self.backend is not None or self.connect_task is not None or session.closing:
+        if self.backend is not None or self.connecting is not None or session.closing:
             return
         if not session.exchanges.queue:
             return
@@ -442,8 +439,9 @@ class Forwarder:
 
     def cancel(self) -> None:
         """The client is gone: a connect under way is abandoned."""
-        if self.connect_task is not None:
-            self.connect_task.cancel()
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
 
     def release_lease(self) -> None:
         if self.lease is not None:

@@ -20,6 +20,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, Protocol
 
 from balancer.backend.connection import BackendConnection, KeptConnection
+from balancer.backend.connector import Connecting
 from balancer.backend.groups import Group
 from balancer.facts.causes import (
     CONN_BACKEND_CLOSED,
@@ -76,7 +77,7 @@ class H2Stream:
         "backend",
         "blocked",
         "chunked",
-        "connect_task",
+        "connecting",
         "ended",
         "flow",
         "group",
@@ -100,7 +101,7 @@ class H2Stream:
         self.record = record
         self.backend: BackendConnection | None = None
         self.lease: Lease | None = None
-        self.connect_task: asyncio.Task[None] | None = None
+        self.connecting: Connecting | None = None  # a connect under way (connector.py)
         self.parser: ResponseReader | None = None
         self.chunked = False
         self.ended = False  # the client's request is whole
@@ -145,20 +146,18 @@ class H2Stream:
                 backend.user = self
                 self._use(lease, backend, reused=True)
                 return
-        loop = services.loop or asyncio.get_running_loop()
-        self.connect_task = loop.create_task(self._connect(group, lease))
+        self._connect(group, lease)
 
-    async def _connect(self, group: Group, first: Lease | None) -> None:
-        task = self.connect_task
-        assert task is not None
+    def _connect(self, group: Group, first: Lease | None) -> None:
         loop = self.flow.session.ctx.services.loop or asyncio.get_running_loop()
-        try:
-            lease, backend = await group.connector.connect(self, self.record, task, loop, first)
-        except BackendError as error:
-            self.connect_task = None
-            self.answer(error)
-            return
-        self.connect_task = None
+        self.connecting = group.connector.start(self, self, self.record, loop, first)
+
+    def connect_failed(self, error: BackendError) -> None:
+        self.connecting = None
+        self.answer(error)
+
+    def connect_done(self, lease: Lease, backend: BackendConnection) -> None:
+        self.connecting = None
         self._use(lease, backend, reused=False)
 
     def _use(self, lease: Lease, backend: BackendConnection, reused: bool) -> None:
@@ -221,9 +220,9 @@ class H2Stream:
 
     def cancel(self) -> None:
         """The client reset the stream (or went away): its backend connection ends."""
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
         self._let_go(CONN_NOT_REUSABLE)
         self._finish()
 
@@ -259,7 +258,7 @@ class H2Stream:
 
     def on_backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
         if backend is not self.backend:
-            if backend.connect_task is not None:
+            if backend.connecting is not None:
                 backend.lost_early = backend.leg.lost(exc)
             return
         backend.leg.lost(exc)
@@ -408,8 +407,7 @@ class H2Stream:
             record.retries += 1
             self.pending, self.replay = [self.replay], None
             self.parser = ResponseReader(record.method == b"HEAD")
-            loop = self.flow.session.ctx.services.loop or asyncio.get_running_loop()
-            self.connect_task = loop.create_task(self._connect(group, None))
+            self._connect(group, None)
             return
         backend = self.backend
         if backend is not None:  # what ended it, for its record: the backend's FIN or RST

@@ -319,7 +319,7 @@ class ClientSession(asyncio.Protocol):
             return  # an attempt abandoned as it connected, lost after the session let go
         if backend is self.fwd.backend:
             self.backend_lost(backend, backend.leg.lost(exc))
-        elif backend.connect_task is not None:  # not taken up yet (else: given up, timed out)
+        elif backend.connecting is not None:  # not taken up yet (else: given up, timed out)
             backend.lost_early = backend.leg.lost(exc)  # read now: the fd is still its own
 
     def backend_lost(self, backend: BackendConnection, reset: bool) -> None:
@@ -483,7 +483,7 @@ class ClientSession(asyncio.Protocol):
             return
         http = self.http
         self.flow.drain()
-        if self.phase == HANDSHAKING or self.phase in _FLOWING or self.fwd.connect_task:
+        if self.phase == HANDSHAKING or self.phase in _FLOWING or self.fwd.connecting:
             return
         if http is not None and (http.busy or self.record.requests == 0):
             return
@@ -597,7 +597,7 @@ def _first_bytes_timed_out(session: ClientSession) -> None:
 def _idle_timed_out(session: ClientSession) -> None:
     """IDLE, TUNNEL_IDLE: ends the connection, unless a connect (with its own timeout) is
     under way."""
-    if session.fwd.connect_task is not None:
+    if session.fwd.connecting is not None:
         session.set_deadline(session.deadline_kind, session.ctx.settings.timeouts.connect_seconds)
     else:
         session.close_client(session.deadline_kind)

@@ -49,7 +49,7 @@ class Tunnel:
                 session.close_client(CLIENT_CLOSED)
             else:  # pass the half-close on
                 backend.leg.shutdown()
-        elif fwd.connect_task is None:
+        elif fwd.connecting is None:
             session.close_client(CLIENT_CLOSED)
 
     def on_response_data(self, data: bytes) -> None:

@@ -1,10 +1,9 @@
 """The forwarder (reuse never) over a fake session: the PROXY header it sends a backend,
 what policy "hash" hashes, and when a request whose backend connection died may go again.
-No sockets; the one connect a retry starts is a task that waits and is cancelled."""
+No sockets; the one connect a retry starts never completes and is cancelled."""
 
 from __future__ import annotations
 
-import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,11 +22,19 @@ from tests.fakes import FakeSession, FakeSocket, FakeTransport
 pytestmark = pytest.mark.incompatible_with_mypyc
 
 
-class Connector:
-    """A connect that never completes (the retry's new attempt: started, not awaited)."""
+class Connecting:
+    """A connect that never completes (the retry's new attempt: started, not finished)."""
 
-    async def connect(self, *args: Any) -> Any:
-        await asyncio.Event().wait()
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Connector:
+    def start(self, *args: Any) -> Connecting:
+        return Connecting()
 
 
 def session_with(requests: bytes = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", **group: Any
@@ -122,10 +129,10 @@ async def test_a_request_whose_connection_died_before_any_response_byte_goes_aga
     assert exchange.record.failed_backends == ["web1"] == session.record.failed_backends
     assert session.ctx.services.idle.closed == [None]  # the dead one given up: its FIN or RST
     assert fwd.pending == [exchange.replay] and fwd.backend is None
-    assert "connecting" in session.blocked and fwd.connect_task is not None
-    fwd.connect_task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await fwd.connect_task
+    attempt = fwd.connecting
+    assert "connecting" in session.blocked and isinstance(attempt, Connecting)
+    fwd.cancel()  # the client went away
+    assert attempt.cancelled and fwd.connecting is None
 
 
 @pytest.mark.parametrize(
@@ -154,6 +161,6 @@ async def test_a_request_does_not_go_again_when(why: str) -> None:
     dead = backend()
     fwd.backend = dead
     assert fwd.retry(dead) is False
-    assert fwd.connect_task is None and exchange.record.retries == (
+    assert fwd.connecting is None and exchange.record.retries == (
         2 if why == "retries spent" else 0
     )

@@ -6,7 +6,6 @@ ours."""
 
 from __future__ import annotations
 
-import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -42,9 +41,9 @@ class Client(H2Connection):
         return events
 
 
-async def never(*args: Any) -> Any:
+def never(*args: Any) -> Any:
     """A backend connect that does not finish (the stream waits, as a slow backend's would)."""
-    await asyncio.Event().wait()
+    return SimpleNamespace(cancel=lambda: None)
 
 
 def h2_session(backend: str = "none") -> FakeSession:
@@ -54,7 +53,7 @@ def h2_session(backend: str = "none") -> FakeSession:
         name="web",
         reuse="always" if backend == "none" else "never",
         pool=SimpleNamespace(acquire=lambda *args: None),
-        connector=SimpleNamespace(connect=never),
+        connector=SimpleNamespace(start=never),
     )
     session.ctx.router = SimpleNamespace(for_request=lambda host, target: group)
     session.ctx.settings.limits = SimpleNamespace(max_header_bytes=16384, max_body_bytes=None)

@@ -35,7 +35,7 @@ def tunnel(connected: bool = True) -> tuple[Tunnel, FakeSession, FakeForwarder, 
     client, backend = Ends(), Ends()
     session.client = client  # type: ignore[assignment]
     fwd.backend = SimpleNamespace(leg=backend) if connected else None  # type: ignore[attr-defined]
-    fwd.connect_task = None if connected else object()  # type: ignore[attr-defined]
+    fwd.connecting = None if connected else object()  # type: ignore[attr-defined]
     return Tunnel(session, fwd), session, fwd, client, backend  # type: ignore[arg-type]
 
 
