@@ -13,7 +13,8 @@ from setuptools import setup
 # process side (cli, supervisor, worker, admin, control, health checks, certs, demo) runs
 # once or rarely and stays interpreted: compiling it buys nothing and costs build time.
 COMPILED = [
-    "backend/connection", "backend/groups", "backend/policies", "backend/pool", "backend/state",
+    "backend/connection", "backend/connector", "backend/groups", "backend/policies",
+    "backend/pool", "backend/state",
     "client/drain", "client/exchange", "client/forward", "client/h2_flow", "client/h2_stream",
     "client/http_flow", "client/listener", "client/prelude", "client/session",
     "client/tls_front", "client/tunnel", "facts/record",
