@@ -152,27 +152,29 @@ class Leg:
         when they are read. If none is queued yet, watch a duplicate descriptor while reading
         is paused, so the transport reads only after the peek. Without a stamp, nothing is
         reported: the caller's own reading time stands in."""
-        fd = self.sock.fileno()
-        if self._peek_stamp(fd, wall_clock, stamped):
+        if self._peek_stamp(wall_clock, stamped):
             return
         try:
-            watched = os.dup(fd)
-            loop.add_reader(watched, self._first_bytes_in, watched, wall_clock, stamped)
+            watched = os.dup(self.sock.fileno())
+            loop.add_reader(watched, self._first_bytes_in, wall_clock, stamped)
         except (OSError, RuntimeError, AttributeError):
             return
         self.watched = (loop, watched)
         self.pause("stamp")
 
     def _first_bytes_in(
-        self, watched: int, wall_clock: Callable[[], float], stamped: Callable[[float], None]
+        self, wall_clock: Callable[[], float], stamped: Callable[[float], None]
     ) -> None:
-        self._peek_stamp(watched, wall_clock, stamped)
+        self._peek_stamp(wall_clock, stamped)
         self.stop_stamping()
 
     def _peek_stamp(
-        self, fd: int, wall_clock: Callable[[], float], stamped: Callable[[float], None]
+        self, wall_clock: Callable[[], float], stamped: Callable[[float], None]
     ) -> bool:
-        arrival = tcpinfo.first_byte_arrival(fd)
+        # Through the leg's own socket object (one borrow a leg): the watched duplicate is
+        # only for the loop to watch, the same socket underneath.
+        kernel = self._kernel()
+        arrival = None if kernel is None else tcpinfo.first_byte_arrival(kernel)
         if arrival is None:
             return False
         stamped(self.clock() - (wall_clock() - arrival))

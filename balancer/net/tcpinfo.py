@@ -121,21 +121,16 @@ def enable_receive_timestamps(sock: Any) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
 
 
-def first_byte_arrival(fd: int) -> float | None:
-    """The kernel's receive time (Unix seconds) of the first unread byte on `fd`, peeked so
-    the byte stays for whoever reads it; None if nothing is queued or no stamp is kept."""
+def first_byte_arrival(kernel: Any) -> float | None:
+    """The kernel's receive time (Unix seconds) of the first unread byte, peeked through a
+    borrowed socket object (see borrow) so the byte stays for whoever reads it; None if
+    nothing is queued or no stamp is kept."""
     try:
-        sock = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)  # borrowed: see borrow
-    except (OSError, ValueError):
-        return None
-    try:
-        _, ancillary, _, _ = sock.recvmsg(
+        _, ancillary, _, _ = kernel.recvmsg(
             1, socket.CMSG_SPACE(_STAMP.size), socket.MSG_PEEK | socket.MSG_DONTWAIT
         )
     except OSError:
         return None
-    finally:
-        sock.detach()
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _STAMP.size:
             seconds, nanoseconds = _STAMP.unpack_from(payload)

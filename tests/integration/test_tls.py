@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import ssl
 import struct
+import time
 import warnings
 
 import pytest
 
+from balancer.facts.record import LegTeardown
+from balancer.net import tcpinfo
+from balancer.net.legs import Leg
+from balancer.net.writebatch import WriteBatch
+from tests.fakes import FakeSocket, FakeTransport
 from tests.helpers import Client, client_context, make_config, port_of, raw_exchange
 
 
@@ -192,3 +199,46 @@ async def test_client_reset_mid_handshake_is_a_reset(tls_balancer, farm) -> None
     assert record.tls_failure == "reset"
     assert record.client_leg.rst_received
     assert farm[0].connections == 0
+
+
+async def test_the_first_bytes_arrival_is_the_kernels_stamp_queued_or_awaited() -> None:
+    """The ClientHello's arrival (Leg.stamp_first_bytes) is the packet's receive timestamp,
+    peeked through the leg's own socket object: for bytes already queued, and for bytes that
+    come while the leg watches for them (reading paused meanwhile)."""
+    loop = asyncio.get_running_loop()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    tcpinfo.enable_receive_timestamps(listener)  # (accepted sockets inherit it)
+    legs, sockets = [], [listener]
+    try:
+        for queued in (True, False):
+            client = socket.create_connection(listener.getsockname())
+            server, _ = listener.accept()
+            sockets += [client, server]
+            leg = Leg(LegTeardown(), WriteBatch(loop.call_soon), time.time)
+            leg.attach(FakeTransport(FakeSocket()), server)
+            legs.append(leg)
+            stamped: asyncio.Future[float] = loop.create_future()
+            if queued:
+                before = time.time()
+                client.send(b"\x16")
+                after = time.time()
+                await loop.run_in_executor(None, select.select, [server], [], [], 5)
+                leg.stamp_first_bytes(loop, time.time, stamped.set_result)
+                assert stamped.done() and leg.paused_for == ()
+            else:
+                leg.stamp_first_bytes(loop, time.time, stamped.set_result)
+                assert not stamped.done() and leg.paused_for == ("stamp",)
+                before = time.time()
+                client.send(b"\x16")
+                after = time.time()
+            arrival = await asyncio.wait_for(stamped, 5)
+            assert before <= arrival <= after  # not when it was peeked
+            assert leg.paused_for == () and leg.watched is None
+            assert server.recv(1) == b"\x16"  # peeked, not taken
+    finally:
+        for leg in legs:
+            leg.give_back()
+        for sock in sockets:
+            sock.close()
