@@ -124,6 +124,7 @@ class Connecting:
         self.first = first
         self.avoid = avoid
         self.key = key
+        # Not picked again: the backends that failed an attempt (and `avoid`).
         self.tried: tuple[BackendState, ...] = () if avoid is None else (avoid,)
         self.left = connector.max_attempts
         # Why the last attempt failed: kept as text, since an error kept would hold its
@@ -178,9 +179,7 @@ class Connecting:
             else:
                 self._report(BackendUnreachable(self.unreachable))
             return
-        state, attempts = lease.state, self.attempts
-        backend = state.backend
-        self.tried += (state,)
+        backend, attempts = lease.state.backend, self.attempts
         attempts.backend = backend.name
         attempts.backend_address = backend.address
         attempts.backend_group = backend.group
@@ -277,6 +276,7 @@ class Connecting:
         if conn.leg.transport is not None:  # connected as the deadline passed
             conn.leg.transport.abort()
         backend = lease.state.backend
+        self.tried += (lease.state,)
         attempts.connect_failures += 1
         failed_on(attempts, backend.name)
         seconds = connector.pool.connect_failed(lease, connector.clock())
