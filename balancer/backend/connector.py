@@ -205,45 +205,48 @@ class Connecting:
         self._step(None)
 
     def _step(self, done: object) -> None:
-        """Run the attempt's coroutine to its next wait, or to its end."""
+        """Run the attempt's coroutine to its next wait, or to its end; then act on how it
+        ended outside the `except` (what follows, up to the holder's own work, would
+        otherwise run with that exception as the context of any it raises and keeps)."""
         # Held no longer, the future that is done: an exception it holds (a refusal) gets a
         # traceback through this frame, which would hold the future (a reference cycle).
         del done
         self.waiting = None
         coro, conn, lease = self.coro, self.conn, self.lease
         assert coro is not None and conn is not None and lease is not None
+        waiting: Any = None
+        ended = ""  # "connected", "refused" (why: its repr) or "stopped" (cancel, deadline)
+        why = ""
         try:
             if self.cancelled or conn.connect_timed_out:
                 waiting = coro.throw(asyncio.CancelledError())
             else:
                 waiting = coro.send(None)
         except StopIteration:
-            self._connected(lease, conn)
-            return
+            ended = "connected"
         except OSError as failure:
-            if self.cancelled:
-                self._abandon(lease, conn)
-            elif not conn.connect_timed_out and self.host + 1 < len(
-                lease.state.backend.connect_hosts
-            ):
-                self._next_address(lease, conn)
-            else:
-                self._failed(lease, conn, repr(failure), "refused")
-            return
+            ended, why = "refused", repr(failure)
         except asyncio.CancelledError:
-            if self.cancelled:
-                self._abandon(lease, conn)
-            else:
-                self._failed(lease, conn, repr(TimeoutError("connect timed out")), "timed out")
-            return
+            ended = "stopped"
         except BaseException:
             self._abandon(lease, conn)
             raise
-        self.waiting, self.waited = waiting, True
-        if waiting is None:  # a bare yield (asyncio.sleep(0)): step again at the next turn
-            self.loop.call_soon(self._step, None)
+        if not ended:
+            self.waiting, self.waited = waiting, True
+            if waiting is None:  # a bare yield (asyncio.sleep(0)): step again at the next turn
+                self.loop.call_soon(self._step, None)
+            else:
+                waiting.add_done_callback(self._step)
+        elif ended == "connected":
+            self._connected(lease, conn)
+        elif self.cancelled:
+            self._abandon(lease, conn)
+        elif ended == "stopped":
+            self._failed(lease, conn, "TimeoutError('connect timed out')", "timed out")
+        elif not conn.connect_timed_out and self.host + 1 < len(lease.state.backend.connect_hosts):
+            self._next_address(lease, conn)
         else:
-            waiting.add_done_callback(self._step)
+            self._failed(lease, conn, why, "refused")
 
     def _end_attempt(self, conn: BackendConnection) -> None:
         self.connector.deadlines.discard(conn)

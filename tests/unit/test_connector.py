@@ -129,6 +129,9 @@ async def test_a_cancelled_connect_is_closed_released_and_never_told() -> None:
     await turns()
     assert loop.closed == ["127.0.0.1"] and holder.told == []
     assert connector.pool.states[0].active == 0 and len(connector.deadlines) == 0
+    # Not a failure of the backend's: not ejected, no other tried.
+    assert record.connect_failures == 0 and len(loop.hosts) == 1
+    assert all(state.connect_failures_total == 0 for state in connector.pool.states)
     # Cancelled once its connect is done but before its step ran: closed all the same.
     attempt = connector.start(holder, None, record, loop)  # type: ignore[arg-type]
     loop.waiting[1].set_result(None)
