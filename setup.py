@@ -1,5 +1,6 @@
 """The opt-in compiled build: `BALANCER_MYPYC=1 pip install .` compiles the connection path
-with mypyc (the modules below); without it the package is pure Python and needs no compiler.
+with mypyc (the modules below) and builds one small C module (net/_fdsocket.c); without it
+the package is pure Python and needs no compiler.
 The rest of the metadata is pyproject.toml's; _build_backend.py adds mypy to the build's
 requirements only when the variable asks for a compiled build."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 # Every module a connection runs through, from accept to the record's publication. The
 # process side (cli, supervisor, worker, admin, control, health checks, certs, demo) runs
@@ -33,5 +34,8 @@ if os.environ.get("BALANCER_MYPYC") == "1":
         [f"balancer/{path}.py" for path in COMPILED],
         opt_level=os.environ.get("MYPYC_OPT_LEVEL", "3"),
     )
+    # Socket calls on a borrowed descriptor without a socket object, whose constructor
+    # costs a getsockname (net/tcpinfo.py: borrow): two syscalls fewer a connection.
+    ext_modules.append(Extension("balancer.net._fdsocket", ["balancer/net/_fdsocket.c"]))
 
 setup(ext_modules=ext_modules)

@@ -18,6 +18,11 @@ import socket
 import struct
 from typing import Any, Final, NamedTuple, Protocol
 
+try:  # the compiled build's (setup.py); see borrow
+    from balancer.net._fdsocket import FdSocket as _FdSocket
+except ImportError:  # the pure build
+    _FdSocket = None  # type: ignore[assignment, misc]
+
 # struct tcp_info (linux/tcp.h): 8 single bytes, then 32-bit fields, then 64-bit counters.
 # state; unacked at 24; rtt at 68; total_retrans at 100; bytes_acked at 120, bytes_received
 # at 128 (Linux 4.1+); bytes_sent at 200, bytes_retrans at 208 (Linux 4.19+).
@@ -69,16 +74,19 @@ class TCPInfo(NamedTuple):
 _new_info = tuple.__new__
 
 
-def borrow(sock: HasFileno) -> _socket.socket:
+def borrow(sock: HasFileno) -> Any:
     """A socket object of our own on `sock`'s descriptor, to be `detach()`ed (never closed).
 
     The transports' own socket objects refuse shutdown() (uvloop) or build a socket object for
-    every call, whose constructor asks the kernel to check the descriptor (a getsockname each).
-    A leg borrows once to read its handshake and once to end (legs.py) and keeps the second
-    until it is lost, so each TCP_INFO read or shutdown on the way is one syscall. Named
-    here, the family and type are not asked for; the C type (`_socket.socket`) skips
-    socket.socket's Python-level __init__.
+    every call, whose constructor asks the kernel to check the descriptor (a getsockname each,
+    even with the family given, in CPython 3.11). A leg borrows once and keeps it until it is
+    lost (legs.py), so each TCP_INFO read or shutdown on the way is one syscall. The compiled
+    build borrows an FdSocket (_fdsocket.c): the same calls on the bare descriptor, without
+    that getsockname. Here the family and type are named, not asked for, and the C type
+    (`_socket.socket`) skips socket.socket's Python-level __init__.
     """
+    if _FdSocket is not None:
+        return _FdSocket(sock.fileno())
     return _socket.socket(_AF_INET, _SOCK_STREAM, 0, sock.fileno())
 
 

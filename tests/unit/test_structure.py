@@ -35,7 +35,8 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+# A native module (the compiled build's net/_fdsocket.c) is here by its stub: a leaf.
+MODULES = {module_name(path): path for path in [*PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.pyi")]}
 
 
 def ours(module: str, annotations: bool = True) -> set[str]:

@@ -1,0 +1,190 @@
+/* FdSocket: the few socket calls a Leg makes on a descriptor it does not own (TCP_INFO,
+ * SO_LINGER, shutdown, a peek for the receive timestamp), without a socket object.
+ *
+ * Why: CPython 3.11's socket.socket(fileno=...) calls getsockname() to check the descriptor,
+ * even with the family given, so every borrowed socket object costs a syscall; a leg borrows
+ * one (net/tcpinfo.py: borrow), two a connection. This type takes the descriptor as it is.
+ * Built only in the compiled build (setup.py, BALANCER_MYPYC=1); the pure build borrows a
+ * socket object, the same methods with the same results. Each method answers as
+ * socket.socket's does: the same arguments (only the forms the Leg uses), the same return
+ * values, OSError (its errno subclass) on failure.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+
+typedef struct {
+    PyObject_HEAD int fd;
+} FdSocket;
+
+static int fdsocket_init(FdSocket *self, PyObject *args, PyObject *kwargs) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i:FdSocket", &fd))
+        return -1;
+    self->fd = fd;
+    return 0;
+}
+
+static PyObject *fdsocket_fileno(FdSocket *self, PyObject *unused) {
+    return PyLong_FromLong(self->fd);
+}
+
+/* The descriptor is the transport's: let go of it (never closed here). */
+static PyObject *fdsocket_detach(FdSocket *self, PyObject *unused) {
+    int fd = self->fd;
+    self->fd = -1;
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *closed_error(void) {
+    errno = EBADF;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* getsockopt(level, optname, buflen) -> bytes */
+static PyObject *fdsocket_getsockopt(FdSocket *self, PyObject *args) {
+    int level, optname, buflen;
+    if (!PyArg_ParseTuple(args, "iii:getsockopt", &level, &optname, &buflen))
+        return NULL;
+    if (buflen <= 0 || buflen > 1024) {
+        PyErr_SetString(PyExc_OSError, "getsockopt buflen out of range");
+        return NULL;
+    }
+    if (self->fd < 0)
+        return closed_error();
+    PyObject *buf = PyBytes_FromStringAndSize(NULL, buflen);
+    if (buf == NULL)
+        return NULL;
+    socklen_t size = (socklen_t)buflen;
+    if (getsockopt(self->fd, level, optname, PyBytes_AS_STRING(buf), &size) < 0) {
+        Py_DECREF(buf);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (_PyBytes_Resize(&buf, (Py_ssize_t)size) < 0)
+        return NULL;
+    return buf;
+}
+
+/* setsockopt(level, optname, value: bytes) -> None */
+static PyObject *fdsocket_setsockopt(FdSocket *self, PyObject *args) {
+    int level, optname;
+    Py_buffer value;
+    if (!PyArg_ParseTuple(args, "iiy*:setsockopt", &level, &optname, &value))
+        return NULL;
+    if (self->fd < 0) {
+        PyBuffer_Release(&value);
+        return closed_error();
+    }
+    int failed = setsockopt(self->fd, level, optname, value.buf, (socklen_t)value.len) < 0;
+    PyBuffer_Release(&value);
+    if (failed)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* shutdown(how) -> None */
+static PyObject *fdsocket_shutdown(FdSocket *self, PyObject *arg) {
+    int how = PyLong_AsLong(arg);
+    if (how == -1 && PyErr_Occurred())
+        return NULL;
+    if (self->fd < 0)
+        return closed_error();
+    if (shutdown(self->fd, how) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* recvmsg(bufsize, ancbufsize, flags) -> (data, [(level, type, data)], msg_flags, None) */
+static PyObject *fdsocket_recvmsg(FdSocket *self, PyObject *args) {
+    Py_ssize_t bufsize, ancbufsize;
+    int flags;
+    if (!PyArg_ParseTuple(args, "nni:recvmsg", &bufsize, &ancbufsize, &flags))
+        return NULL;
+    if (bufsize < 0 || bufsize > 65536 || ancbufsize < 0 || ancbufsize > 4096) {
+        PyErr_SetString(PyExc_ValueError, "recvmsg sizes out of range");
+        return NULL;
+    }
+    if (self->fd < 0)
+        return closed_error();
+    PyObject *received = PyBytes_FromStringAndSize(NULL, bufsize);
+    if (received == NULL)
+        return NULL;
+    char control[4096];
+    struct iovec vector = {PyBytes_AS_STRING(received), (size_t)bufsize};
+    struct msghdr message;
+    memset(&message, 0, sizeof(message));
+    message.msg_iov = &vector;
+    message.msg_iovlen = 1;
+    message.msg_control = ancbufsize ? control : NULL;
+    message.msg_controllen = (size_t)ancbufsize;
+    ssize_t got = recvmsg(self->fd, &message, flags);
+    if (got < 0) {
+        Py_DECREF(received);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (_PyBytes_Resize(&received, (Py_ssize_t)got) < 0)
+        return NULL;
+    PyObject *ancillary = PyList_New(0);
+    if (ancillary == NULL) {
+        Py_DECREF(received);
+        return NULL;
+    }
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header != NULL;
+         header = CMSG_NXTHDR(&message, header)) {
+        size_t size = header->cmsg_len - CMSG_LEN(0);
+        PyObject *item = Py_BuildValue("(iiy#)", header->cmsg_level, header->cmsg_type,
+                                       (const char *)CMSG_DATA(header), (Py_ssize_t)size);
+        if (item == NULL || PyList_Append(ancillary, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(ancillary);
+            Py_DECREF(received);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return Py_BuildValue("(NNiO)", received, ancillary, message.msg_flags, Py_None);
+}
+
+static PyMethodDef fdsocket_methods[] = {
+    {"fileno", (PyCFunction)fdsocket_fileno, METH_NOARGS, "The descriptor (-1 once detached)."},
+    {"detach", (PyCFunction)fdsocket_detach, METH_NOARGS, "Let go of the descriptor."},
+    {"getsockopt", (PyCFunction)fdsocket_getsockopt, METH_VARARGS,
+     "getsockopt(level, optname, buflen) -> bytes"},
+    {"setsockopt", (PyCFunction)fdsocket_setsockopt, METH_VARARGS,
+     "setsockopt(level, optname, value: bytes)"},
+    {"shutdown", (PyCFunction)fdsocket_shutdown, METH_O, "shutdown(how)"},
+    {"recvmsg", (PyCFunction)fdsocket_recvmsg, METH_VARARGS,
+     "recvmsg(bufsize, ancbufsize, flags) -> (data, ancillary, msg_flags, None)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FdSocketType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "balancer.net._fdsocket.FdSocket",
+    .tp_basicsize = sizeof(FdSocket),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Socket calls on a descriptor owned elsewhere (see the module's comment).",
+    .tp_methods = fdsocket_methods,
+    .tp_init = (initproc)fdsocket_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static struct PyModuleDef fdsocket_module = {
+    PyModuleDef_HEAD_INIT, "_fdsocket", "Socket calls on a borrowed descriptor.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fdsocket(void) {
+    if (PyType_Ready(&FdSocketType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&fdsocket_module);
+    if (module == NULL)
+        return NULL;
+    Py_INCREF(&FdSocketType);
+    if (PyModule_AddObject(module, "FdSocket", (PyObject *)&FdSocketType) < 0) {
+        Py_DECREF(&FdSocketType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
