@@ -464,3 +464,23 @@ async def admin_json(balancer: Balancer, path: str) -> Any:
 
 
 Cleanup = Callable[[], None]
+
+
+def until_bytes_are_stamped(client: socket.socket, server: socket.socket) -> None:
+    """Wait (bounded) until bytes from `client` reach `server` with a receive timestamp.
+
+    Linux stamps arriving packets only once some socket asks (SO_TIMESTAMPNS), and turns that
+    on through a deferred work item: a process's first stamped socket may see its first
+    bytes unstamped (the balancer then falls back to its reading time). Probe bytes are sent
+    and read until one comes stamped; none is left queued."""
+    import select
+    import time
+
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        client.sendall(b"p")
+        assert select.select([server], [], [], 5)[0]
+        _, ancillary, _, _ = server.recvmsg(1, socket.CMSG_SPACE(16))
+        if ancillary:
+            return
+    raise AssertionError("receive timestamps never came on")

@@ -17,7 +17,14 @@ from balancer.net import tcpinfo
 from balancer.net.legs import Leg
 from balancer.net.writebatch import WriteBatch
 from tests.fakes import FakeSocket, FakeTransport
-from tests.helpers import Client, client_context, make_config, port_of, raw_exchange
+from tests.helpers import (
+    Client,
+    client_context,
+    make_config,
+    port_of,
+    raw_exchange,
+    until_bytes_are_stamped,
+)
 
 
 def _tls_get(
@@ -216,6 +223,7 @@ async def test_the_first_bytes_arrival_is_the_kernels_stamp_queued_or_awaited() 
             client = socket.create_connection(listener.getsockname())
             server, _ = listener.accept()
             sockets += [client, server]
+            until_bytes_are_stamped(client, server)
             leg = Leg(LegTeardown(), WriteBatch(loop.call_soon), time.time)
             leg.attach(FakeTransport(FakeSocket()), server)
             legs.append(leg)
