@@ -92,6 +92,11 @@ def borrow(sock: HasFileno) -> Any:
 
 def info(kernel: Any) -> TCPInfo | None:
     """TCP_INFO through a borrowed socket object, or None where the platform cannot say."""
+    if type(kernel) is _FdSocket:  # the compiled build's: parsed in C, the same answer
+        try:
+            return kernel.tcp_info(TCPInfo)
+        except OSError:
+            return None
     try:
         raw = kernel.getsockopt(_IPPROTO_TCP, TCP_INFO, _SIZE_SENT)
     except OSError:

@@ -110,6 +110,29 @@ def test_a_reset_or_a_closed_descriptor_raises_as_a_socket_object_would(
     assert not tcpinfo.shutdown_write(kernel)
 
 
+def test_fdsockets_tcp_info_is_the_python_parse_of_the_same_read(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """FdSocket.tcp_info parses TCP_INFO in C: field for field what tcpinfo.info makes of a
+    socket object's getsockopt, on a connection at rest (nothing in flight between the two
+    reads), after bytes each way."""
+    client, server = pair
+    client.sendall(b"x" * 3000)
+    server.sendall(b"y" * 700)
+    assert len(client.recv(700, socket.MSG_WAITALL)) == 700
+    assert len(server.recv(3000, socket.MSG_WAITALL)) == 3000
+    fd = fd_socket(server.fileno())
+    plain = socket_object(server.fileno())
+    try:
+        parsed_in_c, parsed_here = tcpinfo.info(fd), tcpinfo.info(plain)
+        assert type(parsed_in_c) is tcpinfo.TCPInfo and parsed_in_c == parsed_here
+        assert parsed_here is not None and parsed_here.bytes_received > 3000  # (and probes)
+        assert parsed_here.bytes_sent == 700
+    finally:
+        fd.detach()
+        plain.detach()
+
+
 def test_the_build_borrows_its_own_kind() -> None:
     """The compiled build borrows an FdSocket, the pure build a socket object."""
     listener = socket.socket()
