@@ -4,6 +4,7 @@
     python bench/paired.py --base 26734ea --only S2 --rounds 6
     python bench/paired.py --base 26734ea --only S6        # HTTP/2 (h2load), ALPN h2 offered
     python bench/paired.py --base HEAD --config-b reuse.toml  # one commit, two configurations
+    python bench/paired.py --base 29a6a1f --only S2 --compiled  # both built with mypyc
 
 On a noisy 2-core machine a change is judged by pairs, not by two separate runs: each round
 runs A then B (then B then A, alternating) on CPU 0 against one farm on CPU 1, and the ratio
@@ -92,6 +93,15 @@ def start(
     return target
 
 
+def build_in_place(tree: Path) -> None:
+    """The compiled build of `tree` (README, "Compiled build"), in place: `python -m
+    balancer` there then runs it."""
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tree, check=True, capture_output=True, env={**os.environ, "BALANCER_MYPYC": "1"},
+    )  # fmt: skip
+
+
 def stop(bench: Bench, target: Target) -> None:
     """SIGTERM, as an operator stops it; the next round starts a new process."""
     process = target.process
@@ -113,12 +123,21 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", choices=["S1", "S2", "S6"], help="scenario(s); S6: HTTP/2"
     )
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--compiled", action="store_true", help="both sides built with mypyc (BALANCER_MYPYC=1)"
+    )
     args = parser.parse_args(argv)
     scenarios = args.only or ["S1", "S2"]
     with tempfile.TemporaryDirectory(prefix="balancer-paired-") as tmp:
         workdir = Path(tmp)
         base = worktree(args.base, workdir / "base")
         bench = Bench(workdir, full=False, log=lambda line: print(line, flush=True))
+        head = ROOT
+        if args.compiled:  # B: a copy of this checkout, built (as bench/run.py builds it)
+            build_in_place(base)
+            bench.build_compiled()
+            assert bench.compiled is not None, "the compiled build of HEAD failed"
+            head = bench.compiled
         try:
             bench.start_farm()
             env_b = dict(item.split("=", 1) for item in args.env_b)
@@ -127,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 for round_number in range(args.rounds):
                     h2 = scenario == "S6"
                     a = start(bench, f"A {args.base}", base, args.config_a, h2=h2)
-                    b = start(bench, "B HEAD", ROOT, args.config_b, env_b, h2=h2)
+                    b = start(bench, "B HEAD", head, args.config_b, env_b, h2=h2)
                     pair = (a, b) if round_number % 2 == 0 else (b, a)
                     samples = {}
                     for target in pair:
