@@ -22,8 +22,19 @@ typedef struct {
     PyObject_HEAD int fd;
 } FdSocket;
 
+static PyObject *fdsocket_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    FdSocket *self = (FdSocket *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->fd = -1; /* no descriptor until __init__ names one */
+    return (PyObject *)self;
+}
+
 static int fdsocket_init(FdSocket *self, PyObject *args, PyObject *kwargs) {
     int fd;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "FdSocket() takes the descriptor alone");
+        return -1;
+    }
     if (!PyArg_ParseTuple(args, "i:FdSocket", &fd))
         return -1;
     self->fd = fd;
@@ -177,13 +188,16 @@ static PyObject *fdsocket_recvmsg(FdSocket *self, PyObject *args) {
     PyObject *received = PyBytes_FromStringAndSize(NULL, bufsize);
     if (received == NULL)
         return NULL;
-    char control[4096];
+    union {
+        char bytes[4096];
+        struct cmsghdr aligned; /* (a control buffer must be aligned for cmsghdr) */
+    } control;
     struct iovec vector = {PyBytes_AS_STRING(received), (size_t)bufsize};
     struct msghdr message;
     memset(&message, 0, sizeof(message));
     message.msg_iov = &vector;
     message.msg_iovlen = 1;
-    message.msg_control = ancbufsize ? control : NULL;
+    message.msg_control = ancbufsize ? control.bytes : NULL;
     message.msg_controllen = (size_t)ancbufsize;
     ssize_t got = recvmsg(self->fd, &message, flags);
     if (got < 0) {
@@ -235,7 +249,7 @@ static PyTypeObject FdSocketType = {
     .tp_doc = "Socket calls on a descriptor owned elsewhere (see the module's comment).",
     .tp_methods = fdsocket_methods,
     .tp_init = (initproc)fdsocket_init,
-    .tp_new = PyType_GenericNew,
+    .tp_new = fdsocket_new,
 };
 
 static struct PyModuleDef fdsocket_module = {
