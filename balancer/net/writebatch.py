@@ -69,14 +69,15 @@ class WriteBatch:
                     transport.write(data)
             return
         # One write per transport, in the order each first wrote (dicts keep insertion order).
-        gathered: dict[int, tuple[Writable, list[bytes]]] = {}
+        # Keyed by the transport itself (hashed by identity): id() would make an int a write.
+        gathered: dict[Writable, list[bytes]] = {}
         for transport, data in queued:
-            entry = gathered.get(id(transport))
-            if entry is None:
-                gathered[id(transport)] = (transport, [data])
+            parts = gathered.get(transport)
+            if parts is None:
+                gathered[transport] = [data]
             else:
-                entry[1].append(data)
-        for transport, parts in gathered.values():
+                parts.append(data)
+        for transport, parts in gathered.items():
             if not transport.is_closing():
                 transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
