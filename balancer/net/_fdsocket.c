@@ -3,9 +3,10 @@
  *
  * Why: CPython 3.11's socket.socket(fileno=...) calls getsockname() to check the descriptor,
  * even with the family given, so every borrowed socket object costs a syscall; a leg borrows
- * one (net/tcpinfo.py: borrow), two a connection. This type takes the descriptor as it is.
+ * one (net/tcpinfo.py: borrow), two a connection. This type takes the descriptor as it is,
+ * and reads TCP_INFO parsed (tcp_info), where a socket object's getsockopt gives the bytes.
  * Built only in the compiled build (setup.py, BALANCER_MYPYC=1); the pure build borrows a
- * socket object, the same methods with the same results. Each method answers as
+ * socket object (tcpinfo.info parses its getsockopt's bytes). Every other method answers as
  * socket.socket's does: the same arguments (only the forms the Leg uses), the same return
  * values, OSError (its errno subclass) on failure.
  */
@@ -55,30 +56,6 @@ static PyObject *fdsocket_detach(FdSocket *self, PyObject *unused) {
 static PyObject *closed_error(void) {
     errno = EBADF;
     return PyErr_SetFromErrno(PyExc_OSError);
-}
-
-/* getsockopt(level, optname, buflen) -> bytes */
-static PyObject *fdsocket_getsockopt(FdSocket *self, PyObject *args) {
-    int level, optname, buflen;
-    if (!PyArg_ParseTuple(args, "iii:getsockopt", &level, &optname, &buflen))
-        return NULL;
-    if (buflen <= 0 || buflen > 1024) {
-        PyErr_SetString(PyExc_OSError, "getsockopt buflen out of range");
-        return NULL;
-    }
-    if (self->fd < 0)
-        return closed_error();
-    PyObject *buf = PyBytes_FromStringAndSize(NULL, buflen);
-    if (buf == NULL)
-        return NULL;
-    socklen_t size = (socklen_t)buflen;
-    if (getsockopt(self->fd, level, optname, PyBytes_AS_STRING(buf), &size) < 0) {
-        Py_DECREF(buf);
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (_PyBytes_Resize(&buf, (Py_ssize_t)size) < 0)
-        return NULL;
-    return buf;
 }
 
 static uint32_t u32_at(const unsigned char *raw, size_t offset) {
@@ -230,8 +207,6 @@ static PyObject *fdsocket_recvmsg(FdSocket *self, PyObject *args) {
 static PyMethodDef fdsocket_methods[] = {
     {"fileno", (PyCFunction)fdsocket_fileno, METH_NOARGS, "The descriptor (-1 once detached)."},
     {"detach", (PyCFunction)fdsocket_detach, METH_NOARGS, "Let go of the descriptor."},
-    {"getsockopt", (PyCFunction)fdsocket_getsockopt, METH_VARARGS,
-     "getsockopt(level, optname, buflen) -> bytes"},
     {"tcp_info", (PyCFunction)fdsocket_tcp_info, METH_O,
      "tcp_info(cls) -> cls(...) or None: TCP_INFO parsed (see tcpinfo.info)"},
     {"setsockopt", (PyCFunction)fdsocket_setsockopt, METH_VARARGS,

@@ -82,8 +82,9 @@ def borrow(sock: HasFileno) -> Any:
     even with the family given, in CPython 3.11). A leg borrows once and keeps it until it is
     lost (legs.py), so each TCP_INFO read or shutdown on the way is one syscall. The compiled
     build borrows an FdSocket (_fdsocket.c): the same calls on the bare descriptor, without
-    that getsockname. Here the family and type are named, not asked for, and the C type
-    (`_socket.socket`) skips socket.socket's Python-level __init__.
+    that getsockname, and TCP_INFO parsed in C (see info). Here the family and type are
+    named, not asked for, and the C type (`_socket.socket`) skips socket.socket's
+    Python-level __init__.
     """
     if _FdSocket is not None:
         return _FdSocket(sock.fileno())
