@@ -7,6 +7,7 @@ Python, object allocations, objects left to the cyclic GC, and syscalls.
     python bench/counts.py --reuse never --allocators 40  # where the allocations are made
     python bench/counts.py --keepalive                    # per keep-alive request (ab -k)
     python bench/counts.py --h2                           # per HTTP/2 stream (h2load)
+    python bench/counts.py --tls                          # per full TLS 1.2 handshake (ab -f)
 
 The balancer runs in this process (uvloop, access log on, one worker), a small HTTP/1.1 farm
 in another, and `ab -c 8` (a new HTTP/1.0 connection per request; a Python client where ab is
@@ -97,6 +98,7 @@ with ThreadPoolExecutor(8) as pool:
 KEEPALIVE = False  # --keepalive: `ab -k`, each of the 8 connections carrying many requests
 H2 = False  # --h2: h2load over TLS (ALPN h2), 4 connections of 10 streams at once: per stream
 H2_CONNECTIONS, H2_STREAMS = 4, 10
+TLS = False  # --tls: `ab -f TLS1.2` over https, a new connection (a full handshake) each
 
 
 def load_command(port: int, count: int) -> list[str]:
@@ -107,10 +109,11 @@ def load_command(port: int, count: int) -> list[str]:
                 f"https://127.0.0.1:{port}/"]  # fmt: skip
     if shutil.which("ab"):
         keepalive = ["-k"] if KEEPALIVE else []
-        url = f"http://127.0.0.1:{port}/"
-        return ["ab", "-q", *keepalive, "-n", str(count), "-c", str(CONCURRENCY), url]
-    if KEEPALIVE:
-        raise RuntimeError("--keepalive needs ab (apache2-utils)")
+        tls = ["-f", "TLS1.2"] if TLS else []
+        url = f"{'https' if TLS else 'http'}://127.0.0.1:{port}/"
+        return ["ab", "-q", *keepalive, *tls, "-n", str(count), "-c", str(CONCURRENCY), url]
+    if KEEPALIVE or TLS:
+        raise RuntimeError("--keepalive and --tls need ab (apache2-utils)")
     return [sys.executable, "-c", CLIENT, str(port), str(count)]
 
 
@@ -249,11 +252,11 @@ async def measure(
         log = open(workdir / f"access-{reuse}.log", "w")  # noqa: SIM115 (closed below)
         listener: dict[str, Any] = {"name": "http", "bind": "127.0.0.1:0"}
         tls: dict[str, Any] = {}
-        if H2:  # an https listener offering h2, on a certificate made for the pass
+        if H2 or TLS:  # an https listener (offering h2 for --h2), on a certificate made here
             certs = workdir / "certs"
             if not (certs / "server.crt").exists():
                 make_certs(certs)
-            listener.update(tls=True, alpn=["h2", "http/1.1"])
+            listener.update(tls=True, alpn=["h2", "http/1.1"] if H2 else ["http/1.1"])
             tls = {"tls": {"cert": str(certs / "server.crt"), "key": str(certs / "server.key")}}
         config = parse_config(
             {
@@ -355,12 +358,16 @@ def main(argv: list[str] | None = None) -> int:
         help="HTTP/2 streams (h2load over TLS): the counts are per stream",
     )  # fmt: skip
     parser.add_argument(
+        "--tls", action="store_true",
+        help="a full TLS 1.2 handshake per connection (ab -f TLS1.2 over https)",
+    )  # fmt: skip
+    parser.add_argument(
         "--keepalive", action="store_true",
         help="keep-alive requests (ab -k): the counts are per request, not per connection",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    global KEEPALIVE, H2
-    KEEPALIVE, H2 = args.keepalive, args.h2
+    global KEEPALIVE, H2, TLS
+    KEEPALIVE, H2, TLS = args.keepalive, args.h2, args.tls
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         counter = build_alloc_counter(workdir)
