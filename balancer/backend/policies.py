@@ -10,7 +10,7 @@ import bisect
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from balancer.backend.state import Backend, BackendState
 
@@ -97,7 +97,7 @@ class LeastConnections:
         return self._ties.pick(tied)
 
 
-POINTS_PER_WEIGHT = 160  # ketama's: 40 MD5 digests of 4 points each per unit of weight
+POINTS_PER_WEIGHT: Final = 160  # ketama's: 40 MD5 digests of 4 points each per unit of weight
 
 
 def _points(data: bytes) -> list[int]:
@@ -183,7 +183,7 @@ class ConsistentHash:
         return lambda state: math.ceil(factor * total * state.weight / weights)
 
 
-POLICIES: dict[str, Callable[[], Policy]] = {
+POLICIES: Final[dict[str, Callable[[], Policy]]] = {
     "round_robin": RoundRobin,
     "least_connections": LeastConnections,
     "hash": ConsistentHash,

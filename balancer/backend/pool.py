@@ -11,7 +11,7 @@ import array
 import ipaddress
 from collections.abc import Collection, Sequence
 from dataclasses import replace
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from balancer.backend.policies import Policy
 from balancer.backend.state import Backend, BackendState
@@ -47,21 +47,30 @@ class PeerCounts:
             self.table[cell] = 0
 
 
-ENABLED, DRAINING, MAINTENANCE = 0, 1, 2  # the operator's word on a backend
-ADMIN_STATES = {"enabled": ENABLED, "draining": DRAINING, "maintenance": MAINTENANCE}
+ENABLED: Final = 0  # the operator's word on a backend
+DRAINING: Final = 1
+MAINTENANCE: Final = 2
+ADMIN_STATES: Final = {"enabled": ENABLED, "draining": DRAINING, "maintenance": MAINTENANCE}
 # A backend's membership: a configured backend is always MEMBER; a discovered group's slot
 # (config/dns.py) is EMPTY until the resolver gives it an address, and LEAVING once DNS no
 # longer names it (no new connections; those it has finish: the drain) until the slot is
 # given to another member.
-MEMBER, EMPTY, LEAVING = 0, 1, 2
+MEMBER: Final = 0
+EMPTY: Final = 1
+LEAVING: Final = 2
 # What a worker sees of a backend, first match: an empty slot, the operator's word
 # (maintenance, draining; a leaving member drains too), the active checks' (down), its own
 # passive checks' (ejected: skipped for now), else up.
-BACKEND_STATES = ("up", "down", "draining", "maintenance", "ejected", "empty")
+BACKEND_STATES: Final = ("up", "down", "draining", "maintenance", "ejected", "empty")
 # A backend's cells in a BackendTable (cell 0: the version): the checks' verdict, the
 # operator's state, the weight, its membership, and a discovered member's port and address
 # (16 bytes: IPv6, or IPv4 mapped into it).
-_UP, _ADMIN, _WEIGHT, _MEMBER, _PORT, _IP = 1, 2, 3, 4, 5, 6
+_UP: Final = 1
+_ADMIN: Final = 2
+_WEIGHT: Final = 3
+_MEMBER: Final = 4
+_PORT: Final = 5
+_IP: Final = 6
 
 
 def _packed(host: str) -> list[int]:
@@ -206,7 +215,8 @@ class Lease:
                 self.pool.publish(self.state)
 
 
-SLOW_START_SCALE = 64  # weights are scaled by this while slow start is on: a ramp needs steps
+# Weights are scaled by this while slow start is on: a ramp needs steps.
+SLOW_START_SCALE: Final = 64
 
 
 class BackendPool:

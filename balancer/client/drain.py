@@ -15,7 +15,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from balancer.backend.groups import Group
 from balancer.backend.state import BackendState
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("balancer")
 
-WATCH_SECONDS = 0.5
+WATCH_SECONDS: Final = 0.5
 
 
 class Drainer:

@@ -13,7 +13,7 @@ again on a new connection (forward.Forwarder.retry).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from balancer.facts.record import BackendConnectionRecord, ConnectionRecord, RequestRecord
 from balancer.wire.http1 import RequestHead
@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from balancer.backend.groups import Group
 
 # RFC 9110 §9.2.2; CONNECT is refused before it gets here.
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-REPLAY_MAX_BYTES = 16384  # a request larger than this is not kept for a retry
+IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+REPLAY_MAX_BYTES: Final = 16384  # a request larger than this is not kept for a retry
 
 
 class Exchange:

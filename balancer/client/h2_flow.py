@@ -30,7 +30,7 @@ connection-specific fields.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from balancer.backend.connection import BackendConnection, KeptConnection
 from balancer.client.h2_stream import H2Stream
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from balancer.backend.pool import Lease
     from balancer.client.contract import H2Session
 
-MAX_CONCURRENT_STREAMS = 100  # as nginx's http2_max_concurrent_streams and HAProxy's
+MAX_CONCURRENT_STREAMS: Final = 100  # as nginx's http2_max_concurrent_streams and HAProxy's
 # A stream opened past it is refused alone (RST_STREAM REFUSED_STREAM, a glitch: RFC 9113
 # §5.1.2 asks a stream error, as nginx and HAProxy answer). Refusals over many reads run out
 # of glitches (ENHANCE_YOUR_CALM); a flood within one read (the connection layer makes every
@@ -86,11 +86,11 @@ MAX_CONCURRENT_STREAMS = 100  # as nginx's http2_max_concurrent_streams and HAPr
 # client's, a stream the client resets before its answer (Rapid Reset, CVE-2023-44487). A
 # connection has GLITCHES_FREE of them, and GLITCHES_PER_ANSWER more for each response it
 # took; past that, GOAWAY ENHANCE_YOUR_CALM and the connection ends (`h2_error`).
-GLITCHES_FREE = 200
-GLITCHES_PER_ANSWER = 2
-TINY_WINDOW_UPDATE = 1024
-_HIGHEST_STREAM_ID = 2**31 - 1  # a draining GOAWAY's first: no stream refused yet
-_DRAIN_PING = b"draining"  # its PING's opaque data (8 bytes)
+GLITCHES_FREE: Final = 200
+GLITCHES_PER_ANSWER: Final = 2
+TINY_WINDOW_UPDATE: Final = 1024
+_HIGHEST_STREAM_ID: Final = 2**31 - 1  # a draining GOAWAY's first: no stream refused yet
+_DRAIN_PING: Final = b"draining"  # its PING's opaque data (8 bytes)
 
 
 class H2Flow:

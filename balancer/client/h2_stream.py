@@ -17,7 +17,7 @@ The stream sees its flow through `StreamFlow`, the few members it uses.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from balancer.backend.connection import BackendConnection, KeptConnection
 from balancer.backend.connector import Connecting
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 # A stream's response bytes held while the client's window is shut; past this its backend
 # connection stops being read until the window opens.
-HELD_HIGH_BYTES = 65536
+HELD_HIGH_BYTES: Final = 65536
 
 
 class StreamFlow(Protocol):

@@ -25,7 +25,7 @@ Rules kept here:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from balancer.client.listener import HEADER, IDLE, RESPONSE, ListenerContext
 from balancer.facts.causes import BACKEND_CLOSED, CLIENT_CLOSED, HTTP_CLOSE, SHUTDOWN
@@ -36,14 +36,14 @@ if TYPE_CHECKING:
     from balancer.client.contract import FlowSession
     from balancer.client.forward import Forwarder
 
-RETRY_AFTER_SECONDS = 1
+RETRY_AFTER_SECONDS: Final = 1
 # Request readers (each with its httptools parser, ~1.4 KB) kept for reuse per loop. Once a
 # listener has more than READER_POOL_ABOVE connections open, a keep-alive connection gives its
 # reader back whenever it goes idle and takes one again with its next request, so idle
 # connections hold none (nor, in the reuse modes, a response framer); below that, memory is
 # no concern and the round trip (~1 µs a request) is saved.
 READER_POOL_ABOVE = 256
-IDLE_READERS_KEPT = 256
+IDLE_READERS_KEPT: Final = 256
 
 
 class HttpFlow:

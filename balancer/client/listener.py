@@ -19,7 +19,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from balancer.backend.connection import IdlePool
 from balancer.backend.groups import Group, Router
@@ -82,13 +82,13 @@ class OpenConnection(Protocol):
 
 # Deadline kinds: what a session can wait for. session.DEADLINES is their table (the timeout
 # bounding each, what passing it does); a kind that ends the connection is its close cause.
-TLS_HANDSHAKE = "tls_handshake_timeout"
-HEADER = HEADER_TIMEOUT
-IDLE = IDLE_TIMEOUT
-RESPONSE = BACKEND_TIMEOUT
-TUNNEL_IDLE = TUNNEL_IDLE_TIMEOUT
-LINGER = "linger"
-FIRST_BYTES = FIRST_BYTES_TIMEOUT  # a PROXY header, or a ClientHello to route by SNI
+TLS_HANDSHAKE: Final = "tls_handshake_timeout"
+HEADER: Final = HEADER_TIMEOUT
+IDLE: Final = IDLE_TIMEOUT
+RESPONSE: Final = BACKEND_TIMEOUT
+TUNNEL_IDLE: Final = TUNNEL_IDLE_TIMEOUT
+LINGER: Final = "linger"
+FIRST_BYTES: Final = FIRST_BYTES_TIMEOUT  # a PROXY header, or a ClientHello to route by SNI
 
 
 def _ignore_request(record: RequestRecord) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import Final
 
 from balancer.config.values import Network
 from balancer.facts.record import ConnectionRecord
@@ -32,7 +33,7 @@ def trusted(client_ip: str, sources: Sequence[Network]) -> bool:
     return any(address in network for network in sources)
 
 
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 class Prelude:

@@ -41,7 +41,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from balancer.backend.connection import BackendConnection
 from balancer.client.exchange import Exchanges
@@ -90,10 +90,19 @@ class Phase(IntEnum):
 
 
 # By their names here: a module global is read faster than a class attribute.
-HANDSHAKING, EXCHANGING, MULTIPLEXING, TUNNEL, CLOSING, FINISHED = Phase
-_FLOWING = (MULTIPLEXING, TUNNEL)  # a flow takes every client byte (HTTP/1: from the start)
+HANDSHAKING: Final = Phase.HANDSHAKING
+EXCHANGING: Final = Phase.EXCHANGING
+MULTIPLEXING: Final = Phase.MULTIPLEXING
+TUNNEL: Final = Phase.TUNNEL
+CLOSING: Final = Phase.CLOSING
+FINISHED: Final = Phase.FINISHED
+_FLOWING: Final = (MULTIPLEXING, TUNNEL)  # a flow takes every client byte (HTTP/1: from the start)
 # What the admin view calls each phase (EXCHANGING: "active" while a request is under way).
-PHASE_STATES: dict[int, str] = {HANDSHAKING: "handshaking", TUNNEL: "active", CLOSING: "closing"}
+PHASE_STATES: Final[dict[int, str]] = {
+    HANDSHAKING: "handshaking",
+    TUNNEL: "active",
+    CLOSING: "closing",
+}
 PHASE_STATES[MULTIPLEXING] = "active"
 PHASE_STATES[FINISHED] = "closing"
 
@@ -617,7 +626,7 @@ class DeadlineKind(NamedTuple):
     while_closing: bool = False
 
 
-DEADLINES: dict[str, DeadlineKind] = {
+DEADLINES: Final[dict[str, DeadlineKind]] = {
     FIRST_BYTES: DeadlineKind("client_header_seconds", _first_bytes_timed_out),
     TLS_HANDSHAKE: DeadlineKind("tls_handshake_seconds", _tls_handshake_timed_out),
     HEADER: DeadlineKind("client_header_seconds", _header_timed_out),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from balancer.facts.causes import CLIENT_CLOSED, TLS_ERROR, TLS_FAILED
 from balancer.net.tls import NOT_TLS, TLSHandshakeFailed, TLSSession
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from balancer.client.contract import TLSFrontSession
 
 # A request line's start (a method token, a space) where a ClientHello was due.
-_HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,12} ")
-PLAIN_HTTP_ON_TLS_PORT = error_response(
+_HTTP_REQUEST_LINE: Final = re.compile(rb"[A-Z]{3,12} ")
+PLAIN_HTTP_ON_TLS_PORT: Final = error_response(
     400, explained="This port speaks HTTPS: a plain HTTP request was sent to it. Use https://.\n"
 )
 

@@ -15,28 +15,30 @@ once per connection by `ended_by` (first decision stands).
 
 from __future__ import annotations
 
+from typing import Final
+
 # Why a client connection ended (`close_cause`), besides the reason of the error it ended in
 # (wire/errors.py: bad_request, backend_connect_failed, ...). Listed once; each is a label
 # value of balancer_connections_closed_total.
-CLIENT_CLOSED = "client_closed"
-CLIENT_RESET = "client_reset"
-HTTP_CLOSE = "http_close"
-BACKEND_CLOSED = "backend_closed"
-BACKEND_RESET = "backend_reset"
-IDLE_TIMEOUT = "idle_timeout"
-HEADER_TIMEOUT = "header_timeout"
-BACKEND_TIMEOUT = "backend_timeout"
-TUNNEL_IDLE_TIMEOUT = "tunnel_idle_timeout"
-TLS_FAILED = "tls_failed"
-TLS_ERROR = "tls_error"
-SHUTDOWN = "shutdown"
-MAX_CONNECTIONS = "max_connections"
-FIRST_BYTES_TIMEOUT = "first_bytes_timeout"
-PROXY_REFUSED = "proxy_refused"
-PROXY_INVALID = "proxy_header_invalid"
-BACKEND_DRAINED = "backend_drained"
-H2_ERROR = "h2_error"
-CLOSE_CAUSES: dict[str, str] = {
+CLIENT_CLOSED: Final = "client_closed"
+CLIENT_RESET: Final = "client_reset"
+HTTP_CLOSE: Final = "http_close"
+BACKEND_CLOSED: Final = "backend_closed"
+BACKEND_RESET: Final = "backend_reset"
+IDLE_TIMEOUT: Final = "idle_timeout"
+HEADER_TIMEOUT: Final = "header_timeout"
+BACKEND_TIMEOUT: Final = "backend_timeout"
+TUNNEL_IDLE_TIMEOUT: Final = "tunnel_idle_timeout"
+TLS_FAILED: Final = "tls_failed"
+TLS_ERROR: Final = "tls_error"
+SHUTDOWN: Final = "shutdown"
+MAX_CONNECTIONS: Final = "max_connections"
+FIRST_BYTES_TIMEOUT: Final = "first_bytes_timeout"
+PROXY_REFUSED: Final = "proxy_refused"
+PROXY_INVALID: Final = "proxy_header_invalid"
+BACKEND_DRAINED: Final = "backend_drained"
+H2_ERROR: Final = "h2_error"
+CLOSE_CAUSES: Final[dict[str, str]] = {
     CLIENT_CLOSED: "the client closed (FIN or close_notify) at a request boundary",
     CLIENT_RESET: "the client reset the connection (RST)",
     HTTP_CLOSE: "a request or response said Connection: close (or HTTP/1.0)",
@@ -62,19 +64,19 @@ CLOSE_CAUSES: dict[str, str] = {
 }
 
 # Why a backend connection ended (BackendConnectionRecord.close_cause).
-CONN_IDLE_TIMEOUT = "idle_timeout"
-CONN_POOL_FULL = "pool_full"
-CONN_REUSE_NEVER = "reuse_never"
-CONN_MAX_REQUESTS = "max_requests"
-CONN_BACKEND_CLOSED = "backend_closed"
-CONN_BACKEND_RESET = "backend_reset"
-CONN_BACKEND_TIMEOUT = "backend_timeout"
-CONN_STRAY_BYTES = "stray_bytes"
-CONN_NOT_REUSABLE = "not_reusable"
-CONN_DEAD_ON_REUSE = "dead_on_reuse"
-CONN_SHUTDOWN = "shutdown"
-CONN_MEMBER_LEFT = "member_left"
-BACKEND_CONNECTION_CLOSE_CAUSES: dict[str, str] = {
+CONN_IDLE_TIMEOUT: Final = "idle_timeout"
+CONN_POOL_FULL: Final = "pool_full"
+CONN_REUSE_NEVER: Final = "reuse_never"
+CONN_MAX_REQUESTS: Final = "max_requests"
+CONN_BACKEND_CLOSED: Final = "backend_closed"
+CONN_BACKEND_RESET: Final = "backend_reset"
+CONN_BACKEND_TIMEOUT: Final = "backend_timeout"
+CONN_STRAY_BYTES: Final = "stray_bytes"
+CONN_NOT_REUSABLE: Final = "not_reusable"
+CONN_DEAD_ON_REUSE: Final = "dead_on_reuse"
+CONN_SHUTDOWN: Final = "shutdown"
+CONN_MEMBER_LEFT: Final = "member_left"
+BACKEND_CONNECTION_CLOSE_CAUSES: Final[dict[str, str]] = {
     CONN_IDLE_TIMEOUT: "idle in the pool past idle_timeout_seconds",
     CONN_POOL_FULL: "handed back while idle_per_backend were idle already, and as many as "
     "were lately busy at once",

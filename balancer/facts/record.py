@@ -10,11 +10,11 @@ claim a packet capture of the same traffic could check; README.md says how each 
 from __future__ import annotations
 
 import datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 # Who sent something first on a leg.
-PEER = "peer"
-BALANCER = "balancer"
+PEER: Final = "peer"
+BALANCER: Final = "balancer"
 
 
 class Attempted(Protocol):
@@ -531,7 +531,7 @@ class RequestRecord:
         return self._since_head(self.done_at)
 
 
-TARGET_SHOWN_CHARS = 200  # request targets in records are cut here ("..." marks the cut)
+TARGET_SHOWN_CHARS: Final = 200  # request targets in records are cut here ("..." marks the cut)
 
 
 def teardown_seconds(leg: LegTeardown) -> float | None:
@@ -541,7 +541,8 @@ def teardown_seconds(leg: LegTeardown) -> float | None:
     return abs(leg.peer_fin_at - leg.fin_sent_at)
 
 
-_second_shown: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and its text
+# The last second formatted, and its text.
+_second_shown: Final[list[tuple[int, str]]] = [(-1, "")]
 
 
 def rfc3339(unix: float) -> str:

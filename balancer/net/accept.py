@@ -18,14 +18,14 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 log = logging.getLogger("balancer")
 
-ACCEPT_PAUSE_SECONDS = 0.5
-ACCEPT_BATCH = 64  # connections taken per wake-up, so one listener cannot starve the loop
-RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-LOG_EVERY_SECONDS = 10.0
+ACCEPT_PAUSE_SECONDS: Final = 0.5
+ACCEPT_BATCH: Final = 64  # connections taken per wake-up, so one listener cannot starve the loop
+RESOURCE_ERRORS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+LOG_EVERY_SECONDS: Final = 10.0
 
 
 class SelectorAcceptor:
@@ -106,8 +106,8 @@ class SelectorAcceptor:
 # A classic BPF socket filter (Linux) that drops a TCP segment whose flags are SYN without
 # ACK, and keeps every other: on a listening socket a socket filter sees the TCP header at
 # offset 0 (flags at byte 13).
-_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
-_DROP_SYN = b"".join(
+_SO_ATTACH_FILTER: Final = getattr(socket, "SO_ATTACH_FILTER", 26)
+_DROP_SYN: Final = b"".join(
     struct.pack("HBBI", code, jump_true, jump_false, k)
     for code, jump_true, jump_false, k in (
         (0x30, 0, 0, 13),  # ldb [13]          the flags byte
@@ -117,7 +117,7 @@ _DROP_SYN = b"".join(
         (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1            keep
     )
 )
-_DROP_SYN_BUFFER = ctypes.create_string_buffer(_DROP_SYN)  # lives as long as the process
+_DROP_SYN_BUFFER: Final = ctypes.create_string_buffer(_DROP_SYN)  # lives as long as the process
 
 
 def refuse_new_handshakes(sock: socket.socket) -> bool:

@@ -38,19 +38,19 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from balancer.facts.record import BALANCER, PEER, LegTeardown
 from balancer.net import tcpinfo
 from balancer.net.tls import TLSSession
 from balancer.net.writebatch import WriteBatch
 
-_LINGER_RST = struct.pack("ii", 1, 0)
+_LINGER_RST: Final = struct.pack("ii", 1, 0)
 # After the peer's FIN, if our last bytes are still unacknowledged, wait this many of the
 # leg's round trips before closing: a peer that closed its socket answers them with an RST,
 # which the record should show rather than our close hide.
-UNACKED_WAIT_RTTS = 4
-UNACKED_WAIT_MIN_SECONDS = 0.001
+UNACKED_WAIT_RTTS: Final = 4
+UNACKED_WAIT_MIN_SECONDS: Final = 0.001
 
 
 class Leg:

@@ -41,15 +41,15 @@ _SHUT_WR: Final = socket.SHUT_WR
 _AF_INET: Final = socket.AF_INET
 _SOCK_STREAM: Final = socket.SOCK_STREAM
 
-TIME_WAIT = 6
-CLOSE = 7
-CLOSE_WAIT = 8
-LAST_ACK = 9
-CLOSING = 11
+TIME_WAIT: Final = 6
+CLOSE: Final = 7
+CLOSE_WAIT: Final = 8
+LAST_ACK: Final = 9
+CLOSING: Final = 11
 # Read when the peer's FIN has just been read after our write_eof(): theirs came first.
-PEER_WAS_FIRST = frozenset({CLOSE_WAIT, LAST_ACK})
+PEER_WAS_FIRST: Final = frozenset({CLOSE_WAIT, LAST_ACK})
 # States a socket is in only once the peer's FIN has arrived.
-PEER_FIN_IN = frozenset({CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT})
+PEER_FIN_IN: Final = frozenset({CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT})
 
 
 class HasFileno(Protocol):
@@ -125,8 +125,8 @@ def shutdown_write(kernel: Any) -> bool:
     return True
 
 
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-_STAMP = struct.Struct("qq")
+SO_TIMESTAMPNS: Final = getattr(socket, "SO_TIMESTAMPNS", 35)
+_STAMP: Final = struct.Struct("qq")
 
 
 def enable_receive_timestamps(sock: Any) -> None:

@@ -12,21 +12,22 @@ import contextlib
 import datetime
 import ssl
 from dataclasses import dataclass
+from typing import Final
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from balancer.config.schema import Config, TLSConfig
 
-_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-_VERSION_NAMES = {"TLSv1.2": "1.2", "TLSv1.3": "1.3"}
+_VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_VERSION_NAMES: Final = {"TLSv1.2": "1.2", "TLSv1.3": "1.3"}
 # A read returns at most one record's plaintext (2^14 bytes); asking for more only makes
 # Python allocate a larger buffer to shrink.
-_RECORD_PLAINTEXT_MAX = 16384
+_RECORD_PLAINTEXT_MAX: Final = 16384
 
-NOT_TLS = "not_tls"  # plain HTTP or junk where a ClientHello was due
+NOT_TLS: Final = "not_tls"  # plain HTTP or junk where a ClientHello was due
 # OpenSSL reason codes → the bounded set of failure reasons used as metric labels.
-_FAILURE_REASONS = {
+_FAILURE_REASONS: Final = {
     "UNSUPPORTED_PROTOCOL": "protocol_version",
     "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
     "NO_SHARED_CIPHER": "no_shared_cipher",
@@ -108,7 +109,7 @@ def server_context(
     return context
 
 
-EXPIRY_WARNING_DAYS = 14  # check and run warn of a certificate this close to its notAfter
+EXPIRY_WARNING_DAYS: Final = 14  # check and run warn of a certificate this close to its notAfter
 
 
 def configured_pairs(config: Config) -> list[tuple[str, str, str]]:

@@ -21,7 +21,7 @@ or lost its peer, and its bytes were going nowhere.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 
 class Writable(Protocol):
@@ -30,7 +30,7 @@ class Writable(Protocol):
     def is_closing(self) -> bool: ...
 
 
-FLUSH_BYTES = 65536  # asyncio's and uvloop's default write high-water mark
+FLUSH_BYTES: Final = 65536  # asyncio's and uvloop's default write high-water mark
 
 
 class WriteBatch:

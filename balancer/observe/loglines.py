@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring_ascii
+from typing import Final
 
 from balancer.facts.record import (
     PEER,
@@ -19,8 +20,8 @@ from balancer.facts.record import (
     teardown_seconds,
 )
 
-_LEG_PEER = {"client": "client", "backend": "backend"}
-_KIND = {"fin": "FIN", "rst": "RST", "close_notify": "close_notify"}
+_LEG_PEER: Final = {"client": "client", "backend": "backend"}
+_KIND: Final = {"fin": "FIN", "rst": "RST", "close_notify": "close_notify"}
 
 
 def _leg_words(name: str, leg: LegTeardown) -> str:
@@ -70,10 +71,10 @@ class _JSONNames(dict[str | None, str]):
         return text
 
 
-_NAMES_KEPT = 4096
-_name = _JSONNames({None: "null"})
-_FLAG = {None: "null", True: "true", False: "false"}
-_EMPTY_LEG = LegTeardown()  # a backend leg that never connected
+_NAMES_KEPT: Final = 4096
+_name: Final = _JSONNames({None: "null"})
+_FLAG: Final = {None: "null", True: "true", False: "false"}
+_EMPTY_LEG: Final = LegTeardown()  # a backend leg that never connected
 
 
 def _text(value: str | None) -> str:

@@ -14,7 +14,7 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any, NamedTuple, cast
+from typing import IO, Any, Final, NamedTuple, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
@@ -352,7 +352,7 @@ class Observer(Collector):
             yield metric
 
 
-_STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+_STATUS_CLASS: Final = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class ListenerTotals(NamedTuple):

@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from typing import IO, Any, Protocol
+from typing import IO, Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry
 
@@ -57,14 +57,14 @@ from balancer.wire.proxy_protocol import encode_local
 
 log = logging.getLogger("balancer")
 
-ACCESS_LOG_FLUSH_SECONDS = 1.0
+ACCESS_LOG_FLUSH_SECONDS: Final = 1.0
 # uvloop's timers have millisecond granularity; firing a little late keeps a wheel slot from
 # being looked at before its time (and re-armed, in a spin, until it is due).
-DEADLINE_SLACK_SECONDS = 0.001
-BACKLOG = 4096
+DEADLINE_SLACK_SECONDS: Final = 0.001
+BACKLOG: Final = 4096
 # At shutdown, after new handshakes are refused: the time given to those under way (their
 # client's ACK is one round trip away) before the accept queue is taken and the port closed.
-HANDSHAKES_SETTLE_SECONDS = 0.1
+HANDSHAKES_SETTLE_SECONDS: Final = 0.1
 
 
 class StartError(Exception):

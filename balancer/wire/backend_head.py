@@ -8,17 +8,19 @@ Pure: no sockets, no asyncio, no clock.
 
 from __future__ import annotations
 
+from typing import Final
+
 from balancer.wire.errors import BadRequest, BodyTooLarge, CodingNotImplemented
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) plus the forwarding headers we set ourselves.
-_DROPPED = frozenset(
+_DROPPED: Final = frozenset(
     b"connection keep-alive proxy-connection te trailer transfer-encoding upgrade "
     b"x-forwarded-proto x-forwarded-port".split()
 )
 # Request headers backend_head looks at; any other is copied as it came.
-_NOTED = _DROPPED | {b"x-forwarded-for", b"host", b"content-length"}
-_REQUEST_LINE_ENDS = {"1.1": b"HTTP/1.1\r\n", "1.0": b"HTTP/1.0\r\n"}  # versions we accept
-_CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade"))
+_NOTED: Final = _DROPPED | {b"x-forwarded-for", b"host", b"content-length"}
+_REQUEST_LINE_ENDS: Final = {"1.1": b"HTTP/1.1\r\n", "1.0": b"HTTP/1.0\r\n"}  # versions we accept
+_CONNECTION_OPTIONS: Final = frozenset((b"close", b"keep-alive", b"upgrade"))
 
 
 def backend_head(

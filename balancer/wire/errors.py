@@ -6,7 +6,7 @@ The core raises these; the edge (http_flow.py) translates them to a response onc
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Final
 
 
 class BalancerError(Exception):
@@ -108,7 +108,7 @@ class BadBackendResponse(BackendError):
 
 # Every error the balancer answers: its status and the close cause it names (metrics list
 # each listener's with a 0 from the start).
-ERRORS: tuple[type[BalancerError], ...] = (
+ERRORS: Final[tuple[type[BalancerError], ...]] = (
     BadRequest, HeaderTooLarge, BodyTooLarge, URITooLong, MethodNotAllowed, VersionNotSupported,
     CodingNotImplemented, HeaderTimeout, BackendUnreachable, BackendClosed, BackendReset,
     NoBackendAvailable, BackendTimeout, BadBackendResponse,

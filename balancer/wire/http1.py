@@ -13,7 +13,7 @@ Pure: no sockets, no asyncio, no clock.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import httptools
 
@@ -29,12 +29,13 @@ from balancer.wire.errors import (
 )
 from balancer.wire.http1_response import ResponseFramer, error_response
 
-MAX_HEADERS = 100
+MAX_HEADERS: Final = 100
 # A chunk-size line is a hex size and optional extensions; real ones are a few bytes. llhttp
 # streams them without a bound (5,000 leading zeros parse), so the reader bounds them itself.
-MAX_CHUNK_LINE_BYTES = 4096
-_CRLF = 2
-_HEAD_WHITESPACE_SLACK = 256  # per head in a read, for the chunk-line average (_check_framing)
+MAX_CHUNK_LINE_BYTES: Final = 4096
+_CRLF: Final = 2
+# Per head in a read, for the chunk-line average (_check_framing).
+_HEAD_WHITESPACE_SLACK: Final = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from functools import cache
 from http import HTTPStatus
+from typing import Final
 
 import h11
 
@@ -20,21 +21,28 @@ from balancer.wire.errors import BadBackendResponse
 
 # Response framing -----------------------------------------------------------------------
 
-_FRAMING_HEADERS = re.compile(
+_FRAMING_HEADERS: Final = re.compile(
     rb"\r\n(content-length|transfer-encoding|connection)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE
 )
-_CONNECTION_WORDS = frozenset((b"close", b"keep-alive"))
-MAX_RESPONSE_HEAD_BYTES = 65536
+_CONNECTION_WORDS: Final = frozenset((b"close", b"keep-alive"))
+MAX_RESPONSE_HEAD_BYTES: Final = 65536
 
 # What a response answers: (a HEAD request, a request that closes, an HTTP/1.0 request that
 # keeps the connection: its response must say so), made once.
-_EXPECT = {
+_EXPECT: Final = {
     (h, c, k): (h, c, k) for h in (False, True) for c in (False, True) for k in (False, True)
 }
-_NOTHING = (False, False, False)
+_NOTHING: Final = (False, False, False)
 
 # Framer states.
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _TUNNEL = range(8)
+_HEAD: Final = 0
+_LENGTH: Final = 1
+_CHUNK_SIZE: Final = 2
+_CHUNK_DATA: Final = 3
+_CHUNK_CRLF: Final = 4
+_TRAILER: Final = 5
+_UNTIL_CLOSE: Final = 6
+_TUNNEL: Final = 7
 
 
 class ResponseFramer:
@@ -345,7 +353,9 @@ def _joined(out: list[bytes] | None, data: bytes, start: int, end: int) -> bytes
     return b"".join(out)
 
 
-_CONNECTION_LINE = re.compile(rb"\r\n(?:connection|keep-alive)[ \t]*:[^\r\n]*", re.IGNORECASE)
+_CONNECTION_LINE: Final = re.compile(
+    rb"\r\n(?:connection|keep-alive)[ \t]*:[^\r\n]*", re.IGNORECASE
+)
 
 
 def _with_close(head: bytes) -> bytes:

@@ -17,19 +17,23 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
+from typing import Final
 
-V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-V1_MAX_BYTES = 107  # the longest v1 line, CRLF included
-V2_MAX_BYTES = 16 + 65535
-_V2_PROXY, _V2_LOCAL = 0x21, 0x20  # version 2, and the command
-_AF_INET_STREAM, _AF_INET6_STREAM, _UNSPEC = 0x11, 0x21, 0x00
+V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_MAX_BYTES: Final = 107  # the longest v1 line, CRLF included
+V2_MAX_BYTES: Final = 16 + 65535
+_V2_PROXY: Final = 0x21  # version 2, and the command
+_V2_LOCAL: Final = 0x20
+_AF_INET_STREAM: Final = 0x11
+_AF_INET6_STREAM: Final = 0x21
+_UNSPEC: Final = 0x00
 # TLV types (section 2.2 of the spec).
-PP2_TYPE_ALPN = 0x01
-PP2_TYPE_AUTHORITY = 0x02
-PP2_TYPE_SSL = 0x20
-PP2_SUBTYPE_SSL_VERSION = 0x21
-PP2_SUBTYPE_SSL_CIPHER = 0x23
-PP2_CLIENT_SSL = 0x01  # the client connected over TLS
+PP2_TYPE_ALPN: Final = 0x01
+PP2_TYPE_AUTHORITY: Final = 0x02
+PP2_TYPE_SSL: Final = 0x20
+PP2_SUBTYPE_SSL_VERSION: Final = 0x21
+PP2_SUBTYPE_SSL_CIPHER: Final = 0x23
+PP2_CLIENT_SSL: Final = 0x01  # the client connected over TLS
 
 
 class ProxyHeaderError(ValueError):

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
-MAX_HELLO_BYTES = 65536
-_HANDSHAKE, _CLIENT_HELLO, _SERVER_NAME, _HOST_NAME = 0x16, 0x01, 0x0000, 0x00
+MAX_HELLO_BYTES: Final = 65536
+_HANDSHAKE: Final = 0x16
+_CLIENT_HELLO: Final = 0x01
+_SERVER_NAME: Final = 0x0000
+_HOST_NAME: Final = 0x00
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +25,7 @@ class Peek:
     server_name: str | None  # lower case; None: no SNI sent (or not TLS)
 
 
-NOT_TLS = Peek(False, None)
+NOT_TLS: Final = Peek(False, None)
 
 
 class ClientHelloReader:
