@@ -19,15 +19,16 @@ import struct
 from typing import Any, Final, NamedTuple, Protocol
 
 try:  # the compiled build's (setup.py); see borrow
-    from balancer.net._fdsocket import FdSocket as _FdSocket
+    from balancer.net._fdsocket import FdSocket as _FdSocketBuilt
 except ImportError:  # the pure build
-    _FdSocket = None  # type: ignore[assignment, misc]
+    _FdSocketBuilt = None  # type: ignore[assignment, misc]
+# Names read on every connection are Final (here and below): a compiled build reads a Final
+# from a C variable, any other module global from the module's dict.
+_FdSocket: Final = _FdSocketBuilt
 
 # struct tcp_info (linux/tcp.h): 8 single bytes, then 32-bit fields, then 64-bit counters.
 # state; unacked at 24; rtt at 68; total_retrans at 100; bytes_acked at 120, bytes_received
 # at 128 (Linux 4.1+); bytes_sent at 200, bytes_retrans at 208 (Linux 4.19+).
-# Final: a compiled build reads these from C variables, not the module's dict, on each of a
-# connection's five reads.
 _LAYOUT: Final = struct.Struct("=B7x16xI40xI28xI")
 _SIZE: Final = 104
 _BYTES: Final = struct.Struct("=QQ")
@@ -71,7 +72,8 @@ class TCPInfo(NamedTuple):
 
 
 # TCPInfo(...) runs a Python-level __new__ (five a connection); this is the same tuple.
-_new_info = tuple.__new__
+_new_info: Final = tuple.__new__
+_TCPInfo: Final = TCPInfo  # (a class is a module global too)
 
 
 def borrow(sock: HasFileno) -> Any:
@@ -95,7 +97,7 @@ def info(kernel: Any) -> TCPInfo | None:
     """TCP_INFO through a borrowed socket object, or None where the platform cannot say."""
     if type(kernel) is _FdSocket:  # the compiled build's: parsed in C, the same answer
         try:
-            return kernel.tcp_info(TCPInfo)
+            return kernel.tcp_info(_TCPInfo)
         except OSError:
             return None
     try:
@@ -107,13 +109,13 @@ def info(kernel: Any) -> TCPInfo | None:
     state, unacked, rtt_us, retrans = _LAYOUT.unpack_from(raw)
     size = len(raw)
     if size < _SIZE_ACKED:
-        return _new_info(TCPInfo, (state, unacked, rtt_us / 1e6, retrans, None, None, None))
+        return _new_info(_TCPInfo, (state, unacked, rtt_us / 1e6, retrans, None, None, None))
     acked, received = _BYTES.unpack_from(raw, _ACKED_AT)
     sent = None
     if size >= _SIZE_SENT:
         sent, resent = _BYTES.unpack_from(raw, _SENT_AT)
         sent -= resent
-    return _new_info(TCPInfo, (state, unacked, rtt_us / 1e6, retrans, acked, received, sent))
+    return _new_info(_TCPInfo, (state, unacked, rtt_us / 1e6, retrans, acked, received, sent))
 
 
 def shutdown_write(kernel: Any) -> bool:

@@ -6,7 +6,7 @@ connection for a person watching. Pure: records in, text out.
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring_ascii
+from json import encoder
 from typing import Final
 
 from balancer.facts.record import (
@@ -20,6 +20,8 @@ from balancer.facts.record import (
     teardown_seconds,
 )
 
+# Final: a compiled build reads it from a C variable, not the module's dict, at each use.
+_encode: Final = encoder.encode_basestring_ascii
 _LEG_PEER: Final = {"client": "client", "backend": "backend"}
 _KIND: Final = {"fin": "FIN", "rst": "RST", "close_notify": "close_notify"}
 
@@ -67,7 +69,7 @@ class _JSONNames(dict[str | None, str]):
         if len(self) > _NAMES_KEPT:
             self.clear()
             self[None] = "null"
-        text = self[value] = "null" if value is None else encode_basestring_ascii(value)
+        text = self[value] = "null" if value is None else _encode(value)
         return text
 
 
@@ -78,16 +80,16 @@ _EMPTY_LEG: Final = LegTeardown()  # a backend leg that never connected
 
 
 def _text(value: str | None) -> str:
-    return "null" if value is None else encode_basestring_ascii(value)
+    return "null" if value is None else _encode(value)
 
 
 def _host(value: bytes | None) -> str:
     """A request's Host as sent (cut at 200 characters, as targets are), or null."""
-    return "null" if value is None else encode_basestring_ascii(value[:200].decode("latin-1"))
+    return "null" if value is None else _encode(value[:200].decode("latin-1"))
 
 
 def _names(names: list[str] | None) -> str:
-    return "[]" if not names else "[" + ",".join(map(encode_basestring_ascii, names)) + "]"
+    return "[]" if not names else "[" + ",".join(map(_encode, names)) + "]"
 
 
 def _whole(value: int | None) -> str:
