@@ -555,4 +555,4 @@ def rfc3339(unix: float) -> str:
     if second != cached_second:
         text = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
         _second_shown[0] = (second, text)
-    return f"{text}.{int((unix - second) * 1e6):06d}Z"
+    return f"{text}.{str(int((unix - second) * 1e6)).zfill(6)}Z"  # (no format spec: see loglines)
