@@ -14,7 +14,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any, Final, NamedTuple, cast
+from typing import IO, Any, Final, NamedTuple, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
@@ -93,18 +93,22 @@ class _Cell:
         self.value = 0.0
 
 
-class _Cells(dict[Any, Any]):
-    """Metric cells (or nested _Cells) by one label value, each made on first use: after
-    that, counting is a dict hit on a string the record already holds, with no label tuple
-    built and no call."""
+_Made = TypeVar("_Made")
+
+
+class _Cells(dict[Any, _Made]):
+    """Metric cells (or nested _Cells, or histograms) by one label value, each made on first
+    use: after that, counting is a dict hit on a string the record already holds, with no
+    label tuple built and no call. Typed by what it holds: the compiled build then updates a
+    cell's value as a native attribute, not by name."""
 
     __slots__ = ("make",)
 
-    def __init__(self, make: Callable[[Any], Any]) -> None:
+    def __init__(self, make: Callable[[Any], _Made]) -> None:
         super().__init__()
         self.make = make
 
-    def __missing__(self, key: Any) -> Any:
+    def __missing__(self, key: Any) -> _Made:
         made = self[key] = self.make(key)
         return made
 
@@ -148,7 +152,9 @@ class _ListenerCells:
         )
 
 
-def _closes(cell: Callable[[Family, tuple[str, ...]], _Cell], listener: str, leg: str) -> _Cells:
+def _closes(
+    cell: Callable[[Family, tuple[str, ...]], _Cell], listener: str, leg: str
+) -> _Cells[_Cells[_Cell]]:
     """CLOSES cells of one leg, by initiator, then kind."""
     return _Cells(
         lambda initiator: _Cells(
@@ -218,7 +224,7 @@ class Observer(Collector):
         statuses = sorted({str(error.status_hint) for error in ERRORS})
         for name, http, backends in listeners:
             cells: _ListenerCells = self._listeners[name]
-            made = [cells.closed[cause] for cause in causes]  # (a cell made is exported)
+            made: list[object] = [cells.closed[cause] for cause in causes]  # (made: exported)
             if http:
                 made += [cells.error_responses[status] for status in statuses]
                 made += [cells.client_requests[proto] for proto in ("http/1.1", "h2")]
