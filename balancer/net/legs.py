@@ -51,6 +51,9 @@ _LINGER_RST: Final = struct.pack("ii", 1, 0)
 # which the record should show rather than our close hide.
 UNACKED_WAIT_RTTS: Final = 4
 UNACKED_WAIT_MIN_SECONDS: Final = 0.001
+# What a lost transport's error says when the peer reset the leg. A tuple kept here: `A | B`
+# in isinstance() builds a union object at each call.
+_RESET_BY_PEER: Final = (ConnectionResetError, BrokenPipeError)
 
 
 class Leg:
@@ -385,7 +388,7 @@ class Leg:
             if info is not None:
                 self._final_counts(info)
         self.give_back()
-        reset = isinstance(exc, ConnectionResetError | BrokenPipeError) and not facts.rst_sent
+        reset = isinstance(exc, _RESET_BY_PEER) and not facts.rst_sent
         if reset:
             self.peer_reset()
         return reset

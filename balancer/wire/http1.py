@@ -400,8 +400,11 @@ class RequestReader:
             self.finished = True
 
 
+_RequestParser: Final = httptools.HttpRequestParser  # (Final: see _new_head)
+
+
 def _new_parser(reader: RequestReader) -> httptools.HttpRequestParser:
-    parser = httptools.HttpRequestParser(reader)
+    parser = _RequestParser(reader)
     parser.set_dangerous_leniencies(lenient_version=True)  # any digits: judged by the reader
     return parser
 
