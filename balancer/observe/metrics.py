@@ -224,7 +224,8 @@ class Observer(Collector):
         statuses = sorted({str(error.status_hint) for error in ERRORS})
         for name, http, backends in listeners:
             cells: _ListenerCells = self._listeners[name]
-            made: list[object] = [cells.closed[cause] for cause in causes]  # (made: exported)
+            # (A cell made is exported: the list only makes them.)
+            made: list[object] = [cells.closed[cause] for cause in causes]
             if http:
                 made += [cells.error_responses[status] for status in statuses]
                 made += [cells.client_requests[proto] for proto in ("http/1.1", "h2")]
