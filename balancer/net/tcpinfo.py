@@ -22,8 +22,7 @@ try:  # the compiled build's (setup.py); see borrow
     from balancer.net._fdsocket import FdSocket as _FdSocketBuilt
 except ImportError:  # the pure build
     _FdSocketBuilt = None  # type: ignore[assignment, misc]
-# Names read on every connection are Final (here and below): a compiled build reads a Final
-# from a C variable, any other module global from the module's dict.
+# Final, as every name a connection reads here: docs/ARCHITECTURE.md, "The compiled build".
 _FdSocket: Final = _FdSocketBuilt
 
 # struct tcp_info (linux/tcp.h): 8 single bytes, then 32-bit fields, then 64-bit counters.

@@ -20,7 +20,7 @@ from balancer.facts.record import (
     teardown_seconds,
 )
 
-# Final: a compiled build reads it from a C variable, not the module's dict, at each use.
+# (Final: docs/ARCHITECTURE.md, "The compiled build".)
 _encode: Final = encoder.encode_basestring_ascii
 _LEG_PEER: Final = {"client": "client", "backend": "backend"}
 _KIND: Final = {"fin": "FIN", "rst": "RST", "close_notify": "close_notify"}

@@ -65,7 +65,7 @@ from balancer.observe.loglines import backend_connection_json_line, json_line, r
 from balancer.wire.errors import ERRORS
 
 _go_float = cast(Callable[[float], str], floatToGoString)  # how Prometheus spells an `le`
-# Final: a compiled build reads it from a C variable, not the module's dict, at each observe.
+# (Final: docs/ARCHITECTURE.md, "The compiled build".)
 _bisect_left: Final = bisect.bisect_left
 
 

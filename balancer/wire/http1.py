@@ -62,8 +62,7 @@ class RequestHead(NamedTuple):
 
 
 # RequestHead(...) runs a Python-level __new__; this is the same tuple at half the cost.
-# Final, both: a compiled build reads a Final from a C variable, any other module global
-# (a class too) from the module's dict.
+# (Final, both: docs/ARCHITECTURE.md, "The compiled build".)
 _new_head: Final = tuple.__new__
 _RequestHead: Final = RequestHead
 
@@ -400,7 +399,7 @@ class RequestReader:
             self.finished = True
 
 
-_RequestParser: Final = httptools.HttpRequestParser  # (Final: see _new_head)
+_RequestParser: Final = httptools.HttpRequestParser  # (Final: as _new_head)
 
 
 def _new_parser(reader: RequestReader) -> httptools.HttpRequestParser:
